@@ -1,0 +1,51 @@
+"""Built-in addons and the loader for operators' own.
+
+An addon is one class in one file, with methods named after the hooks in
+``proxy.hooks.HOOKS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from addons.credentials import CredentialInjector
+from addons.provider_headers import ProviderHeaders
+
+
+def default_addons() -> list[object]:
+    return [
+        # First: nothing else should ever see (or log) the caller's placeholder
+        # key, and a missing secret answers before any other work is done.
+        CredentialInjector(),
+        # After credentials: fills in provider-required headers the caller left out.
+        ProviderHeaders(),
+    ]
+
+
+def load_addons(spec: str) -> list[object]:
+    """``pkg.module``, ``pkg.module:Class`` or ``/path/to/file.py``.
+
+    A module exposing ``addons = [...]`` (mitmproxy's convention) gives that
+    list; ``module:Class`` instantiates the class with no arguments.
+    """
+    target, _, attr = spec.partition(":") if not spec.endswith(".py") else (spec, "", "")
+    if target.endswith(".py"):
+        path = Path(target)
+        name = f"sidekey_user_addon_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot load addon file {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if attr:
+        return [getattr(module, attr)()]
+    found = getattr(module, "addons", None)
+    if not isinstance(found, list):
+        raise ImportError(f"addon module {target} defines no 'addons' list; use module:Class")
+    return found

@@ -1,0 +1,99 @@
+"""Credential injection: remove whatever the caller sent, set the real one.
+
+Runs first in the request hook. The caller's Authorization, x-api-key,
+api-key, Proxy-Authorization (and the provider's own header or query
+parameter) are removed from every request to a matched provider, whether or
+not a secret is available, so a placeholder never reaches the upstream. A
+provider whose secret is missing answers 503 ``credential_unavailable``;
+other providers keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from urllib.parse import quote
+
+from proxy.errors import CredentialUnavailable
+from proxy.flow import Flow, Response
+from proxy.policy import Policy
+from proxy.secrets import SecretStore
+
+log = logging.getLogger("sidekey.credentials")
+
+
+def strip_query_param(url: str, param: str) -> str:
+    """Remove every ``param=...`` from the query, keeping the rest byte for byte."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    prefix = param + "="
+    kept = [p for p in query.split("&") if p and not (p.startswith(prefix) or p == param)]
+    return base + ("?" + "&".join(kept) if kept else "")
+
+
+class CredentialInjector:
+    name = "credentials"
+
+    def __init__(self, store: SecretStore | None = None, *, refresh_interval: float = 1.0) -> None:
+        self.store = store or SecretStore()
+        self.refresh_interval = refresh_interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def configure(self, policy: Policy) -> None:
+        refs = [p.auth.secret for p in policy.providers if p.auth.secret is not None]
+        self.store.watch(refs)
+        await asyncio.to_thread(self.store.refresh)
+        for p in policy.providers:
+            ref = p.auth.secret
+            if ref is not None and self.store.get(ref) is None:
+                # Reported at start; requests for it get a clear 503.
+                log.warning("provider %s: secret %s %s", p.name, ref.source, self.store.problem(ref))
+
+    def running(self) -> None:
+        self._task = asyncio.create_task(self._refresh_loop(), name="sidekey-secret-refresh")
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                await asyncio.to_thread(self.store.refresh)
+            except Exception as exc:  # noqa: BLE001 - keep the last good values
+                log.error("secret refresh failed: %s", type(exc).__name__)
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def request(self, flow: Flow) -> None:
+        provider = flow.provider
+        if provider is None:
+            return  # unmatched passthrough: not ours to touch
+        headers = flow.request.headers
+        for name in provider.strip_headers:
+            headers.popall(name, None)
+        auth = provider.auth
+        if auth.type == "query":
+            assert flow.upstream_url is not None
+            flow.upstream_url = strip_query_param(flow.upstream_url, auth.param)
+        if auth.type == "none" or auth.secret is None:
+            return
+        secret = self.store.get(auth.secret)
+        if secret is None:
+            flow.response = Response.from_error(CredentialUnavailable(provider.name))
+            return
+        if auth.type == "bearer":
+            headers["Authorization"] = "Bearer " + secret
+        elif auth.type == "header":
+            headers[auth.header] = auth.prefix + secret
+        elif auth.type == "basic":
+            token = base64.b64encode(f"{auth.username}:{secret}".encode("latin-1")).decode("ascii")
+            headers["Authorization"] = "Basic " + token
+        elif auth.type == "query":
+            assert flow.upstream_url is not None
+            sep = "&" if "?" in flow.upstream_url else "?"
+            flow.upstream_url += f"{sep}{auth.param}={quote(secret, safe='')}"

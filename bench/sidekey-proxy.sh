@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Started by ../shared/bench/compare.sh as the proxy under test:
+#   sidekey-proxy.sh PORT WORKDIR UPSTREAM_CA
+# Writes a policy that routes the bench host (localhost) to the bench nginx
+# over verified TLS with an injected bearer key, then execs sidekey.
+set -euo pipefail
+port=$1 workdir=$2 upstream_ca=$3
+repo=$(cd "$(dirname "$0")/.." && pwd)
+py=${SIDEKEY_PYTHON:-$repo/.venv/bin/python}
+cat > "$workdir/p.yaml" <<YAML
+version: 1
+unmatched: deny
+providers:
+  bench:
+    hosts: [localhost]
+    upstream: https://localhost:8443
+    auth: {type: bearer, secret: env:BENCH_API_KEY}
+    tls: {ca_bundle: $upstream_ca}
+YAML
+export BENCH_API_KEY=test
+cd "$repo"
+exec "$py" -m proxy run --listen "127.0.0.1:$port" --policies "$workdir/p.yaml" \
+  --certs "$workdir/certs" --log-level "${SIDEKEY_BENCH_LOG:-WARNING}"

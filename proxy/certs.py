@@ -1,0 +1,441 @@
+"""sidekey's own certificate authority, and the leaf certificates it mints.
+
+The proxy answers ``CONNECT host:port`` and then terminates the client's TLS
+itself, so it must present a certificate for ``host`` that the client trusts.
+Clients trust sidekey's CA (``trust_instructions``); ``LeafContexts`` mints a
+leaf per host on first use and caches a ready server ``ssl.SSLContext``.
+
+Security properties kept here:
+* the CA key is created 0600 with ``O_EXCL`` (never readable by others, even
+  briefly) and refused if group/other may read it;
+* key material never reaches a log, a ``repr`` or exception text: load errors
+  name the path only and are raised ``from None``;
+* certificates pass OpenSSL's X509_STRICT checks (the Python 3.13 default), so
+  strict clients accept them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import os
+import re
+import shutil
+import ssl
+import stat
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeAlias
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_CERT_NAME = "sidekey-ca.pem"
+CA_KEY_NAME = "sidekey-ca-key.pem"
+_CA_BACKDATE = dt.timedelta(hours=1)
+_CA_LIFETIME = dt.timedelta(days=3650)
+_LEAF_BACKDATE = dt.timedelta(days=1)  # clients whose clock runs behind ours
+_LEAF_LIFETIME = dt.timedelta(days=365)
+_CN_MAX = 64  # RFC 5280 ub-common-name; cryptography rejects longer CNs
+# One DNS label: letters, digits, hyphen, and underscore (seen in real service
+# names); no leading/trailing hyphen, 1..63 octets (RFC 1035 2.3.4).
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\r?\n?", re.DOTALL)
+
+_CAKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_IP: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _parse_ip(text: str) -> _IP | None:
+    if "%" in text:  # a zone id is local to this machine, never a certificate name
+        raise ValueError("scoped IPv6 addresses cannot be certificate names")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def normalize_host(host: str) -> str:
+    """Canonical name for ``host`` (cache key and certificate name): compressed IP
+    literals without brackets, or lower-case IDNA A-labels without the root dot.
+    Raises ValueError, without echoing ``host``, when it cannot name a certificate."""
+    if host.startswith("[") and host.endswith("]"):
+        ip = _parse_ip(host[1:-1])
+        if ip is None or ip.version != 6:
+            raise ValueError("bracketed host is not an IPv6 literal")
+        return str(ip)
+    ip = _parse_ip(host)
+    if ip is not None:
+        return str(ip)
+    name = host.removesuffix(".")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError("host is not a valid internationalized domain name") from None
+    name = name.lower()
+    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        raise ValueError("host is not a valid DNS name")
+    return name
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    # Readers see the old file or the new one, never a torn write.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _spki(cert_or_key: x509.Certificate | _CAKey) -> bytes:
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return cert_or_key.public_key().public_bytes(der, spki)
+
+
+_KEY_USAGES = "digital_signature content_commitment key_encipherment data_encipherment key_agreement key_cert_sign"
+_KEY_USAGES += " crl_sign encipher_only decipher_only"
+
+
+def _key_usage(*usages: str) -> x509.KeyUsage:
+    return x509.KeyUsage(**{flag: flag in usages for flag in _KEY_USAGES.split()})
+
+
+def _key_pem(key: _CAKey | ec.EllipticCurvePrivateKey) -> bytes:
+    pkcs8, plain = serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    return key.private_bytes(serialization.Encoding.PEM, pkcs8, plain)
+
+
+class CertificateAuthority:
+    """sidekey's CA: loads or creates it, and signs leaf certificates."""
+
+    __slots__ = ("_aki", "_ca_pem", "_cert", "_key", "_leaf_key", "_leaf_key_pem", "_leaf_ski", "cert_path", "key_path")
+
+    def __init__(self, cert: x509.Certificate, key: _CAKey, cert_path: Path, key_path: Path) -> None:
+        if _spki(key) != _spki(cert):
+            raise ValueError(f"{key_path} is not the key of {cert_path}")
+        self.cert_path, self.key_path = cert_path, key_path
+        self._cert, self._key = cert, key
+        self._ca_pem = cert.public_bytes(serialization.Encoding.PEM)
+        # One leaf key per CA instance, reused for every host (as mitmproxy
+        # does): key generation would otherwise dominate the cost of a mint.
+        self._leaf_key = ec.generate_private_key(ec.SECP256R1())
+        self._leaf_key_pem = _key_pem(self._leaf_key)
+        self._leaf_ski = x509.SubjectKeyIdentifier.from_public_key(self._leaf_key.public_key())
+        try:
+            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        except x509.ExtensionNotFound:
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+
+    def __repr__(self) -> str:
+        return (
+            f"<CertificateAuthority {self._cert.subject.rfc4514_string()!r} "
+            f"cert={str(self.cert_path)!r} until={self._cert.not_valid_after_utc:%Y-%m-%d}>"
+        )
+
+    @classmethod
+    def load_or_create(cls, certs_dir: Path, *, common_name: str = "sidekey CA") -> CertificateAuthority:
+        """Blocking: call through ``asyncio.to_thread``."""
+        certs_dir = Path(certs_dir)
+        certs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cert_path, key_path = certs_dir / CA_CERT_NAME, certs_dir / CA_KEY_NAME
+        have_cert, have_key = cert_path.exists(), key_path.exists()
+        if have_cert and have_key:
+            return cls._load(cert_path, key_path)
+        if have_cert or have_key:
+            present, missing = (cert_path, key_path) if have_cert else (key_path, cert_path)
+            # Silently minting a new CA would break every client that trusts the old one.
+            raise ValueError(
+                f"{missing} is missing but {present} exists: restore it, or remove both to create a new CA"
+            )
+        return cls._create(cert_path, key_path, common_name)
+
+    @classmethod
+    def _load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
+        with key_path.open("rb") as f:
+            # fstat the open file, so the mode checked is that of the bytes read.
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            if mode & 0o077:
+                raise ValueError(
+                    f"{key_path} is accessible by group or others (mode {mode:o}); run: chmod 600 {key_path}"
+                )
+            data = f.read()
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError(f"{key_path} is not an unencrypted PEM private key") from None
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except ValueError:
+            raise ValueError(f"{cert_path} is not a PEM certificate") from None
+        if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            return cls(cert, key, cert_path, key_path)
+        raise ValueError(f"{key_path}: only EC and RSA CA keys are supported")
+
+    @classmethod
+    def _create(cls, cert_path: Path, key_path: Path, common_name: str) -> CertificateAuthority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cn, org = NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME
+        name = x509.Name([x509.NameAttribute(cn, common_name), x509.NameAttribute(org, "sidekey")])
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _CA_BACKDATE)
+            .not_valid_after(now + _CA_LIFETIME)
+            # path_length=0: this CA signs leaves only, never another CA.
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage("digital_signature", "key_cert_sign", "crl_sign"), critical=True)
+            .add_extension(ski, critical=False)
+            # Optional on a self-signed root (RFC 5280 4.2.1.1), but some
+            # validators want it on every certificate.
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        # O_EXCL: never overwrite a key, and lose cleanly to a concurrent creator.
+        # 0o600 at creation: the key is never readable by others, even briefly.
+        fd = os.open(key_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_key_pem(key))
+            f.flush()
+            os.fsync(f.fileno())
+        _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return cls(cert, key, cert_path, key_path)
+
+    def mint_leaf(self, host: str) -> tuple[bytes, bytes]:
+        """Return ``(leaf + CA certificate PEM, leaf key PEM)`` for ``host``."""
+        name = normalize_host(host)
+        ip = _parse_ip(name)
+        san: x509.GeneralName = x509.IPAddress(ip) if ip is not None else x509.DNSName(name)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)] if len(name) <= _CN_MAX else [])
+        now = dt.datetime.now(dt.UTC)
+        not_after = min(now + _LEAF_LIFETIME, self._cert.not_valid_after_utc)
+        if not_after <= now:
+            raise ValueError(f"CA certificate {self.cert_path} has expired")
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self._cert.subject)
+            .public_key(self._leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _LEAF_BACKDATE)
+            .not_valid_after(not_after)
+            # RFC 5280 4.2.1.6: "If the subject field contains an empty sequence,
+            # then the issuing CA MUST include a subjectAltName extension that is
+            # marked as critical." (OpenSSL's strict mode checks it.)
+            .add_extension(x509.SubjectAlternativeName([san]), critical=len(subject) == 0)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage("digital_signature"), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(self._aki, critical=False)
+            .add_extension(self._leaf_ski, critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM) + self._ca_pem, self._leaf_key_pem
+
+
+class LeafContexts:
+    """Cache of server-side ``ssl.SSLContext`` per CONNECT host (LRU)."""
+
+    def __init__(self, ca: CertificateAuthority, *, max_entries: int = 2048) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._ca, self._max = ca, max_entries
+        self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self._inflight: dict[str, asyncio.Task[ssl.SSLContext]] = {}
+        # load_cert_chain only reads files: stage the PEMs in a private dir
+        # (mkdtemp makes it 0700). One mkdir at construction, not per mint.
+        self._tmpdir = Path(tempfile.mkdtemp(prefix="sidekey-leaf-"))
+        self._closed = False
+        self._hits = self._misses = self._mints = self._sni_mismatches = 0
+        self._mint_seconds = 0.0
+
+    async def context_for(self, host: str) -> ssl.SSLContext:
+        # Fast path: cache keys are normalized, so a host already in that form
+        # hits without re-validating it.
+        key = host
+        ctx = self._cache.get(key)
+        if ctx is None:
+            key = normalize_host(host)
+            ctx = self._cache.get(key)
+        if ctx is not None:
+            self._cache.move_to_end(key)
+            self._hits += 1
+            return ctx
+        if self._closed:
+            raise RuntimeError("LeafContexts is closed")
+        self._misses += 1  # every caller not served from cache, incl. those joining a mint
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._mint(key), name=f"sidekey-mint {key}")
+            self._inflight[key] = task
+        # shield: a waiter cancelled (its client hung up) must not cancel the
+        # mint that the other waiters share.
+        return await asyncio.shield(task)
+
+    async def _mint(self, key: str) -> ssl.SSLContext:
+        try:
+            ctx, seconds = await asyncio.to_thread(self._build, key)
+        except BaseException:
+            del self._inflight[key]
+            raise
+        # No await between these lines: no caller can see the key in neither map.
+        self._mints += 1
+        self._mint_seconds += seconds
+        self._cache[key] = ctx
+        while len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        del self._inflight[key]
+        return ctx
+
+    def _build(self, key: str) -> tuple[ssl.SSLContext, float]:
+        """Worker thread: mint the leaf and load it into a fresh context."""
+        start = time.perf_counter()
+        chain_pem, key_pem = self._ca.mint_leaf(key)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_COMPRESSION  # CRIME
+        ctx.set_alpn_protocols(["http/1.1"])  # the proxy speaks HTTP/1.1 only
+        # mkstemp: O_EXCL and 0600. One file holds chain and key; OpenSSL picks
+        # each block by type. Unlinked as soon as OpenSSL has read it.
+        fd, path = tempfile.mkstemp(dir=self._tmpdir, suffix=".pem")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(chain_pem + key_pem)
+            ctx.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+        ctx.sni_callback = self._sni_check(key)
+        return ctx, time.perf_counter() - start
+
+    def _sni_check(self, key: str) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]:
+        # A ClientHello naming another host than the CONNECT target means the
+        # client would judge our certificate against a name we did not mint:
+        # refuse rather than serve a certificate that cannot match.
+        def check(_conn: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+            if server_name is None:  # no SNI (IP literal targets): nothing to compare
+                return None
+            try:
+                if normalize_host(server_name) == key:
+                    return None
+            except ValueError:
+                pass
+            self._sni_mismatches += 1
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+
+        return check
+
+    def statistics(self) -> dict[str, int | float]:
+        return {
+            "hits": self._hits,
+            "misses": self._misses,
+            "entries": len(self._cache),
+            "mints": self._mints,
+            "mint_seconds_total": self._mint_seconds,
+            "sni_mismatches": self._sni_mismatches,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<LeafContexts entries={len(self._cache)}/{self._max} hits={self._hits} "
+            f"misses={self._misses} in_flight={len(self._inflight)}>"
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+_SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Gentoo, Arch
+    "/etc/pki/tls/certs/ca-bundle.crt",  # RHEL, Fedora, CentOS
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # RHEL 7+
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/ssl/cert.pem",  # Alpine, macOS, BSDs
+    "/usr/local/etc/openssl/cert.pem",  # macOS Homebrew
+)
+
+
+def system_ca_file() -> Path | None:
+    """The system CA bundle to extend, or None. Deliberately not ``SSL_CERT_FILE``: it may
+    point at a bundle ``write_trust_bundle`` wrote, and extending that would nest our output."""
+    candidates = [ssl.get_default_verify_paths().openssl_cafile, *_SYSTEM_BUNDLES]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            return Path(candidate)
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return Path(certifi.where())
+
+
+_BUNDLE_MARK = b"# sidekey CA\n"
+
+
+def _pem_body(block: bytes) -> bytes:
+    return b"".join(block.split())  # compare blocks regardless of line endings
+
+
+def write_trust_bundle(ca_cert_path: Path, out_path: Path) -> Path:
+    """Write system CAs plus sidekey's CA to ``out_path`` (atomic, 0644)."""
+    match = _PEM_CERT.search(Path(ca_cert_path).read_bytes())
+    if match is None:
+        raise ValueError(f"{ca_cert_path} is not a PEM certificate")
+    ca_pem = match.group(0).strip() + b"\n"
+    ca_body = _pem_body(ca_pem)
+    system = system_ca_file()
+    base = system.read_bytes() if system is not None else b""
+    # Drop any copy of our CA already present, so the output holds it once
+    # however often this runs and whatever the system bundle holds.
+    base = _PEM_CERT.sub(lambda m: b"" if _pem_body(m.group(0)) == ca_body else m.group(0), base)
+    base = base.replace(_BUNDLE_MARK, b"")
+    base = base.rstrip() + b"\n\n" if base.strip() else b""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_path, base + _BUNDLE_MARK + ca_pem, 0o644)
+    return out_path
+
+
+def trust_instructions(ca_cert_path: Path) -> str:
+    """Human text for ``sidekey ca``."""
+    ca = str(ca_cert_path)
+    return f"""\
+sidekey CA certificate: {ca}
+
+Clients must trust this CA to talk HTTPS through sidekey.
+
+Python (requests, httpx, openai / anthropic SDKs):
+  SSL_CERT_FILE *replaces* the system trust store, so point it at a bundle of
+  the system CAs plus sidekey's, written by `sidekey ca --bundle PATH`:
+    sidekey ca --bundle ~/.sidekey/bundle.pem
+    export SSL_CERT_FILE=~/.sidekey/bundle.pem
+    export REQUESTS_CA_BUNDLE=~/.sidekey/bundle.pem
+
+Node.js (extends the built-in store, so the CA alone is enough):
+    export NODE_EXTRA_CA_CERTS={ca}
+
+curl:
+    export CURL_CA_BUNDLE=~/.sidekey/bundle.pem    # or: curl --cacert {ca} ...
+
+Then send traffic through the proxy:
+    export HTTPS_PROXY=http://127.0.0.1:8080
+"""

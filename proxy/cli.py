@@ -1,0 +1,145 @@
+"""``sidekey`` command line: run, check, ca."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy import __version__
+
+log = logging.getLogger("sidekey")
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="sidekey", description="Credential-holding egress proxy for AI and data APIs."
+    )
+    parser.add_argument("--version", action="version", version=f"sidekey {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument(
+        "--policies", default=env("SIDEKEY_POLICIES", "policies.yaml"), help="policy file [$SIDEKEY_POLICIES]"
+    )
+    run.add_argument(
+        "--listen", type=_listen, default=env("SIDEKEY_LISTEN", "127.0.0.1:8080"), help="HOST:PORT [$SIDEKEY_LISTEN]"
+    )
+    run.add_argument("--certs", default=env("SIDEKEY_CERTS", "certs"), help="CA directory [$SIDEKEY_CERTS]")
+    run.add_argument("--addon", action="append", default=[], help="extra addon: module, module:Class or file.py")
+    run.add_argument(
+        "--grace", type=float, default=float(env("SIDEKEY_GRACE", "30")), help="drain time on SIGTERM, seconds"
+    )
+    run.add_argument(
+        "--log-level", default=env("SIDEKEY_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING [$SIDEKEY_LOG_LEVEL]"
+    )
+
+    check = sub.add_parser("check", help="validate a policy file without starting")
+    check.add_argument("policies", nargs="?", default=env("SIDEKEY_POLICIES", "policies.yaml"))
+
+    ca = sub.add_parser("ca", help="print the CA certificate path and how to trust it")
+    ca.add_argument("--certs", default=env("SIDEKEY_CERTS", "certs"), help="CA directory [$SIDEKEY_CERTS]")
+    ca.add_argument("--bundle", metavar="PATH", help="write the system CAs plus sidekey's to PATH")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args.policies)
+    if args.command == "ca":
+        return cmd_ca(Path(args.certs), args.bundle)
+    return cmd_run(args)
+
+
+def cmd_check(path: str) -> int:
+    from proxy.policy_load import PolicyError, load_policy
+
+    try:
+        policy = load_policy(path)
+    except PolicyError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"{path}: cannot read ({err.strerror})", file=sys.stderr)
+        return 2
+    print(f"{path}: ok, version {policy.version}, {len(policy.providers)} providers, unmatched: {policy.unmatched}")
+    for p in policy.providers:
+        source = p.auth.secret.source if p.auth.secret else "-"
+        print(f"  {p.name}: {', '.join(p.hosts)} -> auth {p.auth.type} ({source})")
+    return 0
+
+
+def cmd_ca(certs: Path, bundle: str | None) -> int:
+    from proxy.certs import CertificateAuthority, trust_instructions, write_trust_bundle
+
+    ca = CertificateAuthority.load_or_create(certs)
+    print(ca.cert_path.resolve())
+    if bundle:
+        out = write_trust_bundle(ca.cert_path, Path(bundle))
+        print(f"wrote trust bundle {out.resolve()}", file=sys.stderr)
+    print(trust_instructions(ca.cert_path.resolve()), file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.policy_load import PolicyError, load_policy
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        policy = load_policy(args.policies)
+    except PolicyError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"{args.policies}: cannot read ({err.strerror})", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    return runner(serve(policy, args))
+
+
+async def serve(policy: object, args: argparse.Namespace) -> int:
+    from addons import default_addons, load_addons
+    from proxy.engine import Sidekey
+    from proxy.policy import Policy
+
+    assert isinstance(policy, Policy)
+    extra: list[object] = []
+    for spec in (*policy.addons, *args.addon):
+        extra.extend(load_addons(spec))
+    engine = Sidekey(policy, certs_dir=Path(args.certs), listen=args.listen, addons=[*default_addons(), *extra])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await engine.start()
+    await stop.wait()
+    log.info("draining (grace %.0fs, %d in flight)", args.grace, engine.in_flight)
+    await engine.shutdown(args.grace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

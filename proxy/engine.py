@@ -1,0 +1,236 @@
+"""The engine: owns the listener, the policy reference, addons, the CA and the
+upstream pools; accepts connections and dispatches CONNECT, plain-proxy
+requests and blind tunnels; drains on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from proxy import errors, exchange, netguard, routing
+from proxy.certs import CertificateAuthority, LeafContexts
+from proxy.flow import new_request_id
+from proxy.hooks import AddonManager
+from proxy.policy import Policy
+
+log = logging.getLogger("sidekey")
+
+CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+TUNNEL_CONNECT_TIMEOUT = 10.0
+PIPE_PIECE = 65536
+
+
+class ClientConn:
+    """One accepted client connection (its reader/writer are upgraded to TLS
+    in place after CONNECT)."""
+
+    __slots__ = ("reader", "writer", "peer", "target", "idle", "head_sent", "task")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer: tuple[str, int] | None = (peer[0], peer[1]) if peer else None
+        self.target: tuple[str, int] | None = None  # the CONNECT target once intercepted
+        self.idle = False  # waiting for a request head (safe to close on drain)
+        self.head_sent = False
+        self.task = asyncio.current_task()
+
+    def __repr__(self) -> str:
+        return f"ClientConn(peer={self.peer}, target={self.target}, idle={self.idle})"
+
+
+class Sidekey:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        certs_dir: Path,
+        listen: tuple[str, int] = ("127.0.0.1", 8080),
+        addons: Sequence[object] = (),
+    ) -> None:
+        from proxy.upstream import UpstreamPools
+
+        self.policy = policy
+        self.certs_dir = certs_dir
+        self.listen = listen
+        self.addons = AddonManager(addons)
+        self.pools = UpstreamPools()
+        self.ca: CertificateAuthority | None = None
+        self.leaves: LeafContexts | None = None
+        self.server: asyncio.Server | None = None
+        self.address: tuple[str, int] = listen
+        self.draining = False
+        self.in_flight = 0
+        self.connections: set[ClientConn] = set()
+        self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0}
+
+    @property
+    def leaf_contexts(self) -> LeafContexts:
+        assert self.leaves is not None, "start() first"
+        return self.leaves
+
+    async def start(self) -> None:
+        self.ca = await asyncio.to_thread(CertificateAuthority.load_or_create, self.certs_dir)
+        self.leaves = LeafContexts(self.ca)
+        await self.addons.configure(self.policy)
+        self.server = await asyncio.start_server(
+            self._on_client,
+            self.listen[0],
+            self.listen[1],
+            limit=self.policy.limits.max_header_bytes,
+            backlog=1024,
+            reuse_address=True,
+        )
+        sock = self.server.sockets[0].getsockname()
+        self.address = (sock[0], sock[1])
+        await self.addons.observe("running")
+        log.info("sidekey listening on %s:%d (%d providers)", *self.address, len(self.policy.providers))
+
+    async def reload(self, policy: Policy) -> None:
+        """Let every addon accept the new policy, then swap one reference.
+        If an addon raises, the old policy stays and the error propagates."""
+        await self.addons.configure(policy)
+        self.policy = policy
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        """Stop accepting, close idle connections, let in-flight requests and
+        streams finish within ``grace`` seconds, then cut what is left."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.writer.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.connections and loop.time() < deadline:
+            for conn in list(self.connections):
+                if conn.idle:
+                    conn.writer.close()
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.task is not None:
+                conn.task.cancel()
+        await self.addons.observe("done")
+        await self.pools.close()
+        if self.leaves is not None:
+            self.leaves.close()
+        log.info("sidekey stopped")
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "open_connections": len(self.connections),
+            "in_flight": self.in_flight,
+            "pools": self.pools.statistics(),
+            "leaf_certs": self.leaves.statistics() if self.leaves else {},
+        }
+
+    # -- connections -------------------------------------------------------
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = ClientConn(reader, writer)
+        self.connections.add(conn)
+        self.counters["connections"] += 1
+        try:
+            await self._dispatch(conn)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - one bad connection never takes the listener down
+            log.error("connection failed: %s", type(exc).__name__)
+        finally:
+            self.connections.discard(conn)
+            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+
+    async def _dispatch(self, conn: ClientConn) -> None:
+        limits = self.policy.limits
+        conn.idle = True
+        try:
+            head = await exchange.read_head(conn, limits.header_timeout, limits.max_headers)
+        except errors.ProxyError as err:
+            await exchange.send_error(conn, err, new_request_id())
+            return
+        finally:
+            conn.idle = False
+        if head is None:
+            return
+        if head.method == "CONNECT":
+            await self._connect(conn, head.target)
+        elif head.target.startswith(("http://", "https://")):
+            await exchange.serve(self, conn, head)
+        else:
+            refused = errors.BadRequest(
+                reason="sidekey is a forward proxy: send CONNECT host:port or an absolute-form http:// URI"
+            )
+            await exchange.send_error(conn, refused, new_request_id())
+
+    async def _connect(self, conn: ClientConn, authority: str) -> None:
+        policy = self.policy
+        try:
+            host, port = routing.parse_authority(authority)
+            provider = policy.match(host)
+            if provider is None and policy.unmatched == "deny":
+                raise errors.UnmatchedDenied(host=host)
+        except errors.ProxyError as err:
+            await exchange.send_error(conn, err, new_request_id())
+            return
+        if provider is None:
+            await self._tunnel(conn, host, port, policy)
+            return
+        ctx = await self.leaf_contexts.context_for(host)
+        conn.writer.write(CONNECTED)
+        try:
+            await conn.writer.start_tls(ctx, ssl_handshake_timeout=policy.limits.header_timeout)
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+            # Usually a client that does not trust our CA; say which host.
+            self.counters["tls_failures"] += 1
+            log.info("TLS handshake with client failed for %s: %s", host, type(exc).__name__)
+            return
+        self.counters["intercepted"] += 1
+        conn.target = (host, port)
+        await exchange.serve(self, conn)
+
+    async def _tunnel(self, conn: ClientConn, host: str, port: int, policy: Policy) -> None:
+        """Blind relay for unmatched hosts: no interception, no credentials."""
+        try:
+            addresses = await netguard.resolve_checked(host, port, policy.allow_networks)
+        except netguard.BlockedAddressError:
+            await exchange.send_error(conn, errors.AddressBlocked(host=host), new_request_id())
+            return
+        except OSError:
+            await exchange.send_error(conn, errors.UpstreamConnectError(), new_request_id())
+            return
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        for _family, address in addresses:  # connect to the checked address only
+            try:
+                async with asyncio.timeout(TUNNEL_CONNECT_TIMEOUT):
+                    upstream = await asyncio.open_connection(address, port)
+                break
+            except (OSError, TimeoutError):
+                continue
+        if upstream is None:
+            await exchange.send_error(conn, errors.UpstreamConnectError(), new_request_id())
+            return
+        self.counters["tunnels"] += 1
+        up_reader, up_writer = upstream
+        conn.writer.write(CONNECTED)
+        try:
+            await asyncio.gather(_pipe(conn.reader, up_writer), _pipe(up_reader, conn.writer))
+        finally:
+            up_writer.close()
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    try:
+        while data := await src.read(PIPE_PIECE):
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()  # half-close: the other direction may still flow
+    except (ConnectionError, OSError):
+        dst.close()

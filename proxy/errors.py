@@ -1,0 +1,125 @@
+"""Errors that become an HTTP answer to the caller.
+
+Each class carries its status, code and retryability. Messages come from fixed
+templates plus non-secret fields (provider name, host): never from ``str()`` of
+an upstream exception or from a request header, because either may hold a key.
+``render_error`` is the one place that turns an error into a JSON body.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class ProxyError(Exception):
+    status: int = 502
+    code: str = "proxy_error"
+    retryable: bool = False
+    template: str = "the proxy could not complete the request"
+
+    def __init__(self, provider: str | None = None, **fields: object) -> None:
+        self.provider = provider
+        self.fields = fields
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return self.template.format(provider=self.provider or "-", **self.fields)
+
+
+# -- the caller's request ---------------------------------------------------
+class BadRequest(ProxyError):
+    status, code = 400, "bad_request"
+    template = "malformed request: {reason}"
+
+
+class HeadersTooLarge(ProxyError):
+    status, code = 431, "headers_too_large"
+    template = "request header section exceeds {limit}"
+
+
+class BodyTooLarge(ProxyError):
+    status, code = 413, "body_too_large"
+    template = "request body exceeds {limit} bytes"
+
+
+class RequestTimeout(ProxyError):
+    status, code = 408, "request_timeout"
+    template = "the client was too slow sending the request"
+
+
+class HostMismatch(ProxyError):
+    # RFC 9110 §15.5.20: 421 is for a request directed at a server that is
+    # not able to produce a response for the target URI's authority.
+    status, code = 421, "host_mismatch"
+    template = "request authority does not match the CONNECT target {target}"
+
+
+class UnmatchedDenied(ProxyError):
+    status, code = 403, "host_not_allowed"
+    template = "no policy matches host {host} and unmatched hosts are denied"
+
+
+class AddressBlocked(ProxyError):
+    status, code = 403, "address_blocked"
+    template = "{host} resolves to a blocked address (cloud metadata)"
+
+
+class MethodNotAllowed(ProxyError):
+    status, code = 405, "method_not_allowed"
+    template = "{reason}"
+
+
+# -- sidekey itself ---------------------------------------------------------
+class CredentialUnavailable(ProxyError):
+    status, code = 503, "credential_unavailable"
+    template = "the credential for provider {provider} is not available"
+
+
+class AddonFailed(ProxyError):
+    status, code = 502, "addon_failed"
+    template = "a sidekey addon failed while handling the request"
+
+
+class ShuttingDown(ProxyError):
+    status, code, retryable = 503, "shutting_down", True
+    template = "sidekey is shutting down"
+
+
+# -- the upstream -------------------------------------------------------------
+class UpstreamConnectError(ProxyError):
+    status, code, retryable = 502, "upstream_connect_error", True
+    template = "could not connect to the upstream of provider {provider}"
+
+
+class UpstreamTLSError(ProxyError):
+    status, code = 502, "upstream_tls_error"
+    template = "the upstream of provider {provider} failed TLS verification"
+
+
+class UpstreamTimeout(ProxyError):
+    status, code, retryable = 504, "upstream_timeout", True
+    template = "the upstream of provider {provider} did not answer in time"
+
+
+class UpstreamProtocolError(ProxyError):
+    status, code, retryable = 502, "upstream_protocol_error", True
+    template = "the upstream of provider {provider} sent an invalid response"
+
+
+class UpstreamDisconnected(ProxyError):
+    status, code, retryable = 502, "upstream_disconnected", True
+    template = "the upstream of provider {provider} closed the connection"
+
+
+def render_error(err: ProxyError) -> bytes:
+    """The JSON body every error answer carries."""
+    body = {
+        "error": {
+            "code": err.code,
+            "message": err.message,
+            "provider": err.provider,
+            "retryable": err.retryable,
+        }
+    }
+    return json.dumps(body, separators=(",", ":")).encode()

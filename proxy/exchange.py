@@ -1,0 +1,285 @@
+"""The HTTP/1.1 keep-alive loop on one client stream (decrypted or plain):
+read a head, build a flow, run the hooks, forward, stream the answer back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import ClientResponse
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy import errors, http1, routing, upstream
+from proxy.bodies import BodyReader
+from proxy.flow import Flow, Request, Response, new_request_id
+from proxy.policy import Policy
+
+if TYPE_CHECKING:
+    from proxy.engine import ClientConn, Sidekey
+
+log = logging.getLogger("sidekey.flow")
+
+SMALL_BODY = 65536  # bodies up to this are read whole (request) or sent in one write (response)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Fields we never forward as-is: Host is rebuilt from the upstream URL (RFC
+# 9112 §3.2.2), framing is redone by us or aiohttp, Expect is answered by us.
+REQUEST_DROP = ("host", "content-length", "expect")
+
+
+class ClientGone(errors.ProxyError):
+    status, code = 499, "client_closed"
+    template = "the client closed the connection"
+
+
+async def read_head(conn: ClientConn, wait: float, max_headers: int) -> http1.RequestHead | None:
+    """None on EOF, idle timeout or a connection error: just close."""
+    try:
+        async with asyncio.timeout(wait):
+            data = await conn.reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise errors.HeadersTooLarge(limit="the configured max_header_bytes") from None
+    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+        return None
+    return http1.parse_request_head(data, max_headers)
+
+
+async def serve(engine: Sidekey, conn: ClientConn, head: http1.RequestHead | None = None) -> None:
+    """Serve requests until the client or we close. ``head``: already read."""
+    first = True
+    while True:
+        policy = engine.policy  # the snapshot this request will keep
+        if head is None:
+            conn.idle = True
+            if engine.draining:
+                return
+            limits = policy.limits
+            try:
+                wait = limits.header_timeout if first else limits.idle_timeout
+                head = await read_head(conn, wait, limits.max_headers)
+            except errors.ProxyError as err:
+                await send_error(conn, err, new_request_id())
+                return
+            finally:
+                conn.idle = False
+            if head is None:
+                return
+        if not await handle(engine, conn, head, policy):
+            return
+        head, first = None, False
+
+
+def route(conn: ClientConn, head: http1.RequestHead, policy: Policy) -> tuple[Request, Flow | None]:
+    """Decide where a request goes; raises ProxyError for what we refuse."""
+    target = head.target
+    if conn.target is not None:  # inside an intercepted CONNECT tunnel
+        host, port = conn.target
+        if not target.startswith("/"):
+            _scheme, uhost, uport, target = routing.split_absolute(target)
+            if (uhost, uport) != (host, port):
+                raise errors.HostMismatch(target=routing.format_authority(host, port))
+        hosts = head.headers.getall("host", ())
+        if len(hosts) != 1 and head.version == "HTTP/1.1":
+            raise errors.BadRequest(reason="exactly one Host header is required")
+        if hosts and not routing.authority_matches(hosts[0], host, port):
+            raise errors.HostMismatch(target=routing.format_authority(host, port))
+        scheme = "https"
+    else:  # plain proxy request: the absolute-form URI is the authority
+        scheme, host, port, target = routing.split_absolute(target)
+    headers = http1.end_to_end(head.headers, REQUEST_DROP)
+    request = Request(head.method, target, headers, host, port, http_version=head.version)
+    provider = policy.match(host)
+    if provider is None and (policy.unmatched == "deny" or conn.target is not None):
+        # Inside a tunnel this only happens when a reload removed the provider.
+        raise errors.UnmatchedDenied(host=host)
+    flow = Flow(request, policy, provider, client_address=conn.peer, intercepted=conn.target is not None)
+    if provider is None:
+        flow.upstream_url = routing.upstream_url(None, scheme, host, port, target)
+    elif conn.target is None and port == 80:
+        # plain http://provider/...: upgraded to TLS on the provider's https port
+        flow.upstream_url = routing.upstream_url(provider, "https", host, 443, target)
+    else:
+        flow.upstream_url = routing.upstream_url(provider, "https", host, port, target)
+    return request, flow
+
+
+async def handle(engine: Sidekey, conn: ClientConn, head: http1.RequestHead, policy: Policy) -> bool:
+    """One request; returns whether the connection may serve another."""
+    limits = policy.limits
+    try:
+        request, flow = route(conn, head, policy)
+        kind, length = http1.body_framing(head, limits.max_body_bytes)
+    except errors.ProxyError as err:
+        await send_error(conn, err, new_request_id())
+        return False
+    assert flow is not None
+    expect = head.headers.get("expect", "").lower() == "100-continue" and kind != "none"
+    body = BodyReader(
+        conn.reader,
+        kind,
+        length,
+        max_bytes=limits.max_body_bytes,
+        timeout=limits.body_timeout,
+        on_start=CONTINUE if expect else None,
+        write=conn.writer,
+    )
+    keep = head.keep_alive
+    engine.in_flight += 1
+    try:
+        keep = await run_flow(engine, conn, flow, body, keep) and body.complete
+    finally:
+        engine.in_flight -= 1
+    return keep and not engine.draining
+
+
+async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyReader, keep: bool) -> bool:
+    req = flow.request
+    conn.head_sent = False  # once True, an error can only abort the stream
+    resp: ClientResponse | None = None
+    try:
+        if body.complete:
+            req.content_length = 0
+        elif body.kind == "length" and body.length <= SMALL_BODY:
+            req.body = await body.read_all()
+            req.content_length = len(req.body)
+        else:
+            req.body = body.iterate()
+            req.content_length = body.length if body.kind == "length" else None
+            if req.content_length is not None:
+                req.headers["content-length"] = str(req.content_length)
+        await engine.addons.decide("request", flow)
+        if flow.response is None:
+            resp = await _send_upstream(engine, flow, body)
+            flow.response = Response(resp.status, http1.end_to_end(resp.headers))
+            await engine.addons.decide("responseheaders", flow)
+        if flow.response.body is not None or resp is None:  # a local answer
+            keep = keep and body.complete
+            await send_local(conn, flow, keep)
+        else:
+            keep = await stream_response(engine, conn, flow, resp, keep)
+        flow.timings["end"] = time.monotonic()
+        await engine.addons.observe("response", flow)
+        return keep
+    except (errors.ProxyError, ConnectionError) as exc:
+        err = exc if isinstance(exc, errors.ProxyError) else ClientGone(flow.provider_name)
+        flow.error = err
+        flow.timings["end"] = time.monotonic()
+        if conn.head_sent or isinstance(err, ClientGone):
+            # Mid-stream: the client must see a broken message, never a clean
+            # end, so the transport is aborted without a terminating chunk.
+            conn.writer.transport.abort()
+        else:
+            flow.response = Response.from_error(err)
+            await send_local(conn, flow, False)
+        await engine.addons.observe("error", flow)
+        return False
+    finally:
+        if resp is not None:
+            if flow.error is not None:
+                resp.close()  # drop the upstream connection: it may stop generating
+            else:
+                resp.release()
+
+
+async def _send_upstream(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientResponse:
+    assert flow.upstream_url is not None, "route() sets it"
+    url = URL(flow.upstream_url, encoded=True)
+    provider = flow.provider
+    key = upstream.pool_key(provider, url.scheme, url.raw_host or "", url.port or 443, flow.policy.allow_networks)
+    session = engine.pools.session(key)
+    flow.timings["request_sent"] = time.monotonic()
+    server_name = provider.tls.server_name if provider else None
+    try:
+        resp = await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)
+    except errors.ProxyError:
+        if body.error is not None:  # the caller's body broke: that is the cause
+            raise body.error from None
+        raise
+    flow.timings["response_headers"] = time.monotonic()
+    return resp
+
+
+def _finish_headers(conn: ClientConn, flow: Flow, headers: CIMultiDict[str], keep: bool) -> None:
+    conn.head_sent = True
+    headers["x-sidekey-request-id"] = flow.id
+    if not keep:
+        headers["connection"] = "close"
+
+
+async def send_local(conn: ClientConn, flow: Flow, keep: bool) -> None:
+    resp = flow.response
+    assert resp is not None and resp.body is not None
+    _finish_headers(conn, flow, resp.headers, keep)
+    no_body = http1.status_has_no_body(flow.request.method, resp.status)
+    resp.headers["content-length"] = str(len(resp.body))
+    conn.head_sent = True
+    conn.writer.write(http1.response_head(resp.status, resp.headers.items()) + (b"" if no_body else resp.body))
+    flow.bytes_to_client += len(resp.body)
+    await conn.writer.drain()
+
+
+async def send_error(conn: ClientConn, err: errors.ProxyError, request_id: str) -> None:
+    """An answer outside any flow (bad head, refused target); then we close."""
+    body = errors.render_error(err)
+    extra = [("x-sidekey-request-id", request_id), ("connection", "close")]
+    try:
+        conn.writer.write(http1.error_response(err, body, extra))
+        await conn.writer.drain()
+    except ConnectionError:
+        pass
+
+
+async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: ClientResponse, keep: bool) -> bool:
+    out = flow.response
+    assert out is not None
+    headers, writer, content = out.headers, conn.writer, resp.content
+    keep = keep and not engine.draining
+    if http1.status_has_no_body(flow.request.method, out.status):
+        _finish_headers(conn, flow, headers, keep)
+        writer.write(http1.response_head(out.status, headers.items()))
+        await writer.drain()
+        return keep
+    length = resp.content_length if not resp.headers.get("transfer-encoding") else None
+    if length is not None and length <= SMALL_BODY:
+        data = await _upstream_read(resp, content.readexactly(length), flow)
+        _finish_headers(conn, flow, headers, keep)
+        writer.write(http1.response_head(out.status, headers.items()) + data)
+        flow.bytes_to_client += length
+        await writer.drain()
+        return keep
+    chunked = length is None and flow.request.http_version == "HTTP/1.1"
+    if length is None:
+        headers.popall("content-length", None)
+        if chunked:
+            headers["transfer-encoding"] = "chunked"
+        else:
+            keep = False  # HTTP/1.0 client: the end of the body is the close
+    _finish_headers(conn, flow, headers, keep)
+    writer.write(http1.response_head(out.status, headers.items()))
+    sent = 0
+    while True:
+        piece = await _upstream_read(resp, content.readany(), flow)
+        if not piece:
+            break
+        sent += len(piece)
+        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        await writer.drain()
+    if length is not None and sent != length:
+        raise errors.UpstreamDisconnected(flow.provider_name)
+    if chunked:
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+    flow.bytes_to_client += sent
+    return keep
+
+
+async def _upstream_read(resp: ClientResponse, aw: object, flow: Flow) -> bytes:
+    try:
+        return await aw  # type: ignore[misc, no-any-return]
+    except asyncio.IncompleteReadError:
+        raise errors.UpstreamDisconnected(flow.provider_name) from None
+    except Exception as exc:  # noqa: BLE001 - mapped in one place
+        raise upstream.map_error(exc, flow.provider_name) from None

@@ -1,0 +1,133 @@
+"""A flow: one request through sidekey, from head read to last byte sent.
+
+Addons see and change flows in their hooks. A flow keeps the policy snapshot
+it started with, so a reload mid-request cannot change its rules.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from multidict import CIMultiDict
+
+from proxy.errors import ProxyError, render_error
+from proxy.policy import Policy, Provider
+
+Body = bytes | AsyncIterator[bytes] | None
+
+
+class Request:
+    """The request as it will be sent upstream (hop-by-hop fields removed)."""
+
+    __slots__ = ("method", "path", "http_version", "headers", "host", "port", "body", "content_length")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        headers: CIMultiDict[str],
+        host: str,
+        port: int,
+        *,
+        http_version: str = "HTTP/1.1",
+        body: Body = None,
+        content_length: int | None = 0,
+    ) -> None:
+        self.method = method
+        self.path = path  # origin-form: "/v1/chat/completions?x=1"
+        self.http_version = http_version
+        self.headers = headers
+        self.host = host  # the authority the caller addressed (CONNECT target)
+        self.port = port
+        self.body = body  # bytes when small, else an async iterator of chunks
+        self.content_length = content_length  # None: chunked, length unknown
+
+    def __repr__(self) -> str:  # never headers: they carry credentials
+        return f"Request({self.method} {self.host}:{self.port} {self.path.split('?')[0]})"
+
+
+class Response:
+    """The response as it will be sent to the caller.
+
+    For a local reply (an addon answering, an error) ``body`` holds the bytes.
+    For an upstream response the engine streams the body; ``body`` is None.
+    """
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: CIMultiDict[str] | None = None, body: bytes | None = None) -> None:
+        self.status = status
+        self.headers = headers if headers is not None else CIMultiDict()
+        self.body = body
+
+    @classmethod
+    def make(cls, status: int, body: bytes = b"", content_type: str = "application/json") -> Response:
+        return cls(status, CIMultiDict({"content-type": content_type}), body)
+
+    @classmethod
+    def from_error(cls, err: ProxyError) -> Response:
+        resp = cls.make(err.status, render_error(err))
+        if err.status == 503 and err.retryable:
+            resp.headers["retry-after"] = "1"
+        return resp
+
+    def __repr__(self) -> str:
+        return f"Response({self.status})"
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
+
+
+class Flow:
+    __slots__ = (
+        "id",
+        "client_address",
+        "policy",
+        "provider",
+        "request",
+        "upstream_url",
+        "response",
+        "error",
+        "intercepted",
+        "timings",
+        "metadata",
+        "bytes_to_client",
+    )
+
+    def __init__(
+        self,
+        request: Request,
+        policy: Policy,
+        provider: Provider | None,
+        *,
+        client_address: tuple[str, int] | None = None,
+        intercepted: bool = True,
+        request_id: str | None = None,
+    ) -> None:
+        self.id = request_id or new_request_id()
+        self.client_address = client_address
+        self.policy = policy
+        self.provider = provider
+        self.request = request
+        # Where the forwarder sends it; set by the engine from the provider,
+        # addons may rewrite it (query credentials, failover).
+        self.upstream_url: str | None = None
+        self.response: Response | None = None
+        self.error: ProxyError | None = None
+        self.intercepted = intercepted  # False: plain-HTTP absolute-form request
+        # monotonic seconds: "start", "request_sent", "response_headers", "end"
+        self.timings: dict[str, float] = {"start": time.monotonic()}
+        self.metadata: dict[str, Any] = {}
+        self.bytes_to_client = 0
+
+    @property
+    def provider_name(self) -> str | None:
+        return self.provider.name if self.provider else None
+
+    def __repr__(self) -> str:
+        status = self.response.status if self.response else "-"
+        return f"Flow({self.id} {self.provider_name} {self.request!r} -> {status})"

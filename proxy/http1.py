@@ -1,0 +1,179 @@
+"""HTTP/1.1 message rules as pure functions: parse a request head, decide body
+framing, drop hop-by-hop headers, serialise a response head.
+
+No I/O here. The listener reads bytes and calls these; the rules quoted are
+RFC 9112 (HTTP/1.1) and RFC 9110 (semantics).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Literal
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.errors import BadRequest, BodyTooLarge, HeadersTooLarge, ProxyError
+
+# RFC 9110 §5.6.2: token = 1*tchar
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Field values: visible ASCII, obs-text, SP and HTAB. CR, LF, NUL and other
+# controls are refused (RFC 9110 §5.5: a recipient of CR, LF or NUL in a value
+# MUST reject the message or replace them; we reject).
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+
+REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+# RFC 9110 §7.6.1: connection-specific fields a proxy must not forward, plus
+# the proxy-to-proxy fields of §11.7 and the legacy Proxy-Connection.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+BodyKind = Literal["none", "length", "chunked"]
+Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: str
+    version: str  # "HTTP/1.1" or "HTTP/1.0"
+    headers: CIMultiDict[str]
+
+    @property
+    def keep_alive(self) -> bool:
+        conn = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in conn
+        return "close" not in conn
+
+
+def parse_request_head(data: bytes, max_headers: int) -> RequestHead:
+    """Parse ``request-line CRLF *(field-line CRLF) CRLF``.
+
+    ``data`` ends with the empty line. Anything malformed raises BadRequest
+    with a reason that never quotes the offending bytes (they may be a key).
+    """
+    lines = data[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise BadRequest(reason="request line is not 'method target version'")
+    method, target, version = parts
+    if not _TOKEN.match(method):
+        raise BadRequest(reason="invalid method")
+    if not target or _BAD_TARGET.search(target):
+        raise BadRequest(reason="invalid request target")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise BadRequest(reason="only HTTP/1.1 and HTTP/1.0 are supported")
+    if len(lines) - 1 > max_headers:
+        raise HeadersTooLarge(limit=f"{max_headers} fields")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise BadRequest(reason="obs-fold (line folding) is not allowed")
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise BadRequest(reason="header line without a colon")
+        # RFC 9112 §5.1: no whitespace between name and colon (400), and
+        # §5.2: obs-fold is refused; both are request-smuggling vectors.
+        if not _TOKEN.match(name):
+            raise BadRequest(reason="invalid header name")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value):
+            raise BadRequest(reason="invalid character in a header value")
+        headers.add(name.decode("ascii"), value.decode("latin-1"))
+    return RequestHead(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers)
+
+
+def body_framing(head: RequestHead, max_body: int) -> tuple[BodyKind, int]:
+    """RFC 9112 §6.3: how long the request body is. Returns (kind, length)."""
+    headers = head.headers
+    te = headers.getall("transfer-encoding", None)
+    cl = headers.getall("content-length", None)
+    if te is not None:
+        # §6.3 (3): TE and CL together is a smuggling attempt; refuse it.
+        if cl is not None:
+            raise BadRequest(reason="both Transfer-Encoding and Content-Length")
+        if head.version == "HTTP/1.0":
+            raise BadRequest(reason="Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for v in te for c in v.split(",") if c.strip()]
+        # §6.3 (4): chunked must be final; we accept no other coding (§6.1: 501
+        # would be allowed, but a clear 400 is simpler for callers).
+        if codings != ["chunked"]:
+            raise BadRequest(reason="unsupported Transfer-Encoding")
+        return "chunked", -1
+    if cl is not None:
+        values = {v.strip() for item in cl for v in item.split(",")}
+        if len(values) != 1:
+            raise BadRequest(reason="conflicting Content-Length values")
+        value = values.pop()
+        if not value.isdigit() or len(value) > 18:
+            raise BadRequest(reason="invalid Content-Length")
+        length = int(value)
+        if length > max_body:
+            raise BodyTooLarge(limit=max_body)
+        return ("length", length) if length else ("none", 0)
+    return "none", 0
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """RFC 9112 §7.1: ``chunk-size [ chunk-ext ] CRLF``; extensions ignored."""
+    size, _, _ext = line.rstrip(b"\r\n").partition(b";")
+    size = size.strip(b" \t")
+    if not size or len(size) > 15 or size.strip(b"0123456789abcdefABCDEF"):
+        raise BadRequest(reason="invalid chunk size")
+    return int(size, 16)
+
+
+def connection_tokens(headers: Headers) -> set[str]:
+    """Field names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1)."""
+    tokens: set[str] = set()
+    for value in headers.getall("connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def end_to_end(headers: Headers, extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
+    """A copy of ``headers`` without hop-by-hop fields (and ``extra_drop``)."""
+    drop = set(HOP_BY_HOP)
+    drop.update(connection_tokens(headers))
+    drop.update(extra_drop)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def response_head(status: int, headers: Iterable[tuple[str, str]], reason: bytes | None = None) -> bytes:
+    """Serialise a status line and fields; values were checked for CR/LF by
+    whoever set them (aiohttp's parser for upstream responses, us for ours)."""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
+    for name, value in headers:
+        out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def status_has_no_body(method: str, status: int) -> bool:
+    """RFC 9110 §6.4.1: HEAD, 1xx, 204 and 304 responses carry no content."""
+    return method == "HEAD" or status < 200 or status in (204, 304)
+
+
+def error_response(err: ProxyError, body: bytes, extra: Iterable[tuple[str, str]] = ()) -> bytes:
+    headers = [
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+        *extra,
+    ]
+    return response_head(err.status, headers) + body

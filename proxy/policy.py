@@ -1,0 +1,187 @@
+"""The parsed policy: typed, frozen, validated once by ``proxy.policy_load``.
+
+Nothing here does I/O. Host matching is a pure function of the policy so it
+can be tested with a table and no sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+AuthType = Literal["bearer", "header", "basic", "query", "none"]
+UnmatchedMode = Literal["tunnel", "deny"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Headers a caller may use to carry a credential of its own. All are removed
+# from every request to a matched provider before the real one is set.
+CALLER_CREDENTIAL_HEADERS: tuple[str, ...] = (
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "xc-token",
+    "xc-auth",
+    "x-goog-api-key",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """Where a secret lives. Only ``source`` is ever shown (logs, admin API)."""
+
+    kind: Literal["env", "file"]
+    ref: str  # environment variable name, or file path
+
+    @property
+    def source(self) -> str:
+        return f"{self.kind}:{self.ref}"
+
+    def __repr__(self) -> str:
+        return f"SecretRef({self.source!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """How the real credential is put on the request.
+
+    bearer: ``Authorization: Bearer <secret>``
+    header: ``<header>: <prefix><secret>`` (e.g. ``x-api-key``, ``xc-token``)
+    basic:  ``Authorization: Basic base64(<username>:<secret>)``
+    query:  ``?<param>=<secret>`` (the caller's value for ``param`` is removed)
+    none:   nothing is injected; caller credentials are still stripped
+    """
+
+    type: AuthType
+    secret: SecretRef | None
+    header: str = "authorization"
+    prefix: str = ""
+    username: str = ""
+    param: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 10.0  # TCP + TLS to the upstream
+    read: float = 300.0  # longest gap between upstream bytes (LLMs think slowly)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLimits:
+    max_connections: int = 100  # per upstream identity
+    keepalive_timeout: float = 60.0  # idle upstream connections are closed after this
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    ca_bundle: str | None = None  # extra CA file, added to the system store
+    server_name: str | None = None  # SNI / certificate name, when not the URL host
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A parsed upstream base URL (scheme is always https)."""
+
+    host: str
+    port: int
+    path_prefix: str = ""  # no trailing slash; "" for none
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    hosts: tuple[str, ...]  # lower-case; "*.suffix" wildcards allowed
+    upstream: Upstream | None  # None: https://<CONNECT host>:<CONNECT port>
+    auth: Auth
+    set_headers: tuple[tuple[str, str], ...] = ()  # set when the caller did not
+    strip_headers: tuple[str, ...] = CALLER_CREDENTIAL_HEADERS  # lower-case
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    tls: UpstreamTLS = field(default_factory=UpstreamTLS)
+    pool: PoolLimits = field(default_factory=PoolLimits)
+    line: int = 0  # where it is defined, for messages
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    max_header_bytes: int = 65536  # request line + headers; over it: 431
+    max_headers: int = 100  # over it: 431
+    max_body_bytes: int = 2 * 1024**3  # over it: 413
+    header_timeout: float = 10.0  # to read a request head on a fresh connection
+    idle_timeout: float = 60.0  # keep-alive connection with no request
+    body_timeout: float = 60.0  # longest gap between request body bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    providers: tuple[Provider, ...]
+    unmatched: UnmatchedMode = "tunnel"
+    limits: ListenerLimits = field(default_factory=ListenerLimits)
+    # Addresses exempt from the metadata-address block (explicitly named by the operator).
+    allow_networks: tuple[IPNetwork, ...] = ()
+    addons: tuple[str, ...] = ()  # "pkg.module", "pkg.module:Class" or a .py path
+    source: str = "<memory>"
+    version: str = ""  # sha256 of the file's bytes, first 12 hex digits
+    matcher: HostMatcher = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "matcher", HostMatcher(self.providers))
+
+    def match(self, host: str) -> Provider | None:
+        return self.matcher.match(host)
+
+    def provider(self, name: str) -> Provider | None:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        return None
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, no trailing dot, no IPv6 brackets: the form we compare."""
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host
+
+
+class HostMatcher:
+    """Exact names win over wildcards; among wildcards the longest suffix wins.
+
+    ``*.example.com`` matches ``a.example.com`` and ``a.b.example.com`` but not
+    ``example.com`` itself (as in mitmproxy's and Envoy's domain matching).
+    Duplicate patterns are rejected by the loader, so the result is unambiguous.
+    """
+
+    __slots__ = ("_exact", "_wildcards", "_cache")
+
+    def __init__(self, providers: tuple[Provider, ...]) -> None:
+        self._exact: dict[str, Provider] = {}
+        wildcards: list[tuple[str, Provider]] = []
+        for p in providers:
+            for pattern in p.hosts:
+                if pattern.startswith("*."):
+                    wildcards.append((pattern[1:], p))  # ".example.com"
+                else:
+                    self._exact.setdefault(pattern, p)
+        wildcards.sort(key=lambda item: len(item[0]), reverse=True)
+        self._wildcards = tuple(wildcards)
+        self._cache: dict[str, Provider | None] = {}
+
+    def match(self, host: str) -> Provider | None:
+        cached = self._cache.get(host, self)
+        if cached is not self:
+            return cached  # type: ignore[return-value]
+        found = self._match(normalize_host(host))
+        if len(self._cache) < 4096:  # bounded: hosts come from callers
+            self._cache[host] = found
+        return found
+
+    def _match(self, host: str) -> Provider | None:
+        exact = self._exact.get(host)
+        if exact is not None:
+            return exact
+        for suffix, provider in self._wildcards:
+            if host.endswith(suffix) and len(host) > len(suffix):
+                return provider
+        return None

@@ -1,0 +1,101 @@
+"""Fixtures: a fake provider over TLS and a real sidekey process in front of it.
+
+Clients are configured the way apps are: HTTPS_PROXY, a CA bundle, and a
+placeholder key. Provider host names (api.openai.com, ...) never leave the
+machine: the policy points their upstream at the fake on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.provider import FakeProviderThread
+from tests.integration.sidekey_process import SidekeyProcess
+
+OPENAI_KEY = "sk-proj-REALOPENAI-7f3a9c1e5b"
+ANTHROPIC_KEY = "sk-ant-REALANTHROPIC-2d8e4f6a"
+QUERY_KEY = "AIzaREALQUERYKEY-91b7"
+PLACEHOLDER = "sk-placeholder-not-a-key"
+SECRETS = (OPENAI_KEY, ANTHROPIC_KEY, QUERY_KEY)
+SECRET_ENV = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, "QUERY_API_KEY": QUERY_KEY}
+
+
+def policy_for(fake: FakeProviderThread, *, unmatched: str = "tunnel", extra: str = "", limits: str = "") -> str:
+    upstream = f"https://localhost:{fake.port}"
+    tls = f"tls: {{ca_bundle: {fake.ca_pem_path}}}"
+    return f"""\
+version: 1
+unmatched: {unmatched}
+{limits}
+providers:
+  openai:
+    hosts: [api.openai.com]
+    upstream: {upstream}
+    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
+    {tls}
+    timeouts: {{connect: 5, read: 5}}
+  anthropic:
+    hosts: [api.anthropic.com]
+    upstream: {upstream}
+    auth: {{type: header, header: x-api-key, secret: env:ANTHROPIC_API_KEY}}
+    set_headers: {{anthropic-version: "2023-06-01"}}
+    {tls}
+  querykey:
+    hosts: ["*.query.test"]
+    upstream: {upstream}
+    auth: {{type: query, param: key, secret: env:QUERY_API_KEY}}
+    {tls}
+{extra}
+"""
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProviderThread]:
+    with FakeProviderThread() as provider:
+        yield provider
+
+
+@pytest.fixture
+def start_sidekey(tmp_path: Path) -> Iterator[object]:
+    started: list[SidekeyProcess] = []
+
+    def start(policy: str, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> SidekeyProcess:
+        workdir = tmp_path / f"sidekey{len(started)}"
+        workdir.mkdir()
+        proc = SidekeyProcess(workdir, policy, env=SECRET_ENV if env is None else env, args=args)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def sidekey(start_sidekey: object, fake: FakeProviderThread) -> SidekeyProcess:
+    return start_sidekey(policy_for(fake))  # type: ignore[operator, no-any-return]
+
+
+@pytest.fixture
+def client_env(sidekey: SidekeyProcess, monkeypatch: pytest.MonkeyPatch) -> SidekeyProcess:
+    """The process environment an app gets: HTTPS_PROXY + trust in sidekey's CA."""
+    monkeypatch.setenv("HTTPS_PROXY", sidekey.url)
+    monkeypatch.setenv("HTTP_PROXY", sidekey.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(sidekey.ca_path))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    return sidekey
+
+
+def curl(proxy: SidekeyProcess, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    cmd = ["curl", "-sS", "--noproxy", "", "-x", proxy.url, "--cacert", str(proxy.ca_path), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def assert_no_secret(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, "a secret leaked"

@@ -1,0 +1,103 @@
+"""Run the real ``sidekey`` CLI as a subprocess for integration tests.
+
+The process listens on 127.0.0.1:0; we read the bound port from its log. All
+of its stderr (at DEBUG) is kept in a file so tests can sweep it for secrets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+_LISTENING = re.compile(r"sidekey listening on 127\.0\.0\.1:(\d+)")
+
+
+class SidekeyProcess:
+    def __init__(
+        self,
+        workdir: Path,
+        policy_yaml: str,
+        *,
+        env: Mapping[str, str] = (),  # type: ignore[assignment]
+        args: tuple[str, ...] = (),
+        log_level: str = "DEBUG",
+    ) -> None:
+        self.workdir = workdir
+        self.policy_path = workdir / "policies.yaml"
+        self.policy_path.write_text(policy_yaml)
+        self.certs = workdir / "certs"
+        self.log_path = workdir / "sidekey.log"
+        self.env = {**os.environ, **dict(env)}
+        self.env.pop("HTTPS_PROXY", None)
+        self.env.pop("https_proxy", None)
+        self.args = args
+        self.log_level = log_level
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 20.0) -> SidekeyProcess:
+        cmd = [
+            sys.executable, "-m", "proxy", "run",
+            "--listen", "127.0.0.1:0",
+            "--policies", str(self.policy_path),
+            "--certs", str(self.certs),
+            "--log-level", self.log_level,
+            *self.args,
+        ]  # fmt: skip
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = _LISTENING.search(self.log())
+            if match:
+                self.port = int(match.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidekey exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"sidekey did not start:\n{self.log()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.certs / "sidekey-ca.pem"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def rss_peak_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM")
+
+    def terminate(self, wait: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(wait)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

@@ -1,0 +1,200 @@
+"""The hook pipeline and the built-in addons, without sockets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from addons import default_addons, load_addons
+from addons.credentials import CredentialInjector, strip_query_param
+from addons.provider_headers import ProviderHeaders
+from proxy.errors import AddonFailed
+from proxy.flow import Flow, Response
+from proxy.hooks import AddonManager
+from proxy.policy import Auth, Policy, SecretRef
+from proxy.secrets import SecretStore
+from proxy.testing import make_flow, make_provider
+
+SECRET = "sk-live-REAL-0123456789"
+PLACEHOLDER = "sk-placeholder"
+
+
+async def injector_with(env: dict[str, str], *providers: object) -> CredentialInjector:
+    addon = CredentialInjector(SecretStore(env))
+    await addon.configure(Policy(providers=tuple(providers)))  # type: ignore[arg-type]
+    return addon
+
+
+CALLER_HEADERS = [
+    ("Authorization", f"Bearer {PLACEHOLDER}"),
+    ("x-api-key", PLACEHOLDER),
+    ("api-key", PLACEHOLDER),
+    ("Proxy-Authorization", "Basic cGxhY2Vob2xkZXI="),
+    ("Content-Type", "application/json"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("auth", "expect_header", "expect_value"),
+    [
+        (Auth("bearer", SecretRef("env", "K")), "authorization", f"Bearer {SECRET}"),
+        (Auth("header", SecretRef("env", "K"), header="x-api-key"), "x-api-key", SECRET),
+        (Auth("header", SecretRef("env", "K"), header="xc-token", prefix="Token "), "xc-token", f"Token {SECRET}"),
+        (Auth("basic", SecretRef("env", "K"), username="svc"), "authorization", "Basic c3ZjOnNrLWxpdmUtUkVBTC0wMTIzNDU2Nzg5"),
+    ],
+)
+async def test_caller_credentials_replaced(auth: Auth, expect_header: str, expect_value: str) -> None:
+    provider = make_provider(auth=auth)
+    addon = await injector_with({"K": SECRET}, provider)
+    flow = make_flow(provider, headers=CALLER_HEADERS)
+    addon.request(flow)
+    headers = flow.request.headers
+    assert headers.getall(expect_header) == [expect_value]
+    assert PLACEHOLDER not in json.dumps(list(headers.items()))
+    assert "proxy-authorization" not in headers
+    assert headers["content-type"] == "application/json"
+
+
+@pytest.mark.asyncio
+async def test_query_parameter_credential_replaces_the_callers() -> None:
+    provider = make_provider(auth=Auth("query", SecretRef("env", "K"), param="key"))
+    addon = await injector_with({"K": "a b&c"}, provider)
+    flow = make_flow(provider, path=f"/v1/x?key={PLACEHOLDER}&q=1&keyring=2")
+    addon.request(flow)
+    assert flow.upstream_url == "https://api.openai.com/v1/x?q=1&keyring=2&key=a%20b%26c"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://h/p", "https://h/p"),
+        ("https://h/p?key=1", "https://h/p"),
+        ("https://h/p?a=1&key=2&key=3&b", "https://h/p?a=1&b"),
+        ("https://h/p?key", "https://h/p"),
+    ],
+)
+def test_strip_query_param(url: str, expected: str) -> None:
+    assert strip_query_param(url, "key") == expected
+
+
+@pytest.mark.asyncio
+async def test_missing_secret_answers_503_and_strips_anyway(caplog: pytest.LogCaptureFixture) -> None:
+    provider = make_provider(auth=Auth("bearer", SecretRef("env", "MISSING_KEY")))
+    with caplog.at_level(logging.WARNING):
+        addon = await injector_with({}, provider)
+    assert "env:MISSING_KEY" in caplog.text  # reported at start, by source
+    flow = make_flow(provider, headers=CALLER_HEADERS)
+    addon.request(flow)
+    assert flow.response is not None and flow.response.status == 503
+    body = json.loads(flow.response.body or b"")
+    assert body["error"]["code"] == "credential_unavailable"
+    assert body["error"]["provider"] == "openai"
+    assert "authorization" not in flow.request.headers
+
+
+@pytest.mark.asyncio
+async def test_secret_with_newline_is_refused_not_injected(caplog: pytest.LogCaptureFixture) -> None:
+    provider = make_provider(auth=Auth("bearer", SecretRef("env", "K")))
+    with caplog.at_level(logging.DEBUG):
+        addon = await injector_with({"K": "sk-a\r\nX-Evil: 1"}, provider)
+    flow = make_flow(provider)
+    addon.request(flow)
+    assert flow.response is not None and flow.response.status == 503
+    assert "sk-a" not in caplog.text
+
+
+def test_file_secret_rotates_and_trims_newline(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(SECRET + "\n")
+    ref = SecretRef("file", str(path))
+    store = SecretStore({})
+    store.watch([ref])
+    assert store.refresh() == [ref]
+    assert store.get(ref) == SECRET
+    assert store.refresh() == []  # unchanged file: not re-read
+    # Kubernetes swaps a symlink atomically; a new inode is what we see.
+    new = tmp_path / "token.new"
+    new.write_text("sk-rotated\n")
+    os.replace(new, path)
+    assert store.refresh() == [ref]
+    assert store.get(ref) == "sk-rotated"
+    path.unlink()
+    store.refresh()
+    assert store.get(ref) is None
+    assert "does not exist" in (store.problem(ref) or "")
+    assert SECRET not in repr(store)
+
+
+def test_provider_headers_set_only_when_absent() -> None:
+    provider = make_provider(set_headers=[("anthropic-version", "2023-06-01"), ("x-b", "1")])
+    flow = make_flow(provider, headers=[("Anthropic-Version", "2024-01-01")])
+    ProviderHeaders().request(flow)
+    assert flow.request.headers.getall("anthropic-version") == ["2024-01-01"]
+    assert flow.request.headers["x-b"] == "1"
+
+
+class Recorder:
+    def __init__(self, name: str, log: list[str], *, answer: bool = False, fail: bool = False) -> None:
+        self.name, self.log, self.answer, self.fail = name, log, answer, fail
+
+    async def request(self, flow: Flow) -> None:
+        self.log.append(f"{self.name}.request")
+        if self.fail:
+            raise RuntimeError(f"boom {SECRET}")
+        if self.answer:
+            flow.response = Response.make(200, b"{}")
+
+    def response(self, flow: Flow) -> None:
+        self.log.append(f"{self.name}.response")
+        if self.fail:
+            raise ValueError(SECRET)
+
+
+@pytest.mark.asyncio
+async def test_hooks_run_in_order_and_local_answer_stops_the_request_hook() -> None:
+    log: list[str] = []
+    manager = AddonManager([Recorder("a", log), Recorder("b", log, answer=True), Recorder("c", log)])
+    flow = make_flow()
+    await manager.decide("request", flow)
+    await manager.observe("response", flow)
+    assert log == ["a.request", "b.request", "a.response", "b.response", "c.response"]
+
+
+@pytest.mark.asyncio
+async def test_request_addon_failure_fails_closed_without_its_message(caplog: pytest.LogCaptureFixture) -> None:
+    manager = AddonManager([Recorder("guard", [], fail=True)])
+    with caplog.at_level(logging.DEBUG), pytest.raises(AddonFailed):
+        await manager.decide("request", make_flow())
+    assert "guard" in caplog.text and "RuntimeError" in caplog.text
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_observer_failure_is_logged_and_the_next_addon_runs(caplog: pytest.LogCaptureFixture) -> None:
+    log: list[str] = []
+    manager = AddonManager([Recorder("a", log, fail=True), Recorder("b", log)])
+    with caplog.at_level(logging.DEBUG):
+        await manager.observe("response", make_flow())
+    assert log == ["a.response", "b.response"]
+    assert SECRET not in caplog.text
+
+
+def test_default_addons_order() -> None:
+    assert [type(a) for a in default_addons()] == [CredentialInjector, ProviderHeaders]
+
+
+def test_load_addon_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "my_addon.py"
+    path.write_text("class Tag:\n    def request(self, flow):\n        flow.metadata['tag'] = 1\naddons = [Tag()]\n")
+    (addon,) = load_addons(str(path))
+    flow = make_flow()
+    addon.request(flow)  # type: ignore[attr-defined]
+    assert flow.metadata == {"tag": 1}
+    with pytest.raises(ImportError):
+        load_addons("json")  # a module without an addons list
+    assert len(load_addons("addons.provider_headers:ProviderHeaders")) == 1

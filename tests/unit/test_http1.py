@@ -1,0 +1,143 @@
+"""HTTP/1.1 rules (RFC 9112 / 9110) as pure functions: no sockets."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from proxy import errors, http1
+
+
+def head(raw: bytes, max_headers: int = 100) -> http1.RequestHead:
+    return http1.parse_request_head(raw, max_headers)
+
+
+def test_parses_a_request_head() -> None:
+    h = head(b"POST /v1/chat HTTP/1.1\r\nHost: api.openai.com\r\nX-A: 1\r\nx-a:  2 \r\n\r\n")
+    assert (h.method, h.target, h.version) == ("POST", "/v1/chat", "HTTP/1.1")
+    assert h.headers["host"] == "api.openai.com"
+    assert h.headers.getall("X-A") == ["1", "2"]
+    assert h.keep_alive
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"GET / HTTP/1.1 extra\r\n\r\n", "request line"),
+        (b"G(T / HTTP/1.1\r\n\r\n", "invalid method"),
+        (b"GET / HTTP/2.0\r\n\r\n", "HTTP/1.1"),
+        (b"GET /\x01 HTTP/1.1\r\n\r\n", "request target"),
+        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", "header name"),  # RFC 9112 §5.1
+        (b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", "obs-fold"),  # RFC 9112 §5.2
+        (b"GET / HTTP/1.1\r\nnocolon\r\n\r\n", "colon"),
+        (b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n", "header value"),
+        (b"GET / HTTP/1.1\r\nX: a\nInjected: b\r\n\r\n", "header value"),
+    ],
+)
+def test_malformed_heads_are_refused_without_quoting_them(raw: bytes, reason: str) -> None:
+    with pytest.raises(errors.BadRequest) as info:
+        head(raw)
+    assert reason in info.value.message
+    assert info.value.status == 400
+
+
+def test_too_many_headers_is_431() -> None:
+    raw = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(11)) + b"\r\n"
+    with pytest.raises(errors.HeadersTooLarge) as info:
+        head(raw, max_headers=10)
+    assert info.value.status == 431
+
+
+@pytest.mark.parametrize(
+    ("fields", "version", "expected"),
+    [
+        ([], "HTTP/1.1", ("none", 0)),
+        ([("Content-Length", "0")], "HTTP/1.1", ("none", 0)),
+        ([("Content-Length", "12")], "HTTP/1.1", ("length", 12)),
+        ([("Content-Length", "12, 12")], "HTTP/1.1", ("length", 12)),
+        ([("Content-Length", "12"), ("Content-Length", "12")], "HTTP/1.1", ("length", 12)),
+        ([("Transfer-Encoding", "chunked")], "HTTP/1.1", ("chunked", -1)),
+        ([("Transfer-Encoding", "Chunked")], "HTTP/1.1", ("chunked", -1)),
+    ],
+)
+def test_body_framing(fields: list[tuple[str, str]], version: str, expected: tuple[str, int]) -> None:
+    h = http1.RequestHead("POST", "/", version, CIMultiDict(fields))
+    assert http1.body_framing(h, 1000) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "version", "error"),
+    [
+        ([("Content-Length", "5"), ("Transfer-Encoding", "chunked")], "HTTP/1.1", errors.BadRequest),  # smuggling
+        ([("Content-Length", "5"), ("Content-Length", "6")], "HTTP/1.1", errors.BadRequest),
+        ([("Content-Length", "-1")], "HTTP/1.1", errors.BadRequest),
+        ([("Content-Length", "0x10")], "HTTP/1.1", errors.BadRequest),
+        ([("Transfer-Encoding", "gzip, chunked")], "HTTP/1.1", errors.BadRequest),
+        ([("Transfer-Encoding", "chunked, gzip")], "HTTP/1.1", errors.BadRequest),
+        ([("Transfer-Encoding", "chunked")], "HTTP/1.0", errors.BadRequest),
+        ([("Content-Length", "1001")], "HTTP/1.1", errors.BodyTooLarge),
+    ],
+)
+def test_body_framing_refusals(fields: list[tuple[str, str]], version: str, error: type[Exception]) -> None:
+    h = http1.RequestHead("POST", "/", version, CIMultiDict(fields))
+    with pytest.raises(error):
+        http1.body_framing(h, 1000)
+
+
+@pytest.mark.parametrize(
+    ("line", "size"),
+    [(b"0\r\n", 0), (b"1a\r\n", 26), (b"FF;ext=1\r\n", 255), (b"10 \r\n", 16)],
+)
+def test_chunk_size(line: bytes, size: int) -> None:
+    assert http1.parse_chunk_size(line) == size
+
+
+@pytest.mark.parametrize("line", [b"\r\n", b"-1\r\n", b"zz\r\n", b"1" * 20 + b"\r\n"])
+def test_bad_chunk_size(line: bytes) -> None:
+    with pytest.raises(errors.BadRequest):
+        http1.parse_chunk_size(line)
+
+
+def test_hop_by_hop_and_connection_listed_fields_are_dropped() -> None:
+    headers = CIMultiDict(
+        [
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Authorization", "Basic abc"),
+            ("Proxy-Connection", "keep-alive"),
+            ("TE", "trailers"),
+            ("Transfer-Encoding", "chunked"),
+            ("Upgrade", "websocket"),
+            ("X-Secret-Hop", "1"),
+            ("Content-Type", "application/json"),
+        ]
+    )
+    assert list(http1.end_to_end(headers).items()) == [("Content-Type", "application/json")]
+
+
+def test_keep_alive_defaults() -> None:
+    assert not http1.RequestHead("GET", "/", "HTTP/1.1", CIMultiDict(Connection="close")).keep_alive
+    assert not http1.RequestHead("GET", "/", "HTTP/1.0", CIMultiDict()).keep_alive
+    assert http1.RequestHead("GET", "/", "HTTP/1.0", CIMultiDict(Connection="Keep-Alive")).keep_alive
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "empty"),
+    [("HEAD", 200, True), ("GET", 204, True), ("GET", 304, True), ("GET", 101, True), ("GET", 200, False)],
+)
+def test_no_body_statuses(method: str, status: int, empty: bool) -> None:
+    assert http1.status_has_no_body(method, status) is empty
+
+
+def test_response_head_serialisation() -> None:
+    assert http1.response_head(404, [("a", "b")]) == b"HTTP/1.1 404 Not Found\r\na: b\r\n\r\n"
+
+
+@given(st.lists(st.tuples(st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True),
+                          st.from_regex(r"[ -~]{0,40}", fullmatch=True)), max_size=20))
+def test_parse_round_trips_any_valid_field_list(fields: list[tuple[str, str]]) -> None:
+    raw = b"GET / HTTP/1.1\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields) + b"\r\n"
+    parsed = head(raw)
+    assert [(k, v) for k, v in parsed.headers.items()] == [(k, v.strip(" \t")) for k, v in fields]
