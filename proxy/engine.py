@@ -142,10 +142,10 @@ class Sidekey:
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # noqa: BLE001 - one bad connection never takes the listener down
-            log.error("connection failed: %s", type(exc).__name__)
+            log.error("connection failed: %s", errors.describe(exc))
         finally:
             self.connections.discard(conn)
-            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+            writer.close()
 
     async def _dispatch(self, conn: ClientConn) -> None:
         limits = self.policy.limits

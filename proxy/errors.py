@@ -112,6 +112,16 @@ class UpstreamDisconnected(ProxyError):
     template = "the upstream of provider {provider} closed the connection"
 
 
+def describe(exc: BaseException) -> str:
+    """For logs: the exception type and where it was raised, never its
+    message (an aiohttp error's text can quote a URL with a query key)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+    return f"{type(exc).__name__}{where}"
+
+
 def render_error(err: ProxyError) -> bytes:
     """The JSON body every error answer carries."""
     body = {

@@ -51,12 +51,11 @@ async def serve(engine: Sidekey, conn: ClientConn, head: http1.RequestHead | Non
     """Serve requests until the client or we close. ``head``: already read."""
     first = True
     while True:
-        policy = engine.policy  # the snapshot this request will keep
         if head is None:
             conn.idle = True
             if engine.draining:
                 return
-            limits = policy.limits
+            limits = engine.policy.limits
             try:
                 wait = limits.header_timeout if first else limits.idle_timeout
                 head = await read_head(conn, wait, limits.max_headers)
@@ -67,7 +66,8 @@ async def serve(engine: Sidekey, conn: ClientConn, head: http1.RequestHead | Non
                 conn.idle = False
             if head is None:
                 return
-        if not await handle(engine, conn, head, policy):
+        # The snapshot this request keeps, whatever a reload does meanwhile.
+        if not await handle(engine, conn, head, engine.policy):
             return
         head, first = None, False
 
@@ -163,7 +163,9 @@ async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyRead
         flow.timings["end"] = time.monotonic()
         await engine.addons.observe("response", flow)
         return keep
-    except (errors.ProxyError, ConnectionError) as exc:
+    except (errors.ProxyError, OSError) as exc:
+        # Upstream errors arrive here already mapped; a raw OSError can only
+        # come from writing to (or reading from) the client.
         err = exc if isinstance(exc, errors.ProxyError) else ClientGone(flow.provider_name)
         flow.error = err
         flow.timings["end"] = time.monotonic()
@@ -189,7 +191,7 @@ async def _send_upstream(engine: Sidekey, flow: Flow, body: BodyReader) -> Clien
     url = URL(flow.upstream_url, encoded=True)
     provider = flow.provider
     key = upstream.pool_key(provider, url.scheme, url.raw_host or "", url.port or 443, flow.policy.allow_networks)
-    session = engine.pools.session(key)
+    session = engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
     flow.timings["request_sent"] = time.monotonic()
     server_name = provider.tls.server_name if provider else None
     try:

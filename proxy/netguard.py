@@ -48,6 +48,14 @@ def is_blocked(address: str | IPAddress, allow: Iterable[IPNetwork] = ()) -> boo
     return any(ip in net for net in BLOCKED_NETWORKS)
 
 
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def check_addresses(host: str, addresses: Iterable[str], allow: Iterable[IPNetwork]) -> None:
     allow = tuple(allow)
     for address in addresses:

@@ -21,7 +21,7 @@ from yarl import URL
 
 from proxy import errors
 from proxy.flow import Flow
-from proxy.netguard import BlockedAddressError, GuardedResolver
+from proxy.netguard import BlockedAddressError, GuardedResolver, is_blocked, is_ip_literal
 from proxy.policy import IPNetwork, Provider
 
 log = logging.getLogger("sidekey.upstream")
@@ -75,6 +75,10 @@ class UpstreamPools:
     def session(self, key: PoolKey) -> ClientSession:
         session = self._sessions.get(key)
         if session is None or session.closed:
+            # aiohttp connects to an IP literal without asking the resolver,
+            # so literal addresses are checked here, once per pool.
+            if is_ip_literal(key.host) and is_blocked(key.host, key.allow):
+                raise errors.AddressBlocked(host=key.host)
             session = self._sessions[key] = self._new_session(key)
         return session
 

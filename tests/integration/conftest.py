@@ -92,8 +92,8 @@ def client_env(sidekey: SidekeyProcess, monkeypatch: pytest.MonkeyPatch) -> Side
 
 
 def curl(proxy: SidekeyProcess, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    cmd = ["curl", "-sS", "--noproxy", "", "-x", proxy.url, "--cacert", str(proxy.ca_path), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    cmd = ["curl", "-sS", "--suppress-connect-headers", "--noproxy", "", "-x", proxy.url, "--cacert", str(proxy.ca_path)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
 
 
 def assert_no_secret(text: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -72,6 +73,10 @@ class SidekeyProcess:
     @property
     def ca_path(self) -> Path:
         return self.certs / "sidekey-ca.pem"
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """What an app trusting sidekey's CA uses."""
+        return ssl.create_default_context(cafile=str(self.ca_path))
 
     @property
     def pid(self) -> int:

@@ -45,7 +45,11 @@ CALLER_HEADERS = [
         (Auth("bearer", SecretRef("env", "K")), "authorization", f"Bearer {SECRET}"),
         (Auth("header", SecretRef("env", "K"), header="x-api-key"), "x-api-key", SECRET),
         (Auth("header", SecretRef("env", "K"), header="xc-token", prefix="Token "), "xc-token", f"Token {SECRET}"),
-        (Auth("basic", SecretRef("env", "K"), username="svc"), "authorization", "Basic c3ZjOnNrLWxpdmUtUkVBTC0wMTIzNDU2Nzg5"),
+        (
+            Auth("basic", SecretRef("env", "K"), username="svc"),
+            "authorization",
+            "Basic c3ZjOnNrLWxpdmUtUkVBTC0wMTIzNDU2Nzg5",
+        ),
     ],
 )
 async def test_caller_credentials_replaced(auth: Auth, expect_header: str, expect_value: str) -> None:
