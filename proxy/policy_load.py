@@ -7,6 +7,7 @@ expected a header name``. All problems are collected, then raised together.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import re
@@ -109,19 +110,14 @@ class _Builder:
         if "version" not in top:
             r.problem(root, "version", "required (version: 1)")
         else:
-            try:
+            with contextlib.suppress(Invalid):
                 if r.integer(top["version"], "version") != 1:
                     r.problem(top["version"], "version", "unsupported version (expected 1)")
-            except Invalid:
-                pass
         unmatched: UnmatchedMode = "tunnel"
         if "unmatched" in top:
-            try:
-                unmatched = (
-                    "deny" if r.choice(top["unmatched"], "unmatched", ("tunnel", "deny")) == "deny" else "tunnel"
-                )
-            except Invalid:
-                pass
+            with contextlib.suppress(Invalid):
+                choice = r.choice(top["unmatched"], "unmatched", ("tunnel", "deny"))
+                unmatched = "deny" if choice == "deny" else "tunnel"
         limits = self.limits(top["limits"]) if "limits" in top else ListenerLimits()
         allow = self.network(top["network"]) if "network" in top else ()
         addons = self.addons(top["addons"]) if "addons" in top else ()
@@ -187,7 +183,7 @@ class _Builder:
         seen_hosts: dict[str, tuple[str, int]] = {}
         for name, body in entries.items():
             field = f"providers.{name}"
-            key_line = next(k for k, _v in node.value if k.value == name)  # type: ignore[attr-defined]
+            key_line = next(k for k, _v in node.value if k.value == name)
             if not _NAME.match(name):
                 self.r.problem(key_line, field, "provider names are lower-case letters, digits, '-' and '_'")
                 continue
@@ -225,9 +221,11 @@ class _Builder:
         set_headers: list[tuple[str, str]] = []
         if "set_headers" in fields:
             headers_node = fields["set_headers"]
-            for key, value in _try(lambda: r.mapping(headers_node, f"{field}.set_headers", frozenset()), {}).items():
+            hfields = f"{field}.set_headers"
+            entries: dict[str, yaml.Node] = _try(lambda: r.mapping(headers_node, hfields, frozenset()), {})
+            for key, value in entries.items():
                 hfield = f"{field}.set_headers.{key}"
-                key_node = next(k for k, _v in headers_node.value if k.value == key)  # type: ignore[attr-defined]
+                key_node = next(k for k, _v in headers_node.value if k.value == key)
                 _try(lambda: set_headers.append((r.token(key_node, hfield), r.string(value, hfield))))  # noqa: B023
         strip = list(CALLER_CREDENTIAL_HEADERS)
         if "strip_headers" in fields:

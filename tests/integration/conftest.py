@@ -92,7 +92,8 @@ def client_env(sidekey: SidekeyProcess, monkeypatch: pytest.MonkeyPatch) -> Side
 
 
 def curl(proxy: SidekeyProcess, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    cmd = ["curl", "-sS", "--suppress-connect-headers", "--noproxy", "", "-x", proxy.url, "--cacert", str(proxy.ca_path)]
+    cmd = ["curl", "-sS", "--suppress-connect-headers", "--noproxy", "", "-x", proxy.url]
+    cmd += ["--cacert", str(proxy.ca_path)]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
 
 
