@@ -159,3 +159,29 @@ def test_file_secret_rotates_without_restart(start_sidekey: object, fake: FakePr
     seen = fake.headers_seen("authorization")
     assert seen[0] == "Bearer sk-first-ROTATE" and seen[-1] == "Bearer sk-second-ROTATE"
     assert "ROTATE" not in proxy.log()
+
+
+def test_operator_addon_from_cli_flag_and_policy(start_sidekey: object, fake: FakeProviderThread, tmp_path: Path) -> None:
+    """An operator's addon file: one loaded by --addon, one named in the policy."""
+    from tests.integration.conftest import policy_for
+
+    (tmp_path / "tag_addon.py").write_text(
+        "class Tag:\n"
+        "    def request(self, flow):\n"
+        "        flow.request.headers['x-tagged-by'] = 'cli-addon'\n"
+        "addons = [Tag()]\n"
+    )
+    (tmp_path / "deny_addon.py").write_text(
+        "from proxy.flow import Response\n"
+        "class DenyAdmin:\n"
+        "    async def request(self, flow):\n"
+        "        if flow.request.path.startswith('/admin'):\n"
+        "            flow.response = Response.make(403, b'{\"error\": \"no\"}')\n"
+    )
+    policy = policy_for(fake).replace("providers:", f"addons: ['{tmp_path / 'deny_addon.py'}:DenyAdmin']\nproviders:")
+    proxy = start_sidekey(policy, args=("--addon", str(tmp_path / "tag_addon.py")))  # type: ignore[operator]
+    ok = curl(proxy, "https://api.openai.com/echo")
+    assert json.loads(ok.stdout)["headers"]["x-tagged-by"] == ["cli-addon"]
+    denied = curl(proxy, "-s", "-o", "/dev/null", "-w", "%{http_code}", "https://api.openai.com/admin/x")
+    assert denied.stdout == "403"
+    assert all(not r.path.startswith("/admin") for r in fake.received)
