@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from addons.credentials import CredentialInjector
+from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
 
 
@@ -22,6 +23,8 @@ def default_addons() -> list[object]:
         CredentialInjector(),
         # After credentials: fills in provider-required headers the caller left out.
         ProviderHeaders(),
+        # Observer only (response/error): counts what the addons above decided.
+        Metrics(),
     ]
 
 

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from proxy.errors import CredentialUnavailable
 from proxy.flow import Flow, Response
-from proxy.policy import Policy
+from proxy.policy import Policy, Provider
 from proxy.secrets import SecretStore
 
 log = logging.getLogger("sidekey.credentials")
@@ -68,6 +68,10 @@ class CredentialInjector:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def secret_available(self, provider: Provider) -> bool:
+        ref = provider.auth.secret
+        return ref is None or self.store.get(ref) is not None
 
     def request(self, flow: Flow) -> None:
         provider = flow.provider

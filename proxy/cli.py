@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 from proxy import __version__
@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--grace", type=float, default=float(env("SIDEKEY_GRACE", "30")), help="drain time on SIGTERM, seconds"
     )
+    run.add_argument(
+        "--admin", default=env("SIDEKEY_ADMIN", "127.0.0.1:9090"), help="admin HOST:PORT, or 'off' [$SIDEKEY_ADMIN]"
+    )
+    run.add_argument(
+        "--watch-interval", type=float, default=float(env("SIDEKEY_WATCH_INTERVAL", "1")),
+        help="seconds between policy file checks; 0 disables (SIGHUP and POST /policy/reload still work)",
+    )  # fmt: skip
     run.add_argument(
         "--log-level", default=env("SIDEKEY_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING [$SIDEKEY_LOG_LEVEL]"
     )
@@ -122,23 +129,63 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def serve(policy: object, args: argparse.Namespace) -> int:
     from addons import default_addons, load_addons
+    from addons.metrics import Metrics
+    from proxy.admin import AdminConfigError, AdminServer
     from proxy.engine import Sidekey
     from proxy.policy import Policy
+    from proxy.watch import PolicyWatcher
 
     assert isinstance(policy, Policy)
     extra: list[object] = []
     for spec in (*policy.addons, *args.addon):
         extra.extend(load_addons(spec))
-    engine = Sidekey(policy, certs_dir=Path(args.certs), listen=args.listen, addons=[*default_addons(), *extra])
+    addons = [*default_addons(), *extra]
+    engine = Sidekey(policy, certs_dir=Path(args.certs), listen=args.listen, addons=addons)
+    metrics = next((a for a in addons if isinstance(a, Metrics)), None)
+    if metrics is not None:
+        metrics.attach(engine.statistics)
+    admin = None
+    if args.admin != "off":
+        host, port = _listen(args.admin)
+        try:
+            admin = AdminServer(engine, metrics, host=host, port=port, token=os.environ.get("SIDEKEY_ADMIN_TOKEN"))
+        except AdminConfigError as err:
+            log.error("%s (set SIDEKEY_ADMIN_TOKEN)", err)
+            return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_sighup() -> None:
+        task: asyncio.Task[object] = asyncio.create_task(_quiet(engine.reload_from_file()))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await engine.start()
+    if admin is not None:
+        log.info("admin listening on %s:%d", *await admin.start())
+    watcher = PolicyWatcher(policy.source, engine.reload_from_file, interval=args.watch_interval)
+    if args.watch_interval > 0:
+        await watcher.start()
     await stop.wait()
     log.info("draining (grace %.0fs, %d in flight)", args.grace, engine.in_flight)
+    await watcher.stop()
     await engine.shutdown(args.grace)
+    if admin is not None:
+        await admin.close()
     return 0
+
+
+async def _quiet(aw: Awaitable[object]) -> object:
+    """A reload's failure is logged where it happens; the signal handler
+    only needs it not to surface as an unretrieved task exception."""
+    try:
+        return await aw
+    except Exception:  # noqa: BLE001
+        return None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ class Sidekey:
         self.in_flight = 0
         self.connections: set[ClientConn] = set()
         self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0}
+        self.reloads = {"ok": 0, "unchanged": 0, "failed": 0}
+        self.policy_loaded_at = time.time()
+        self._reload_lock = asyncio.Lock()
 
     @property
     def leaf_contexts(self) -> LeafContexts:
@@ -94,9 +98,46 @@ class Sidekey:
 
     async def reload(self, policy: Policy) -> None:
         """Let every addon accept the new policy, then swap one reference.
-        If an addon raises, the old policy stays and the error propagates."""
+        If an addon raises, the old policy stays and the error propagates.
+        Flows in flight keep the snapshot they started with; pools are keyed
+        by upstream identity, so unchanged providers keep their connections."""
         await self.addons.configure(policy)
+        if policy.addons != self.policy.addons:
+            log.warning("policy reload: the addons list changed; restart sidekey to load addons")
         self.policy = policy
+        self.policy_loaded_at = time.time()
+
+    async def reload_from_file(self) -> Policy:
+        """Re-read the policy file. Invalid or rejected: the old policy stays,
+        the error (file, line, field; never a value) is logged and counted."""
+        from proxy.policy_load import PolicyError, load_policy
+
+        async with self._reload_lock:
+            try:
+                policy = await asyncio.to_thread(load_policy, self.policy.source)
+                if policy.version == self.policy.version:
+                    self.reloads["unchanged"] += 1
+                    return self.policy
+                await self.reload(policy)
+            except PolicyError as err:
+                self.reloads["failed"] += 1
+                log.error("policy reload rejected, keeping version %s:\n%s", self.policy.version, err)
+                raise
+            except Exception as exc:
+                self.reloads["failed"] += 1
+                log.error("policy reload rejected by an addon, keeping version %s: %s", self.policy.version,
+                          errors.describe(exc))
+                raise
+            self.reloads["ok"] += 1
+            log.info("policy reloaded: version %s, %d providers", policy.version, len(policy.providers))
+            return policy
+
+    def secret_available(self, provider: object) -> bool | None:
+        for addon in self.addons.addons:
+            check = getattr(addon, "secret_available", None)
+            if check is not None:
+                return bool(check(provider))
+        return None
 
     async def shutdown(self, grace: float = 30.0) -> None:
         """Stop accepting, close idle connections, let in-flight requests and
@@ -126,6 +167,7 @@ class Sidekey:
     def statistics(self) -> dict[str, Any]:
         return {
             **self.counters,
+            "reloads": dict(self.reloads),
             "open_connections": len(self.connections),
             "in_flight": self.in_flight,
             "pools": self.pools.statistics(),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(r"sidekey listening on 127\.0\.0\.1:(\d+)")
+_ADMIN = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 
 
 class SidekeyProcess:
@@ -42,6 +43,7 @@ class SidekeyProcess:
         self.log_level = log_level
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.admin_port = 0
 
     def start(self, timeout: float = 20.0) -> SidekeyProcess:
         cmd = [
@@ -50,6 +52,7 @@ class SidekeyProcess:
             "--policies", str(self.policy_path),
             "--certs", str(self.certs),
             "--log-level", self.log_level,
+            "--admin", "127.0.0.1:0",
             *self.args,
         ]  # fmt: skip
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
@@ -57,9 +60,10 @@ class SidekeyProcess:
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = _LISTENING.search(self.log())
-            if match:
-                self.port = int(match.group(1))
+            log = self.log()
+            match, admin = _LISTENING.search(log), _ADMIN.search(log)
+            if match and admin:
+                self.port, self.admin_port = int(match.group(1)), int(admin.group(1))
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sidekey exited {self.proc.returncode}:\n{self.log()}")
@@ -69,6 +73,10 @@ class SidekeyProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def ca_path(self) -> Path:

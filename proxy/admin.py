@@ -1,0 +1,143 @@
+"""The admin listener: health, readiness, metrics, providers, policy, reload.
+
+It has its own socket (default 127.0.0.1:9090) and is never reachable through
+the proxy listener. Bound to a non-loopback address it requires a bearer
+token; without one it refuses to start. Secrets appear only as their source
+(``env:OPENAI_API_KEY``), never as values.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.policy import Policy, Provider
+from proxy.policy_load import PolicyError
+
+if TYPE_CHECKING:
+    from addons.metrics import Metrics
+    from proxy.engine import Sidekey
+
+
+class AdminConfigError(Exception):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def provider_view(p: Provider, secret_available: bool | None) -> dict[str, Any]:
+    up = p.upstream
+    return {
+        "name": p.name,
+        "hosts": list(p.hosts),
+        "upstream": f"https://{up.host}:{up.port}{up.path_prefix}" if up else "https://<connect target>",
+        "auth": {"type": p.auth.type, "secret": p.auth.secret.source if p.auth.secret else None},
+        "secret_available": secret_available,
+        "timeouts": {"connect": p.timeouts.connect, "read": p.timeouts.read},
+        "pool": {"max_connections": p.pool.max_connections, "keepalive_timeout": p.pool.keepalive_timeout},
+    }
+
+
+def policy_view(policy: Policy) -> dict[str, Any]:
+    """The active policy with every secret shown as its source only."""
+    lim = policy.limits
+    return {
+        "version": policy.version,
+        "source": policy.source,
+        "unmatched": policy.unmatched,
+        "limits": {f: getattr(lim, f) for f in lim.__dataclass_fields__},
+        "network": {"allow": [str(n) for n in policy.allow_networks]},
+        "addons": list(policy.addons),
+        "providers": [provider_view(p, None) for p in policy.providers],
+    }
+
+
+class AdminServer:
+    def __init__(
+        self, engine: Sidekey, metrics: Metrics | None, *, host: str = "127.0.0.1", port: int = 9090,
+        token: str | None = None,
+    ) -> None:  # fmt: skip
+        if not is_loopback(host) and not token:
+            raise AdminConfigError("the admin listener binds a non-loopback address only with an admin token")
+        self.engine, self.metrics, self.host, self.port, self._token = engine, metrics, host, port, token
+        self.loaded_at = time.time()
+        self._runner: web.AppRunner | None = None
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/providers", self.providers)
+        app.router.add_get("/policy", self.policy)
+        app.router.add_post("/policy/reload", self.reload)
+        self.app = app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self._token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+                return web.json_response({"error": {"code": "unauthorized"}}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def start(self) -> tuple[str, int]:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        server = site._server  # noqa: SLF001 - the bound port when asked for port 0
+        sock = server.sockets[0].getsockname() if server is not None else (self.host, self.port)  # type: ignore[attr-defined]
+        self.port = sock[1]
+        return self.host, self.port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- handlers ----------------------------------------------------------
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        server = self.engine.server
+        ready = server is not None and server.is_serving() and not self.engine.draining
+        return web.json_response({"ready": ready, "policy": self.engine.policy.version}, status=200 if ready else 503)
+
+    async def prometheus(self, _request: web.Request) -> web.Response:
+        if self.metrics is None:
+            return web.json_response({"error": {"code": "metrics_disabled"}}, status=404)
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def providers(self, _request: web.Request) -> web.Response:
+        engine = self.engine
+        views = [provider_view(p, engine.secret_available(p)) for p in engine.policy.providers]
+        return web.json_response({"providers": views, "pools": engine.pools.statistics()})
+
+    async def policy(self, _request: web.Request) -> web.Response:
+        return web.json_response({**policy_view(self.engine.policy), "loaded_at": self.engine.policy_loaded_at})
+
+    async def reload(self, _request: web.Request) -> web.Response:
+        before = self.engine.policy.version
+        try:
+            policy = await self.engine.reload_from_file()
+        except PolicyError as err:
+            problems = [p._asdict() for p in err.problems]
+            return web.json_response({"error": {"code": "policy_invalid", "problems": problems}}, status=422)
+        except Exception as exc:  # noqa: BLE001 - an addon rejected it; name only the type
+            reason = f"an addon rejected the policy ({type(exc).__name__})"
+            body = {"error": {"code": "policy_rejected", "message": reason}}
+            return web.json_response(body, status=422)
+        return web.json_response({"version": policy.version, "changed": policy.version != before})
