@@ -100,6 +100,7 @@ class AdminServer:
         server = site._server  # noqa: SLF001 - the bound port when asked for port 0
         sock = server.sockets[0].getsockname() if server is not None else (self.host, self.port)  # type: ignore[attr-defined]
         self.port = sock[1]
+        self.engine.protect_port(self.port)
         return self.host, self.port
 
     async def close(self) -> None:

@@ -58,6 +58,8 @@ class Sidekey:
         from proxy.upstream import UpstreamPools
 
         self.policy = policy
+        self.self_ports: frozenset[int] = frozenset()
+        self.guard = netguard.Guard(policy.allow_networks)
         self.certs_dir = certs_dir
         self.listen = listen
         self.addons = AddonManager(addons)
@@ -93,8 +95,14 @@ class Sidekey:
         )
         sock = self.server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
+        self.protect_port(self.address[1])
         await self.addons.observe("running")
         log.info("sidekey listening on %s:%d (%d providers)", *self.address, len(self.policy.providers))
+
+    def protect_port(self, port: int) -> None:
+        """Never tunnel or forward to this loopback port (our own listeners)."""
+        self.self_ports = self.self_ports | {port}
+        self.guard = netguard.Guard(self.policy.allow_networks, self.self_ports)
 
     async def reload(self, policy: Policy) -> None:
         """Let every addon accept the new policy, then swap one reference.
@@ -105,6 +113,7 @@ class Sidekey:
         if policy.addons != self.policy.addons:
             log.warning("policy reload: the addons list changed; restart sidekey to load addons")
         self.policy = policy
+        self.guard = netguard.Guard(policy.allow_networks, self.self_ports)
         self.policy_loaded_at = time.time()
 
     async def reload_from_file(self) -> Policy:
@@ -240,7 +249,7 @@ class Sidekey:
     async def _tunnel(self, conn: ClientConn, host: str, port: int, policy: Policy) -> None:
         """Blind relay for unmatched hosts: no interception, no credentials."""
         try:
-            addresses = await netguard.resolve_checked(host, port, policy.allow_networks)
+            addresses = await netguard.resolve_checked(host, port, self.guard)
         except netguard.BlockedAddressError:
             await exchange.send_error(conn, errors.AddressBlocked(host=host), new_request_id())
             return

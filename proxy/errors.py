@@ -62,7 +62,7 @@ class UnmatchedDenied(ProxyError):
 
 class AddressBlocked(ProxyError):
     status, code = 403, "address_blocked"
-    template = "{host} resolves to a blocked address (cloud metadata)"
+    template = "{host} resolves to a blocked address (cloud metadata or sidekey itself)"
 
 
 class MethodNotAllowed(ProxyError):

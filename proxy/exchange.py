@@ -190,7 +190,7 @@ async def _send_upstream(engine: Sidekey, flow: Flow, body: BodyReader) -> Clien
     assert flow.upstream_url is not None, "route() sets it"
     url = URL(flow.upstream_url, encoded=True)
     provider = flow.provider
-    key = upstream.pool_key(provider, url.scheme, url.raw_host or "", url.port or 443, flow.policy.allow_networks)
+    key = upstream.pool_key(provider, url.scheme, url.raw_host or "", url.port or 443, engine.guard)
     session = engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
     flow.timings["request_sent"] = time.monotonic()
     server_name = provider.tls.server_name if provider else None

@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
@@ -56,35 +57,46 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
-def check_addresses(host: str, addresses: Iterable[str], allow: Iterable[IPNetwork]) -> None:
-    allow = tuple(allow)
-    for address in addresses:
-        if is_blocked(address.split("%")[0], allow):  # strip an IPv6 zone id
-            raise BlockedAddressError(host)
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """What may not be connected to: metadata addresses (unless allowed), and
+    sidekey's own listeners on loopback, so a caller cannot reach the admin
+    API, or loop the proxy into itself, through a tunnel or passthrough."""
+
+    allow: tuple[IPNetwork, ...] = ()
+    self_ports: frozenset[int] = frozenset()
+
+    def check(self, host: str, addresses: Iterable[str], port: int) -> None:
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])  # strip an IPv6 zone id
+            if is_blocked(ip, self.allow):
+                raise BlockedAddressError(host)
+            if port in self.self_ports and (ip.is_loopback or ip.is_unspecified):
+                raise BlockedAddressError(host)
 
 
 class GuardedResolver(AbstractResolver):
     """aiohttp resolver that checks every resolved address before use."""
 
-    def __init__(self, allow: tuple[IPNetwork, ...] = ()) -> None:
+    def __init__(self, guard: Guard) -> None:
         self._inner = DefaultResolver()
-        self.allow = allow
+        self.guard = guard
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        check_addresses(host, (r["host"] for r in results), self.allow)
+        self.guard.check(host, (r["host"] for r in results), port)
         return results
 
     async def close(self) -> None:
         await self._inner.close()
 
 
-async def resolve_checked(host: str, port: int, allow: tuple[IPNetwork, ...]) -> list[tuple[int, str]]:
+async def resolve_checked(host: str, port: int, guard: Guard) -> list[tuple[int, str]]:
     """Resolve for a raw tunnel: [(family, address)], every address checked."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     found: list[tuple[int, str]] = [(family, str(sockaddr[0])) for family, _t, _p, _c, sockaddr in infos]
-    check_addresses(host, (addr for _f, addr in found), allow)
+    guard.check(host, (addr for _f, addr in found), port)
     return found

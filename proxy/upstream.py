@@ -21,8 +21,8 @@ from yarl import URL
 
 from proxy import errors
 from proxy.flow import Flow
-from proxy.netguard import BlockedAddressError, GuardedResolver, is_blocked, is_ip_literal
-from proxy.policy import IPNetwork, Provider
+from proxy.netguard import BlockedAddressError, Guard, GuardedResolver, is_ip_literal
+from proxy.policy import Provider
 
 log = logging.getLogger("sidekey.upstream")
 
@@ -39,12 +39,12 @@ class PoolKey:
     ca_bundle: str | None
     max_connections: int
     keepalive_timeout: float
-    allow: tuple[IPNetwork, ...]
+    guard: Guard
 
 
-def pool_key(provider: Provider | None, scheme: str, host: str, port: int, allow: tuple[IPNetwork, ...]) -> PoolKey:
+def pool_key(provider: Provider | None, scheme: str, host: str, port: int, guard: Guard) -> PoolKey:
     if provider is None:
-        return PoolKey(scheme, host, port, None, None, 100, 30.0, allow)
+        return PoolKey(scheme, host, port, None, None, 100, 30.0, guard)
     return PoolKey(
         scheme,
         host,
@@ -53,7 +53,7 @@ def pool_key(provider: Provider | None, scheme: str, host: str, port: int, allow
         provider.tls.ca_bundle,
         provider.pool.max_connections,
         provider.pool.keepalive_timeout,
-        allow,
+        guard,
     )
 
 
@@ -77,8 +77,11 @@ class UpstreamPools:
         if session is None or session.closed:
             # aiohttp connects to an IP literal without asking the resolver,
             # so literal addresses are checked here, once per pool.
-            if is_ip_literal(key.host) and is_blocked(key.host, key.allow):
-                raise errors.AddressBlocked(host=key.host)
+            if is_ip_literal(key.host):
+                try:
+                    key.guard.check(key.host, (key.host,), key.port)
+                except BlockedAddressError:
+                    raise errors.AddressBlocked(host=key.host) from None
             session = self._sessions[key] = self._new_session(key)
         return session
 
@@ -88,7 +91,7 @@ class UpstreamPools:
             limit_per_host=key.max_connections,
             keepalive_timeout=key.keepalive_timeout,
             ssl=client_tls_context(key.ca_bundle) if key.scheme == "https" else False,
-            resolver=GuardedResolver(key.allow),
+            resolver=GuardedResolver(key.guard),
             ttl_dns_cache=10,
             enable_cleanup_closed=False,
         )

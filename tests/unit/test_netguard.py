@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from proxy.netguard import BlockedAddressError, GuardedResolver, check_addresses, is_blocked, resolve_checked
+from proxy.netguard import BlockedAddressError, Guard, GuardedResolver, is_blocked, resolve_checked
 
 
 @pytest.mark.parametrize(
@@ -37,13 +37,13 @@ def test_policy_allow_list_exempts_named_addresses() -> None:
 
 def test_one_bad_address_refuses_the_whole_answer() -> None:
     with pytest.raises(BlockedAddressError) as info:
-        check_addresses("mixed.example", ["93.184.216.34", "169.254.169.254"], ())
+        Guard().check("mixed.example", ["93.184.216.34", "169.254.169.254"], 443)
     assert info.value.host == "mixed.example"
 
 
 @pytest.mark.asyncio
 async def test_resolver_checks_every_address() -> None:
-    resolver = GuardedResolver()
+    resolver = GuardedResolver(Guard())
     try:
         ok = await resolver.resolve("127.0.0.1", 443)
         assert ok[0]["host"] == "127.0.0.1"
@@ -55,6 +55,19 @@ async def test_resolver_checks_every_address() -> None:
 
 @pytest.mark.asyncio
 async def test_resolve_checked_for_tunnels() -> None:
-    assert (await resolve_checked("127.0.0.1", 80, ()))[0][1] == "127.0.0.1"
+    assert (await resolve_checked("127.0.0.1", 80, Guard()))[0][1] == "127.0.0.1"
     with pytest.raises(BlockedAddressError):
-        await resolve_checked("169.254.169.254", 80, ())
+        await resolve_checked("169.254.169.254", 80, Guard())
+
+
+@pytest.mark.parametrize(("address", "port", "blocked"), [
+    ("127.0.0.1", 9090, True), ("::1", 9090, True), ("0.0.0.0", 9090, True), ("127.0.0.1", 9091, False),
+    ("10.1.2.3", 9090, False),
+])  # fmt: skip
+def test_own_listeners_are_refused_on_loopback(address: str, port: int, blocked: bool) -> None:
+    guard = Guard(self_ports=frozenset({8080, 9090}))
+    if blocked:
+        with pytest.raises(BlockedAddressError):
+            guard.check("h", [address], port)
+    else:
+        guard.check("h", [address], port)

@@ -1,0 +1,159 @@
+"""Admin listener, metrics and hot reload against a real sidekey process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fakes.provider import FakeProviderThread
+from tests.integration.conftest import SECRET_ENV, SECRETS, assert_no_secret, curl, policy_for
+from tests.integration.sidekey_process import REPO, SidekeyProcess
+
+
+def admin_get(proxy: SidekeyProcess, path: str) -> httpx.Response:
+    return httpx.get(proxy.admin_url + path, timeout=5, trust_env=False)
+
+
+def samples(proxy: SidekeyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = admin_get(proxy, "/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def wait_for(predicate: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_health_and_readiness(sidekey: SidekeyProcess) -> None:
+    assert admin_get(sidekey, "/healthz").json() == {"status": "ok"}
+    ready = admin_get(sidekey, "/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+def test_metrics_count_traffic_with_bounded_labels(sidekey: SidekeyProcess) -> None:
+    for _ in range(3):
+        assert curl(sidekey, "https://api.openai.com/v1/models").returncode == 0
+    curl(sidekey, "https://api.openai.com/status/503")
+    got = samples(sidekey)
+    ok = ("sidekey_requests_total", (("method", "GET"), ("outcome", "ok"), ("provider", "openai"), ("status_class", "2xx")))
+    assert got[ok] == 3
+    assert got[("sidekey_request_duration_seconds_count", (("provider", "openai"),))] == 4
+    assert got[("sidekey_overhead_seconds_count", (("provider", "openai"),))] == 4
+    assert ("sidekey_build_info", (("version", "0.1.0"),)) in got
+    labels = {v for (_name, lbls) in got for _k, v in lbls}
+    assert not any("/" in v or "?" in v for v in labels), "a URL became a label"
+
+
+def test_providers_show_secret_sources_never_values(sidekey: SidekeyProcess) -> None:
+    body = admin_get(sidekey, "/providers").text
+    assert_no_secret(body)
+    providers = {p["name"]: p for p in json.loads(body)["providers"]}
+    assert providers["openai"]["auth"] == {"type": "bearer", "secret": "env:OPENAI_API_KEY"}
+    assert providers["openai"]["secret_available"] is True
+    policy = admin_get(sidekey, "/policy").json()
+    assert policy["version"] and "loaded_at" in policy
+    assert_no_secret(json.dumps(policy))
+
+
+def test_admin_unreachable_through_the_proxy_port(sidekey: SidekeyProcess) -> None:
+    plain = curl(sidekey, f"http://127.0.0.1:{sidekey.admin_port}/metrics")
+    assert '"address_blocked"' in plain.stdout
+    tunnel = curl(sidekey, f"https://127.0.0.1:{sidekey.admin_port}/metrics")
+    assert tunnel.returncode != 0  # CONNECT refused with 403
+    loop = curl(sidekey, f"http://127.0.0.1:{sidekey.port}/")
+    assert '"address_blocked"' in loop.stdout  # and never into itself
+
+
+def test_admin_on_non_loopback_without_token_refuses_to_start(tmp_path: Path, fake: FakeProviderThread) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(policy_for(fake))
+    cmd = [sys.executable, "-m", "proxy", "run", "--listen", "127.0.0.1:0", "--policies", str(policy),
+           "--certs", str(tmp_path / "certs"), "--admin", "0.0.0.0:0"]
+    env = {k: v for k, v in os.environ.items() if k != "SIDEKEY_ADMIN_TOKEN"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    assert "admin token" in result.stderr
+
+
+def test_admin_token_is_required_when_configured(start_sidekey: object, fake: FakeProviderThread) -> None:
+    proxy = start_sidekey(policy_for(fake), env={**SECRET_ENV, "SIDEKEY_ADMIN_TOKEN": "adm-tok-1"})  # type: ignore[operator]
+    assert admin_get(proxy, "/providers").status_code == 401
+    ok = httpx.get(proxy.admin_url + "/providers", headers={"authorization": "Bearer adm-tok-1"}, trust_env=False)
+    assert ok.status_code == 200
+
+
+def test_reload_on_file_change_signal_and_api(sidekey: SidekeyProcess, fake: FakeProviderThread) -> None:
+    def status() -> str:
+        return curl(sidekey, "-s", "-o", "/dev/null", "-w", "%{http_code}", "https://new.test/echo").stdout
+
+    assert status() != "200"  # not a provider yet: a blind tunnel to a name that does not resolve
+    added = policy_for(fake, extra=f"""\
+  newone:
+    hosts: [new.test]
+    upstream: https://localhost:{fake.port}
+    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
+    tls: {{ca_bundle: {fake.ca_pem_path}}}
+""")
+    sidekey.policy_path.write_text(added)  # the watcher notices within ~1 s
+    assert wait_for(lambda: status() == "200")
+    # An invalid edit keeps the running policy, logs file:line:field and counts it.
+    sidekey.policy_path.write_text(added.replace("type: bearer", "type: nonsense", 1))
+    assert wait_for(lambda: "policy reload rejected" in sidekey.log())
+    assert f"{sidekey.policy_path}:" in sidekey.log() and ".auth.type:" in sidekey.log()
+    assert status() == "200"
+    got = samples(sidekey)
+    assert got[("sidekey_policy_reloads_total", (("result", "failed"),))] >= 1
+    # POST /policy/reload reports the problems; SIGHUP restores a good file.
+    api = httpx.post(sidekey.admin_url + "/policy/reload", trust_env=False)
+    assert api.status_code == 422 and api.json()["error"]["problems"][0]["field"].endswith("auth.type")
+    sidekey.policy_path.write_text(policy_for(fake))
+    os.kill(sidekey.pid, signal.SIGHUP)
+    assert wait_for(lambda: status() != "200")
+    assert_no_secret(sidekey.log())
+
+
+def test_reload_under_load_loses_no_request(sidekey: SidekeyProcess, fake: FakeProviderThread) -> None:
+    failures: list[str] = []
+    done = threading.Event()
+    count = [0]
+
+    def load() -> None:
+        with httpx.Client(proxy=sidekey.url, verify=sidekey.client_ssl_context(), trust_env=False) as client:
+            while not done.is_set():
+                r = client.get("https://api.openai.com/echo")
+                count[0] += 1
+                if r.status_code != 200:
+                    failures.append(str(r.status_code))
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    base = policy_for(fake)
+    for i in range(10):  # ten reloads, each a real change (a new comment changes the version)
+        sidekey.policy_path.write_text(base + f"# reload {i}\n")
+        httpx.post(sidekey.admin_url + "/policy/reload", trust_env=False).raise_for_status()
+        time.sleep(0.1)
+    done.set()
+    for w in workers:
+        w.join(10)
+    assert count[0] > 50 and failures == []
+    got = samples(sidekey)
+    assert got[("sidekey_policy_reloads_total", (("result", "ok"),))] >= 10
+    assert not any(s in sidekey.log() for s in SECRETS)
