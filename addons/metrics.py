@@ -69,7 +69,12 @@ class Metrics:
             "sidekey_overhead_seconds", "Time in sidekey before the request went upstream", ["provider"],
             buckets=OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip
+        self.ttfb = Histogram(
+            "sidekey_stream_first_byte_seconds", "Streamed responses: request start to first body byte sent",
+            ["provider"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.bytes_out = Counter("sidekey_response_bytes", "Body bytes sent to clients", ["provider"], registry=r)
+        self.bytes_in = Counter("sidekey_request_bytes", "Body bytes received from clients", ["provider"], registry=r)
         self.policy_providers = Gauge("sidekey_policy_providers", "Providers in the active policy", registry=r)
         Info("sidekey_build", "Build information", registry=r).info({"version": __version__})
         self._providers: frozenset[str] = frozenset()
@@ -109,5 +114,10 @@ class Metrics:
             self.overhead.labels(provider).observe(sent - start)
             if headers is not None:
                 self.upstream.labels(provider).observe(headers - sent)
+        first = t.get("first_body_byte")
+        if first is not None:
+            self.ttfb.labels(provider).observe(first - start)
         if flow.bytes_to_client:
             self.bytes_out.labels(provider).inc(flow.bytes_to_client)
+        if flow.bytes_from_client:
+            self.bytes_in.labels(provider).inc(flow.bytes_from_client)

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a policy file without starting")
     check.add_argument("policies", nargs="?", default=env("SIDEKEY_POLICIES", "policies.yaml"))
+    check.add_argument(
+        "--against", metavar="ADMIN_URL", help="diff against a running sidekey, e.g. http://127.0.0.1:9090"
+    )
 
     ca = sub.add_parser("ca", help="print the CA certificate path and how to trust it")
     ca.add_argument("--certs", default=env("SIDEKEY_CERTS", "certs"), help="CA directory [$SIDEKEY_CERTS]")
@@ -66,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
-        return cmd_check(args.policies)
+        return cmd_check(args.policies, args.against)
     if args.command == "ca":
         return cmd_ca(Path(args.certs), args.bundle)
     return cmd_run(args)
 
 
-def cmd_check(path: str) -> int:
+def cmd_check(path: str, against: str | None = None) -> int:
     from proxy.policy_load import PolicyError, load_policy
 
     try:
@@ -87,6 +90,41 @@ def cmd_check(path: str) -> int:
     for p in policy.providers:
         source = p.auth.secret.source if p.auth.secret else "-"
         print(f"  {p.name}: {', '.join(p.hosts)} -> auth {p.auth.type} ({source})")
+    if against:
+        return print_diff(policy, against)
+    return 0
+
+
+def print_diff(policy: object, admin_url: str) -> int:
+    """Providers added, removed and changed relative to a running sidekey."""
+    import json
+    import urllib.request
+
+    from proxy.admin import policy_view
+    from proxy.policy import Policy
+    from proxy.policy_diff import diff_providers
+
+    assert isinstance(policy, Policy)
+    request = urllib.request.Request(admin_url.rstrip("/") + "/policy")
+    token = os.environ.get("SIDEKEY_ADMIN_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - operator-given admin URL
+            running = json.load(response)
+    except (OSError, ValueError) as err:
+        print(f"cannot read the running policy from {admin_url} ({type(err).__name__})", file=sys.stderr)
+        return 2
+    added, removed, changed = diff_providers(running["providers"], policy_view(policy)["providers"])
+    print(f"against {admin_url} (running version {running.get('version')}):")
+    for name in added:
+        print(f"  + {name}")
+    for name in removed:
+        print(f"  - {name}")
+    for name, fields in changed:
+        print(f"  ~ {name} ({', '.join(fields)})")
+    if not (added or removed or changed):
+        print("  no provider changes")
     return 0
 
 

@@ -161,6 +161,7 @@ async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyRead
         else:
             keep = await stream_response(engine, conn, flow, resp, keep)
         flow.timings["end"] = time.monotonic()
+        flow.bytes_from_client = body.received
         await engine.addons.observe("response", flow)
         return keep
     except (errors.ProxyError, OSError) as exc:
@@ -176,6 +177,7 @@ async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyRead
         else:
             flow.response = Response.from_error(err)
             await send_local(conn, flow, False)
+        flow.bytes_from_client = body.received
         await engine.addons.observe("error", flow)
         return False
     finally:
@@ -266,6 +268,8 @@ async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: C
         piece = await _upstream_read(resp, content.readany(), flow)
         if not piece:
             break
+        if not sent:
+            flow.timings["first_body_byte"] = time.monotonic()
         sent += len(piece)
         writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
         await writer.drain()

@@ -96,6 +96,7 @@ class Flow:
         "timings",
         "metadata",
         "bytes_to_client",
+        "bytes_from_client",
     )
 
     def __init__(
@@ -119,10 +120,12 @@ class Flow:
         self.response: Response | None = None
         self.error: ProxyError | None = None
         self.intercepted = intercepted  # False: plain-HTTP absolute-form request
-        # monotonic seconds: "start", "request_sent", "response_headers", "end"
+        # monotonic seconds: "start", "request_sent", "response_headers",
+        # "first_body_byte" (streamed bodies), "end"
         self.timings: dict[str, float] = {"start": time.monotonic()}
         self.metadata: dict[str, Any] = {}
-        self.bytes_to_client = 0
+        self.bytes_to_client = 0  # response body bytes
+        self.bytes_from_client = 0  # request body bytes
 
     @property
     def provider_name(self) -> str | None:

@@ -157,3 +157,17 @@ def test_reload_under_load_loses_no_request(sidekey: SidekeyProcess, fake: FakeP
     got = samples(sidekey)
     assert got[("sidekey_policy_reloads_total", (("result", "ok"),))] >= 10
     assert not any(s in sidekey.log() for s in SECRETS)
+
+
+def test_check_against_a_running_sidekey(sidekey: SidekeyProcess, fake: FakeProviderThread, tmp_path: Path) -> None:
+    edited = tmp_path / "edited.yaml"
+    text = policy_for(fake).replace("read: 5", "read: 7")  # openai changes
+    text = text.replace("  querykey:", "  renamed:")  # querykey removed, renamed added
+    edited.write_text(text)
+    cmd = [sys.executable, "-m", "proxy", "check", str(edited), "--against", sidekey.admin_url]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "  + renamed" in lines and "  - querykey" in lines
+    assert "  ~ openai (timeouts)" in lines
+    assert "anthropic (" not in result.stdout
