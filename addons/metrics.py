@@ -79,6 +79,7 @@ class Metrics:
         Info("sidekey_build", "Build information", registry=r).info({"version": __version__})
         self._providers: frozenset[str] = frozenset()
         self._children: dict[tuple[str, str, str, str], Any] = {}
+        self._provider_children: dict[str, tuple[Any, ...]] = {}
 
     def attach(self, statistics: Callable[[], dict[str, Any]]) -> None:
         """Let scrapes read the engine's live statistics."""
@@ -105,19 +106,31 @@ class Metrics:
         if child is None:
             child = self._children[key] = self.requests.labels(*key)
         child.inc()
+        duration, overhead, upstream, ttfb, bytes_out, bytes_in = self._per_provider(provider)
         t = flow.timings
         start, end = t["start"], t.get("end")
         if end is not None:
-            self.duration.labels(provider).observe(end - start)
+            duration.observe(end - start)
         sent, headers = t.get("request_sent"), t.get("response_headers")
         if sent is not None:
-            self.overhead.labels(provider).observe(sent - start)
+            overhead.observe(sent - start)
             if headers is not None:
-                self.upstream.labels(provider).observe(headers - sent)
+                upstream.observe(headers - sent)
         first = t.get("first_body_byte")
         if first is not None:
-            self.ttfb.labels(provider).observe(first - start)
+            ttfb.observe(first - start)
         if flow.bytes_to_client:
-            self.bytes_out.labels(provider).inc(flow.bytes_to_client)
+            bytes_out.inc(flow.bytes_to_client)
         if flow.bytes_from_client:
-            self.bytes_in.labels(provider).inc(flow.bytes_from_client)
+            bytes_in.inc(flow.bytes_from_client)
+
+    def _per_provider(self, provider: str) -> tuple[Any, ...]:
+        """Label children per provider, looked up once: ``labels()`` is the
+        costly part of an observation on the hot path."""
+        children = self._provider_children.get(provider)
+        if children is None:
+            children = self._provider_children[provider] = tuple(
+                m.labels(provider)
+                for m in (self.duration, self.overhead, self.upstream, self.ttfb, self.bytes_out, self.bytes_in)
+            )
+        return children

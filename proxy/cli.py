@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin", default=env("SIDEKEY_ADMIN", "127.0.0.1:9090"), help="admin HOST:PORT, or 'off' [$SIDEKEY_ADMIN]"
     )
     run.add_argument(
+        "--audit", default=env("SIDEKEY_AUDIT"), metavar="PATH|-",
+        help="audit log: one JSON line per request to PATH (rotated) or - for stdout [$SIDEKEY_AUDIT]",
+    )  # fmt: skip
+    run.add_argument(
+        "--audit-bodies", action="store_true", help="also log small JSON request bodies, credential-like keys redacted"
+    )
+    run.add_argument(
         "--watch-interval", type=float, default=float(env("SIDEKEY_WATCH_INTERVAL", "1")),
         help="seconds between policy file checks; 0 disables (SIGHUP and POST /policy/reload still work)",
     )  # fmt: skip
@@ -177,6 +184,10 @@ async def serve(policy: object, args: argparse.Namespace) -> int:
     extra: list[object] = []
     for spec in (*policy.addons, *args.addon):
         extra.extend(load_addons(spec))
+    if args.audit:
+        from addons.audit import AuditLog
+
+        extra.insert(0, AuditLog(args.audit, log_bodies=args.audit_bodies))
     addons = [*default_addons(), *extra]
     engine = Sidekey(policy, certs_dir=Path(args.certs), listen=args.listen, addons=addons)
     metrics = next((a for a in addons if isinstance(a, Metrics)), None)

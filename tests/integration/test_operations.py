@@ -171,3 +171,43 @@ def test_check_against_a_running_sidekey(sidekey: SidekeyProcess, fake: FakeProv
     assert "  + renamed" in lines and "  - querykey" in lines
     assert "  ~ openai (timeouts)" in lines
     assert "anthropic (" not in result.stdout
+
+
+def test_secrets_sweep_logs_audit_metrics_and_admin(start_sidekey: object, fake: FakeProviderThread, tmp_path: Path) -> None:
+    """Secrets everywhere a caller or upstream can put them; none may reach
+    the process log (DEBUG), the audit log (bodies on), metrics or the admin API."""
+    caller_secret = "sk-caller-OWN-SECRET-5150"
+    audit = tmp_path / "audit.jsonl"
+    extra = """\
+  down:
+    hosts: [down.test]
+    upstream: https://127.0.0.1:9
+    auth: {type: query, param: key, secret: env:QUERY_API_KEY}
+"""
+    proxy = start_sidekey(policy_for(fake, extra=extra), args=("--audit", str(audit), "--audit-bodies"))  # type: ignore[operator]
+    body = json.dumps({"model": "gpt-x", "api_key": caller_secret, "messages": [{"role": "user", "content": "hi"}]})
+    calls = [
+        ("-H", f"Authorization: Bearer {caller_secret}", "-H", f"X-Api-Key: {caller_secret}",
+         "-H", "Content-Type: application/json", "-d", body, "https://api.openai.com/v1/chat/completions"),
+        (f"https://api.openai.com/echo?token={caller_secret}&q=1",),
+        (f"https://x.query.test/echo?key={caller_secret}",),  # the fake echoes our real query key back
+        (f"http://x.query.test/status/500?api_key={caller_secret}",),
+        (f"https://down.test/v1/x?key={caller_secret}",),  # connect error with a query credential
+        ("-H", f"Cookie: session={caller_secret}", "https://api.anthropic.com/status/401"),
+    ]  # fmt: skip
+    for args in calls:
+        curl(proxy, *args)
+    curl(proxy, "-o", "/dev/null", "https://api.openai.com/cut/50000")
+    wait_for(lambda: audit.exists() and len(audit.read_text().splitlines()) >= len(calls) + 1)
+    surfaces = {
+        "log": proxy.log(),
+        "audit": audit.read_text(),
+        "metrics": admin_get(proxy, "/metrics").text,
+        "providers": admin_get(proxy, "/providers").text,
+        "policy": admin_get(proxy, "/policy").text,
+    }
+    assert len(surfaces["audit"].splitlines()) == len(calls) + 1
+    assert '"REDACTED"' in surfaces["audit"]
+    for name, text in surfaces.items():
+        for secret in (*SECRETS, caller_secret):
+            assert secret not in text, f"a secret reached the {name}"
