@@ -7,22 +7,24 @@ values (str, int, float, bool, None, lists and dicts of those), so the
 credentials); query parameters and JSON body fields with credential-like
 names are replaced by ``REDACTED``; errors are logged by their code only.
 
-Writing happens off the loop: the hooks put a finished line on a bounded
-queue and a ``logging.handlers.QueueListener`` thread hands it to the handler
-(``RotatingFileHandler`` for a path, ``StreamHandler`` for stdout). When the
-queue is full the line is dropped and counted, rather than stall requests on
-a slow disk. No logger is involved, so two AuditLogs never share state.
+Writing happens off the loop and in batches: the hooks append a finished
+line to a bounded buffer; a task started in ``running`` hands the whole
+buffer to a worker thread every ``flush_interval`` seconds (one thread hop per
+batch, not per line: a per-line hand-off cost more CPU than the proxying).
+When the buffer is full the line is dropped and counted rather than stall
+requests on a slow disk. ``done`` writes what is left.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-import logging.handlers
 import math
 import os
-import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -45,7 +47,7 @@ SECRET_BODY_KEYS = frozenset(
         "access_token", "refresh_token", "client_secret",
     }
 )  # fmt: skip
-MAX_QUEUED = 10_000  # lines waiting for the writer thread; past this, drop and count
+MAX_QUEUED = 10_000  # lines waiting for the writer; past this, drop and count
 
 
 def _norm(name: str) -> str:
@@ -74,6 +76,61 @@ def _redact_json(value: Any) -> Any:
     return value
 
 
+class _FileSink:
+    """Appends batches of lines to a file (0600), rotating by size like
+    RotatingFileHandler: ``path`` -> ``path.1`` -> ... -> ``path.N``."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int) -> None:
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self._lock = threading.Lock()  # a flush thread and done() may overlap
+        self._file = self._open()
+
+    def _open(self) -> Any:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # the umask can neither widen nor narrow it
+        f = os.fdopen(fd, "ab")
+        self._size = f.tell()
+        return f
+
+    def write(self, lines: list[str]) -> None:
+        with self._lock:
+            chunk: list[bytes] = []
+            size = self._size
+            for line in lines:
+                data = line.encode("utf-8") + b"\n"
+                if self.max_bytes and size and size + len(data) > self.max_bytes:
+                    self._file.write(b"".join(chunk))
+                    self._rotate()
+                    chunk, size = [], 0
+                chunk.append(data)
+                size += len(data)
+            self._file.write(b"".join(chunk))
+            self._file.flush()
+            self._size = size
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for n in range(self.backups - 1, 0, -1):
+            older = f"{self.path}.{n}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{n + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self._file = self._open()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class _StdoutSink:
+    def write(self, lines: list[str]) -> None:
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        sys.stdout.flush()
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
@@ -90,34 +147,26 @@ class AuditLog:
         log_bodies: bool = False,
         max_body_log: int = 4096,
         clock: Callable[[], float] = time.time,
+        flush_interval: float = 0.25,
     ) -> None:
         if max_bytes < 0 or backups < 0 or max_body_log < 0:
             raise ValueError("audit: max_bytes, backups and max_body_log must not be negative")
         if max_bytes > 0 and backups == 0:
-            # RotatingFileHandler would reopen the same file and never shrink it.
+            # Rotation would reopen the same file and never shrink it.
             raise ValueError("audit: rotation by size needs at least one backup")
         self.sink = sink
         self.log_bodies = log_bodies
         self.max_body_log = max_body_log
         self.clock = clock
+        self.flush_interval = flush_interval
         self._queued = 0
         self._dropped = 0
-        self._handler: logging.Handler
-        if sink == "-":
-            self._handler = logging.StreamHandler(sys.stdout)
-        else:
-            self._create_private(sink)  # before the handler opens it in append mode
-            rotating = logging.handlers.RotatingFileHandler(
-                sink, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-            )
-            rotating.rotator = self._rotate
-            self._handler = rotating
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
-        self._queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
-        self._listener: logging.handlers.QueueListener | None = logging.handlers.QueueListener(
-            self._queue, self._handler
+        self._buffer: list[str] = []
+        self._out: _FileSink | _StdoutSink | None = (
+            _StdoutSink() if sink == "-" else _FileSink(sink, max_bytes, backups)
         )
-        self._listener.start()
+        self._task: asyncio.Task[None] | None = None
+        self._upstreams: dict[str, str | None] = {}
 
     # -- hooks (observers: they log and carry on, never raise) ------------------
     def response(self, flow: Flow) -> None:
@@ -126,16 +175,33 @@ class AuditLog:
     def error(self, flow: Flow) -> None:
         self._write(flow)
 
+    def running(self) -> None:
+        self._task = asyncio.create_task(self._flush_loop(), name="sidekey-audit-flush")
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            if self._buffer and self._out is not None:
+                lines, self._buffer = self._buffer, []
+                try:
+                    await asyncio.to_thread(self._out.write, lines)
+                except OSError as exc:  # a full disk must not stop the proxy
+                    log.error("audit write failed: %s (%d lines lost)", type(exc).__name__, len(lines))
+
     def done(self) -> None:
-        """Drain the queue and close the file. Runs once, at shutdown."""
-        listener, self._listener = self._listener, None
-        if listener is None:
+        """Write what is buffered and close the sink. Runs once, at shutdown."""
+        out, self._out = self._out, None
+        if out is None:
             return
-        listener.stop()  # the writer thread finishes what is queued, then exits
-        self._handler.close()
+        if self._task is not None:
+            self._task.cancel()
+        lines, self._buffer = self._buffer, []
+        with contextlib.suppress(OSError):
+            out.write(lines)
+        out.close()
 
     def statistics(self) -> dict[str, Any]:
-        return {"sink": self.sink, "queued": self._queued, "dropped": self._dropped, "pending": self._queue.qsize()}
+        return {"sink": self.sink, "queued": self._queued, "dropped": self._dropped, "pending": len(self._buffer)}
 
     def __repr__(self) -> str:
         return f"AuditLog(sink={self.sink!r}, queued={self._queued}, dropped={self._dropped})"
@@ -192,11 +258,23 @@ class AuditLog:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    @staticmethod
-    def _upstream(url: str | None) -> str | None:
-        """host:port only: no path, no query, no userinfo (any may hold a key)."""
+    def _upstream(self, url: str | None) -> str | None:
+        """host:port only: no path, no query, no userinfo (any may hold a key).
+        Cached by scheme and authority: urlsplit per request is measurable."""
         if not url:
             return None
+        scheme, sep, rest = url.partition("://")
+        cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+        key = scheme + sep + rest[:cut]
+        if key in self._upstreams:
+            return self._upstreams[key]
+        found = self._parse_upstream(key)
+        if len(self._upstreams) < 1024:
+            self._upstreams[key] = found
+        return found
+
+    @staticmethod
+    def _parse_upstream(url: str) -> str | None:
         try:
             parts = urlsplit(url)
             host, port = parts.hostname, parts.port
@@ -222,31 +300,14 @@ class AuditLog:
     # -- output ----------------------------------------------------------------------
     def _write(self, flow: Flow) -> None:
         try:
-            if self._listener is None:
+            if self._out is None:
                 return  # after done(): nowhere to write
-            if self._queue.qsize() >= MAX_QUEUED:  # the loop is the only producer
+            if len(self._buffer) >= MAX_QUEUED:
                 self._dropped += 1
                 if self._dropped == 1 or self._dropped % 1000 == 0:
                     log.warning("audit queue full: %d lines dropped", self._dropped)
                 return
-            line = _dumps(self.record(flow))
-            self._queue.put_nowait(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+            self._buffer.append(_dumps(self.record(flow)))
             self._queued += 1
         except Exception as exc:  # noqa: BLE001 - an observer must not break the flow
             log.error("audit record failed for flow %s: %s", flow.id, type(exc).__name__)
-
-    @staticmethod
-    def _create_private(path: str) -> None:
-        """Create (or fix) the file as 0600; fchmod so the umask cannot widen or narrow it."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-
-    def _rotate(self, source: str, dest: str) -> None:
-        # Called by RotatingFileHandler (writer thread) for base -> .1; the
-        # handler then reopens ``source`` in append mode, keeping our mode.
-        if os.path.exists(source):
-            os.rename(source, dest)
-        self._create_private(source)

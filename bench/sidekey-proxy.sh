@@ -19,5 +19,7 @@ providers:
 YAML
 export BENCH_API_KEY=test
 cd "$repo"
+# SIDEKEY_BENCH_ARGS: extra flags, e.g. "--audit $workdir/audit.jsonl" (word-split on purpose)
+# shellcheck disable=SC2086
 exec "$py" -m proxy run --listen "127.0.0.1:$port" --policies "$workdir/p.yaml" \
-  --certs "$workdir/certs" --log-level "${SIDEKEY_BENCH_LOG:-WARNING}"
+  --certs "$workdir/certs" --log-level "${SIDEKEY_BENCH_LOG:-WARNING}" ${SIDEKEY_BENCH_ARGS:-}
