@@ -167,6 +167,8 @@ class AuditLog:
         )
         self._task: asyncio.Task[None] | None = None
         self._upstreams: dict[str, str | None] = {}
+        self._second = -1
+        self._second_text = ""
 
     # -- hooks (observers: they log and carry on, never raise) ------------------
     def response(self, flow: Flow) -> None:
@@ -211,9 +213,9 @@ class AuditLog:
         req = flow.request
         start, end = flow.timings.get("start"), flow.timings.get("end")
         status = flow.response.status if flow.response else (flow.error.status if flow.error else None)
-        now = datetime.fromtimestamp(self.clock(), tz=UTC)
+        meta = flow.metadata
         entry: dict[str, Any] = {
-            "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": self._time(self.clock()),
             "request_id": flow.id,
             "client": self._client(flow.client_address),
             "method": req.method,
@@ -223,19 +225,27 @@ class AuditLog:
             "upstream": self._upstream(flow.upstream_url),
             "status": status,
             "duration_ms": round((end - start) * 1000, 1) if start is not None and end is not None else None,
-            "attempts": flow.metadata.get("attempts", 1),
-            "tokens": flow.metadata.get("usage") or None,
-            "cost": flow.metadata.get("cost_usd"),
-            "cache": flow.metadata.get("cache"),
+            # Filled by other addons: only plain values pass, so the default=str
+            # fallback can never serialise an arbitrary object.
+            "attempts": _plain(meta.get("attempts", 1)) if meta else 1,
+            "tokens": _plain(meta.get("usage") or None) if meta else None,
+            "cost": _plain(meta.get("cost_usd")) if meta else None,
+            "cache": _plain(meta.get("cache")) if meta else None,
             "error": flow.error.code if flow.error else None,
             "bytes_out": flow.bytes_to_client,
             "intercepted": flow.intercepted,
         }
         if self.log_bodies:
             entry["request_body"] = self._body(req.body)
-        # Metadata is filled by other addons: keep plain values only, so the
-        # default=str fallback can never serialise an arbitrary object.
-        return {k: _plain(v) for k, v in entry.items()}
+        return entry
+
+    def _time(self, now: float) -> str:
+        """RFC 3339 UTC with milliseconds; the seconds part is formatted once per second."""
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def _path(self, flow: Flow) -> str:
         path, sep, query = flow.request.path.partition("?")

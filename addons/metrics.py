@@ -1,18 +1,25 @@
 """Prometheus metrics, fed from flow hooks and read from engine statistics.
 
 Label values are bounded: provider names come from the policy, methods fold
-into a fixed set, statuses into classes. No URL, host, request id or caller
-string ever becomes a label. The registry is per engine (not the global
-default) so tests and reloads never collide.
+into a fixed set, statuses into classes, outcomes are our error codes. No URL,
+host, request id or caller string ever becomes a label. The registry is per
+engine (not the global default) so tests and reloads never collide.
+
+Every per-request update happens on the event loop thread, so the counters
+and histograms here are plain Python numbers without the locks
+prometheus-client's own metric classes take on each ``inc``/``observe``
+(that locking cost more than the rest of this addon together). A collector
+turns them into metric families at scrape time.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
@@ -25,8 +32,136 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
+class LoopHistogram:
+    """Bucket counts and a sum; updated from one thread only."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class _ProviderSeries:
+    __slots__ = ("duration", "overhead", "upstream", "ttfb", "bytes_out", "bytes_in")
+
+    def __init__(self) -> None:
+        self.duration = LoopHistogram(LATENCY_BUCKETS)
+        self.overhead = LoopHistogram(OVERHEAD_BUCKETS)
+        self.upstream = LoopHistogram(LATENCY_BUCKETS)
+        self.ttfb = LoopHistogram(LATENCY_BUCKETS)
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+
+HISTOGRAMS = (
+    ("duration", "sidekey_request_duration_seconds", "Whole request, first byte in to last byte out"),
+    ("overhead", "sidekey_overhead_seconds", "Time in sidekey before the request went upstream"),
+    ("upstream", "sidekey_upstream_duration_seconds", "Request sent upstream to response headers"),
+    ("ttfb", "sidekey_stream_first_byte_seconds", "Streamed responses: request start to first body byte sent"),
+)
+
+
+class Metrics:
+    name = "metrics"
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        Info("sidekey_build", "Build information", registry=self.registry).info({"version": __version__})
+        self.registry.register(_FlowCollector(self))
+        self.providers_in_policy = 0
+        self._providers: frozenset[str] = frozenset()
+        # (provider, method, status_class, outcome) -> count
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.series: dict[str, _ProviderSeries] = {}
+
+    def attach(self, statistics: Callable[[], dict[str, Any]]) -> None:
+        """Let scrapes read the engine's live statistics."""
+        self.registry.register(_EngineCollector(statistics))
+
+    def configure(self, policy: Policy) -> None:
+        self._providers = frozenset(p.name for p in policy.providers)
+        self.providers_in_policy = len(policy.providers)
+
+    def response(self, flow: Flow) -> None:
+        self._observe(flow, "ok")
+
+    def error(self, flow: Flow) -> None:
+        self._observe(flow, flow.error.code if flow.error is not None else "error")
+
+    def _observe(self, flow: Flow, outcome: str) -> None:
+        provider = flow.provider_name or "unmatched"
+        if provider not in self._providers and provider != "unmatched":
+            provider = "other"  # a provider removed by a reload mid-flight
+        method = flow.request.method if flow.request.method in METHODS else "OTHER"
+        status = flow.response.status if flow.response is not None else 0
+        key = (provider, method, f"{status // 100}xx" if status else "none", outcome)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        series = self.series.get(provider)
+        if series is None:
+            series = self.series[provider] = _ProviderSeries()
+        t = flow.timings
+        start, end = t["start"], t.get("end")
+        if end is not None:
+            series.duration.observe(end - start)
+        sent, headers = t.get("request_sent"), t.get("response_headers")
+        if sent is not None:
+            series.overhead.observe(sent - start)
+            if headers is not None:
+                series.upstream.observe(headers - sent)
+        first = t.get("first_body_byte")
+        if first is not None:
+            series.ttfb.observe(first - start)
+        series.bytes_out += flow.bytes_to_client
+        series.bytes_in += flow.bytes_from_client
+
+
+class _FlowCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        requests = CounterMetricFamily(
+            "sidekey_requests", "Requests by outcome", labels=["provider", "method", "status_class", "outcome"]
+        )
+        for key, count in list(m.requests.items()):
+            requests.add_metric(list(key), count)
+        yield requests
+        series = list(m.series.items())
+        for attr, name, doc in HISTOGRAMS:
+            family = HistogramMetricFamily(name, doc, labels=["provider"])
+            for provider, s in series:
+                h: LoopHistogram = getattr(s, attr)
+                family.add_metric([provider], h.cumulative(), h.total)
+            yield family
+        out = CounterMetricFamily("sidekey_response_bytes", "Body bytes sent to clients", labels=["provider"])
+        into = CounterMetricFamily("sidekey_request_bytes", "Body bytes received from clients", labels=["provider"])
+        for provider, s in series:
+            out.add_metric([provider], s.bytes_out)
+            into.add_metric([provider], s.bytes_in)
+        yield out
+        yield into
+        gauge = GaugeMetricFamily("sidekey_policy_providers", "Providers in the active policy")
+        gauge.add_metric([], m.providers_in_policy)
+        yield gauge
+
+
 class _EngineCollector(Collector):
-    """Reads live state (pools, connections) at scrape time."""
+    """Reads live state (pools, connections, reloads) at scrape time."""
 
     def __init__(self, statistics: Callable[[], dict[str, Any]]) -> None:
         self._statistics = statistics
@@ -46,91 +181,3 @@ class _EngineCollector(Collector):
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
         yield from (conns, flows, pool, reloads)
-
-
-class Metrics:
-    name = "metrics"
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "sidekey_requests", "Requests by outcome", ["provider", "method", "status_class", "outcome"], registry=r
-        )
-        self.duration = Histogram(
-            "sidekey_request_duration_seconds", "Whole request, first byte in to last byte out", ["provider"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.upstream = Histogram(
-            "sidekey_upstream_duration_seconds", "Request sent upstream to response headers", ["provider"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.overhead = Histogram(
-            "sidekey_overhead_seconds", "Time in sidekey before the request went upstream", ["provider"],
-            buckets=OVERHEAD_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.ttfb = Histogram(
-            "sidekey_stream_first_byte_seconds", "Streamed responses: request start to first body byte sent",
-            ["provider"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.bytes_out = Counter("sidekey_response_bytes", "Body bytes sent to clients", ["provider"], registry=r)
-        self.bytes_in = Counter("sidekey_request_bytes", "Body bytes received from clients", ["provider"], registry=r)
-        self.policy_providers = Gauge("sidekey_policy_providers", "Providers in the active policy", registry=r)
-        Info("sidekey_build", "Build information", registry=r).info({"version": __version__})
-        self._providers: frozenset[str] = frozenset()
-        self._children: dict[tuple[str, str, str, str], Any] = {}
-        self._provider_children: dict[str, tuple[Any, ...]] = {}
-
-    def attach(self, statistics: Callable[[], dict[str, Any]]) -> None:
-        """Let scrapes read the engine's live statistics."""
-        self.registry.register(_EngineCollector(statistics))
-
-    def configure(self, policy: Policy) -> None:
-        self._providers = frozenset(p.name for p in policy.providers)
-        self.policy_providers.set(len(policy.providers))
-
-    def response(self, flow: Flow) -> None:
-        self._observe(flow, "ok")
-
-    def error(self, flow: Flow) -> None:
-        self._observe(flow, flow.error.code if flow.error is not None else "error")
-
-    def _observe(self, flow: Flow, outcome: str) -> None:
-        provider = flow.provider_name or "unmatched"
-        if provider not in self._providers and provider != "unmatched":
-            provider = "other"  # a provider removed by a reload mid-flight
-        method = flow.request.method if flow.request.method in METHODS else "OTHER"
-        status = flow.response.status if flow.response is not None else 0
-        key = (provider, method, f"{status // 100}xx" if status else "none", outcome)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(*key)
-        child.inc()
-        duration, overhead, upstream, ttfb, bytes_out, bytes_in = self._per_provider(provider)
-        t = flow.timings
-        start, end = t["start"], t.get("end")
-        if end is not None:
-            duration.observe(end - start)
-        sent, headers = t.get("request_sent"), t.get("response_headers")
-        if sent is not None:
-            overhead.observe(sent - start)
-            if headers is not None:
-                upstream.observe(headers - sent)
-        first = t.get("first_body_byte")
-        if first is not None:
-            ttfb.observe(first - start)
-        if flow.bytes_to_client:
-            bytes_out.inc(flow.bytes_to_client)
-        if flow.bytes_from_client:
-            bytes_in.inc(flow.bytes_from_client)
-
-    def _per_provider(self, provider: str) -> tuple[Any, ...]:
-        """Label children per provider, looked up once: ``labels()`` is the
-        costly part of an observation on the hot path."""
-        children = self._provider_children.get(provider)
-        if children is None:
-            children = self._provider_children[provider] = tuple(
-                m.labels(provider)
-                for m in (self.duration, self.overhead, self.upstream, self.ttfb, self.bytes_out, self.bytes_in)
-            )
-        return children
