@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 from proxy import __version__
+from proxy.policy import Policy
 
 log = logging.getLogger("sidekey")
 
@@ -82,16 +83,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cmd_run(args)
 
 
-def cmd_check(path: str, against: str | None = None) -> int:
+def load_or_report(path: str) -> Policy | None:
+    """The policy, or None after printing why not (file, line, field)."""
     from proxy.policy_load import PolicyError, load_policy
 
     try:
-        policy = load_policy(path)
+        return load_policy(path)
     except PolicyError as err:
         print(err, file=sys.stderr)
-        return 2
     except OSError as err:
         print(f"{path}: cannot read ({err.strerror})", file=sys.stderr)
+    return None
+
+
+def cmd_check(path: str, against: str | None = None) -> int:
+    policy = load_or_report(path)
+    if policy is None:
         return 2
     print(f"{path}: ok, version {policy.version}, {len(policy.providers)} providers, unmatched: {policy.unmatched}")
     for p in policy.providers:
@@ -102,16 +109,14 @@ def cmd_check(path: str, against: str | None = None) -> int:
     return 0
 
 
-def print_diff(policy: object, admin_url: str) -> int:
+def print_diff(policy: Policy, admin_url: str) -> int:
     """Providers added, removed and changed relative to a running sidekey."""
     import json
     import urllib.request
 
     from proxy.admin import policy_view
-    from proxy.policy import Policy
     from proxy.policy_diff import diff_providers
 
-    assert isinstance(policy, Policy)
     request = urllib.request.Request(admin_url.rstrip("/") + "/policy")
     token = os.environ.get("SIDEKEY_ADMIN_TOKEN")
     if token:
@@ -148,20 +153,13 @@ def cmd_ca(certs: Path, bundle: str | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.policy_load import PolicyError, load_policy
-
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    try:
-        policy = load_policy(args.policies)
-    except PolicyError as err:
-        print(err, file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"{args.policies}: cannot read ({err.strerror})", file=sys.stderr)
+    policy = load_or_report(args.policies)
+    if policy is None:
         return 2
     try:
         import uvloop
@@ -172,15 +170,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return runner(serve(policy, args))
 
 
-async def serve(policy: object, args: argparse.Namespace) -> int:
+async def serve(policy: Policy, args: argparse.Namespace) -> int:
     from addons import default_addons, load_addons
     from addons.metrics import Metrics
     from proxy.admin import AdminConfigError, AdminServer
     from proxy.engine import Sidekey
-    from proxy.policy import Policy
     from proxy.watch import PolicyWatcher
 
-    assert isinstance(policy, Policy)
     extra: list[object] = []
     for spec in (*policy.addons, *args.addon):
         extra.extend(load_addons(spec))
