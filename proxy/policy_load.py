@@ -1,20 +1,28 @@
 """Load ``policies.yaml`` into the frozen ``proxy.policy.Policy``.
 
-Built on PyYAML's node API so every problem names the file, the line and a
-dotted field path, e.g. ``policies.yaml:14: providers.openai.auth.header:
-expected a header name``. All problems are collected, then raised together.
+Built on PyYAML's node API (compose, never load) so every problem names the
+file, the 1-based line and a dotted field path, e.g.
+``policies.yaml:14: providers.openai.auth.header: expected a header name``.
+A message says what was expected and never repeats the value: a value in the
+wrong place may be a secret. All problems are collected, then raised together
+in file order, so one ``sidekey check`` shows everything there is to fix.
+
+YAML anchors are allowed but aliases (``*name``) are rejected: an aliased
+node lives in two places, so its problems would point at the anchor, and a
+provider borrowing another's ``auth`` hides what it sends.
+
+This module reads the structure; ``proxy.policy_fields`` reads single values.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import ipaddress
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
-from urllib.parse import urlsplit
+from typing import TypeVar, cast
 
 import yaml
 
@@ -27,348 +35,301 @@ from proxy.policy import (
     Policy,
     PoolLimits,
     Provider,
-    SecretRef,
     Timeouts,
     UnmatchedMode,
-    Upstream,
     UpstreamTLS,
-    normalize_host,
 )
-from proxy.policy_fields import Invalid, PolicyProblem, Reader
-
-T = TypeVar("T")
+from proxy.policy_fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Reader, compose, join, line_of
 
 __all__ = ["PolicyError", "PolicyProblem", "load_policy", "parse_policy"]
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
-_ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}\Z)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\Z"
-)
-_PARAM = re.compile(r"[A-Za-z0-9._~-]+\Z")
+T = TypeVar("T")
+Fields = dict[str, yaml.Node]
+Read = Callable[[yaml.Node, str], T]
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 TOP = frozenset({"version", "unmatched", "limits", "network", "addons", "providers"})
-LIMITS = frozenset({f for f in ListenerLimits.__dataclass_fields__})
+LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
 PROVIDER = frozenset({"hosts", "upstream", "auth", "set_headers", "strip_headers", "timeouts", "tls", "pool"})
-AUTH = frozenset({"type", "secret", "header", "prefix", "username", "param"})
 AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "none")
+# The fields each auth type reads; any other is a mistake (a `header:` on a
+# bearer provider would otherwise be silently ignored).
+AUTH_FIELDS: dict[str, frozenset[str]] = {
+    "bearer": frozenset({"type", "secret"}),
+    "header": frozenset({"type", "secret", "header", "prefix"}),
+    "basic": frozenset({"type", "secret", "username"}),
+    "query": frozenset({"type", "secret", "param"}),
+    "none": frozenset({"type"}),
+}
+AUTH_ANY = frozenset().union(*AUTH_FIELDS.values())
+_NO_STRINGS: tuple[str, ...] = ()
+_NO_PAIRS: tuple[tuple[str, str], ...] = ()
+_NO_NETWORKS: tuple[IPNetwork, ...] = ()
+_NO_PROVIDERS: tuple[Provider, ...] = ()
 
 
 class PolicyError(Exception):
-    def __init__(self, problems: list[PolicyProblem]) -> None:
-        self.problems = tuple(sorted(problems, key=lambda p: p.line))
+    """Every problem found in one policy, in file order."""
+
+    def __init__(self, problems: Iterable[PolicyProblem]) -> None:
+        self.problems: tuple[PolicyProblem, ...] = tuple(sorted(problems, key=lambda p: p.line))
         super().__init__("\n".join(f"{p.path}:{p.line}: {p.field}: {p.message}" for p in self.problems))
+
+    def __reduce__(self) -> tuple[type[PolicyError], tuple[tuple[PolicyProblem, ...]]]:
+        return (PolicyError, (self.problems,))  # args hold the text; rebuild from the problems
 
 
 def load_policy(path: str | Path) -> Policy:
-    path = Path(path)
-    data = path.read_bytes()
-    return parse_policy(data, str(path), path.resolve().parent)
+    """Read and parse a policy file. Blocking: call it off the event loop."""
+    data = Path(path).read_bytes()
+    # abspath, not resolve(): see Reader.path (symlinked Kubernetes mounts).
+    return parse_policy(data, str(path), Path(os.path.abspath(path)).parent)
 
 
 def parse_policy(text: str | bytes, source: str = "<memory>", base_dir: Path | None = None) -> Policy:
-    raw = text.encode() if isinstance(text, str) else text
-    reader = Reader(source)
-    try:
-        root = yaml.compose(raw.decode("utf-8"), Loader=yaml.SafeLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        # The parser's own message can quote the offending text: name only the kind.
-        raise PolicyError([PolicyProblem(source, line, "(file)", "not valid YAML")]) from None
-    if root is None:
-        raise PolicyError([PolicyProblem(source, 1, "(file)", "empty policy: expected a mapping with 'version: 1'")])
-    policy = _Builder(reader, base_dir or Path.cwd()).policy(root)
+    """Parse policy text; relative paths resolve against ``base_dir`` (default: cwd).
+    ``Policy.version`` is the first 12 hex digits of the sha256 of the bytes."""
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    reader = Reader(source, os.path.abspath(base_dir) if base_dir is not None else "")
+    root = compose(raw, reader)
+    policy = None
+    if root is not None:
+        policy = _Builder(reader, source, hashlib.sha256(raw).hexdigest()[:12]).policy(root)
     if reader.problems or policy is None:
         raise PolicyError(reader.problems)
-    return Policy(
-        providers=policy.providers,
-        unmatched=policy.unmatched,
-        limits=policy.limits,
-        allow_networks=policy.allow_networks,
-        addons=policy.addons,
-        source=source,
-        version=hashlib.sha256(raw).hexdigest()[:12],
-    )
+    return policy
 
 
 class _Builder:
-    def __init__(self, reader: Reader, base_dir: Path) -> None:
-        self.r = reader
-        self.base_dir = base_dir
+    """Walks the node tree; each method reads one mapping of the schema."""
 
-    def _path(self, value: str) -> str:
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else (self.base_dir / path).resolve())
+    def __init__(self, reader: Reader, source: str, version: str) -> None:
+        self.r = reader
+        self.source = source
+        self.version = version
+        self.hosts_seen: dict[str, tuple[str, int]] = {}  # pattern -> (provider, line)
+
+    def opt(self, fields: Fields, prefix: str, key: str, read: Read[T], default: T, *, null_ok: bool = False) -> T:
+        """``fields[key]`` read if present; the default when absent or invalid
+        (the problem is recorded), so one bad field does not hide the next.
+        ``null_ok``: an empty value (``key:`` or ``null``) means "not set", for
+        optional sections whose entries may all be commented out."""
+        node = fields.get(key)
+        if node is None or (null_ok and self.r.is_null(node)):
+            return default
+        try:
+            return read(node, join(prefix, key))
+        except Invalid:
+            return default
+
+    def each(self, node: yaml.Node | None, field: str, read: Read[T]) -> tuple[T, ...]:
+        """Every item of a list (absent or null: none); bad items are recorded and skipped."""
+        if node is None or self.r.is_null(node):
+            return ()
+        try:
+            items = self.r.seq(node, field)
+        except Invalid:
+            return ()
+        out: list[T] = []
+        for i, item in enumerate(items):
+            try:
+                out.append(read(item, f"{field}[{i}]"))
+            except Invalid:
+                continue
+        return tuple(out)
 
     def policy(self, root: yaml.Node) -> Policy | None:
         r = self.r
-        try:
-            top = r.mapping(root, "", TOP)
-        except Invalid:
+        if not isinstance(root, yaml.MappingNode):
+            r.problem(root, "(file)", "expected a mapping at the top level, starting with 'version: 1'")
             return None
+        top = r.mapping(root, "", TOP)
         if "version" not in top:
             r.problem(root, "version", "required (version: 1)")
-        else:
-            with contextlib.suppress(Invalid):
-                if r.integer(top["version"], "version") != 1:
-                    r.problem(top["version"], "version", "unsupported version (expected 1)")
-        unmatched: UnmatchedMode = "tunnel"
-        if "unmatched" in top:
-            with contextlib.suppress(Invalid):
-                choice = r.choice(top["unmatched"], "unmatched", ("tunnel", "deny"))
-                unmatched = "deny" if choice == "deny" else "tunnel"
-        limits = self.limits(top["limits"]) if "limits" in top else ListenerLimits()
-        allow = self.network(top["network"]) if "network" in top else ()
-        addons = self.addons(top["addons"]) if "addons" in top else ()
-        providers = self.providers(top["providers"]) if "providers" in top else ()
-        return Policy(providers=providers, unmatched=unmatched, limits=limits, allow_networks=allow, addons=addons)
+        elif self.opt(top, "", "version", r.integer, 1) != 1:
+            r.problem(top["version"], "version", "unsupported version (expected 1)")
+        choice = self.opt(top, "", "unmatched", lambda n, f: r.choice(n, f, ("tunnel", "deny")), "tunnel")
+        unmatched: UnmatchedMode = "deny" if choice == "deny" else "tunnel"
+        return Policy(
+            providers=self.opt(top, "", "providers", self.providers, _NO_PROVIDERS),
+            unmatched=unmatched,
+            limits=self.opt(top, "", "limits", self.limits, ListenerLimits(), null_ok=True),
+            allow_networks=self.opt(top, "", "network", self.network, _NO_NETWORKS, null_ok=True),
+            addons=self.each(top.get("addons"), "addons", r.addon),
+            source=self.source,
+            version=self.version,
+        )
 
-    def limits(self, node: yaml.Node) -> ListenerLimits:
-        values: dict[str, int | float] = {}
-        try:
-            fields = self.r.mapping(node, "limits", LIMITS)
-        except Invalid:
-            return ListenerLimits()
-        for key, value in fields.items():
-            field = f"limits.{key}"
-            try:
-                if key.endswith("_bytes"):
-                    values[key] = self.r.size(value, field)
-                elif key.endswith("_timeout"):
-                    values[key] = self.r.duration(value, field)
-                else:
-                    values[key] = self.r.integer(value, field, minimum=1)
-            except Invalid:
-                pass
-        return ListenerLimits(**values)  # type: ignore[arg-type]
+    def limits(self, node: yaml.Node, field: str) -> ListenerLimits:
+        r, d = self.r, ListenerLimits()
+        f = r.mapping(node, field, LIMITS)
+        return ListenerLimits(
+            max_header_bytes=self.opt(f, field, "max_header_bytes", r.size, d.max_header_bytes),
+            max_headers=self.opt(f, field, "max_headers", r.count, d.max_headers),
+            max_body_bytes=self.opt(f, field, "max_body_bytes", r.size, d.max_body_bytes),
+            header_timeout=self.opt(f, field, "header_timeout", r.duration, d.header_timeout),
+            idle_timeout=self.opt(f, field, "idle_timeout", r.duration, d.idle_timeout),
+            body_timeout=self.opt(f, field, "body_timeout", r.duration, d.body_timeout),
+        )
 
-    def network(self, node: yaml.Node) -> tuple[IPNetwork, ...]:
-        out: list[IPNetwork] = []
-        try:
-            fields = self.r.mapping(node, "network", frozenset({"allow"}))
-            items = self.r.seq(fields["allow"], "network.allow") if "allow" in fields else []
-        except Invalid:
-            return ()
-        for i, item in enumerate(items):
-            field = f"network.allow[{i}]"
-            try:
-                out.append(ipaddress.ip_network(self.r.scalar(item, field).strip(), strict=False))
-            except Invalid:
-                pass
-            except ValueError:
-                self.r.problem(item, field, "expected an IP address or CIDR")
-        return tuple(out)
+    def network(self, node: yaml.Node, field: str) -> tuple[IPNetwork, ...]:
+        allow = self.r.mapping(node, field, frozenset({"allow"})).get("allow")
+        return self.each(allow, f"{field}.allow", self.r.ip_network)
 
-    def addons(self, node: yaml.Node) -> tuple[str, ...]:
-        out: list[str] = []
-        try:
-            items = self.r.seq(node, "addons")
-        except Invalid:
-            return ()
-        for i, item in enumerate(items):
-            try:
-                spec = self.r.string(item, f"addons[{i}]")
-            except Invalid:
-                continue
-            out.append(self._path(spec) if spec.endswith(".py") else spec)
-        return tuple(out)
-
-    def providers(self, node: yaml.Node) -> tuple[Provider, ...]:
-        try:
-            entries = self.r.mapping(node, "providers", frozenset())
-        except Invalid:
+    # -- providers -----------------------------------------------------------
+    def providers(self, node: yaml.Node, field: str) -> tuple[Provider, ...]:
+        if self.r.is_null(node):  # `providers:` with every entry commented out
             return ()
         out: list[Provider] = []
-        seen_hosts: dict[str, tuple[str, int]] = {}
-        for name, body in entries.items():
-            field = f"providers.{name}"
-            key_line = next(k for k, _v in node.value if k.value == name)
-            if not _NAME.match(name):
-                self.r.problem(key_line, field, "provider names are lower-case letters, digits, '-' and '_'")
-                continue
-            try:
-                provider = self.provider(name, body, key_line.start_mark.line + 1)
-            except Invalid:
-                continue
-            for host_index, host in enumerate(provider.hosts):
-                if host in seen_hosts:
-                    other, line = seen_hosts[host]
-                    hosts_node = self.r.mapping(body, field, PROVIDER)["hosts"]
-                    self.r.problem(
-                        hosts_node.value[host_index] if isinstance(hosts_node, yaml.SequenceNode) else hosts_node,
-                        f"{field}.hosts[{host_index}]",
-                        f"host pattern is already used by provider {other} (line {line})",
-                    )
-                else:
-                    seen_hosts[host] = (name, provider.line)
-            out.append(provider)
+        for name, label, key_node, body in self.r.entries(node, field):
+            if not _NAME.fullmatch(name):
+                self.r.problem(key_node, join(field, label), "expected a name of a-z, 0-9, '-', '_' (at most 63)")
+            provider = self.provider(name, label, key_node, body)
+            if provider is not None:
+                out.append(provider)
         return tuple(out)
 
-    def provider(self, name: str, node: yaml.Node, line: int) -> Provider:
-        r, field = self.r, f"providers.{name}"
-        problems_before = len(r.problems)
-        fields = r.mapping(node, field, PROVIDER)
-        if "hosts" not in fields:
-            raise r.problem(node, f"{field}.hosts", "required: a list of host names or *.suffix wildcards")
-        if "auth" not in fields:
-            raise r.problem(node, f"{field}.auth", "required (use type: none for no credential)")
-        hosts = self.hosts(fields["hosts"], f"{field}.hosts")
-        upstream = _try(
-            lambda: self.upstream(fields["upstream"], f"{field}.upstream") if "upstream" in fields else None
-        )
-        auth = _try(lambda: self.auth(fields["auth"], f"{field}.auth"))
-        set_headers: list[tuple[str, str]] = []
-        if "set_headers" in fields:
-            headers_node = fields["set_headers"]
-            hfields = f"{field}.set_headers"
-            entries: dict[str, yaml.Node] = _try(lambda: r.mapping(headers_node, hfields, frozenset()), {})
-            for key, value in entries.items():
-                hfield = f"{field}.set_headers.{key}"
-                key_node = next(k for k, _v in headers_node.value if k.value == key)
-                _try(lambda: set_headers.append((r.token(key_node, hfield), r.string(value, hfield))))  # noqa: B023
-        strip = list(CALLER_CREDENTIAL_HEADERS)
-        if "strip_headers" in fields:
-            items: list[yaml.Node] = _try(lambda: r.seq(fields["strip_headers"], f"{field}.strip_headers"), [])
-            for i, item in enumerate(items):
-                _try(lambda: strip.append(r.token(item, f"{field}.strip_headers[{i}]")))  # noqa: B023
-        if auth is not None and auth.type == "header":
-            strip.append(auth.header)
-        timeouts = _try(lambda: self.timeouts(fields["timeouts"], f"{field}.timeouts"), Timeouts())
-        tls = _try(lambda: self.tls(fields["tls"], f"{field}.tls"), UpstreamTLS())
-        pool = _try(lambda: self.pool(fields["pool"], f"{field}.pool"), PoolLimits())
-        if len(r.problems) > problems_before or auth is None:
-            raise Invalid()
+    def provider(self, name: str, label: str, key_node: yaml.Node, node: yaml.Node) -> Provider | None:
+        r, field = self.r, join("providers", label)
+        try:
+            f = r.mapping(node, field, PROVIDER)
+        except Invalid:
+            return None
+        if "hosts" not in f:
+            r.problem(key_node, f"{field}.hosts", "required: a list of host names or *.suffix wildcards")
+        if "auth" not in f:
+            r.problem(key_node, f"{field}.auth", "required (type: none injects nothing)")
+        hosts = self.opt(f, field, "hosts", lambda n, p: self.hosts(n, p, label), _NO_STRINGS)
+        auth = self.opt(f, field, "auth", self.auth, None)
+        # Every field is read even when auth is bad, so all problems show at once.
+        extra_strip = self.each(f.get("strip_headers"), f"{field}.strip_headers", r.strip_header)
+        auth_header = (auth.header,) if auth is not None and auth.type == "header" else ()
+        set_headers = self.opt(f, field, "set_headers", partial(self.set_headers, auth=auth), _NO_PAIRS, null_ok=True)
+        upstream = self.opt(f, field, "upstream", r.upstream, None, null_ok=True)
+        timeouts = self.opt(f, field, "timeouts", self.timeouts, Timeouts(), null_ok=True)
+        tls = self.opt(f, field, "tls", self.tls, UpstreamTLS(), null_ok=True)
+        pool = self.opt(f, field, "pool", self.pool, PoolLimits(), null_ok=True)
+        if auth is None:
+            return None
         return Provider(
             name=name,
             hosts=hosts,
             upstream=upstream,
             auth=auth,
-            set_headers=tuple(set_headers),
-            strip_headers=tuple(dict.fromkeys(strip)),
-            timeouts=timeouts if "timeouts" in fields else Timeouts(),
-            tls=tls if "tls" in fields else UpstreamTLS(),
-            pool=pool if "pool" in fields else PoolLimits(),
-            line=line,
+            set_headers=set_headers,
+            strip_headers=tuple(dict.fromkeys((*CALLER_CREDENTIAL_HEADERS, *extra_strip, *auth_header))),
+            timeouts=timeouts,
+            tls=tls,
+            pool=pool,
+            line=line_of(key_node),
         )
 
-    def hosts(self, node: yaml.Node, field: str) -> tuple[str, ...]:
+    def hosts(self, node: yaml.Node, field: str, provider: str) -> tuple[str, ...]:
+        """Host patterns. Each may appear once in the whole policy: otherwise
+        which provider gets a host would depend on file order."""
+        out: list[str] = []
         items = self.r.seq(node, field)
         if not items:
-            raise self.r.problem(node, field, "expected at least one host")
-        out: list[str] = []
+            self.r.problem(node, field, "expected at least one host")
         for i, item in enumerate(items):
-            value = normalize_host(self.r.scalar(item, f"{field}[{i}]", "a host name"))
-            name = value[2:] if value.startswith("*.") else value
-            if not (_HOSTNAME.match(name) or _is_ip(name)) or ("*" in name):
-                self.r.problem(
-                    item, f"{field}[{i}]", "expected a host name, an IP address or *.suffix (no scheme, port or path)"
-                )
+            where = f"{field}[{i}]"
+            try:
+                host = self.r.host(item, where, wildcard=True)
+            except Invalid:
                 continue
-            if value in out:
-                self.r.problem(item, f"{field}[{i}]", "duplicate host")
-                continue
-            out.append(value)
+            seen = self.hosts_seen.get(host)
+            if seen is None:
+                self.hosts_seen[host] = (provider, line_of(item))
+                out.append(host)
+            elif seen[0] == provider:
+                self.r.problem(item, where, f"duplicate host pattern (first at line {seen[1]})")
+            else:
+                self.r.problem(item, where, f"host pattern is also used by provider {seen[0]} (line {seen[1]})")
         return tuple(out)
-
-    def upstream(self, node: yaml.Node, field: str) -> Upstream:
-        value = self.r.string(node, field)
-        try:
-            url = urlsplit(value)
-            port = url.port or 443
-        except ValueError:
-            raise self.r.problem(node, field, "expected a URL like https://api.example.com") from None
-        if url.scheme != "https":
-            raise self.r.problem(node, field, "must be https: credentials are never sent over plaintext")
-        if not url.hostname or url.username is not None or url.password is not None or "@" in url.netloc:
-            raise self.r.problem(node, field, "expected https://host[:port][/prefix] without user info")
-        if url.query or url.fragment:
-            raise self.r.problem(node, field, "must not carry a query or fragment")
-        return Upstream(normalize_host(url.hostname), port, url.path.rstrip("/"))
 
     def auth(self, node: yaml.Node, field: str) -> Auth:
         r = self.r
-        fields = r.mapping(node, field, AUTH)
-        if "type" not in fields:
-            raise r.problem(node, f"{field}.type", f"required: one of {', '.join(AUTH_TYPES)}")
-        kind: AuthType = r.choice(fields["type"], f"{field}.type", AUTH_TYPES)  # type: ignore[assignment]
+        f = r.mapping(node, field, AUTH_ANY)
+        if "type" not in f:
+            r.problem(node, f"{field}.type", f"required: one of {', '.join(AUTH_TYPES)}")
+            self.opt(f, field, "secret", r.secret, None)  # still catch a literal secret
+            raise Invalid()
+        try:
+            kind = cast(AuthType, r.choice(f["type"], f"{field}.type", AUTH_TYPES))
+        except Invalid:
+            self.opt(f, field, "secret", r.secret, None)
+            raise
+        for key in sorted(f.keys() - AUTH_FIELDS[kind], key=lambda k: line_of(f[k])):
+            r.problem(f[key], f"{field}.{key}", f"does not apply to type {kind}")
+        before = len(r.problems)
+
+        def need(key: str, read: Read[str], what: str) -> str:
+            if key not in f:
+                r.problem(node, f"{field}.{key}", f"required for type {kind}: {what}")
+            return self.opt(f, field, key, read, "")
+
         secret = None
         if kind != "none":
-            if "secret" not in fields:
-                raise r.problem(node, f"{field}.secret", "required: env:NAME or file:PATH")
-            secret = self.secret(fields["secret"], f"{field}.secret")
+            if "secret" not in f:
+                r.problem(node, f"{field}.secret", "required: env:NAME or file:PATH")
+            secret = self.opt(f, field, "secret", r.secret, None)
         header, prefix, username, param = "authorization", "", "", ""
         if kind == "header":
-            if "header" not in fields:
-                raise r.problem(node, f"{field}.header", "required for type header: a header name")
-            header = r.token(fields["header"], f"{field}.header")
-            prefix = r.string(fields["prefix"], f"{field}.prefix") if "prefix" in fields else ""
+            header = need("header", r.credential_header, "a header name") or header
+            prefix = self.opt(f, field, "prefix", r.string, "", null_ok=True)
         elif kind == "basic":
-            if "username" not in fields:
-                raise r.problem(node, f"{field}.username", "required for type basic")
-            username = r.string(fields["username"], f"{field}.username")
-            if ":" in username:
-                raise r.problem(fields["username"], f"{field}.username", "must not contain ':'")
+            username = need("username", r.username, "the user name")
         elif kind == "query":
-            if "param" not in fields:
-                raise r.problem(node, f"{field}.param", "required for type query: the query parameter name")
-            param = r.scalar(fields["param"], f"{field}.param", "a query parameter name")
-            if not _PARAM.match(param):
-                raise r.problem(fields["param"], f"{field}.param", "expected a query parameter name")
+            param = need("param", r.param, "the query parameter name")
+        if len(r.problems) > before:
+            raise Invalid()
         return Auth(kind, secret, header=header, prefix=prefix, username=username, param=param)
 
-    def secret(self, node: yaml.Node, field: str) -> SecretRef:
-        value = self.r.scalar(node, field, "env:NAME or file:PATH")
-        kind, _, ref = value.partition(":")
-        if kind == "env" and _ENV.match(ref):
-            return SecretRef("env", ref)
-        if kind == "file" and ref.strip():
-            return SecretRef("file", self._path(ref.strip()))
-        raise self.r.problem(node, field, "expected env:NAME or file:PATH; literal secrets are not allowed")
+    def set_headers(self, node: yaml.Node, field: str, auth: Auth | None) -> tuple[tuple[str, str], ...]:
+        """Header name -> value, in file order, names lower-cased."""
+        r = self.r
+        credential = {*CALLER_CREDENTIAL_HEADERS, *([auth.header] if auth is not None else [])}
+        out: dict[str, str] = {}
+        first_line: dict[str, int] = {}
+        for _key, label, key_node, value_node in r.entries(node, field):
+            where = join(field, label)
+            try:
+                name = r.token(key_node, where)
+                value = r.string(value_node, where)  # numbers arrive as their text
+            except Invalid:
+                continue
+            if name in credential:  # else a literal secret would sit in the policy
+                r.problem(key_node, where, "credentials belong in auth.secret, not set_headers")
+            elif name in FRAMING or name in HOP_BY_HOP:
+                r.problem(key_node, where, "is managed by the proxy and cannot be set")
+            elif name in out:  # Content-Type and content-type are one header
+                r.problem(key_node, where, f"duplicate header (first at line {first_line[name]})")
+            else:
+                out[name] = value
+                first_line[name] = line_of(key_node)
+        return tuple(out.items())
 
     def timeouts(self, node: yaml.Node, field: str) -> Timeouts:
-        fields = self.r.mapping(node, field, frozenset({"connect", "read"}))
-        values = {k: self.r.duration(v, f"{field}.{k}") for k, v in fields.items()}
-        return Timeouts(**values)
+        r, d = self.r, Timeouts()
+        f = r.mapping(node, field, frozenset({"connect", "read"}))
+        return Timeouts(
+            connect=self.opt(f, field, "connect", r.duration, d.connect),
+            read=self.opt(f, field, "read", r.duration, d.read),
+        )
 
     def tls(self, node: yaml.Node, field: str) -> UpstreamTLS:
-        fields = self.r.mapping(node, field, frozenset({"ca_bundle", "server_name"}))
-        ca_bundle = server_name = None
-        if "ca_bundle" in fields:
-            ca_bundle = self._path(self.r.string(fields["ca_bundle"], f"{field}.ca_bundle"))
-            if not Path(ca_bundle).is_file():
-                raise self.r.problem(fields["ca_bundle"], f"{field}.ca_bundle", f"file not found: {ca_bundle}")
-        if "server_name" in fields:
-            server_name = normalize_host(self.r.scalar(fields["server_name"], f"{field}.server_name", "a host name"))
-            if not _HOSTNAME.match(server_name):
-                raise self.r.problem(fields["server_name"], f"{field}.server_name", "expected a host name")
-        return UpstreamTLS(ca_bundle=ca_bundle, server_name=server_name)
+        r = self.r
+        f = r.mapping(node, field, frozenset({"ca_bundle", "server_name"}))
+        return UpstreamTLS(
+            ca_bundle=self.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
+            server_name=self.opt(f, field, "server_name", r.host, None, null_ok=True),
+        )
 
     def pool(self, node: yaml.Node, field: str) -> PoolLimits:
-        fields = self.r.mapping(node, field, frozenset({"max_connections", "keepalive_timeout"}))
-        out = PoolLimits()
-        if "max_connections" in fields:
-            out = PoolLimits(
-                self.r.integer(fields["max_connections"], f"{field}.max_connections", 1), out.keepalive_timeout
-            )
-        if "keepalive_timeout" in fields:
-            keepalive = self.r.duration(fields["keepalive_timeout"], f"{field}.keepalive_timeout")
-            out = PoolLimits(out.max_connections, keepalive)
-        return out
-
-
-def _try(read: Callable[[], T], default: T | None = None) -> T:
-    """Run one field reader; on Invalid (already recorded) give the default,
-    so one bad field does not hide the problems of the next."""
-    try:
-        return read()
-    except (Invalid, KeyError):
-        return default  # type: ignore[return-value]
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
+        r, d = self.r, PoolLimits()
+        f = r.mapping(node, field, frozenset({"max_connections", "keepalive_timeout"}))
+        return PoolLimits(
+            max_connections=self.opt(f, field, "max_connections", r.count, d.max_connections),
+            keepalive_timeout=self.opt(f, field, "keepalive_timeout", r.duration, d.keepalive_timeout),
+        )
