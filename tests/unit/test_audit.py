@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from addons import audit
 from addons.audit import AuditLog
@@ -305,3 +307,31 @@ def test_full_queue_drops_and_counts(make_log: MakeLog, monkeypatch: pytest.Monk
 def test_rejects_bad_settings(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         AuditLog(str(tmp_path / "a.log"), **kwargs)
+
+
+@given(
+    path=st.text(max_size=40).map(lambda s: "/" + s),
+    host=st.text(min_size=1, max_size=20),
+    status=st.one_of(st.none(), st.integers(100, 599)),
+    elapsed=st.one_of(st.none(), st.floats(0, 1000, allow_nan=False)),
+    sent=st.integers(0, 10**12),
+    intercepted=st.booleans(),
+    failed=st.booleans(),
+)
+@settings(max_examples=200)
+def test_fast_line_is_byte_identical_to_the_record(
+    path: str, host: str, status: int | None, elapsed: float | None, sent: int, intercepted: bool, failed: bool
+) -> None:
+    log = AuditLog(os.devnull, max_bytes=0, clock=lambda: 1700000000.25)
+    flow = make_flow(path=path, host=host)
+    if status is not None:
+        flow.response = Response(status)
+    if elapsed is not None:
+        flow.timings["end"] = flow.timings["start"] + elapsed
+    if failed:
+        flow.error = UpstreamTimeout("openai")
+    flow.bytes_to_client, flow.intercepted = sent, intercepted
+    try:
+        assert log.line(flow) == json.dumps(log.record(flow), separators=(",", ":"), ensure_ascii=False)
+    finally:
+        log.done()
