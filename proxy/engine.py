@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,9 @@ class Sidekey:
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] = listen
         self.draining = False
+        # Injected so retry schedules are deterministic in tests.
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self.random: Callable[[], float] = random.random
         self.in_flight = 0
         self.connections: set[ClientConn] = set()
         self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0}

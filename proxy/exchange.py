@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import ClientResponse
 from multidict import CIMultiDict
-from yarl import URL
 
 from proxy import errors, http1, routing, upstream
 from proxy.bodies import BodyReader
 from proxy.flow import Flow, Request, Response, new_request_id
+from proxy.forward import forward
 from proxy.policy import Policy
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyRead
     try:
         if body.complete:
             req.content_length = 0
-        elif body.kind == "length" and body.length <= SMALL_BODY:
+        elif body.kind == "length" and body.length <= _replay_limit(flow):
             req.body = await body.read_all()
             req.content_length = len(req.body)
         else:
@@ -152,7 +152,7 @@ async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyRead
                 req.headers["content-length"] = str(req.content_length)
         await engine.addons.decide("request", flow)
         if flow.response is None:
-            resp = await _send_upstream(engine, flow, body)
+            resp = await forward(engine, flow, body)
             flow.response = Response(resp.status, http1.end_to_end(resp.headers))
             await engine.addons.decide("responseheaders", flow)
         if flow.response.body is not None or resp is None:  # a local answer
@@ -188,27 +188,18 @@ async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyRead
                 resp.release()
 
 
-async def _send_upstream(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientResponse:
-    assert flow.upstream_url is not None, "route() sets it"
-    url = URL(flow.upstream_url, encoded=True)
+def _replay_limit(flow: Flow) -> int:
+    """Bodies up to this are read whole: one upstream write, and a retry can
+    send them again."""
     provider = flow.provider
-    key = upstream.pool_key(provider, url.scheme, url.raw_host or "", url.port or 443, engine.guard)
-    session = engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
-    flow.timings["request_sent"] = time.monotonic()
-    server_name = provider.tls.server_name if provider else None
-    try:
-        resp = await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)
-    except errors.ProxyError:
-        if body.error is not None:  # the caller's body broke: that is the cause
-            raise body.error from None
-        raise
-    flow.timings["response_headers"] = time.monotonic()
-    return resp
+    return max(SMALL_BODY, provider.retry.replay_max_bytes) if provider is not None else SMALL_BODY
 
 
 def _finish_headers(conn: ClientConn, flow: Flow, headers: CIMultiDict[str], keep: bool) -> None:
     conn.head_sent = True
     headers["x-sidekey-request-id"] = flow.id
+    if "attempts" in flow.metadata:
+        headers["x-sidekey-attempts"] = str(flow.metadata["attempts"])
     if not keep:
         headers["connection"] = "close"
 

@@ -74,6 +74,19 @@ class PoolLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When a failed attempt is tried again (decided by ``proxy.retry``)."""
+
+    attempts: int = 3  # in total, the first included; 1 disables retries
+    backoff_base: float = 0.25  # full jitter: uniform(0, min(cap, base * 2**n))
+    backoff_cap: float = 8.0
+    deadline: float = 30.0  # no retry starts later than this after the request arrived
+    statuses: tuple[int, ...] = (429, 500, 502, 503, 504)
+    non_idempotent: bool = False  # retry POST/PATCH even when the upstream may have processed it
+    replay_max_bytes: int = 1024 * 1024  # larger bodies are streamed once and never retried
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamTLS:
     ca_bundle: str | None = None  # extra CA file, added to the system store
     server_name: str | None = None  # SNI / certificate name, when not the URL host
@@ -99,6 +112,7 @@ class Provider:
     timeouts: Timeouts = field(default_factory=Timeouts)
     tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     pool: PoolLimits = field(default_factory=PoolLimits)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     line: int = 0  # where it is defined, for messages
 
 

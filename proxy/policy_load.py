@@ -35,6 +35,7 @@ from proxy.policy import (
     Policy,
     PoolLimits,
     Provider,
+    RetryPolicy,
     Timeouts,
     UnmatchedMode,
     UpstreamTLS,
@@ -51,7 +52,12 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 TOP = frozenset({"version", "unmatched", "limits", "network", "addons", "providers"})
 LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
-PROVIDER = frozenset({"hosts", "upstream", "auth", "set_headers", "strip_headers", "timeouts", "tls", "pool"})
+PROVIDER = frozenset(
+    {"hosts", "upstream", "auth", "set_headers", "strip_headers", "timeouts", "tls", "pool", "retry"}
+)
+RETRY = frozenset(
+    {"attempts", "backoff_base", "backoff_cap", "deadline", "statuses", "non_idempotent", "replay_max_bytes"}
+)
 AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "none")
 # The fields each auth type reads; any other is a mistake (a `header:` on a
 # bearer provider would otherwise be silently ignored).
@@ -210,6 +216,7 @@ class _Builder:
         timeouts = self.opt(f, field, "timeouts", self.timeouts, Timeouts(), null_ok=True)
         tls = self.opt(f, field, "tls", self.tls, UpstreamTLS(), null_ok=True)
         pool = self.opt(f, field, "pool", self.pool, PoolLimits(), null_ok=True)
+        retry = self.opt(f, field, "retry", self.retry, RetryPolicy(), null_ok=True)
         if auth is None:
             return None
         return Provider(
@@ -222,6 +229,7 @@ class _Builder:
             timeouts=timeouts,
             tls=tls,
             pool=pool,
+            retry=retry,
             line=line_of(key_node),
         )
 
@@ -324,6 +332,29 @@ class _Builder:
         return UpstreamTLS(
             ca_bundle=self.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
             server_name=self.opt(f, field, "server_name", r.host, None, null_ok=True),
+        )
+
+    def retry(self, node: yaml.Node, field: str) -> RetryPolicy:
+        r, d = self.r, RetryPolicy()
+        f = r.mapping(node, field, RETRY)
+
+        def status(n: yaml.Node, where: str) -> int:
+            code = r.integer(n, where, minimum=400)
+            if code > 599:
+                raise r.problem(n, where, "expected an HTTP error status, 400 to 599")
+            return code
+
+        def flag(n: yaml.Node, where: str) -> bool:
+            return r.choice(n, where, ("true", "false")) == "true"
+
+        return RetryPolicy(
+            attempts=self.opt(f, field, "attempts", partial(r.integer, minimum=1), d.attempts),
+            backoff_base=self.opt(f, field, "backoff_base", r.duration, d.backoff_base),
+            backoff_cap=self.opt(f, field, "backoff_cap", r.duration, d.backoff_cap),
+            deadline=self.opt(f, field, "deadline", r.duration, d.deadline),
+            statuses=self.each(f.get("statuses"), f"{field}.statuses", status) if "statuses" in f else d.statuses,
+            non_idempotent=self.opt(f, field, "non_idempotent", flag, d.non_idempotent),
+            replay_max_bytes=self.opt(f, field, "replay_max_bytes", r.size, d.replay_max_bytes),
         )
 
     def pool(self, node: yaml.Node, field: str) -> PoolLimits:

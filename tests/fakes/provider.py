@@ -109,6 +109,7 @@ class FakeProvider:
         self.openai_reply = openai_wire.OPENAI_REPLY
         self.anthropic_reply = anthropic_wire.ANTHROPIC_REPLY
         self.received: list[ReceivedRequest] = []
+        self._flaky_counts: dict[str, int] = {}
         self.port = 0
         self._tmpdir = Path(tempfile.mkdtemp(prefix="fake-provider-"))
         self.ca = trustme.CA()
@@ -151,6 +152,7 @@ class FakeProvider:
         r.add_route("*", "/status/{code:\\d+}", self._status)
         r.add_get("/slow-headers", self._slow_headers)
         r.add_get("/gzip", self._gzip)
+        r.add_route("*", "/flaky/{name}/{n:\\d+}", self._flaky)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.server_ssl_context())
@@ -401,6 +403,16 @@ class FakeProvider:
             return web.Response(status=code)
         return web.json_response({"status": code}, status=code)
 
+    async def _flaky(self, request: web.Request) -> web.StreamResponse:
+        """The first n requests for ``name`` fail with ?status= (default 503)
+        and the rate-limit headers named in the query; later ones succeed."""
+        name = request.match_info["name"]
+        seen = self._flaky_counts[name] = self._flaky_counts.get(name, 0) + 1
+        if seen > int(request.match_info["n"]):
+            return web.json_response({"attempt": seen})
+        headers = {h: request.query[q] for q, h in _FLAKY_HEADERS.items() if q in request.query}
+        return web.json_response({"error": {"attempt": seen}}, status=int(request.query.get("status", "503")), headers=headers)
+
     async def _slow_headers(self, request: web.Request) -> web.StreamResponse:
         delay = float(request.query.get("delay", "1"))
         await asyncio.sleep(delay)
@@ -415,6 +427,14 @@ class FakeProvider:
                 "x-raw-sha256": GZIP_SHA256,
             },
         )
+
+
+_FLAKY_HEADERS = {
+    "retry_after": "Retry-After",
+    "retry_after_ms": "retry-after-ms",
+    "reset_requests": "x-ratelimit-reset-requests",
+    "anthropic_reset": "anthropic-ratelimit-requests-reset",
+}
 
 
 def _openai_headers() -> dict[str, str]:

@@ -38,17 +38,27 @@ providers:
     auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
     {tls}
     timeouts: {{connect: 5, read: 5}}
+    retry: {{attempts: 1}}  # failure tests see each failure once; see retrying below
   anthropic:
     hosts: [api.anthropic.com]
     upstream: {upstream}
     auth: {{type: header, header: x-api-key, secret: env:ANTHROPIC_API_KEY}}
     set_headers: {{anthropic-version: "2023-06-01"}}
     {tls}
+    retry: {{attempts: 1}}
   querykey:
     hosts: ["*.query.test"]
     upstream: {upstream}
     auth: {{type: query, param: key, secret: env:QUERY_API_KEY}}
     {tls}
+    retry: {{attempts: 1}}
+  retrying:
+    hosts: [retry.test]
+    upstream: {upstream}
+    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
+    {tls}
+    timeouts: {{connect: 5, read: 5}}
+    retry: {{attempts: 3, backoff_base: 10ms, backoff_cap: 50ms, deadline: 10s}}
 {extra}
 """
 

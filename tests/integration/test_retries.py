@@ -1,0 +1,77 @@
+"""Retries through a real sidekey against a fake that fails on command.
+The `retrying` provider (retry.test) retries 3 times with 10-50 ms backoff."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tests.fakes.provider import FakeProviderThread
+from tests.integration.conftest import OPENAI_KEY, curl
+from tests.integration.sidekey_process import SidekeyProcess
+
+
+def paths(fake: FakeProviderThread, prefix: str) -> list[str]:
+    return [r.method for r in fake.received if r.path.startswith(prefix)]
+
+
+def test_get_retried_after_503_then_answered(sidekey: SidekeyProcess, fake: FakeProviderThread) -> None:
+    result = curl(sidekey, "-i", "https://retry.test/flaky/a/2")
+    assert " 200 " in result.stdout.splitlines()[0]
+    assert "x-sidekey-attempts: 3" in result.stdout.lower()
+    assert json.loads(result.stdout.split("\n\n", 1)[1]) == {"attempt": 3}
+    assert paths(fake, "/flaky/a") == ["GET"] * 3
+    assert fake.headers_seen("authorization") == [f"Bearer {OPENAI_KEY}"] * 3  # the key on every attempt
+
+
+def test_post_retried_after_429_with_its_body(sidekey: SidekeyProcess, fake: FakeProviderThread, tmp_path: Path) -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 200_000}]})
+    path = tmp_path / "body.json"
+    path.write_text(body)
+    result = curl(sidekey, "-H", "Content-Type: application/json", "--data-binary", f"@{path}",
+                  "https://retry.test/flaky/b/1?status=429&retry_after_ms=20")
+    assert json.loads(result.stdout) == {"attempt": 2}
+    sent = [r for r in fake.received if r.path.startswith("/flaky/b")]
+    assert [r.body_size for r in sent] == [len(body)] * 2
+    assert sent[0].body_sha256 == sent[1].body_sha256
+
+
+def test_post_not_retried_after_500(sidekey: SidekeyProcess, fake: FakeProviderThread) -> None:
+    """A 500 after the request went out may mean the completion was billed."""
+    result = curl(sidekey, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-d", "{}", "https://retry.test/flaky/c/5?status=500")
+    assert result.stdout == "500"
+    assert paths(fake, "/flaky/c") == ["POST"]
+
+
+def test_retry_after_longer_than_the_deadline_is_not_slept(sidekey: SidekeyProcess, fake: FakeProviderThread) -> None:
+    started = time.monotonic()
+    result = curl(sidekey, "-s", "-o", "/dev/null", "-w", "%{http_code}", "https://retry.test/flaky/d/5?status=429&retry_after=120")
+    assert result.stdout == "429"  # the upstream's answer, at once
+    assert time.monotonic() - started < 3
+    assert paths(fake, "/flaky/d") == ["GET"]
+
+
+def test_attempts_are_bounded_and_overridable(sidekey: SidekeyProcess, fake: FakeProviderThread) -> None:
+    curl(sidekey, "-s", "-o", "/dev/null", "https://retry.test/flaky/e/9")
+    assert len(paths(fake, "/flaky/e")) == 3
+    curl(sidekey, "-s", "-o", "/dev/null", "-H", "x-sidekey-retries: 0", "https://retry.test/flaky/f/9")
+    assert len(paths(fake, "/flaky/f")) == 1
+    assert fake.headers_seen("x-sidekey-retries") == []  # control headers never go upstream
+
+
+def test_connect_errors_retried_even_for_post(start_sidekey: object, fake: FakeProviderThread) -> None:
+    from tests.integration.conftest import policy_for
+
+    extra = """\
+  down:
+    hosts: [down.test]
+    upstream: https://127.0.0.1:9
+    auth: {type: bearer, secret: env:OPENAI_API_KEY}
+    retry: {attempts: 3, backoff_base: 10ms, backoff_cap: 20ms}
+"""
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    result = curl(proxy, "-i", "-d", "{}", "https://down.test/v1/chat/completions")
+    assert " 502 " in result.stdout.splitlines()[0]
+    assert "x-sidekey-attempts: 3" in result.stdout.lower()
+    assert '"upstream_connect_error"' in result.stdout
