@@ -180,4 +180,10 @@ class _EngineCollector(Collector):
         reloads = CounterMetricFamily("sidekey_policy_reloads", "Policy reloads by result", labels=["result"])
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
-        yield from (conns, flows, pool, reloads)
+        circuits = GaugeMetricFamily(
+            "sidekey_circuit_open", "1 while an upstream's circuit is open or half-open",
+            labels=["provider", "upstream", "state"],
+        )  # fmt: skip
+        for c in stats.get("circuits", []):  # providers and upstreams come from the policy
+            circuits.add_metric([c["provider"], c["upstream"], c["state"]], 0 if c["state"] == "closed" else 1)
+        yield from (conns, flows, pool, reloads, circuits)

@@ -16,9 +16,10 @@ from typing import Any
 
 from proxy import errors, exchange, netguard, routing
 from proxy.certs import CertificateAuthority, LeafContexts
+from proxy.circuit import Breaker
 from proxy.flow import new_request_id
 from proxy.hooks import AddonManager
-from proxy.policy import Policy
+from proxy.policy import Policy, Provider
 
 log = logging.getLogger("sidekey")
 
@@ -75,6 +76,7 @@ class Sidekey:
         self.random: Callable[[], float] = random.random
         self.in_flight = 0
         self.connections: set[ClientConn] = set()
+        self.breakers: dict[tuple[str, str, int], Breaker] = {}
         self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0}
         self.reloads = {"ok": 0, "unchanged": 0, "failed": 0}
         self.policy_loaded_at = time.time()
@@ -102,6 +104,18 @@ class Sidekey:
         self.protect_port(self.address[1])
         await self.addons.observe("running")
         log.info("sidekey listening on %s:%d (%d providers)", *self.address, len(self.policy.providers))
+
+    def breaker(self, provider: Provider, host: str, port: int) -> Breaker:
+        """The circuit of one upstream of one provider (two providers, or two
+        keys, on the same host fail independently: a throttled key is not a
+        down host). Kept across reloads; a new policy only changes thresholds."""
+        key = (provider.name, host, port)
+        b = self.breakers.get(key)
+        if b is None:
+            b = self.breakers[key] = Breaker(provider.circuit)
+        elif b.policy is not provider.circuit:
+            b.policy = provider.circuit
+        return b
 
     def protect_port(self, port: int) -> None:
         """Never tunnel or forward to this loopback port (our own listeners)."""
@@ -181,6 +195,9 @@ class Sidekey:
         return {
             **self.counters,
             "reloads": dict(self.reloads),
+            "circuits": [
+                {"provider": name, "upstream": f"{h}:{p}", **b.statistics()} for (name, h, p), b in self.breakers.items()
+            ],
             "open_connections": len(self.connections),
             "in_flight": self.in_flight,
             "pools": self.pools.statistics(),

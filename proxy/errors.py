@@ -87,6 +87,11 @@ class ShuttingDown(ProxyError):
 
 
 # -- the upstream -------------------------------------------------------------
+class CircuitOpen(ProxyError):
+    status, code, retryable = 503, "circuit_open", True
+    template = "the upstream of provider {provider} is failing; not trying it for {seconds} s"
+
+
 class UpstreamConnectError(ProxyError):
     status, code, retryable = 502, "upstream_connect_error", True
     template = "could not connect to the upstream of provider {provider}"

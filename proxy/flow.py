@@ -71,7 +71,7 @@ class Response:
     def from_error(cls, err: ProxyError) -> Response:
         resp = cls.make(err.status, render_error(err))
         if err.status == 503 and err.retryable:
-            resp.headers["retry-after"] = "1"
+            resp.headers["retry-after"] = str(err.fields.get("seconds", 1))
         return resp
 
     def __repr__(self) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -98,8 +99,25 @@ async def _attempt(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespo
     provider = flow.provider
     key = upstream.pool_key(provider, url.scheme, url.raw_host or "", url.port or 443, engine.guard)
     session = engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
-    flow.timings["request_sent"] = time.monotonic()
+    breaker = engine.breaker(provider, key.host, key.port) if provider is not None else None
+    now = time.monotonic()
+    if breaker is not None and not breaker.allow(now):
+        raise errors.CircuitOpen(flow.provider_name, seconds=math.ceil(breaker.retry_after(now)) or 1)
+    flow.timings["request_sent"] = now
     server_name = provider.tls.server_name if provider else None
-    resp = await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)
-    flow.timings["response_headers"] = time.monotonic()
+    try:
+        resp = await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)
+    except errors.ProxyError:
+        if breaker is not None:
+            breaker.record(True, time.monotonic())
+        raise
+    except BaseException:
+        if breaker is not None:
+            breaker.abandon()
+        raise
+    flow.timings["response_headers"] = end = time.monotonic()
+    if breaker is not None:
+        failed = resp.status >= 500 or resp.status == 429
+        asked = retry.server_delay(resp.headers, time.time()) if failed else None
+        breaker.record(failed, end, asked)
     return resp

@@ -87,6 +87,16 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CircuitPolicy:
+    failures: int = 5  # consecutive failures that open it; 0 disables the breaker
+    ratio: float = 0.5  # or this share of failures within the window ...
+    min_requests: int = 20  # ... once at least this many requests were seen
+    window: float = 30.0
+    cooldown: float = 30.0
+    probes: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamTLS:
     ca_bundle: str | None = None  # extra CA file, added to the system store
     server_name: str | None = None  # SNI / certificate name, when not the URL host
@@ -113,6 +123,7 @@ class Provider:
     tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     pool: PoolLimits = field(default_factory=PoolLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
     line: int = 0  # where it is defined, for messages
 
 

@@ -30,6 +30,7 @@ from proxy.policy import (
     CALLER_CREDENTIAL_HEADERS,
     Auth,
     AuthType,
+    CircuitPolicy,
     IPNetwork,
     ListenerLimits,
     Policy,
@@ -53,8 +54,9 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 TOP = frozenset({"version", "unmatched", "limits", "network", "addons", "providers"})
 LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
 PROVIDER = frozenset(
-    {"hosts", "upstream", "auth", "set_headers", "strip_headers", "timeouts", "tls", "pool", "retry"}
+    {"hosts", "upstream", "auth", "set_headers", "strip_headers", "timeouts", "tls", "pool", "retry", "circuit"}
 )
+CIRCUIT = frozenset({"failures", "ratio", "min_requests", "window", "cooldown", "probes"})
 RETRY = frozenset(
     {"attempts", "backoff_base", "backoff_cap", "deadline", "statuses", "non_idempotent", "replay_max_bytes"}
 )
@@ -217,6 +219,7 @@ class _Builder:
         tls = self.opt(f, field, "tls", self.tls, UpstreamTLS(), null_ok=True)
         pool = self.opt(f, field, "pool", self.pool, PoolLimits(), null_ok=True)
         retry = self.opt(f, field, "retry", self.retry, RetryPolicy(), null_ok=True)
+        circuit = self.opt(f, field, "circuit", self.circuit, CircuitPolicy(), null_ok=True)
         if auth is None:
             return None
         return Provider(
@@ -230,6 +233,7 @@ class _Builder:
             tls=tls,
             pool=pool,
             retry=retry,
+            circuit=circuit,
             line=line_of(key_node),
         )
 
@@ -355,6 +359,28 @@ class _Builder:
             statuses=self.each(f.get("statuses"), f"{field}.statuses", status) if "statuses" in f else d.statuses,
             non_idempotent=self.opt(f, field, "non_idempotent", flag, d.non_idempotent),
             replay_max_bytes=self.opt(f, field, "replay_max_bytes", r.size, d.replay_max_bytes),
+        )
+
+    def circuit(self, node: yaml.Node, field: str) -> CircuitPolicy:
+        r, d = self.r, CircuitPolicy()
+        f = r.mapping(node, field, CIRCUIT)
+
+        def share(n: yaml.Node, where: str) -> float:
+            try:
+                value = float(r.scalar(n, where, "a number between 0 and 1"))
+            except ValueError:
+                value = -1.0
+            if not 0 < value <= 1:
+                raise r.problem(n, where, "expected a number between 0 and 1, e.g. 0.5")
+            return value
+
+        return CircuitPolicy(
+            failures=self.opt(f, field, "failures", partial(r.integer, minimum=0), d.failures),
+            ratio=self.opt(f, field, "ratio", share, d.ratio),
+            min_requests=self.opt(f, field, "min_requests", partial(r.integer, minimum=1), d.min_requests),
+            window=self.opt(f, field, "window", r.duration, d.window),
+            cooldown=self.opt(f, field, "cooldown", r.duration, d.cooldown),
+            probes=self.opt(f, field, "probes", partial(r.integer, minimum=1), d.probes),
         )
 
     def pool(self, node: yaml.Node, field: str) -> PoolLimits:

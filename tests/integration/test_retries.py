@@ -75,3 +75,36 @@ def test_connect_errors_retried_even_for_post(start_sidekey: object, fake: FakeP
     assert " 502 " in result.stdout.splitlines()[0]
     assert "x-sidekey-attempts: 3" in result.stdout.lower()
     assert '"upstream_connect_error"' in result.stdout
+
+
+def test_circuit_opens_fails_fast_half_opens_and_closes(start_sidekey: object, fake: FakeProviderThread) -> None:
+    from tests.integration.conftest import policy_for
+
+    extra = f"""\
+  fragile:
+    hosts: [fragile.test]
+    upstream: https://localhost:{fake.port}
+    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
+    tls: {{ca_bundle: {fake.ca_pem_path}}}
+    retry: {{attempts: 1}}
+    circuit: {{failures: 2, cooldown: 500ms}}
+"""
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+
+    def get() -> str:
+        return curl(proxy, "-i", "https://fragile.test/flaky/z/2").stdout
+
+    assert " 503 " in get().splitlines()[0] and " 503 " in get().splitlines()[0]  # two failures: open
+    refused = get()
+    assert '"circuit_open"' in refused and "retry-after: 1" in refused.lower()
+    assert len(paths(fake, "/flaky/z")) == 2  # refused without touching the upstream
+    assert other_provider_still_works(proxy)
+    time.sleep(0.6)  # cooldown over: one probe goes through and succeeds
+    assert " 200 " in get().splitlines()[0]
+    assert " 200 " in get().splitlines()[0]  # closed again
+    assert len(paths(fake, "/flaky/z")) == 4
+
+
+def other_provider_still_works(proxy: SidekeyProcess) -> bool:
+    """Same upstream host, another provider: its own circuit, still closed."""
+    return curl(proxy, "-s", "-o", "/dev/null", "-w", "%{http_code}", "https://retry.test/echo").stdout == "200"
