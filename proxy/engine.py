@@ -196,7 +196,8 @@ class Sidekey:
             **self.counters,
             "reloads": dict(self.reloads),
             "circuits": [
-                {"provider": name, "upstream": f"{h}:{p}", **b.statistics()} for (name, h, p), b in self.breakers.items()
+                {"provider": name, "upstream": f"{host}:{port}", **b.statistics()}
+                for (name, host, port), b in self.breakers.items()
             ],
             "open_connections": len(self.connections),
             "in_flight": self.in_flight,
