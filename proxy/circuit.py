@@ -13,7 +13,6 @@ instead of waiting on an upstream known to be down. In half_open only
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Literal
 
 from proxy.policy import CircuitPolicy
@@ -21,8 +20,12 @@ from proxy.policy import CircuitPolicy
 State = Literal["closed", "open", "half_open"]
 
 
+BUCKETS = 10  # the window is counted in this many time slices (cheap on every request)
+
+
 class Breaker:
-    __slots__ = ("policy", "state", "consecutive", "opened_until", "probes_in_flight", "_events", "_failed", "opens")
+    __slots__ = ("policy", "state", "consecutive", "opened_until", "probes_in_flight", "opens",
+                 "_slice", "_totals", "_failures")  # fmt: skip
 
     def __init__(self, policy: CircuitPolicy) -> None:
         self.policy = policy
@@ -30,9 +33,10 @@ class Breaker:
         self.consecutive = 0
         self.opened_until = 0.0
         self.probes_in_flight = 0
-        self._events: deque[tuple[float, bool]] = deque()  # (time, failed) within the window
-        self._failed = 0
         self.opens = 0
+        self._slice = 0  # index of the newest time slice
+        self._totals = [0] * BUCKETS
+        self._failures = [0] * BUCKETS
 
     def allow(self, now: float) -> bool:
         if self.state == "closed":
@@ -65,19 +69,30 @@ class Breaker:
             else:
                 self._close()
             return
-        self._events.append((now, failed))
-        self._failed += failed
-        while self._events and self._events[0][0] < now - p.window:
-            _t, was_failed = self._events.popleft()
-            self._failed -= was_failed
-        self.consecutive = self.consecutive + 1 if failed else 0
-        if self.state != "closed" or not failed:
+        self._count(now, failed)
+        if not failed:
+            self.consecutive = 0
             return
-        too_many = p.failures and self.consecutive >= p.failures
-        total = len(self._events)
-        too_often = total >= p.min_requests and self._failed / total >= p.ratio
-        if too_many or too_often:
+        self.consecutive += 1
+        if self.state != "closed":
+            return
+        total = sum(self._totals)
+        too_often = total >= p.min_requests and sum(self._failures) / total >= p.ratio
+        if self.consecutive >= p.failures or too_often:
             self._open(now, retry_after)
+
+    def _count(self, now: float, failed: bool) -> None:
+        current = int(now * BUCKETS / self.policy.window)
+        if current != self._slice:
+            # Clear the slices that fell out of the window since the last event.
+            for step in range(1, min(current - self._slice, BUCKETS) + 1):
+                slot = (self._slice + step) % BUCKETS
+                self._totals[slot] = self._failures[slot] = 0
+            self._slice = current
+        slot = current % BUCKETS
+        self._totals[slot] += 1
+        if failed:
+            self._failures[slot] += 1
 
     def _open(self, now: float, retry_after: float | None) -> None:
         self.state = "open"
@@ -85,8 +100,9 @@ class Breaker:
         self.opened_until = now + max(self.policy.cooldown, retry_after or 0.0)
 
     def _close(self) -> None:
-        self.state, self.consecutive, self._failed = "closed", 0, 0
-        self._events.clear()
+        self.state, self.consecutive = "closed", 0
+        self._totals = [0] * BUCKETS
+        self._failures = [0] * BUCKETS
 
     def statistics(self) -> dict[str, object]:
         return {"state": self.state, "consecutive_failures": self.consecutive, "opens": self.opens}
