@@ -256,7 +256,15 @@ async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: C
     writer.write(http1.response_head(out.status, headers.items()))
     sent = 0
     while True:
-        piece = await _upstream_read(resp, content.readany(), flow)
+        try:
+            piece = await _upstream_read(resp, content.readany(), flow)
+        except errors.ProxyError as err:
+            if chunked and _wants_sse_error(flow, headers):
+                # The stream died mid-answer: say so in-band for SSE clients,
+                # then the caller aborts without the terminating chunk.
+                event = sse_error_event(err)
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            raise
         if not piece:
             break
         if not sent:
@@ -271,6 +279,21 @@ async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: C
         await writer.drain()
     flow.bytes_to_client += sent
     return keep
+
+
+def _wants_sse_error(flow: Flow, headers: CIMultiDict[str]) -> bool:
+    provider = flow.provider
+    return (
+        provider is not None
+        and provider.sse_error_event
+        and headers.get("content-type", "").startswith("text/event-stream")
+    )
+
+
+def sse_error_event(err: errors.ProxyError) -> bytes:
+    """``event: error`` with our JSON error body: the openai SDK raises on a
+    data object carrying ``error``, the anthropic SDK on ``event: error``."""
+    return b"event: error\ndata: %s\n\n" % errors.render_error(err)
 
 
 async def _upstream_read(resp: ClientResponse, aw: object, flow: Flow) -> bytes:

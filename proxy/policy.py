@@ -124,6 +124,9 @@ class Provider:
     pool: PoolLimits = field(default_factory=PoolLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
+    # When an SSE stream dies mid-answer, send a final `event: error` before
+    # cutting the connection (the cut alone already tells HTTP clients).
+    sse_error_event: bool = False
     line: int = 0  # where it is defined, for messages
 
 

@@ -54,7 +54,19 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 TOP = frozenset({"version", "unmatched", "limits", "network", "addons", "providers"})
 LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
 PROVIDER = frozenset(
-    {"hosts", "upstream", "auth", "set_headers", "strip_headers", "timeouts", "tls", "pool", "retry", "circuit"}
+    {
+        "hosts",
+        "upstream",
+        "auth",
+        "set_headers",
+        "strip_headers",
+        "timeouts",
+        "tls",
+        "pool",
+        "retry",
+        "circuit",
+        "sse_error_event",
+    }
 )
 CIRCUIT = frozenset({"failures", "ratio", "min_requests", "window", "cooldown", "probes"})
 RETRY = frozenset(
@@ -220,6 +232,7 @@ class _Builder:
         pool = self.opt(f, field, "pool", self.pool, PoolLimits(), null_ok=True)
         retry = self.opt(f, field, "retry", self.retry, RetryPolicy(), null_ok=True)
         circuit = self.opt(f, field, "circuit", self.circuit, CircuitPolicy(), null_ok=True)
+        sse_error = self.opt(f, field, "sse_error_event", self.flag, False)
         if auth is None:
             return None
         return Provider(
@@ -234,6 +247,7 @@ class _Builder:
             pool=pool,
             retry=retry,
             circuit=circuit,
+            sse_error_event=sse_error,
             line=line_of(key_node),
         )
 
@@ -348,18 +362,18 @@ class _Builder:
                 raise r.problem(n, where, "expected an HTTP error status, 400 to 599")
             return code
 
-        def flag(n: yaml.Node, where: str) -> bool:
-            return r.choice(n, where, ("true", "false")) == "true"
-
         return RetryPolicy(
             attempts=self.opt(f, field, "attempts", partial(r.integer, minimum=1), d.attempts),
             backoff_base=self.opt(f, field, "backoff_base", r.duration, d.backoff_base),
             backoff_cap=self.opt(f, field, "backoff_cap", r.duration, d.backoff_cap),
             deadline=self.opt(f, field, "deadline", r.duration, d.deadline),
             statuses=self.each(f.get("statuses"), f"{field}.statuses", status) if "statuses" in f else d.statuses,
-            non_idempotent=self.opt(f, field, "non_idempotent", flag, d.non_idempotent),
+            non_idempotent=self.opt(f, field, "non_idempotent", self.flag, d.non_idempotent),
             replay_max_bytes=self.opt(f, field, "replay_max_bytes", r.size, d.replay_max_bytes),
         )
+
+    def flag(self, node: yaml.Node, field: str) -> bool:
+        return self.r.choice(node, field, ("true", "false")) == "true"
 
     def circuit(self, node: yaml.Node, field: str) -> CircuitPolicy:
         r, d = self.r, CircuitPolicy()

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import OPENAI_KEY, curl
 from tests.integration.sidekey_process import SidekeyProcess
@@ -108,3 +110,34 @@ def test_circuit_opens_fails_fast_half_opens_and_closes(start_sidekey: object, f
 def other_provider_still_works(proxy: SidekeyProcess) -> bool:
     """Same upstream host, another provider: its own circuit, still closed."""
     return curl(proxy, "-s", "-o", "/dev/null", "-w", "%{http_code}", "https://retry.test/echo").stdout == "200"
+
+
+def test_stream_death_sends_an_sse_error_event_when_asked(
+    start_sidekey: object, fake: FakeProviderThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import openai
+
+    from tests.integration.conftest import PLACEHOLDER, policy_for
+
+    extra = f"""\
+  ssestream:
+    hosts: [sse.test]
+    upstream: https://localhost:{fake.port}
+    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
+    tls: {{ca_bundle: {fake.ca_pem_path}}}
+    sse_error_event: true
+"""
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_path))
+    client = openai.OpenAI(api_key=PLACEHOLDER, base_url="https://sse.test/v1", max_retries=0)
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+        extra_headers={"x-fake-cut-after": "2"},
+    )  # fmt: skip
+    with pytest.raises(openai.APIError) as info:
+        for _ in stream:
+            pass
+    # Our in-band event, not merely the cut connection (that would be APIConnectionError).
+    assert not isinstance(info.value, openai.APIConnectionError)
+    assert "upstream_disconnected" in str(info.value.body)
