@@ -72,7 +72,7 @@ async def serve(engine: Sidekey, conn: ClientConn, head: http1.RequestHead | Non
         head, first = None, False
 
 
-def route(conn: ClientConn, head: http1.RequestHead, policy: Policy) -> tuple[Request, Flow | None]:
+def route(conn: ClientConn, head: http1.RequestHead, policy: Policy) -> Flow:
     """Decide where a request goes; raises ProxyError for what we refuse."""
     target = head.target
     if conn.target is not None:  # inside an intercepted CONNECT tunnel
@@ -103,19 +103,18 @@ def route(conn: ClientConn, head: http1.RequestHead, policy: Policy) -> tuple[Re
         flow.upstream_url = routing.upstream_url(provider, "https", host, 443, target)
     else:
         flow.upstream_url = routing.upstream_url(provider, "https", host, port, target)
-    return request, flow
+    return flow
 
 
 async def handle(engine: Sidekey, conn: ClientConn, head: http1.RequestHead, policy: Policy) -> bool:
     """One request; returns whether the connection may serve another."""
     limits = policy.limits
     try:
-        request, flow = route(conn, head, policy)
+        flow = route(conn, head, policy)
         kind, length = http1.body_framing(head, limits.max_body_bytes)
     except errors.ProxyError as err:
         await send_error(conn, err, new_request_id())
         return False
-    assert flow is not None
     expect = head.headers.get("expect", "").lower() == "100-continue" and kind != "none"
     body = BodyReader(
         conn.reader,
