@@ -47,7 +47,7 @@ _CN_MAX = 64  # RFC 5280 ub-common-name; cryptography rejects longer CNs
 # One DNS label: letters, digits, hyphen, and underscore (seen in real service
 # names); no leading/trailing hyphen, 1..63 octets (RFC 1035 2.3.4).
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\r?\n?", re.DOTALL)
+PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\r?\n?", re.DOTALL)
 
 _CAKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _IP: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -86,7 +86,7 @@ def normalize_host(host: str) -> str:
     return name
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
     # Readers see the old file or the new one, never a torn write.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -217,7 +217,7 @@ class CertificateAuthority:
             f.write(_key_pem(key))
             f.flush()
             os.fsync(f.fileno())
-        _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return cls(cert, key, cert_path, key_path)
 
     def mint_leaf(self, host: str) -> tuple[bytes, bytes]:
@@ -362,80 +362,3 @@ class LeafContexts:
     def close(self) -> None:
         self._closed = True
         shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-
-_SYSTEM_BUNDLES = (
-    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Gentoo, Arch
-    "/etc/pki/tls/certs/ca-bundle.crt",  # RHEL, Fedora, CentOS
-    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # RHEL 7+
-    "/etc/ssl/ca-bundle.pem",  # openSUSE
-    "/etc/ssl/cert.pem",  # Alpine, macOS, BSDs
-    "/usr/local/etc/openssl/cert.pem",  # macOS Homebrew
-)
-
-
-def system_ca_file() -> Path | None:
-    """The system CA bundle to extend, or None. Deliberately not ``SSL_CERT_FILE``: it may
-    point at a bundle ``write_trust_bundle`` wrote, and extending that would nest our output."""
-    candidates = [ssl.get_default_verify_paths().openssl_cafile, *_SYSTEM_BUNDLES]
-    for candidate in candidates:
-        if candidate and os.path.isfile(candidate):
-            return Path(candidate)
-    try:
-        import certifi
-    except ImportError:
-        return None
-    return Path(certifi.where())
-
-
-_BUNDLE_MARK = b"# sidekey CA\n"
-
-
-def _pem_body(block: bytes) -> bytes:
-    return b"".join(block.split())  # compare blocks regardless of line endings
-
-
-def write_trust_bundle(ca_cert_path: Path, out_path: Path) -> Path:
-    """Write system CAs plus sidekey's CA to ``out_path`` (atomic, 0644)."""
-    match = _PEM_CERT.search(Path(ca_cert_path).read_bytes())
-    if match is None:
-        raise ValueError(f"{ca_cert_path} is not a PEM certificate")
-    ca_pem = match.group(0).strip() + b"\n"
-    ca_body = _pem_body(ca_pem)
-    system = system_ca_file()
-    base = system.read_bytes() if system is not None else b""
-    # Drop any copy of our CA already present, so the output holds it once
-    # however often this runs and whatever the system bundle holds.
-    base = _PEM_CERT.sub(lambda m: b"" if _pem_body(m.group(0)) == ca_body else m.group(0), base)
-    base = base.replace(_BUNDLE_MARK, b"")
-    base = base.rstrip() + b"\n\n" if base.strip() else b""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_path, base + _BUNDLE_MARK + ca_pem, 0o644)
-    return out_path
-
-
-def trust_instructions(ca_cert_path: Path) -> str:
-    """Human text for ``sidekey ca``."""
-    ca = str(ca_cert_path)
-    return f"""\
-sidekey CA certificate: {ca}
-
-Clients must trust this CA to talk HTTPS through sidekey.
-
-Python (requests, httpx, openai / anthropic SDKs):
-  SSL_CERT_FILE *replaces* the system trust store, so point it at a bundle of
-  the system CAs plus sidekey's, written by `sidekey ca --bundle PATH`:
-    sidekey ca --bundle ~/.sidekey/bundle.pem
-    export SSL_CERT_FILE=~/.sidekey/bundle.pem
-    export REQUESTS_CA_BUNDLE=~/.sidekey/bundle.pem
-
-Node.js (extends the built-in store, so the CA alone is enough):
-    export NODE_EXTRA_CA_CERTS={ca}
-
-curl:
-    export CURL_CA_BUNDLE=~/.sidekey/bundle.pem    # or: curl --cacert {ca} ...
-
-Then send traffic through the proxy:
-    export HTTPS_PROXY=http://127.0.0.1:8080
-"""

@@ -141,7 +141,8 @@ def print_diff(policy: Policy, admin_url: str) -> int:
 
 
 def cmd_ca(certs: Path, bundle: str | None) -> int:
-    from proxy.certs import CertificateAuthority, trust_instructions, write_trust_bundle
+    from proxy.certs import CertificateAuthority
+    from proxy.trust import trust_instructions, write_trust_bundle
 
     ca = CertificateAuthority.load_or_create(certs)
     print(ca.cert_path.resolve())

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from proxy import certs
+from proxy import trust
 from proxy.certs import CertificateAuthority, LeafContexts, normalize_host
 
 HOST = "api.example.test"
@@ -420,33 +420,33 @@ def test_bundle_has_system_certs_and_ca_once(
     system = tmp_path / "system.pem"
     others = [trustme.CA().cert_pem.bytes() for _ in range(2)]
     system.write_bytes(b"# a comment\n" + b"".join(others))
-    monkeypatch.setattr(certs, "system_ca_file", lambda: system)
-    out = certs.write_trust_bundle(ca.cert_path, tmp_path / "out" / "bundle.pem")
+    monkeypatch.setattr(trust, "system_ca_file", lambda: system)
+    out = trust.write_trust_bundle(ca.cert_path, tmp_path / "out" / "bundle.pem")
     first = out.read_bytes()
     ca_der = _cert_blocks(ca.cert_path.read_bytes())[0]
     assert _cert_blocks(first) == [*(_cert_blocks(o)[0] for o in others), ca_der]
     assert first.count(ca.cert_path.read_bytes().strip()) == 1
     assert _mode(out) == 0o644
-    assert certs.write_trust_bundle(ca.cert_path, out).read_bytes() == first  # idempotent
+    assert trust.write_trust_bundle(ca.cert_path, out).read_bytes() == first  # idempotent
 
     # A system bundle that already holds our CA (e.g. our own output) still yields it once.
     system.write_bytes(first)
-    assert certs.write_trust_bundle(ca.cert_path, out).read_bytes() == first
+    assert trust.write_trust_bundle(ca.cert_path, out).read_bytes() == first
 
 
 def test_bundle_without_system_store_is_just_the_ca(
     ca: CertificateAuthority, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(certs, "system_ca_file", lambda: None)
-    out = certs.write_trust_bundle(ca.cert_path, tmp_path / "bundle.pem")
+    monkeypatch.setattr(trust, "system_ca_file", lambda: None)
+    out = trust.write_trust_bundle(ca.cert_path, tmp_path / "bundle.pem")
     assert _cert_blocks(out.read_bytes()) == _cert_blocks(ca.cert_path.read_bytes())
 
 
 def test_bundle_from_real_system_store(ca: CertificateAuthority, tmp_path: Path) -> None:
-    system = certs.system_ca_file()
+    system = trust.system_ca_file()
     if system is None:
         pytest.skip("no system CA bundle on this machine")
-    out = certs.write_trust_bundle(ca.cert_path, tmp_path / "bundle.pem")
+    out = trust.write_trust_bundle(ca.cert_path, tmp_path / "bundle.pem")
     blocks = _cert_blocks(out.read_bytes())
     assert blocks[:-1] == _cert_blocks(system.read_bytes())  # a fresh CA is not in the system store
     assert blocks.count(_cert_blocks(ca.cert_path.read_bytes())[0]) == 1
@@ -457,11 +457,11 @@ def test_system_ca_file_ignores_ssl_cert_file(tmp_path: Path, monkeypatch: pytes
     ours = tmp_path / "ours.pem"
     ours.write_bytes(b"")
     monkeypatch.setenv("SSL_CERT_FILE", str(ours))
-    assert certs.system_ca_file() != ours
+    assert trust.system_ca_file() != ours
 
 
 def test_trust_instructions(ca: CertificateAuthority) -> None:
-    text = certs.trust_instructions(ca.cert_path)
+    text = trust.trust_instructions(ca.cert_path)
     for needle in (
         str(ca.cert_path),
         "SSL_CERT_FILE",
