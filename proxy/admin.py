@@ -131,7 +131,13 @@ class AdminServer:
 
     async def providers(self, _request: web.Request) -> web.Response:
         engine = self.engine
-        views = [provider_view(p, engine.secret_available(p)) for p in engine.policy.providers]
+        circuits = engine.statistics()["circuits"]
+        views = []
+        for p in engine.policy.providers:
+            view = provider_view(p, engine.secret_available(p))
+            mine = (c for c in circuits if c["provider"] == p.name)
+            view["circuits"] = [{k: v for k, v in c.items() if k != "provider"} for c in mine]
+            views.append(view)
         return web.json_response({"providers": views, "pools": engine.pools.statistics()})
 
     async def policy(self, _request: web.Request) -> web.Response:

@@ -141,3 +141,26 @@ def test_stream_death_sends_an_sse_error_event_when_asked(
     # Our in-band event, not merely the cut connection (that would be APIConnectionError).
     assert not isinstance(info.value, openai.APIConnectionError)
     assert "upstream_disconnected" in str(info.value.body)
+
+
+def test_providers_endpoint_shows_circuit_state(start_sidekey: object, fake: FakeProviderThread) -> None:
+    import httpx
+
+    from tests.integration.conftest import policy_for
+
+    extra = f"""\
+  fragile:
+    hosts: [fragile.test]
+    upstream: https://localhost:{fake.port}
+    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
+    tls: {{ca_bundle: {fake.ca_pem_path}}}
+    retry: {{attempts: 1}}
+    circuit: {{failures: 1, cooldown: 60s}}
+"""
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    curl(proxy, "-s", "-o", "/dev/null", "https://fragile.test/flaky/q/1")
+    providers = {p["name"]: p for p in httpx.get(proxy.admin_url + "/providers", trust_env=False).json()["providers"]}
+    assert providers["fragile"]["circuits"] == [
+        {"upstream": f"localhost:{fake.port}", "state": "open", "consecutive_failures": 1, "opens": 1}
+    ]
+    assert providers["openai"]["circuits"] == []
