@@ -58,14 +58,13 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
     attempt = 0
     while True:
         attempt += 1
-        elapsed = time.monotonic() - flow.timings["start"]
         try:
             resp = await _attempt(engine, flow, body)
         except errors.ProxyError as err:
             if body.error is not None:  # the caller's body broke: that is the cause
                 raise body.error from None
             decision = retry.decide(
-                policy, attempts_made=attempt, method=method, replayable=replayable, elapsed=elapsed,
+                policy, attempts_made=attempt, method=method, replayable=replayable, elapsed=_elapsed(flow),
                 error_code=err.code, rand=engine.random,
             )  # fmt: skip
             if not decision.retry:
@@ -77,7 +76,7 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
                 return resp
             asked = retry.server_delay(resp.headers, time.time())
             decision = retry.decide(
-                policy, attempts_made=attempt, method=method, replayable=replayable, elapsed=elapsed,
+                policy, attempts_made=attempt, method=method, replayable=replayable, elapsed=_elapsed(flow),
                 status=resp.status, asked_delay=asked, rand=engine.random,
             )  # fmt: skip
             if not decision.retry:
@@ -86,6 +85,12 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
             resp.release()  # the failed answer is not the caller's
         log.debug("flow %s: attempt %d failed, retrying in %.3fs", flow.id, attempt, decision.delay)
         await engine.sleep(decision.delay)
+
+
+def _elapsed(flow: Flow) -> float:
+    """Seconds since the request arrived, the failed attempt included (only
+    read on the failure path: the deadline is about when a retry would start)."""
+    return time.monotonic() - flow.timings["start"]
 
 
 def _note_attempts(flow: Flow, attempts: int) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from proxy.errors import AddonFailed
@@ -40,7 +40,6 @@ HOOKS: dict[str, str] = {
     "error": "(flow) The flow failed (flow.error is set): upstream failure, client gone, stream cut. Observe only.",
     "done": "() sidekey is shutting down. Stop background tasks, flush.",
 }
-DECISION_HOOKS = frozenset({"configure", "request", "responseheaders"})
 
 Call = tuple[str, Callable[..., Any], bool]  # (addon name, bound method, is async)
 
@@ -66,9 +65,6 @@ class AddonManager:
                 raise TypeError(f"{addon_name(addon)}.{hook} is not callable")
             call: Call = (addon_name(addon), method, inspect.iscoroutinefunction(method))
             self._hooks[hook] = (*self._hooks[hook], call)
-
-    def has(self, hook: str) -> bool:
-        return bool(self._hooks[hook])
 
     async def configure(self, policy: Policy) -> None:
         """Raises the addon's exception: the caller keeps the old policy."""
@@ -99,11 +95,6 @@ class AddonManager:
                     await result
             except Exception as exc:  # noqa: BLE001 - observers must not break flows
                 log.error("addon %s failed in %s: %s", name, hook, type(exc).__name__)
-
-    def run_hook(self, hook: str, *args: Any) -> Awaitable[None]:
-        if hook in DECISION_HOOKS and hook != "configure":
-            return self.decide(hook, *args)
-        return self.observe(hook, *args)
 
     def __repr__(self) -> str:
         return f"AddonManager({[addon_name(a) for a in self.addons]})"

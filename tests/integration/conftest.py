@@ -63,6 +63,23 @@ providers:
 """
 
 
+BEARER = "{type: bearer, secret: env:OPENAI_API_KEY}"
+DOWN = "https://127.0.0.1:9"  # the discard port: nothing listens, connects are refused
+
+
+def extra_provider(name: str, host: str, upstream: str, *, auth: str = BEARER, **fields: str) -> str:
+    """One more provider for ``policy_for(extra=...)``; ``fields`` are YAML flow values."""
+    lines = [f"  {name}:", f"    hosts: [{host}]", f"    upstream: {upstream}", f"    auth: {auth}"]
+    lines += [f"    {key}: {value}" for key, value in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
+def fake_provider(fake: FakeProviderThread, name: str, host: str, **fields: str) -> str:
+    """A provider whose upstream is the fake, trusted through its own CA."""
+    tls = f"{{ca_bundle: {fake.ca_pem_path}}}"
+    return extra_provider(name, host, f"https://localhost:{fake.port}", tls=tls, **fields)
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeProviderThread]:
     with FakeProviderThread() as provider:

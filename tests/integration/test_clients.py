@@ -125,15 +125,9 @@ def test_missing_secret_is_503_and_other_providers_work(start_sidekey: object, f
 
 
 def test_upstream_failures_become_json_errors(start_sidekey: object, fake: FakeProviderThread) -> None:
-    from tests.integration.conftest import policy_for
+    from tests.integration.conftest import DOWN, extra_provider, policy_for
 
-    extra = """\
-  down:
-    hosts: [down.test]
-    upstream: https://127.0.0.1:9
-    auth: {type: bearer, secret: env:OPENAI_API_KEY}
-"""
-    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    proxy = start_sidekey(policy_for(fake, extra=extra_provider("down", "down.test", DOWN)))  # type: ignore[operator]
     refused = curl(proxy, "https://down.test/v1/models")
     body = json.loads(refused.stdout)["error"]
     assert body["code"] == "upstream_connect_error" and body["retryable"] is True and body["provider"] == "down"

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.fakes.provider import FakeProviderThread
-from tests.integration.conftest import OPENAI_KEY, assert_no_secret, curl, policy_for
+from tests.integration.conftest import OPENAI_KEY, assert_no_secret, curl, extra_provider, policy_for
 from tests.integration.sidekey_process import SidekeyProcess
 
 
@@ -131,12 +131,7 @@ def test_metadata_address_refused_for_tunnels(sidekey: SidekeyProcess, target: s
 
 
 def test_metadata_address_refused_for_upstreams(start_sidekey: object, fake: FakeProviderThread) -> None:
-    extra = """\
-  metadata:
-    hosts: [meta.test]
-    upstream: https://169.254.169.254
-    auth: {type: bearer, secret: env:OPENAI_API_KEY}
-"""
+    extra = extra_provider("metadata", "meta.test", "https://169.254.169.254")
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
     result = curl(proxy, "-i", "https://meta.test/latest/meta-data/")
     assert "403" in result.stdout.splitlines()[0]

@@ -15,7 +15,16 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.provider import FakeProviderThread
-from tests.integration.conftest import SECRET_ENV, SECRETS, assert_no_secret, curl, policy_for
+from tests.integration.conftest import (
+    DOWN,
+    SECRET_ENV,
+    SECRETS,
+    assert_no_secret,
+    curl,
+    extra_provider,
+    fake_provider,
+    policy_for,
+)
 from tests.integration.sidekey_process import REPO, SidekeyProcess
 
 
@@ -104,13 +113,7 @@ def test_reload_on_file_change_signal_and_api(sidekey: SidekeyProcess, fake: Fak
         return curl(sidekey, "-s", "-o", "/dev/null", "-w", "%{http_code}", "https://new.test/echo").stdout
 
     assert status() != "200"  # not a provider yet: a blind tunnel to a name that does not resolve
-    added = policy_for(fake, extra=f"""\
-  newone:
-    hosts: [new.test]
-    upstream: https://localhost:{fake.port}
-    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
-    tls: {{ca_bundle: {fake.ca_pem_path}}}
-""")
+    added = policy_for(fake, extra=fake_provider(fake, "newone", "new.test"))
     sidekey.policy_path.write_text(added)  # the watcher notices within ~1 s
     assert wait_for(lambda: status() == "200")
     # An invalid edit keeps the running policy, logs file:line:field and counts it.
@@ -178,12 +181,7 @@ def test_secrets_sweep_logs_audit_metrics_and_admin(start_sidekey: object, fake:
     the process log (DEBUG), the audit log (bodies on), metrics or the admin API."""
     caller_secret = "sk-caller-OWN-SECRET-5150"
     audit = tmp_path / "audit.jsonl"
-    extra = """\
-  down:
-    hosts: [down.test]
-    upstream: https://127.0.0.1:9
-    auth: {type: query, param: key, secret: env:QUERY_API_KEY}
-"""
+    extra = extra_provider("down", "down.test", DOWN, auth="{type: query, param: key, secret: env:QUERY_API_KEY}")
     proxy = start_sidekey(policy_for(fake, extra=extra), args=("--audit", str(audit), "--audit-bodies"))  # type: ignore[operator]
     body = json.dumps({"model": "gpt-x", "api_key": caller_secret, "messages": [{"role": "user", "content": "hi"}]})
     calls = [

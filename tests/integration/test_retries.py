@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.provider import FakeProviderThread
-from tests.integration.conftest import OPENAI_KEY, curl
+from tests.integration.conftest import DOWN, OPENAI_KEY, curl, extra_provider, fake_provider, policy_for
 from tests.integration.sidekey_process import SidekeyProcess
 
 
@@ -63,15 +63,7 @@ def test_attempts_are_bounded_and_overridable(sidekey: SidekeyProcess, fake: Fak
 
 
 def test_connect_errors_retried_even_for_post(start_sidekey: object, fake: FakeProviderThread) -> None:
-    from tests.integration.conftest import policy_for
-
-    extra = """\
-  down:
-    hosts: [down.test]
-    upstream: https://127.0.0.1:9
-    auth: {type: bearer, secret: env:OPENAI_API_KEY}
-    retry: {attempts: 3, backoff_base: 10ms, backoff_cap: 20ms}
-"""
+    extra = extra_provider("down", "down.test", DOWN, retry="{attempts: 3, backoff_base: 10ms, backoff_cap: 20ms}")
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
     result = curl(proxy, "-i", "-d", "{}", "https://down.test/v1/chat/completions")
     assert " 502 " in result.stdout.splitlines()[0]
@@ -80,17 +72,7 @@ def test_connect_errors_retried_even_for_post(start_sidekey: object, fake: FakeP
 
 
 def test_circuit_opens_fails_fast_half_opens_and_closes(start_sidekey: object, fake: FakeProviderThread) -> None:
-    from tests.integration.conftest import policy_for
-
-    extra = f"""\
-  fragile:
-    hosts: [fragile.test]
-    upstream: https://localhost:{fake.port}
-    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
-    tls: {{ca_bundle: {fake.ca_pem_path}}}
-    retry: {{attempts: 1}}
-    circuit: {{failures: 2, cooldown: 500ms}}
-"""
+    extra = fake_provider(fake, "fragile", "fragile.test", retry="{attempts: 1}", circuit="{failures: 2, cooldown: 500ms}")
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
 
     def get() -> str:
@@ -117,16 +99,9 @@ def test_stream_death_sends_an_sse_error_event_when_asked(
 ) -> None:
     import openai
 
-    from tests.integration.conftest import PLACEHOLDER, policy_for
+    from tests.integration.conftest import PLACEHOLDER
 
-    extra = f"""\
-  ssestream:
-    hosts: [sse.test]
-    upstream: https://localhost:{fake.port}
-    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
-    tls: {{ca_bundle: {fake.ca_pem_path}}}
-    sse_error_event: true
-"""
+    extra = fake_provider(fake, "ssestream", "sse.test", sse_error_event="true")
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
     monkeypatch.setenv("HTTPS_PROXY", proxy.url)
     monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_path))
@@ -146,17 +121,7 @@ def test_stream_death_sends_an_sse_error_event_when_asked(
 def test_providers_endpoint_shows_circuit_state(start_sidekey: object, fake: FakeProviderThread) -> None:
     import httpx
 
-    from tests.integration.conftest import policy_for
-
-    extra = f"""\
-  fragile:
-    hosts: [fragile.test]
-    upstream: https://localhost:{fake.port}
-    auth: {{type: bearer, secret: env:OPENAI_API_KEY}}
-    tls: {{ca_bundle: {fake.ca_pem_path}}}
-    retry: {{attempts: 1}}
-    circuit: {{failures: 1, cooldown: 60s}}
-"""
+    extra = fake_provider(fake, "fragile", "fragile.test", retry="{attempts: 1}", circuit="{failures: 1, cooldown: 60s}")
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
     curl(proxy, "-s", "-o", "/dev/null", "https://fragile.test/flaky/q/1")
     providers = {p["name"]: p for p in httpx.get(proxy.admin_url + "/providers", trust_env=False).json()["providers"]}
