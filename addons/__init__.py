@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from addons.credentials import CredentialInjector
+from addons.health import HealthChecks
 from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
 
@@ -25,6 +26,9 @@ def default_addons() -> list[object]:
         ProviderHeaders(),
         # Observer only (response/error): counts what the addons above decided.
         Metrics(),
+        # No request hooks: background health checks, and alerts on the
+        # engine's upstream state changes.
+        HealthChecks(),
     ]
 
 

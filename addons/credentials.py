@@ -1,6 +1,10 @@
 """Credential injection: remove whatever the caller sent, set the real one.
 
-Runs first in the request hook. The caller's Authorization, x-api-key,
+Two halves. The ``request`` hook (first in the pipeline) removes the caller's
+credentials and answers 503 when no upstream of the provider has its secret.
+``inject`` is called by the forwarder on every attempt, because each attempt
+may go to a different member of a key pool or to a fallback provider, each
+with its own key. The caller's Authorization, x-api-key,
 api-key, Proxy-Authorization (and the provider's own header or query
 parameter) are removed from every request to a matched provider, whether or
 not a secret is available, so a placeholder never reaches the upstream. A
@@ -16,9 +20,11 @@ import contextlib
 import logging
 from urllib.parse import quote
 
+from multidict import CIMultiDict
+
 from proxy.errors import CredentialUnavailable
 from proxy.flow import Flow, Response
-from proxy.policy import Policy, Provider
+from proxy.policy import Policy, Provider, Target
 from proxy.secrets import SecretStore
 
 log = logging.getLogger("sidekey.credentials")
@@ -43,14 +49,14 @@ class CredentialInjector:
         self._task: asyncio.Task[None] | None = None
 
     async def configure(self, policy: Policy) -> None:
-        refs = [p.auth.secret for p in policy.providers if p.auth.secret is not None]
-        self.store.watch(refs)
+        refs = {(p, t): ref for p in policy.providers for t in p.targets if (ref := p.secret_of(t)) is not None}
+        self.store.watch(list(dict.fromkeys(refs.values())))
         await asyncio.to_thread(self.store.refresh)
-        for p in policy.providers:
-            ref = p.auth.secret
-            if ref is not None and self.store.get(ref) is None:
+        for (p, t), ref in refs.items():
+            if p.auth.type != "none" and self.store.get(ref) is None:
                 # Reported at start; requests for it get a clear 503.
-                log.warning("provider %s: secret %s %s", p.name, ref.source, self.store.problem(ref))
+                name = p.name if len(p.targets) == 1 else f"{p.name}/{t.name}"
+                log.warning("provider %s: secret %s %s", name, ref.source, self.store.problem(ref))
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._refresh_loop(), name="sidekey-secret-refresh")
@@ -70,8 +76,12 @@ class CredentialInjector:
                 await self._task
 
     def secret_available(self, provider: Provider) -> bool:
-        ref = provider.auth.secret
-        return ref is None or self.store.get(ref) is not None
+        """Whether at least one upstream of the provider can be served."""
+        return any(self.usable(provider, t) for t in provider.targets)
+
+    def usable(self, provider: Provider, target: Target) -> bool:
+        ref = provider.secret_of(target)
+        return provider.auth.type == "none" or ref is None or self.store.get(ref) is not None
 
     def request(self, flow: Flow) -> None:
         provider = flow.provider
@@ -84,12 +94,20 @@ class CredentialInjector:
         if auth.type == "query":
             assert flow.upstream_url is not None
             flow.upstream_url = strip_query_param(flow.upstream_url, auth.param)
-        if auth.type == "none" or auth.secret is None:
-            return
-        secret = self.store.get(auth.secret)
-        if secret is None:
+            flow.request.path = strip_query_param(flow.request.path, auth.param)
+        if auth.type != "none" and not self.secret_available(provider):
             flow.response = Response.from_error(CredentialUnavailable(provider.name))
-            return
+
+    def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str:
+        """Set the target's credential on one attempt; returns the URL (a query
+        credential is appended to it). Raises CredentialUnavailable."""
+        auth = provider.auth
+        ref = provider.secret_of(target)
+        if auth.type == "none" or ref is None:
+            return url
+        secret = self.store.get(ref)
+        if secret is None:
+            raise CredentialUnavailable(provider.name)
         if auth.type == "bearer":
             headers["Authorization"] = "Bearer " + secret
         elif auth.type == "header":
@@ -98,6 +116,5 @@ class CredentialInjector:
             token = base64.b64encode(f"{auth.username}:{secret}".encode("latin-1")).decode("ascii")
             headers["Authorization"] = "Basic " + token
         elif auth.type == "query":
-            assert flow.upstream_url is not None
-            sep = "&" if "?" in flow.upstream_url else "?"
-            flow.upstream_url += f"{sep}{auth.param}={quote(secret, safe='')}"
+            url += f"{'&' if '?' in url else '?'}{auth.param}={quote(secret, safe='')}"
+        return url

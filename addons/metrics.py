@@ -56,7 +56,7 @@ class LoopHistogram:
 
 
 class _ProviderSeries:
-    __slots__ = ("duration", "overhead", "upstream", "ttfb", "bytes_out", "bytes_in")
+    __slots__ = ("duration", "overhead", "upstream", "ttfb", "bytes_out", "bytes_in", "retries")
 
     def __init__(self) -> None:
         self.duration = LoopHistogram(LATENCY_BUCKETS)
@@ -65,6 +65,7 @@ class _ProviderSeries:
         self.ttfb = LoopHistogram(LATENCY_BUCKETS)
         self.bytes_out = 0
         self.bytes_in = 0
+        self.retries = 0
 
 
 HISTOGRAMS = (
@@ -87,6 +88,7 @@ class Metrics:
         # (provider, method, status_class, outcome) -> count
         self.requests: dict[tuple[str, str, str, str], int] = {}
         self.series: dict[str, _ProviderSeries] = {}
+        self.failovers: dict[tuple[str, str], int] = {}  # (matched provider, serving provider) -> count
 
     def attach(self, statistics: Callable[[], dict[str, Any]]) -> None:
         """Let scrapes read the engine's live statistics."""
@@ -127,6 +129,13 @@ class Metrics:
             series.ttfb.observe(first - start)
         series.bytes_out += flow.bytes_to_client
         series.bytes_in += flow.bytes_from_client
+        if flow.metadata:  # retries and failovers are the uncommon case
+            attempts = flow.metadata.get("attempts", 1)
+            series.retries += attempts - 1
+            state = flow.upstream_state
+            if state is not None and state.provider != provider and state.provider in self._providers:
+                key2 = (provider, state.provider)
+                self.failovers[key2] = self.failovers.get(key2, 0) + 1
 
 
 class _FlowCollector(Collector):
@@ -153,8 +162,15 @@ class _FlowCollector(Collector):
         for provider, s in series:
             out.add_metric([provider], s.bytes_out)
             into.add_metric([provider], s.bytes_in)
-        yield out
-        yield into
+        retries = CounterMetricFamily("sidekey_retries", "Attempts beyond the first", labels=["provider"])
+        for provider, s in series:
+            retries.add_metric([provider], s.retries)
+        failovers = CounterMetricFamily(
+            "sidekey_failovers", "Requests served by a fallback provider", labels=["provider", "fallback"]
+        )
+        for pair, count in list(m.failovers.items()):
+            failovers.add_metric(list(pair), count)
+        yield from (out, into, retries, failovers)
         gauge = GaugeMetricFamily("sidekey_policy_providers", "Providers in the active policy")
         gauge.add_metric([], m.providers_in_policy)
         yield gauge
@@ -180,10 +196,28 @@ class _EngineCollector(Collector):
         reloads = CounterMetricFamily("sidekey_policy_reloads", "Policy reloads by result", labels=["result"])
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
-        circuits = GaugeMetricFamily(
-            "sidekey_circuit_open", "1 while an upstream's circuit is open or half-open",
-            labels=["provider", "upstream", "state"],
-        )  # fmt: skip
-        for c in stats.get("circuits", []):  # providers and upstreams come from the policy
-            circuits.add_metric([c["provider"], c["upstream"], c["state"]], 0 if c["state"] == "closed" else 1)
-        yield from (conns, flows, pool, reloads, circuits)
+        yield from (conns, flows, pool, reloads, *_upstream_families(stats.get("upstreams", [])))
+
+
+def _upstream_families(states: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Per member of each upstream group; labels are the provider and member
+    names from the policy. A member that goes to the CONNECT target has one
+    state per host (wildcard providers): those are summed under its name."""
+    labels = ["provider", "upstream"]
+    families = {
+        "circuit": GaugeMetricFamily("sidekey_circuit_open", "Circuits open or half-open", labels=labels),
+        "unhealthy": GaugeMetricFamily("sidekey_upstream_unhealthy", "Members marked unhealthy", labels=labels),
+        "in_flight": GaugeMetricFamily("sidekey_upstream_in_flight", "Requests in flight", labels=labels),
+        "score": GaugeMetricFamily("sidekey_upstream_score", "Lowest availability score (0-1)", labels=labels),
+    }
+    merged: dict[tuple[str, str], dict[str, float]] = {}
+    for s in states:
+        m = merged.setdefault((s["provider"], s["name"]), {"circuit": 0, "unhealthy": 0, "in_flight": 0, "score": 1})
+        m["circuit"] += s["circuit"]["state"] != "closed"
+        m["unhealthy"] += not s["healthy"]
+        m["in_flight"] += s["in_flight"]
+        m["score"] = min(m["score"], s["score"])
+    for key, values in merged.items():
+        for name, family in families.items():
+            family.add_metric(list(key), values[name])
+    yield from families.values()

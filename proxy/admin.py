@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.policy import Policy, Provider
+from proxy.policy import Policy, Provider, Target
 from proxy.policy_load import PolicyError
 
 if TYPE_CHECKING:
@@ -58,7 +58,44 @@ def provider_view(p: Provider, secret_available: bool | None) -> dict[str, Any]:
         "secret_available": secret_available,
         "timeouts": {"connect": p.timeouts.connect, "read": p.timeouts.read},
         "pool": {"max_connections": p.pool.max_connections, "keepalive_timeout": p.pool.keepalive_timeout},
+        "group": {
+            "balance": p.balance,
+            "members": [_member(p, t) for t in p.targets],
+            "fallbacks": [fb.provider for fb in p.fallbacks],
+            "health_check": {"method": p.health_check.method, "path": p.health_check.path,
+                             "interval": p.health_check.interval} if p.health_check else None,
+        },
     }
+
+
+def _member(p: Provider, t: Target) -> dict[str, Any]:
+    up = t.upstream or p.upstream
+    ref = p.secret_of(t)
+    return {
+        "name": t.name,
+        "url": f"https://{up.host}:{up.port}{up.path_prefix}" if up else "https://<connect target>",
+        "secret": ref.source if ref else None,
+        "weight": t.weight,
+        "priority": t.priority,
+    }
+
+
+def upstream_views(engine: Sidekey, p: Provider) -> list[dict[str, Any]]:
+    """Each member with its health, circuit and load. Members with a fixed
+    address are listed before their first request; a member that goes to the
+    CONNECT target is listed per host once traffic has been seen."""
+    if p.upstream is not None or all(t.upstream for t in p.targets):
+        up = p.upstream or p.targets[0].upstream
+        assert up is not None
+        engine.groups.members(p, up.host, up.port)
+    names = {t.name: t for t in p.targets}
+    out = []
+    for (provider, name, _host, _port), state in engine.groups.states.items():
+        target = names.get(name)
+        if provider == p.name and target is not None:
+            ref = p.secret_of(target)
+            out.append({**state.statistics(), "secret": ref.source if ref else None})
+    return out
 
 
 def policy_view(policy: Policy) -> dict[str, Any]:
@@ -131,12 +168,10 @@ class AdminServer:
 
     async def providers(self, _request: web.Request) -> web.Response:
         engine = self.engine
-        circuits = engine.statistics()["circuits"]
         views = []
         for p in engine.policy.providers:
             view = provider_view(p, engine.secret_available(p))
-            mine = (c for c in circuits if c["provider"] == p.name)
-            view["circuits"] = [{k: v for k, v in c.items() if k != "provider"} for c in mine]
+            view["upstreams"] = upstream_views(engine, p)
             views.append(view)
         return web.json_response({"providers": views, "pools": engine.pools.statistics()})
 

@@ -50,6 +50,14 @@ class Breaker:
         self.probes_in_flight += 1
         return True
 
+    def available(self, now: float) -> bool:
+        """Whether ``allow`` would let a request through (without taking a probe)."""
+        if self.state == "closed":
+            return True
+        if self.state == "open":
+            return now >= self.opened_until
+        return self.probes_in_flight < self.policy.probes
+
     def retry_after(self, now: float) -> float:
         return max(0.0, self.opened_until - now)
 

@@ -1,4 +1,4 @@
-"""``sidekey`` command line: run, check, ca."""
+"""``sidekey`` command line: run, check, ca, dlq."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import signal
 import sys
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.policy import Policy
+
+if TYPE_CHECKING:
+    from proxy.dlq_store import ReplayRequest
 
 log = logging.getLogger("sidekey")
 
@@ -55,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--audit-bodies", action="store_true", help="also log small JSON request bodies, credential-like keys redacted"
     )
     run.add_argument(
+        "--dlq", default=env("SIDEKEY_DLQ"), metavar="PATH",
+        help="dead-letter queue: requests that failed after all retries, one JSON line each (rotated) [$SIDEKEY_DLQ]",
+    )  # fmt: skip
+    run.add_argument(
+        "--dlq-body-bytes", type=int, default=int(env("SIDEKEY_DLQ_BODY_BYTES", "65536")), metavar="N",
+        help="keep request bodies up to N bytes in dead letters; 0 never keeps bodies [$SIDEKEY_DLQ_BODY_BYTES]",
+    )  # fmt: skip
+    run.add_argument(
         "--watch-interval", type=float, default=float(env("SIDEKEY_WATCH_INTERVAL", "1")),
         help="seconds between policy file checks; 0 disables (SIGHUP and POST /policy/reload still work)",
     )  # fmt: skip
@@ -71,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="print the CA certificate path and how to trust it")
     ca.add_argument("--certs", default=env("SIDEKEY_CERTS", "certs"), help="CA directory [$SIDEKEY_CERTS]")
     ca.add_argument("--bundle", metavar="PATH", help="write the system CAs plus sidekey's to PATH")
+
+    dlq_file = argparse.ArgumentParser(add_help=False)
+    dlq_file.add_argument("--dlq", default=env("SIDEKEY_DLQ"), metavar="PATH", help="dead-letter file [$SIDEKEY_DLQ]")
+    dlq = sub.add_parser("dlq", help="list and replay dead letters (requests that failed after all retries)")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", parents=[dlq_file], help="newest first")
+    dlq_list.add_argument("--limit", type=int, default=50, help="show at most N entries; 0 for all")
+    dlq_list.add_argument("--json", action="store_true", help="one JSON entry per line, with its replay mark")
+    replay = dlq_sub.add_parser("replay", parents=[dlq_file], help="send a dead letter again through sidekey")
+    replay.add_argument("id", help="the request id (x-sidekey-request-id) of the entry")
+    replay.add_argument(
+        "--proxy", default=env("SIDEKEY_PROXY", "http://" + env("SIDEKEY_LISTEN", "127.0.0.1:8080")),
+        help="the running sidekey [$SIDEKEY_PROXY]",
+    )  # fmt: skip
+    replay.add_argument("--certs", default=env("SIDEKEY_CERTS", "certs"), help="sidekey's CA dir [$SIDEKEY_CERTS]")
+    replay.add_argument("--without-body", action="store_true", help="replay an entry whose body was not stored")
+    replay.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole replay")
     return parser
 
 
@@ -80,6 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_check(args.policies, args.against)
     if args.command == "ca":
         return cmd_ca(Path(args.certs), args.bundle)
+    if args.command == "dlq":
+        if not args.dlq:
+            print("no dead-letter file: pass --dlq PATH or set SIDEKEY_DLQ", file=sys.stderr)
+            return 2
+        if args.dlq_command == "list":
+            return cmd_dlq_list(args.dlq, args.limit, args.json)
+        return cmd_dlq_replay(args)
     return cmd_run(args)
 
 
@@ -153,6 +189,74 @@ def cmd_ca(certs: Path, bundle: str | None) -> int:
     return 0
 
 
+def cmd_dlq_list(path: str, limit: int, as_json: bool) -> int:
+    import itertools
+    import json
+
+    from proxy.dlq_store import DeadLetterFile, table
+
+    store = DeadLetterFile(path)
+    letters = list(itertools.islice(store.letters(), limit or None))
+    if as_json:
+        for letter in letters:
+            print(json.dumps({**letter.entry, "replayed": letter.replay}, ensure_ascii=False))
+    elif letters:
+        print("\n".join(table(letters)))
+    else:
+        print(f"{path}: no dead letters", file=sys.stderr)
+    if store.skipped:
+        print(f"{path}: skipped {store.skipped} unreadable lines", file=sys.stderr)
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    """Send a stored request again through the running sidekey, which injects
+    the real credential (the entry holds none). Exit 0 on a 2xx answer."""
+    import time
+
+    from proxy.dlq_store import DeadLetterFile, replay_request
+
+    store = DeadLetterFile(args.dlq)
+    letter = store.find(args.id)
+    if letter is None:
+        print(f"{args.dlq}: no dead letter {args.id}", file=sys.stderr)
+        return 2
+    request = replay_request(letter.entry, without_body=args.without_body)
+    if isinstance(request, str):
+        print(f"refusing to replay: {request}", file=sys.stderr)
+        return 2
+    ca = Path(args.certs) / "sidekey-ca.pem"
+    if not ca.is_file():
+        print(f"{ca}: no sidekey CA certificate (pass --certs DIR)", file=sys.stderr)
+        return 2
+    import aiohttp
+
+    try:
+        status, new_id = asyncio.run(_send_replay(request, args.proxy, ca, args.timeout))
+    except (aiohttp.ClientError, OSError, TimeoutError) as err:  # the type only: a message may quote the URL
+        print(f"replay of {args.id} failed: {type(err).__name__}", file=sys.stderr)
+        return 1
+    store.mark_replayed(args.id, status, new_id, time.time())
+    print(f"replayed {args.id}: {status} (x-sidekey-request-id {new_id or '-'})")
+    return 0 if 200 <= status < 300 else 1
+
+
+async def _send_replay(request: ReplayRequest, proxy: str, ca: Path, seconds: float) -> tuple[int, str | None]:
+    import ssl
+
+    import aiohttp
+    from yarl import URL
+
+    context = ssl.create_default_context(cafile=str(ca))  # verification on: sidekey's CA only
+    async with aiohttp.ClientSession(trust_env=False, auto_decompress=False) as session:
+        async with session.request(
+            request.method, URL(request.url, encoded=True), headers=request.headers, data=request.body,
+            proxy=proxy, ssl=context, timeout=aiohttp.ClientTimeout(total=seconds),
+        ) as resp:  # fmt: skip
+            await resp.read()
+            return resp.status, resp.headers.get("x-sidekey-request-id")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -185,6 +289,14 @@ async def serve(policy: Policy, args: argparse.Namespace) -> int:
         from addons.audit import AuditLog
 
         extra.insert(0, AuditLog(args.audit, log_bodies=args.audit_bodies))
+    if args.dlq:
+        from addons.dlq import DeadLetters
+
+        try:
+            extra.insert(0, DeadLetters(args.dlq, max_body_bytes=args.dlq_body_bytes))
+        except (OSError, ValueError) as err:
+            log.error("dead-letter file %s: %s", args.dlq, err)
+            return 2
     addons = [*default_addons(), *extra]
     engine = Sidekey(policy, certs_dir=Path(args.certs), listen=args.listen, addons=addons)
     metrics = next((a for a in addons if isinstance(a, Metrics)), None)

@@ -12,20 +12,30 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from multidict import CIMultiDict
 
 from proxy import errors, exchange, netguard, routing
+from proxy.balance import Groups, Transition, UpstreamState
 from proxy.certs import CertificateAuthority, LeafContexts
-from proxy.circuit import Breaker
 from proxy.flow import new_request_id
 from proxy.hooks import AddonManager
-from proxy.policy import Policy, Provider
+from proxy.policy import Policy, Provider, Target
 
 log = logging.getLogger("sidekey")
 
 CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 TUNNEL_CONNECT_TIMEOUT = 10.0
 PIPE_PIECE = 65536
+
+
+class Credentials(Protocol):
+    """What the forwarder needs from the credentials addon."""
+
+    def usable(self, provider: Provider, target: Target) -> bool: ...
+
+    def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
 
 
 class ClientConn:
@@ -76,7 +86,18 @@ class Sidekey:
         self.random: Callable[[], float] = random.random
         self.in_flight = 0
         self.connections: set[ClientConn] = set()
-        self.breakers: dict[tuple[str, str, int], Breaker] = {}
+        # Circuit, health and load of every upstream member, kept across reloads.
+        self.groups = Groups()
+        # Who is told when a member turns unhealthy or its circuit opens or
+        # closes (the alerts addon registers here); called on the loop, must not block.
+        self.listeners: list[Callable[[UpstreamState, Transition], None]] = []
+        self.credentials: Credentials | None = next(
+            (a for a in self.addons.addons if callable(getattr(a, "inject", None))), None
+        )  # type: ignore[assignment]
+        for addon in self.addons.addons:  # addons that work beside the flows (health checks, alerts)
+            bind = getattr(addon, "bind", None)
+            if callable(bind):
+                bind(self)
         self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0}
         self.reloads = {"ok": 0, "unchanged": 0, "failed": 0}
         self.policy_loaded_at = time.time()
@@ -105,17 +126,15 @@ class Sidekey:
         await self.addons.observe("running")
         log.info("sidekey listening on %s:%d (%d providers)", *self.address, len(self.policy.providers))
 
-    def breaker(self, provider: Provider, host: str, port: int) -> Breaker:
-        """The circuit of one upstream of one provider (two providers, or two
-        keys, on the same host fail independently: a throttled key is not a
-        down host). Kept across reloads; a new policy only changes thresholds."""
-        key = (provider.name, host, port)
-        b = self.breakers.get(key)
-        if b is None:
-            b = self.breakers[key] = Breaker(provider.circuit)
-        elif b.policy is not provider.circuit:
-            b.policy = provider.circuit
-        return b
+    def notify(self, state: UpstreamState, changes: list[Transition]) -> None:
+        for change in changes:
+            level = logging.WARNING if change in ("unhealthy", "circuit_open") else logging.INFO
+            log.log(level, "upstream %s/%s (%s:%d): %s", state.provider, state.name, state.host, state.port, change)
+            for listener in self.listeners:
+                try:
+                    listener(state, change)
+                except Exception as exc:  # noqa: BLE001 - a listener never breaks a request
+                    log.error("state listener failed: %s", type(exc).__name__)
 
     def protect_port(self, port: int) -> None:
         """Never tunnel or forward to this loopback port (our own listeners)."""
@@ -195,10 +214,7 @@ class Sidekey:
         return {
             **self.counters,
             "reloads": dict(self.reloads),
-            "circuits": [
-                {"provider": name, "upstream": f"{host}:{port}", **b.statistics()}
-                for (name, host, port), b in self.breakers.items()
-            ],
+            "upstreams": self.groups.statistics(),
             "open_connections": len(self.connections),
             "in_flight": self.in_flight,
             "pools": self.pools.statistics(),

@@ -92,6 +92,15 @@ class CircuitOpen(ProxyError):
     template = "the upstream of provider {provider} is failing; not trying it for {seconds} s"
 
 
+class UpstreamThrottled(ProxyError):
+    """Every key of the provider was refused with 429 and told to wait; we do
+    not send more until the upstream's own reset time (distinct from
+    ``rate_limited``, a limit of sidekey's own policy)."""
+
+    status, code, retryable = 429, "upstream_rate_limited", True
+    template = "every upstream key of provider {provider} is rate limited by the provider; retry in {seconds} s"
+
+
 class UpstreamConnectError(ProxyError):
     status, code, retryable = 502, "upstream_connect_error", True
     template = "could not connect to the upstream of provider {provider}"

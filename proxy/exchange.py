@@ -180,6 +180,8 @@ async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyRead
         await engine.addons.observe("error", flow)
         return False
     finally:
+        if flow.upstream_state is not None:
+            flow.upstream_state.in_flight -= 1
         if resp is not None:
             if flow.error is not None:
                 resp.close()  # drop the upstream connection: it may stop generating
@@ -197,6 +199,10 @@ def _replay_limit(flow: Flow) -> int:
 def _finish_headers(conn: ClientConn, flow: Flow, headers: CIMultiDict[str], keep: bool) -> None:
     conn.head_sent = True
     headers["x-sidekey-request-id"] = flow.id
+    state = flow.upstream_state
+    if state is not None:  # who served it (a fallback provider, a member of a key pool)
+        headers["x-sidekey-provider"] = state.provider
+        headers["x-sidekey-upstream"] = state.name
     if "attempts" in flow.metadata:
         headers["x-sidekey-attempts"] = str(flow.metadata["attempts"])
     if not keep:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
 from proxy.errors import ProxyError, render_error
 from proxy.policy import Policy, Provider
+
+if TYPE_CHECKING:
+    from proxy.balance import UpstreamState
 
 Body = bytes | AsyncIterator[bytes] | None
 
@@ -70,7 +73,7 @@ class Response:
     @classmethod
     def from_error(cls, err: ProxyError) -> Response:
         resp = cls.make(err.status, render_error(err))
-        if err.status == 503 and err.retryable:
+        if err.status in (429, 503) and err.retryable:
             resp.headers["retry-after"] = str(err.fields.get("seconds", 1))
         return resp
 
@@ -90,6 +93,7 @@ class Flow:
         "provider",
         "request",
         "upstream_url",
+        "upstream_state",
         "response",
         "error",
         "intercepted",
@@ -117,6 +121,9 @@ class Flow:
         # Where the forwarder sends it; set by the engine from the provider,
         # addons may rewrite it (query credentials, failover).
         self.upstream_url: str | None = None
+        # The upstream member that answered (set by the forwarder); its
+        # in-flight count is released when the response ends.
+        self.upstream_state: UpstreamState | None = None
         self.response: Response | None = None
         self.error: ProxyError | None = None
         self.intercepted = intercepted  # False: plain-HTTP absolute-form request

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 AuthType = Literal["bearer", "header", "basic", "query", "none"]
+Balance = Literal["weighted", "least_in_flight", "latency"]
 UnmatchedMode = Literal["tunnel", "deny"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -112,6 +113,53 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """One member of a provider's upstream group: a key of a key pool, a
+    region or a deployment. Each keeps its own circuit, health and limits."""
+
+    name: str  # shown in x-sidekey-upstream, metrics and the admin API
+    upstream: Upstream | None = None  # None: the provider's upstream (or the CONNECT target)
+    secret: SecretRef | None = None  # None: the provider's auth.secret
+    weight: int = 1  # share of traffic among healthy members of one priority
+    priority: int = 0  # lower first; higher priorities only when all lower are unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """Another provider that serves this one's requests when every upstream of
+    this one failed or is open. Only what must change is rewritten."""
+
+    provider: str
+    paths: tuple[str, ...] = ()  # path prefixes that may fail over; () = every path
+    rewrite_from: str = ""  # path prefix replaced ...
+    rewrite_to: str = ""  # ... by this (e.g. /v1/ -> /openai/v1/)
+    models: tuple[tuple[str, str], ...] = ()  # JSON "model" mapping; "*" matches any other model
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health check, run per upstream with its credential injected."""
+
+    path: str
+    method: str = "GET"
+    expect: tuple[int, ...] = (200,)
+    interval: float = 30.0  # plus up to 10% jitter
+    timeout: float = 5.0
+    unhealthy_after: int = 2  # consecutive failed checks
+    healthy_after: int = 1  # consecutive passed checks
+
+
+@dataclass(frozen=True, slots=True)
+class Alerts:
+    """Where upstream health and circuit changes are POSTed as JSON."""
+
+    webhook: str | SecretRef  # a URL, or where one is kept (Slack-style URLs are secrets)
+    timeout: float = 5.0
+    attempts: int = 3
+
+
+@dataclass(frozen=True, slots=True)
 class Provider:
     name: str
     hosts: tuple[str, ...]  # lower-case; "*.suffix" wildcards allowed
@@ -127,7 +175,20 @@ class Provider:
     # When an SSE stream dies mid-answer, send a final `event: error` before
     # cutting the connection (the cut alone already tells HTTP clients).
     sse_error_event: bool = False
+    # The upstream group; empty means one member named "default" using
+    # ``upstream`` and ``auth.secret``.
+    targets: tuple[Target, ...] = ()
+    balance: Balance = "weighted"
+    fallbacks: tuple[Fallback, ...] = ()
+    health_check: HealthCheck | None = None
     line: int = 0  # where it is defined, for messages
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            object.__setattr__(self, "targets", (Target("default", self.upstream),))
+
+    def secret_of(self, target: Target) -> SecretRef | None:
+        return target.secret or self.auth.secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +209,7 @@ class Policy:
     # Addresses exempt from the metadata-address block (explicitly named by the operator).
     allow_networks: tuple[IPNetwork, ...] = ()
     addons: tuple[str, ...] = ()  # "pkg.module", "pkg.module:Class" or a .py path
+    alerts: Alerts | None = None
     source: str = "<memory>"
     version: str = ""  # sha256 of the file's bytes, first 12 hex digits
     matcher: HostMatcher = field(init=False, repr=False, compare=False)

@@ -26,17 +26,21 @@ from typing import TypeVar, cast
 
 import yaml
 
+from proxy import policy_groups as groups
 from proxy.policy import (
     CALLER_CREDENTIAL_HEADERS,
     Auth,
     AuthType,
+    Balance,
     CircuitPolicy,
+    Fallback,
     IPNetwork,
     ListenerLimits,
     Policy,
     PoolLimits,
     Provider,
     RetryPolicy,
+    Target,
     Timeouts,
     UnmatchedMode,
     UpstreamTLS,
@@ -51,7 +55,7 @@ Read = Callable[[yaml.Node, str], T]
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
-TOP = frozenset({"version", "unmatched", "limits", "network", "addons", "providers"})
+TOP = frozenset({"version", "unmatched", "limits", "network", "addons", "alerts", "providers"})
 LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
 PROVIDER = frozenset(
     {
@@ -66,6 +70,10 @@ PROVIDER = frozenset(
         "retry",
         "circuit",
         "sse_error_event",
+        "upstreams",
+        "balance",
+        "fallbacks",
+        "health_check",
     }
 )
 CIRCUIT = frozenset({"failures", "ratio", "min_requests", "window", "cooldown", "probes"})
@@ -87,6 +95,8 @@ _NO_STRINGS: tuple[str, ...] = ()
 _NO_PAIRS: tuple[tuple[str, str], ...] = ()
 _NO_NETWORKS: tuple[IPNetwork, ...] = ()
 _NO_PROVIDERS: tuple[Provider, ...] = ()
+_NO_TARGETS: tuple[Target, ...] = ()
+_NO_FALLBACKS: tuple[Fallback, ...] = ()
 
 
 class PolicyError(Exception):
@@ -171,15 +181,18 @@ class _Builder:
             r.problem(top["version"], "version", "unsupported version (expected 1)")
         choice = self.opt(top, "", "unmatched", lambda n, f: r.choice(n, f, ("tunnel", "deny")), "tunnel")
         unmatched: UnmatchedMode = "deny" if choice == "deny" else "tunnel"
-        return Policy(
+        policy = Policy(
             providers=self.opt(top, "", "providers", self.providers, _NO_PROVIDERS),
             unmatched=unmatched,
             limits=self.opt(top, "", "limits", self.limits, ListenerLimits(), null_ok=True),
             allow_networks=self.opt(top, "", "network", self.network, _NO_NETWORKS, null_ok=True),
             addons=self.each(top.get("addons"), "addons", r.addon),
+            alerts=self.opt(top, "", "alerts", partial(groups.alerts, self), None, null_ok=True),
             source=self.source,
             version=self.version,
         )
+        groups.check_references(self, policy)
+        return policy
 
     def limits(self, node: yaml.Node, field: str) -> ListenerLimits:
         r, d = self.r, ListenerLimits()
@@ -233,6 +246,12 @@ class _Builder:
         retry = self.opt(f, field, "retry", self.retry, RetryPolicy(), null_ok=True)
         circuit = self.opt(f, field, "circuit", self.circuit, CircuitPolicy(), null_ok=True)
         sse_error = self.opt(f, field, "sse_error_event", self.flag, False)
+        targets = self.opt(f, field, "upstreams", partial(groups.targets, self), _NO_TARGETS, null_ok=True)
+        if targets and auth is not None and auth.type == "none" and any(t.secret for t in targets):
+            self.r.problem(f["upstreams"], f"{field}.upstreams", "a secret needs an auth type other than none")
+        balance: Balance = self.opt(f, field, "balance", partial(groups.balance, self), "weighted")
+        fallbacks = self.opt(f, field, "fallbacks", partial(groups.fallbacks, self), _NO_FALLBACKS, null_ok=True)
+        health = self.opt(f, field, "health_check", partial(groups.health_check, self), None, null_ok=True)
         if auth is None:
             return None
         return Provider(
@@ -248,6 +267,10 @@ class _Builder:
             retry=retry,
             circuit=circuit,
             sse_error_event=sse_error,
+            targets=targets,
+            balance=balance,
+            fallbacks=fallbacks,
+            health_check=health,
             line=line_of(key_node),
         )
 

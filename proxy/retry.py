@@ -40,6 +40,9 @@ class Decision:
     retry: bool
     delay: float = 0.0
     reason: str = ""
+    # Not retried here, but sending it elsewhere now is safe: only the budget
+    # (attempts, or a server-asked wait beyond the deadline) ran out.
+    failover: bool = False
 
 
 def backoff(retry_number: int, policy: RetryPolicy, rand: Callable[[], float]) -> float:
@@ -101,12 +104,13 @@ def decide(
     status: int | None = None,
     error_code: str | None = None,
     asked_delay: float | None = None,
+    switching: bool = False,
     rand: Callable[[], float],
 ) -> Decision:
     """After attempt number ``attempts_made`` failed (with ``status`` or
-    ``error_code``), try again? ``elapsed``: seconds since the request arrived."""
-    if attempts_made >= policy.attempts:
-        return Decision(False, reason="attempts exhausted")
+    ``error_code``), try again? ``elapsed``: seconds since the request arrived.
+    ``switching``: the retry goes to another upstream of the group, which need
+    not wait for this one's backoff or Retry-After."""
     if not replayable:
         return Decision(False, reason="body not replayable")
     safe = method in IDEMPOTENT or policy.non_idempotent
@@ -123,7 +127,12 @@ def decide(
             return Decision(False, reason="not idempotent")
     else:
         return Decision(False, reason="error not retried")
+    if attempts_made >= policy.attempts:
+        return Decision(False, reason="attempts exhausted", failover=elapsed < policy.deadline)
     delay = asked_delay if asked_delay is not None else backoff(attempts_made - 1, policy, rand)
+    if switching:
+        delay = 0.0
     if elapsed + delay > policy.deadline:
-        return Decision(False, reason="deadline")
+        # The upstream asks for longer than we have: go elsewhere instead of sleeping.
+        return Decision(False, reason="deadline", failover=elapsed < policy.deadline)
     return Decision(True, delay, "retry")

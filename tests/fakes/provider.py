@@ -110,6 +110,11 @@ class FakeProvider:
         self.anthropic_reply = anthropic_wire.ANTHROPIC_REPLY
         self.received: list[ReceivedRequest] = []
         self._flaky_counts: dict[str, int] = {}
+        # Keys answered 429 as OpenAI does when a key's quota is spent (set
+        # from tests through FakeProviderThread.provider; a plain set is
+        # fine: only its membership is read on the fake's loop).
+        self.throttled_keys: set[str] = set()
+        self.down = False  # answer every request 503, as a provider outage does
         self.port = 0
         self._tmpdir = Path(tempfile.mkdtemp(prefix="fake-provider-"))
         self.ca = trustme.CA()
@@ -140,6 +145,7 @@ class FakeProvider:
         app = web.Application(middlewares=[self._middleware])
         r = app.router
         r.add_post("/v1/chat/completions", self._chat_completions)
+        r.add_post("/openai/v1/chat/completions", self._chat_completions)  # Groq's OpenAI-compatible path
         r.add_post("/v1/messages", self._messages)
         r.add_get("/v1/models", self._models)
         r.add_route("*", "/echo", self._echo)
@@ -232,7 +238,7 @@ class FakeProvider:
         request[_REC] = rec
         if not await self._consume_body(request, rec):
             return web.Response(status=400, text="request body cut\n")
-        denied = self._check_key(request)
+        denied = self._check_key(request) or self._throttle(request)
         if denied is not None:
             return denied
         try:
@@ -264,6 +270,17 @@ class FakeProvider:
             except ValueError:
                 rec.body_json = None
         return True
+
+    def _throttle(self, request: web.Request) -> web.Response | None:
+        if self.down:
+            return web.json_response(openai_wire.error_body("The server is overloaded.", type_="server_error",
+                                                            code=None), status=503)  # fmt: skip
+        auth = request.headers.get("Authorization", "")
+        if not self.throttled_keys or auth[7:] not in self.throttled_keys:
+            return None
+        err = openai_wire.error_body("Rate limit reached for requests", type_="requests", code="rate_limit_exceeded")
+        headers = {**_openai_headers(), "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "20s"}
+        return web.json_response(err, status=429, headers=headers)
 
     def _check_key(self, request: web.Request) -> web.Response | None:
         key = self.expected_key

@@ -125,7 +125,11 @@ def test_providers_endpoint_shows_circuit_state(start_sidekey: object, fake: Fak
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
     curl(proxy, "-s", "-o", "/dev/null", "https://fragile.test/flaky/q/1")
     providers = {p["name"]: p for p in httpx.get(proxy.admin_url + "/providers", trust_env=False).json()["providers"]}
-    assert providers["fragile"]["circuits"] == [
-        {"upstream": f"localhost:{fake.port}", "state": "open", "consecutive_failures": 1, "opens": 1}
-    ]
-    assert providers["openai"]["circuits"] == []
+    [member] = providers["fragile"]["upstreams"]
+    assert member["upstream"] == f"localhost:{fake.port}"
+    assert member["circuit"] == {"state": "open", "consecutive_failures": 1, "opens": 1}
+    assert (member["healthy"], member["requests"], member["failures"], member["last_status"]) == (False, 1, 1, 503)
+    assert member["secret"] == "env:SIDEKEY_TEST_KEY" or member["secret"].startswith("env:")
+    # Listed before any traffic (its address is fixed), closed and healthy.
+    [idle] = providers["openai"]["upstreams"]
+    assert (idle["name"], idle["requests"], idle["healthy"], idle["circuit"]["state"]) == ("default", 0, True, "closed")

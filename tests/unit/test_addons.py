@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 
 import pytest
+from multidict import CIMultiDict
 
 from addons import default_addons, load_addons
 from addons.credentials import CredentialInjector, strip_query_param
+from addons.health import HealthChecks
 from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
 from proxy.errors import AddonFailed
 from proxy.flow import Flow, Response
 from proxy.hooks import AddonManager
-from proxy.policy import Auth, Policy, SecretRef
+from proxy.policy import Auth, Policy, SecretRef, Target
 from proxy.secrets import SecretStore
 from proxy.testing import make_flow, make_provider
 
@@ -59,6 +62,10 @@ async def test_caller_credentials_replaced(auth: Auth, expect_header: str, expec
     flow = make_flow(provider, headers=CALLER_HEADERS)
     addon.request(flow)
     headers = flow.request.headers
+    assert PLACEHOLDER not in json.dumps(list(headers.items()))  # gone before any attempt
+    assert flow.response is None
+    url = addon.inject(headers, "https://api.openai.com/v1/x", provider, provider.targets[0])  # per attempt
+    assert url == "https://api.openai.com/v1/x"
     assert headers.getall(expect_header) == [expect_value]
     assert PLACEHOLDER not in json.dumps(list(headers.items()))
     assert "proxy-authorization" not in headers
@@ -71,7 +78,34 @@ async def test_query_parameter_credential_replaces_the_callers() -> None:
     addon = await injector_with({"K": "a b&c"}, provider)
     flow = make_flow(provider, path=f"/v1/x?key={PLACEHOLDER}&q=1&keyring=2")
     addon.request(flow)
-    assert flow.upstream_url == "https://api.openai.com/v1/x?q=1&keyring=2&key=a%20b%26c"
+    assert flow.upstream_url == "https://api.openai.com/v1/x?q=1&keyring=2"
+    assert flow.request.path == "/v1/x?q=1&keyring=2"
+    assert flow.upstream_url is not None
+    url = addon.inject(flow.request.headers, flow.upstream_url, provider, provider.targets[0])
+    assert url == "https://api.openai.com/v1/x?q=1&keyring=2&key=a%20b%26c"
+
+
+@pytest.mark.asyncio
+async def test_each_member_of_a_key_pool_gets_its_own_key() -> None:
+    pool = (Target("a", secret=SecretRef("env", "KA")), Target("b", secret=SecretRef("env", "KB")), Target("c"))
+    provider = dataclasses.replace(make_provider(auth=Auth("bearer", SecretRef("env", "K"))), targets=pool)
+    addon = await injector_with({"KA": "key-a", "KB": "key-b", "K": "key-default"}, provider)
+    seen = []
+    for target in pool:
+        headers: CIMultiDict[str] = CIMultiDict()
+        addon.inject(headers, "https://h/", provider, target)
+        seen.append(headers["authorization"])
+    assert seen == ["Bearer key-a", "Bearer key-b", "Bearer key-default"]
+    # A member whose secret is missing is not usable; the provider is while one member is.
+    addon = await injector_with({"KB": "key-b"}, provider)
+    assert [addon.usable(provider, t) for t in pool] == [False, True, False]
+    assert addon.secret_available(provider)
+    flow = make_flow(provider)
+    addon.request(flow)
+    assert flow.response is None
+    addon = await injector_with({}, provider)
+    addon.request(flow := make_flow(provider))
+    assert flow.response is not None and flow.response.status == 503
 
 
 @pytest.mark.parametrize(
@@ -190,7 +224,7 @@ async def test_observer_failure_is_logged_and_the_next_addon_runs(caplog: pytest
 
 
 def test_default_addons_order() -> None:
-    assert [type(a) for a in default_addons()] == [CredentialInjector, ProviderHeaders, Metrics]
+    assert [type(a) for a in default_addons()] == [CredentialInjector, ProviderHeaders, Metrics, HealthChecks]
 
 
 def test_load_addon_from_file(tmp_path: Path) -> None:
