@@ -140,6 +140,11 @@ def cmd_check(path: str, against: str | None = None) -> int:
     for p in policy.providers:
         source = p.auth.secret.source if p.auth.secret else "-"
         print(f"  {p.name}: {', '.join(p.hosts)} -> auth {p.auth.type} ({source})")
+        if len(p.targets) > 1:
+            members = ", ".join(f"{t.name} ({t.secret.source if t.secret else source})" for t in p.targets)
+            print(f"    upstreams ({p.balance}): {members}")
+        if p.fallbacks:
+            print(f"    fallbacks: {', '.join(fb.provider for fb in p.fallbacks)}")
     if against:
         return print_diff(policy, against)
     return 0
