@@ -54,6 +54,7 @@ class Route:
     provider: Provider
     policy: RetryPolicy
     url: str | None  # the matched provider's URL for members without their own (addons may rewrite it)
+    parsed: URL | None  # ``url`` parsed once
     host: str  # where members without their own URL go
     port: int
     path: str = ""  # fallbacks: the rewritten origin-form path
@@ -73,7 +74,7 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
     if "x-sidekey-retries" in headers or "x-sidekey-timeout" in headers:
         policy = with_overrides(policy, headers.pop("x-sidekey-retries", None), headers.pop("x-sidekey-timeout", None))
     first = URL(flow.upstream_url, encoded=True)
-    route = Route(provider, policy, flow.upstream_url, first.raw_host or "", first.port or 443)
+    route = Route(provider, policy, flow.upstream_url, first, first.raw_host or "", first.port or 443)
     original_body = flow.request.body
     # A streamed body is gone once sent; only a body held as bytes can go again.
     replayable = body.kind == "none" or isinstance(original_body, bytes)
@@ -169,7 +170,7 @@ def _next_route(engine: Sidekey, flow: Flow, matched: Provider, route: Route, bo
         if target is None or rewritten is None:
             continue
         host, port = _address(target)
-        nxt = Route(target, dataclasses.replace(target.retry, deadline=route.policy.deadline), None, host, port,
+        nxt = Route(target, dataclasses.replace(target.retry, deadline=route.policy.deadline), None, None, host, port,
                     rewritten.path, rewritten.body, index + 1)  # fmt: skip
         if _choose(engine, nxt, engine.groups.members(target, host, port), [], first_route=False) is not None:
             _switch_provider(flow, route.provider, target, rewritten.body if rewritten.body is not None else body)
@@ -243,16 +244,17 @@ async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamSta
         up = up or provider.upstream
         prefix = up.path_prefix if up is not None else ""
         url = f"https://{routing.format_authority(state.host, state.port)}{prefix}{route.path or flow.request.path}"
-    flow.upstream_url = url
+    flow.upstream_url = plain = url
     if engine.credentials is not None:
         url = engine.credentials.inject(flow.request.headers, url, provider, state.target)
+    parsed = route.parsed if url is plain and url is route.url and route.parsed is not None else URL(url, encoded=True)
     now = time.monotonic()
     if not state.breaker.allow(now):
         raise errors.CircuitOpen(provider.name, seconds=math.ceil(state.breaker.retry_after(now)) or 1)
     flow.timings["request_sent"] = now
     state.in_flight += 1
     try:
-        resp = await _send(engine, flow, provider, URL(url, encoded=True))
+        resp = await _send(engine, flow, provider, parsed)
     except errors.ProxyError as err:
         state.in_flight -= 1
         engine.notify(state, state.record(True, time.monotonic(), error=err.code))
