@@ -13,6 +13,7 @@ from pathlib import Path
 
 from addons.credentials import CredentialInjector
 from addons.health import HealthChecks
+from addons.limits import Limits
 from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
 
@@ -24,6 +25,9 @@ def default_addons() -> list[object]:
         CredentialInjector(),
         # After credentials: fills in provider-required headers the caller left out.
         ProviderHeaders(),
+        # Before anything upstream: over a limit, the request waits or gets 429
+        # here. Its response/error hooks reconcile tokens from flow.metadata["usage"].
+        Limits(),
         # Observer only (response/error): counts what the addons above decided.
         Metrics(),
         # No request hooks: background health checks, and alerts on the

@@ -40,7 +40,7 @@ class UpstreamState:
 
     __slots__ = ("provider", "target", "host", "port", "breaker", "in_flight", "latency", "error_rate",
                  "consecutive", "requests", "failures", "last_status", "last_error", "last_seen",
-                 "active_ok", "active_streak", "last_checked", "healthy", "resting_until")  # fmt: skip
+                 "active_ok", "active_streak", "last_checked", "healthy", "resting_until", "limited_until")  # fmt: skip
 
     def __init__(self, provider: Provider, target: Target, host: str, port: int) -> None:
         self.provider = provider.name
@@ -64,6 +64,7 @@ class UpstreamState:
         # After a 429 that said how long to wait (a key's quota is spent), the
         # member gets nothing until then: the next request takes another key.
         self.resting_until = 0.0
+        self.limited_until = 0.0  # this key's own limits (policy) are spent until then
 
     @property
     def name(self) -> str:
@@ -77,7 +78,7 @@ class UpstreamState:
         return base if self.healthy else max(MIN_SCORE, base * 0.1)
 
     def available(self, now: float) -> bool:
-        return now >= self.resting_until and self.breaker.available(now)
+        return now >= self.resting_until and now >= self.limited_until and self.breaker.available(now)
 
     def record(self, failed: bool, now: float, *, latency: float | None = None, status: int | None = None,
                error: str | None = None, retry_after: float | None = None) -> list[Transition]:  # fmt: skip

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from multidict import CIMultiDict
+from redis.asyncio import Redis
 
 from proxy import errors, exchange, netguard, routing
 from proxy.balance import Groups, Transition, UpstreamState
 from proxy.certs import CertificateAuthority, LeafContexts
-from proxy.flow import new_request_id
+from proxy.flow import Flow, new_request_id
 from proxy.hooks import AddonManager
-from proxy.policy import Policy, Provider, Target
+from proxy.policy import Policy, Provider, SecretRef, Target
 
 log = logging.getLogger("sidekey")
 
@@ -38,11 +39,17 @@ class Credentials(Protocol):
     def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
 
 
+class MemberLimits(Protocol):
+    """What the forwarder needs from the limits addon: a key's own quota."""
+
+    async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float: ...
+
+
 class ClientConn:
     """One accepted client connection (its reader/writer are upgraded to TLS
     in place after CONNECT)."""
 
-    __slots__ = ("reader", "writer", "peer", "target", "idle", "head_sent", "task")
+    __slots__ = ("reader", "writer", "peer", "target", "idle", "head_sent", "task", "proxy_user")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -53,6 +60,7 @@ class ClientConn:
         self.idle = False  # waiting for a request head (safe to close on drain)
         self.head_sent = False
         self.task = asyncio.current_task()
+        self.proxy_user: str | None = None  # the CONNECT's Proxy-Authorization user (names the caller)
 
     def __repr__(self) -> str:
         return f"ClientConn(peer={self.peer}, target={self.target}, idle={self.idle})"
@@ -94,6 +102,9 @@ class Sidekey:
         self.credentials: Credentials | None = next(
             (a for a in self.addons.addons if callable(getattr(a, "inject", None))), None
         )  # type: ignore[assignment]
+        self.member_limits: MemberLimits | None = next(
+            (a for a in self.addons.addons if callable(getattr(a, "admit_member", None))), None
+        )  # type: ignore[assignment]
         for addon in self.addons.addons:  # addons that work beside the flows (health checks, alerts)
             bind = getattr(addon, "bind", None)
             if callable(bind):
@@ -102,6 +113,9 @@ class Sidekey:
         self.reloads = {"ok": 0, "unchanged": 0, "failed": 0}
         self.policy_loaded_at = time.time()
         self._reload_lock = asyncio.Lock()
+        # Shared state between sidecars (limits, usage), from the policy's redis section.
+        self.redis: Redis | None = None
+        self._redis_id: tuple[str, float] | None = None
 
     @property
     def leaf_contexts(self) -> LeafContexts:
@@ -111,6 +125,7 @@ class Sidekey:
     async def start(self) -> None:
         self.ca = await asyncio.to_thread(CertificateAuthority.load_or_create, self.certs_dir)
         self.leaves = LeafContexts(self.ca)
+        await self._connect_redis(self.policy)
         await self.addons.configure(self.policy)
         self.server = await asyncio.start_server(
             self._on_client,
@@ -125,6 +140,23 @@ class Sidekey:
         self.protect_port(self.address[1])
         await self.addons.observe("running")
         log.info("sidekey listening on %s:%d (%d providers)", *self.address, len(self.policy.providers))
+
+    async def _connect_redis(self, policy: Policy) -> None:
+        from proxy import shared
+
+        cfg = policy.redis
+        url = await asyncio.to_thread(shared.resolve_url, cfg) if cfg is not None else None
+        ident = (url, cfg.timeout) if url is not None and cfg is not None else None
+        if ident == self._redis_id:
+            return
+        old, self.redis, self._redis_id = self.redis, None, ident
+        if ident is not None:
+            self.redis = shared.connect(*ident)
+        elif cfg is not None:
+            log.warning("redis: %s is not set; limits and usage are per process",
+                        cfg.url.source if isinstance(cfg.url, SecretRef) else "the policy's redis.url")  # fmt: skip
+        if old is not None:
+            await old.aclose()
 
     def notify(self, state: UpstreamState, changes: list[Transition]) -> None:
         for change in changes:
@@ -146,6 +178,7 @@ class Sidekey:
         If an addon raises, the old policy stays and the error propagates.
         Flows in flight keep the snapshot they started with; pools are keyed
         by upstream identity, so unchanged providers keep their connections."""
+        await self._connect_redis(policy)
         await self.addons.configure(policy)
         if policy.addons != self.policy.addons:
             log.warning("policy reload: the addons list changed; restart sidekey to load addons")
@@ -206,6 +239,8 @@ class Sidekey:
                 conn.task.cancel()
         await self.addons.observe("done")
         await self.pools.close()
+        if self.redis is not None:
+            await self.redis.aclose()
         if self.leaves is not None:
             self.leaves.close()
         log.info("sidekey stopped")
@@ -249,6 +284,7 @@ class Sidekey:
         if head is None:
             return
         if head.method == "CONNECT":
+            conn.proxy_user = routing.basic_user(head.headers.get("proxy-authorization"))
             await self._connect(conn, head.target)
         elif head.target.startswith(("http://", "https://")):
             await exchange.serve(self, conn, head)

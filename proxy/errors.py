@@ -101,6 +101,18 @@ class UpstreamThrottled(ProxyError):
     template = "every upstream key of provider {provider} is rate limited by the provider; retry in {seconds} s"
 
 
+class RateLimited(ProxyError):
+    """A limit of sidekey's own policy (not the provider's 429)."""
+
+    status, code, retryable = 429, "rate_limited", True
+    template = "sidekey's {scope} limit for provider {provider} is reached; retry in {seconds} s"
+
+
+class LimitsUnavailable(ProxyError):
+    status, code, retryable = 503, "limits_unavailable", True
+    template = "shared limit state is unreachable and the policy fails closed"
+
+
 class UpstreamConnectError(ProxyError):
     status, code, retryable = 502, "upstream_connect_error", True
     template = "could not connect to the upstream of provider {provider}"

@@ -96,6 +96,12 @@ def route(conn: ClientConn, head: http1.RequestHead, policy: Policy) -> Flow:
         # Inside a tunnel this only happens when a reload removed the provider.
         raise errors.UnmatchedDenied(host=host)
     flow = Flow(request, policy, provider, client_address=conn.peer, intercepted=conn.target is not None)
+    if provider is not None:
+        caller = routing.caller_name(head.headers, policy.caller_header, conn.proxy_user)
+        if caller is not None:
+            flow.caller = caller
+        if policy.caller_header:
+            headers.popall(policy.caller_header, None)
     if provider is None:
         flow.upstream_url = routing.upstream_url(None, scheme, host, port, target)
     elif conn.target is None and port == 80:
@@ -245,6 +251,8 @@ async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: C
     length = resp.content_length if not resp.headers.get("transfer-encoding") else None
     if length is not None and length <= SMALL_BODY:
         data = await _upstream_read(resp, content.readexactly(length), flow)
+        if flow.body_observer is not None:
+            flow.body_observer(data)
         _finish_headers(conn, flow, headers, keep)
         writer.write(http1.response_head(out.status, headers.items()) + data)
         flow.bytes_to_client += length
@@ -274,6 +282,8 @@ async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: C
             break
         if not sent:
             flow.timings["first_body_byte"] = time.monotonic()
+        if flow.body_observer is not None:
+            flow.body_observer(piece)
         sent += len(piece)
         writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
         await writer.drain()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
@@ -94,6 +94,8 @@ class Flow:
         "request",
         "upstream_url",
         "upstream_state",
+        "caller",
+        "body_observer",
         "response",
         "error",
         "intercepted",
@@ -124,6 +126,12 @@ class Flow:
         # The upstream member that answered (set by the forwarder); its
         # in-flight count is released when the response ends.
         self.upstream_state: UpstreamState | None = None
+        # Who is calling, for per-caller limits and usage: the policy's caller
+        # header, else the Proxy-Authorization user, else the client address.
+        self.caller = client_address[0] if client_address else "-"
+        # Called with every response body piece sent to the client (the usage
+        # meter sets it in ``responseheaders``); must be cheap and never raise.
+        self.body_observer: Callable[[bytes], None] | None = None
         self.response: Response | None = None
         self.error: ProxyError | None = None
         self.intercepted = intercepted  # False: plain-HTTP absolute-form request

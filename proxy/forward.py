@@ -94,6 +94,11 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
                 raise last or _circuit_open(route.provider, members)
             route, tried, attempts_here = nxt, [], 0
             continue
+        if state.target.limits and engine.member_limits is not None:
+            wait = await engine.member_limits.admit_member(flow, route.provider, state)
+            if wait:  # this key's own quota is spent: the next key, no attempt used
+                state.limited_until = time.monotonic() + wait
+                continue
         attempts += 1
         attempts_here += 1
         try:
@@ -203,8 +208,10 @@ def _switch_provider(flow: Flow, before: Provider, after: Provider, body: object
 def _circuit_open(provider: Provider, members: list[UpstreamState]) -> errors.ProxyError:
     """No member can take a request: say when one can again."""
     now = time.monotonic()
-    waits = [max(s.breaker.retry_after(now), s.resting_until - now) for s in members]
+    waits = [max(s.breaker.retry_after(now), s.resting_until - now, s.limited_until - now) for s in members]
     seconds = math.ceil(min(waits, default=1.0)) or 1
+    if any(s.limited_until > now for s in members) and all(s.breaker.state == "closed" for s in members):
+        return errors.RateLimited(provider.name, scope="upstream", seconds=seconds)
     if all(s.breaker.state == "closed" for s in members):  # resting after 429s, circuits fine
         return errors.UpstreamThrottled(provider.name, seconds=seconds)
     return errors.CircuitOpen(provider.name, seconds=seconds)
@@ -268,6 +275,10 @@ async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamSta
     failed = resp.status >= 500 or resp.status == 429
     asked = retry.server_delay(resp.headers, time.time()) if failed else None
     changes = state.record(failed, end, latency=end - now, status=resp.status, retry_after=asked)
+    if not failed and "0" in resp.headers.values():  # cheap pre-check: some counter may be at 0
+        rest = retry.quota_rest(resp.headers, time.time())
+        if rest:  # the key's window is spent: rest it before the upstream starts refusing
+            state.resting_until = end + min(rest, balance.MAX_REST)
     if changes:
         engine.notify(state, changes)
     return resp

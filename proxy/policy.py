@@ -10,6 +10,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.prices import Price
+from proxy.ratelimit import Rule
+
 AuthType = Literal["bearer", "header", "basic", "query", "none"]
 Balance = Literal["weighted", "least_in_flight", "latency"]
 UnmatchedMode = Literal["tunnel", "deny"]
@@ -122,6 +125,24 @@ class Target:
     secret: SecretRef | None = None  # None: the provider's auth.secret
     weight: int = 1  # share of traffic among healthy members of one priority
     priority: int = 0  # lower first; higher priorities only when all lower are unavailable
+    limits: tuple[Rule, ...] = ()  # this key's own quota (requests, tokens, concurrency)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A spend cap in USD, counted from the shipped prices (or the policy's)."""
+
+    daily_usd: float | None = None  # per UTC day
+    monthly_usd: float | None = None  # per UTC calendar month
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """Shared limit and usage state across sidekey instances."""
+
+    url: str | SecretRef  # redis://[:password@]host:port/db, or where it is kept (it may hold a password)
+    on_failure: Literal["open", "closed"] = "open"  # open: local limits while Redis is down; closed: 503
+    timeout: float = 0.5  # per Redis call
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +202,11 @@ class Provider:
     balance: Balance = "weighted"
     fallbacks: tuple[Fallback, ...] = ()
     health_check: HealthCheck | None = None
+    limits: tuple[Rule, ...] = ()  # the whole provider: every key, every caller
+    caller_limits: tuple[Rule, ...] = ()  # each caller on its own
+    queue_wait: float = 5.0  # a request over a limit waits this long for room, then 429
+    budget: Budget | None = None  # the whole provider
+    caller_budget: Budget | None = None  # each caller
     line: int = 0  # where it is defined, for messages
 
     def __post_init__(self) -> None:
@@ -210,6 +236,9 @@ class Policy:
     allow_networks: tuple[IPNetwork, ...] = ()
     addons: tuple[str, ...] = ()  # "pkg.module", "pkg.module:Class" or a .py path
     alerts: Alerts | None = None
+    redis: RedisConfig | None = None
+    caller_header: str | None = None  # names the caller (shared deployments); else Proxy-Authorization's user
+    prices: tuple[tuple[str, Price], ...] = ()  # overrides of the shipped price table
     source: str = "<memory>"
     version: str = ""  # sha256 of the file's bytes, first 12 hex digits
     matcher: HostMatcher = field(init=False, repr=False, compare=False)

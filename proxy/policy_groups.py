@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, cast
 
 import yaml
 
+from proxy import policy_limits as quotas
 from proxy.policy import Alerts, Balance, Fallback, HealthCheck, Policy, SecretRef, Target
 from proxy.policy_fields import join, line_of
 
 if TYPE_CHECKING:
     from proxy.policy_load import _Builder
 
-TARGET = frozenset({"name", "url", "secret", "weight", "priority"})
+TARGET = frozenset({"name", "url", "secret", "weight", "priority", "limits"})
 FALLBACK = frozenset({"provider", "paths", "rewrite_path", "models"})
 HEALTH = frozenset({"path", "method", "expect", "interval", "timeout", "unhealthy_after", "healthy_after"})
 ALERTS = frozenset({"webhook", "timeout", "attempts"})
@@ -55,6 +56,7 @@ def _target(b: _Builder, node: yaml.Node, field: str) -> Target:
         secret=b.opt(f, field, "secret", r.secret, None),
         weight=b.opt(f, field, "weight", r.count, 1),
         priority=b.opt(f, field, "priority", r.integer, 0),
+        limits=b.opt(f, field, "limits", partial(quotas.rules, b), quotas.NO_RULES, null_ok=True),
     )
 
 

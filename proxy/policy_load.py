@@ -27,6 +27,7 @@ from typing import TypeVar, cast
 import yaml
 
 from proxy import policy_groups as groups
+from proxy import policy_limits as quotas
 from proxy.policy import (
     CALLER_CREDENTIAL_HEADERS,
     Auth,
@@ -55,7 +56,9 @@ Read = Callable[[yaml.Node, str], T]
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
-TOP = frozenset({"version", "unmatched", "limits", "network", "addons", "alerts", "providers"})
+TOP = frozenset(
+    {"version", "unmatched", "limits", "network", "addons", "alerts", "redis", "callers", "prices", "providers"}
+)
 LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
 PROVIDER = frozenset(
     {
@@ -74,6 +77,11 @@ PROVIDER = frozenset(
         "balance",
         "fallbacks",
         "health_check",
+        "limits",
+        "caller_limits",
+        "queue_wait",
+        "budget",
+        "caller_budget",
     }
 )
 CIRCUIT = frozenset({"failures", "ratio", "min_requests", "window", "cooldown", "probes"})
@@ -188,6 +196,9 @@ class _Builder:
             allow_networks=self.opt(top, "", "network", self.network, _NO_NETWORKS, null_ok=True),
             addons=self.each(top.get("addons"), "addons", r.addon),
             alerts=self.opt(top, "", "alerts", partial(groups.alerts, self), None, null_ok=True),
+            redis=self.opt(top, "", "redis", partial(quotas.redis, self), None, null_ok=True),
+            caller_header=self.opt(top, "", "callers", partial(quotas.callers, self), None, null_ok=True),
+            prices=self.opt(top, "", "prices", partial(quotas.prices, self), (), null_ok=True),
             source=self.source,
             version=self.version,
         )
@@ -252,6 +263,11 @@ class _Builder:
         balance: Balance = self.opt(f, field, "balance", partial(groups.balance, self), "weighted")
         fallbacks = self.opt(f, field, "fallbacks", partial(groups.fallbacks, self), _NO_FALLBACKS, null_ok=True)
         health = self.opt(f, field, "health_check", partial(groups.health_check, self), None, null_ok=True)
+        limits = self.opt(f, field, "limits", partial(quotas.rules, self), quotas.NO_RULES, null_ok=True)
+        caller_limits = self.opt(f, field, "caller_limits", partial(quotas.rules, self), quotas.NO_RULES, null_ok=True)
+        queue_wait = self.opt(f, field, "queue_wait", partial(quotas.queue_wait, self), 5.0)
+        budget = self.opt(f, field, "budget", partial(quotas.budget, self), None, null_ok=True)
+        caller_budget = self.opt(f, field, "caller_budget", partial(quotas.budget, self), None, null_ok=True)
         if auth is None:
             return None
         return Provider(
@@ -271,6 +287,11 @@ class _Builder:
             balance=balance,
             fallbacks=fallbacks,
             health_check=health,
+            limits=limits,
+            caller_limits=caller_limits,
+            queue_wait=queue_wait,
+            budget=budget,
+            caller_budget=caller_budget,
             line=line_of(key_node),
         )
 

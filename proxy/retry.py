@@ -35,6 +35,36 @@ ANTHROPIC_RESET_HEADERS = (
 )
 
 
+# (remaining, reset) header pairs: OpenAI/Groq (Go durations), Anthropic (RFC 3339 times).
+QUOTA_HEADERS = (
+    ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+    ("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset"),
+    ("anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset"),
+)
+
+
+def quota_rest(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds until the key gets room again, when a successful answer says
+    its window is spent (remaining 0); None otherwise. Lets sidekey rest the
+    key before the upstream starts refusing it."""
+    rest = None
+    for remaining, reset in QUOTA_HEADERS:
+        if headers.get(remaining) != "0":
+            continue
+        value = headers.get(reset)
+        if value is None:
+            continue
+        seconds = go_duration(value)
+        if seconds is None:
+            try:
+                seconds = max(0.0, datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - now)
+            except ValueError:
+                continue
+        rest = seconds if rest is None else max(rest, seconds)
+    return rest
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     retry: bool

@@ -8,8 +8,10 @@ sidekey attaches for one provider to another host.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
+from collections.abc import Mapping
 
 from proxy.errors import BadRequest
 from proxy.policy import Provider, normalize_host
@@ -98,3 +100,27 @@ def upstream_url(provider: Provider | None, scheme: str, host: str, port: int, p
     if up is None:
         return f"https://{format_authority(host, port)}{path}"
     return f"https://{format_authority(up.host, up.port)}{up.path_prefix}{path}"
+
+
+def caller_name(headers: Mapping[str, str], caller_header: str | None, proxy_user: str | None) -> str | None:
+    """The caller named by the policy's header, else by the Proxy-Authorization
+    user (the CONNECT's, or this request's); None: the client address names it.
+    Only printable ASCII, at most 64 characters (it is a key in limit state)."""
+    name = headers.get(caller_header) if caller_header else None
+    if name is None:
+        name = proxy_user or basic_user(headers.get("proxy-authorization"))
+    if not name:
+        return None
+    name = "".join(c for c in name[:64] if " " < c <= "~")
+    return name or None
+
+
+def basic_user(value: str | None) -> str | None:
+    """The user of ``Basic base64(user:password)``; never the password."""
+    if not value or value[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(value[6:].strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[0] or None

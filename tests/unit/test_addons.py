@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 from addons import default_addons, load_addons
 from addons.credentials import CredentialInjector, strip_query_param
 from addons.health import HealthChecks
+from addons.limits import Limits
 from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
 from proxy.errors import AddonFailed
@@ -224,7 +225,7 @@ async def test_observer_failure_is_logged_and_the_next_addon_runs(caplog: pytest
 
 
 def test_default_addons_order() -> None:
-    assert [type(a) for a in default_addons()] == [CredentialInjector, ProviderHeaders, Metrics, HealthChecks]
+    assert [type(a) for a in default_addons()] == [CredentialInjector, ProviderHeaders, Limits, Metrics, HealthChecks]
 
 
 def test_load_addon_from_file(tmp_path: Path) -> None:

@@ -100,3 +100,26 @@ def test_opt_in_retries_non_idempotent() -> None:
 def test_caller_overrides(retries: str | None, timeout: str | None, attempts: int, deadline: float) -> None:
     got = with_overrides(P, retries, timeout)
     assert (got.attempts, got.deadline) == (attempts, deadline)
+
+
+@pytest.mark.parametrize(
+    ("headers", "rest"),
+    [
+        ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m30s"}, 90.0),
+        ({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1m30s"}, None),  # room left
+        (
+            {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "10s",
+             "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "250ms"},
+            0.25,  # only the spent counter's reset counts
+        ),  # fmt: skip
+        ({"anthropic-ratelimit-tokens-remaining": "0", "anthropic-ratelimit-tokens-reset": "2026-11-27T00:00:12Z"}, 12.0),
+        ({"x-ratelimit-remaining-requests": "0"}, None),  # no reset named: nothing to go by
+    ],
+)
+def test_quota_rest_from_remaining_headers(headers: dict[str, str], rest: float | None) -> None:
+    from datetime import UTC, datetime
+
+    from proxy.retry import quota_rest
+
+    now = datetime(2026, 11, 27, tzinfo=UTC).timestamp()
+    assert quota_rest(headers, now) == rest

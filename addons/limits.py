@@ -1,0 +1,283 @@
+"""Rate, token and concurrency limits per provider, per caller and per
+upstream key, local or shared between sidecars through Redis.
+
+``request``: the provider's and the caller's rules are taken all-or-nothing
+(``proxy.ratelimit`` arithmetic; one Redis script call when the policy has
+``redis``). Token rules reserve the request's estimate (prompt + its output
+cap). Over a limit, the request waits in a priority queue up to the
+provider's ``queue_wait`` (``x-sidekey-priority: high|normal|low``, higher
+first, then arrival), then gets 429 ``rate_limited`` with ``Retry-After``:
+distinct from an upstream 429, which keeps the provider's own body.
+Allowed answers carry ``x-ratelimit-limit-<rule>``, ``-remaining-`` and
+``-reset-`` for each rule.
+
+Per-key rules (``upstreams[].limits``) are taken by the forwarder through
+``admit_member`` when it picks a member: a key over its quota rests and the
+next key is tried, so a pool spreads load by quota.
+
+``response`` / ``error``: token reservations are reconciled with the usage
+the usage addon measured (``flow.metadata["usage"]``), and concurrency slots
+are returned. Redis leases of long streams are refreshed in the background.
+
+Redis down: ``on_failure: open`` falls back to this process's own limiter
+(logged once per outage, counted); ``closed`` answers 503
+``limits_unavailable``. The client reconnects on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from proxy import errors, usage
+from proxy.errors import LimitsUnavailable, RateLimited
+from proxy.flow import Flow, Response
+from proxy.policy import Policy, Provider
+from proxy.ratelimit import Check, LocalLimiter, Rule, Verdict
+from proxy.redis_limits import LimiterUnavailable, RedisLimiter
+
+if TYPE_CHECKING:
+    from proxy.balance import UpstreamState
+    from proxy.engine import Sidekey
+
+log = logging.getLogger("sidekey.limits")
+
+PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+LEASE_TTL = 60.0  # seconds a Redis concurrency lease lives unless refreshed
+REFRESH_EVERY = 20.0
+
+
+@dataclass(slots=True)
+class Taken:
+    """What one flow holds: released or reconciled when it ends."""
+
+    checks: Sequence[Check]
+    tokens: int
+    limiter: LocalLimiter | RedisLimiter
+    lease: str | None = None
+    states: tuple[Any, ...] = ()
+
+
+@dataclass(order=True, slots=True)
+class _Waiter:
+    priority: int
+    seq: int
+    ready: asyncio.Event = field(compare=False)
+
+
+class Limits:
+    name = "limits"
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.local = LocalLimiter()
+        self.shared: RedisLimiter | None = None
+        self.on_failure = "open"
+        self.engine: Sidekey | None = None
+        self.redis_down = False
+        self.counters = {"allowed": 0, "queued": 0, "refused": 0, "redis_fallbacks": 0, "unavailable": 0}
+        self._queues: dict[str, list[_Waiter]] = {}
+        self._seq = itertools.count()
+        self._leases: dict[str, Taken] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def bind(self, engine: Sidekey) -> None:
+        self.engine = engine
+
+    def configure(self, policy: Policy) -> None:
+        redis = self.engine.redis if self.engine is not None else None
+        if redis is None:
+            self.shared = None
+        elif self.shared is None or self.shared.client is not redis:
+            timeout = policy.redis.timeout if policy.redis else 0.5
+            self.shared = RedisLimiter(redis, lease_ttl=LEASE_TTL, timeout=timeout)
+        self.on_failure = policy.redis.on_failure if policy.redis else "open"
+
+    def running(self) -> None:
+        self._task = asyncio.create_task(self._refresh_leases(), name="sidekey-limit-leases")
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- provider and caller limits -------------------------------------------------
+    async def request(self, flow: Flow) -> None:
+        provider = flow.provider
+        if provider is None or not (provider.limits or provider.caller_limits):
+            return  # the common case: nothing to count
+        checks: list[Check] = [(f"provider:{provider.name}", r) for r in provider.limits]
+        checks += [(f"caller:{provider.name}/{flow.caller}", r) for r in provider.caller_limits]
+        tokens = self._tokens(flow, checks)
+        priority = PRIORITIES.get(flow.request.headers.pop("x-sidekey-priority", "normal").strip().lower(), 1)
+        try:
+            taken = await self._take(provider, checks, tokens, priority)
+        except errors.ProxyError as err:
+            flow.response = Response.from_error(err)
+            if isinstance(err, RateLimited):
+                flow.response.headers["retry-after"] = str(err.fields["seconds"])
+            return
+        flow.metadata["limits"] = taken
+
+    def responseheaders(self, flow: Flow) -> None:
+        taken = flow.metadata.get("limits") if flow.metadata else None
+        if taken is None or flow.response is None:
+            return
+        headers = flow.response.headers
+        for state in taken.states:  # ours, per rule; the provider's own x-ratelimit-* pass untouched
+            headers[f"x-ratelimit-limit-{state.name}"] = str(state.limit)
+            headers[f"x-ratelimit-remaining-{state.name}"] = str(state.remaining)
+            headers[f"x-ratelimit-reset-{state.name}"] = f"{math.ceil(state.reset)}s"
+
+    async def response(self, flow: Flow) -> None:
+        await self._settle(flow)
+
+    async def error(self, flow: Flow) -> None:
+        await self._settle(flow)
+
+    # -- per-key limits (called by the forwarder) -------------------------------------
+    async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float:
+        """Take the member's own rules; 0 when admitted, else seconds until it could be."""
+        checks = [(f"upstream:{provider.name}/{state.name}", r) for r in state.target.limits]
+        tokens = self._tokens(flow, checks)
+        try:
+            verdict, limiter = await self._acquire(checks, tokens)
+        except LimitsUnavailable:
+            return 1.0
+        if not verdict.allowed:
+            return max(verdict.retry_after, 0.001)
+        flow.metadata.setdefault("member_limits", []).append(self._held(Taken(checks, tokens, limiter, verdict.lease)))
+        return 0.0
+
+    # -- internals ------------------------------------------------------------------
+    def _tokens(self, flow: Flow, checks: Sequence[Check]) -> int:
+        if not any(rule.kind == "tokens" for _, rule in checks):
+            return 0
+        estimate = flow.metadata.get("estimate")
+        if estimate is None:
+            body = flow.request.body
+            wire: usage.Wire = "anthropic" if "/messages" in flow.request.path else "openai"
+            if isinstance(body, bytes):
+                estimate = usage.estimate_request(body, wire)
+            else:  # streamed: only its length is known
+                estimate = usage.RequestEstimate((flow.request.content_length or 0) // 4, 4096, parsed=False)
+            flow.metadata["estimate"] = estimate
+        return int(estimate.worst_case)
+
+    async def _take(self, provider: Provider, checks: Sequence[Check], tokens: int, priority: int) -> Taken:
+        """Acquire, waiting in the provider's priority queue up to ``queue_wait``."""
+        verdict, limiter = await self._acquire(checks, tokens)
+        if verdict.allowed:
+            self.counters["allowed"] += 1
+            return self._held(Taken(checks, tokens, limiter, verdict.lease, verdict.states))
+        deadline = self.clock() + provider.queue_wait
+        if verdict.retry_after <= provider.queue_wait:
+            self.counters["queued"] += 1
+            queue = self._queues.setdefault(provider.name, [])
+            me = _Waiter(priority, next(self._seq), asyncio.Event())
+            heapq.heappush(queue, me)
+            try:
+                while True:
+                    if queue[0] is not me:  # someone ahead (higher priority or earlier): wait for them
+                        me.ready.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(max(0.0, deadline - self.clock())):
+                                await me.ready.wait()
+                    else:
+                        wait = min(verdict.retry_after, deadline - self.clock())
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                        if queue[0] is not me:  # a higher priority arrived while we slept: it goes first
+                            continue
+                        verdict, limiter = await self._acquire(checks, tokens)
+                        if verdict.allowed:
+                            self.counters["allowed"] += 1
+                            return self._held(Taken(checks, tokens, limiter, verdict.lease, verdict.states))
+                    if self.clock() >= deadline or verdict.retry_after > deadline - self.clock():
+                        break
+            finally:
+                queue.remove(me)
+                heapq.heapify(queue)
+                if queue:
+                    queue[0].ready.set()
+        self.counters["refused"] += 1
+        scope = (verdict.refused_by or "provider").split(":", 1)[0]
+        seconds = 1 if math.isinf(verdict.retry_after) else max(1, math.ceil(verdict.retry_after))
+        raise RateLimited(provider.name, scope=scope, seconds=seconds)
+
+    def _held(self, taken: Taken) -> Taken:
+        if taken.lease is not None:  # a Redis lease: refreshed while the flow lives
+            self._leases[taken.lease] = taken
+        return taken
+
+    async def _acquire(self, checks: Sequence[Check], tokens: int) -> tuple[Verdict, LocalLimiter | RedisLimiter]:
+        shared = self.shared
+        if shared is not None:
+            try:
+                verdict = await shared.acquire(checks, tokens)
+            except LimiterUnavailable:
+                if not self.redis_down:
+                    log.error("redis unreachable: limits %s", "fall back to this process" if self.on_failure == "open"
+                              else "refuse requests (on_failure: closed)")  # fmt: skip
+                self.redis_down = True
+                if self.on_failure == "closed":
+                    self.counters["unavailable"] += 1
+                    raise LimitsUnavailable() from None
+                self.counters["redis_fallbacks"] += 1
+            else:
+                if self.redis_down:
+                    log.warning("redis reachable again: limits are shared")
+                    self.redis_down = False
+                return verdict, shared
+        return self.local.acquire(checks, tokens, self.clock()), self.local
+
+    async def _settle(self, flow: Flow) -> None:
+        if not flow.metadata:
+            return
+        held: list[Taken] = [t for t in (flow.metadata.pop("limits", None),) if t is not None]
+        held += flow.metadata.pop("member_limits", [])
+        if not held:
+            return
+        measured = flow.metadata.get("usage")
+        for taken in held:
+            delta = measured.total - taken.tokens if measured is not None and taken.tokens else 0
+            await self._release(taken, delta)
+
+    async def _release(self, taken: Taken, delta: int) -> None:
+        try:
+            if isinstance(taken.limiter, RedisLimiter):
+                self._leases.pop(taken.lease or "", None)
+                await taken.limiter.release(taken.checks, taken.lease, delta)
+            else:
+                if delta:
+                    taken.limiter.reconcile(taken.checks, delta, self.clock())
+                taken.limiter.release(taken.checks)
+        except LimiterUnavailable:
+            pass  # the lease expires on its own; a missed reconcile is one window's error at most
+
+    async def _refresh_leases(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_EVERY)
+            for taken in list(self._leases.values()):
+                if isinstance(taken.limiter, RedisLimiter) and taken.lease:
+                    with contextlib.suppress(LimiterUnavailable):
+                        await taken.limiter.refresh(taken.checks, taken.lease)
+
+    def statistics(self) -> dict[str, Any]:
+        return {**self.counters, "shared": self.shared is not None and not self.redis_down,
+                "local": self.local.statistics()}  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"Limits(shared={self.shared is not None}, {self.counters})"
+
+
+__all__ = ["Limits", "LimitsUnavailable", "RateLimited", "Rule"]

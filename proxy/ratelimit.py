@@ -1,0 +1,299 @@
+"""Rate and concurrency limits: the arithmetic. Pure: no asyncio, no I/O, ``now`` passed in.
+
+A scope (``"provider:openai"``, ``"upstream:openai/key-a"``, ``"caller:openai/10.0.0.5"``)
+has rules; a *check* is a sequence of ``(scope, Rule)`` pairs, judged all-or-nothing::
+
+    limiter = LocalLimiter()                        # or RedisLimiter (proxy/redis_limits.py), same calls
+    verdict = limiter.acquire(checks, tokens=estimate, now=clock())
+    if not verdict.allowed:                         # nothing was consumed from any rule
+        ... 429, Retry-After: ceil(verdict.retry_after); inf means the cost can never fit (413)
+    ... forward; verdict.states feed x-ratelimit-{limit,remaining,reset}-<rule name> ...
+    limiter.reconcile(checks, actual - estimate, now=clock())   # token rules only; may be negative
+    limiter.release(checks)                                     # concurrency slots
+
+API:
+    Rule(kind, limit, period=0.0, name="")   kind: "requests" | "tokens" | "concurrent"; name
+                                             defaults to "<kind>-<second|minute|hour|day>" / "concurrent"
+    judge(checks, levels, tokens) -> Verdict the decision, given each rule's current level
+    Verdict(allowed, retry_after, refused_by, states, lease)
+    RuleState(scope, name, limit, remaining, reset)          one per rule checked, for headers
+    LocalLimiter(max_keys=100_000)
+        .acquire(checks, tokens, now) -> Verdict
+        .reconcile(checks, token_delta, now) -> None
+        .release(checks) -> None
+        .statistics() -> dict
+
+Rates are GCRA (a token bucket kept as one number) with burst = the whole quota: "60 per minute"
+lets 60 through at once, then one per second. State per rule is ``level``, the amount in use,
+kept in *level units* = cost x ticks, and ``at``, the tick it was last brought up to date.
+A tick is 1 us, or 1 ms / 1 s when ``limit * period`` is too large for 1 us: every number then
+stays below 2**53, so the arithmetic is exact integers here and in Redis's Lua (doubles), and
+both sides decide identically. A request of cost c at tick ``now``:
+
+    level' = max(0, level - (now - at) * limit)       drain: ``limit`` level units per tick
+    allowed  iff  level' + c * span <= limit * span    span = period in ticks; the right side is ``cap``
+    retry_after = (level' + c * span - cap) / limit ticks;  reset = level' / limit ticks (until full)
+
+``level / limit`` is GCRA's TAT - now. The bound it gives (tested as a property): for granted
+arrivals at t1 <= t2, the costs granted in [t1, t2] sum to at most limit + (t2 - t1) * limit / period.
+Reconcile adds (or returns) ``delta * span``, clamped to [0, 2 * cap]: at most one window of debt.
+
+Concurrency rules count leases in flight; acquire takes one, release returns it. A refusal by a
+concurrency rule has no known end, so it reports CONCURRENT_RETRY_AFTER.
+
+Fine print: ``now`` (seconds) is rounded to the nearest tick and a period to whole ticks. A check
+names each (scope, rule name) once. A reloaded rule with the same name keeps the amount in use
+(raise a limit and the headroom grows at once); a name is not reused for another kind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["requests", "tokens", "concurrent"]
+KINDS = ("requests", "tokens", "concurrent")
+PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+TICKS = (1_000_000, 1_000, 1)  # candidate resolutions, ticks per second, finest first
+MAX_CAP = 2**50  # limit * span; levels stay under 3 * MAX_CAP < 2**53, exact as Lua doubles
+CONCURRENT_RETRY_AFTER = 1.0  # seconds; a concurrency slot frees at no predictable time
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")  # goes into header names: x-ratelimit-limit-<name>
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    kind: Kind
+    limit: int
+    period: float = 0.0  # seconds; 0 for "concurrent"
+    name: str = ""
+    ticks: int = field(init=False, repr=False, compare=False)  # time resolution, ticks per second
+    span: int = field(init=False, repr=False, compare=False)  # the period in ticks
+    cap: int = field(init=False, repr=False, compare=False)  # limit * span: the level when all is used
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"rule kind must be one of {', '.join(KINDS)}")
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ValueError("rule limit must be a positive integer")
+        name = self.name
+        if self.kind == "concurrent":
+            if self.period:
+                raise ValueError("a concurrent rule has no period")
+            name = name or "concurrent"
+            ticks = span = 0
+        else:
+            if not (0 < self.period < math.inf):
+                raise ValueError("rule period must be a positive number of seconds")
+            if not name:
+                if self.period not in PERIOD_NAMES:
+                    raise ValueError("a rule with an unusual period needs a name")
+                name = f"{self.kind}-{PERIOD_NAMES[self.period]}"
+            fits = [t for t in TICKS if self.limit * round(self.period * t) <= MAX_CAP]
+            if not fits or round(self.period * fits[0]) < 1:
+                raise ValueError("rule limit * period is too large (or the period too short) to count exactly")
+            ticks = fits[0]
+            span = round(self.period * ticks)
+        if not _NAME.match(name):
+            raise ValueError("rule name must be lowercase letters, digits and '-'")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "ticks", ticks)
+        object.__setattr__(self, "span", span)
+        object.__setattr__(self, "cap", self.limit * span)
+
+
+Check = tuple[str, Rule]
+
+
+# The two results are built on every request: slotted but not frozen, because a frozen
+# dataclass's __init__ (object.__setattr__ per field) costs about 5x more. Treat them as read-only.
+
+
+@dataclass(slots=True)
+class RuleState:
+    """One rule after a check, for response headers."""
+
+    scope: str
+    name: str
+    limit: int
+    remaining: int  # whole units left (after this request when allowed), >= 0
+    reset: float  # seconds until the bucket is full again; 0 for concurrency
+
+
+@dataclass(slots=True)
+class Verdict:
+    allowed: bool
+    retry_after: float  # seconds; 0 when allowed; inf when the cost exceeds a rule's whole limit
+    refused_by: str | None  # "<scope> <rule name>" of the refusing rule with the longest wait
+    states: tuple[RuleState, ...]
+    lease: str | None = None  # RedisLimiter: the id of the concurrency leases taken
+
+
+def cost_of(rule: Rule, tokens: int) -> int:
+    """Level units one acquire adds to a rate rule."""
+    return (tokens if rule.kind == "tokens" else 1) * rule.span
+
+
+def judge(checks: Sequence[Check], levels: Sequence[int], tokens: int, lease: str | None = None) -> Verdict:
+    """The all-or-nothing decision. ``levels[i]``: rule i's level drained to now (rates) or its
+    leases in flight (concurrency). Both limiters call this; the Redis script decides the same."""
+    states: list[RuleState] = []
+    for (scope, rule), level in zip(checks, levels, strict=True):
+        if rule.kind == "concurrent":
+            if level >= rule.limit:
+                return _refusal(checks, levels, tokens)
+            states.append(RuleState(scope, rule.name, rule.limit, rule.limit - level - 1, 0.0))
+        else:
+            new = level + cost_of(rule, tokens)
+            if new > rule.cap:
+                return _refusal(checks, levels, tokens)
+            states.append(RuleState(scope, rule.name, rule.limit, (rule.cap - new) // rule.span, _seconds(rule, new)))
+    return Verdict(True, 0.0, None, tuple(states), lease)
+
+
+def _seconds(rule: Rule, level: int) -> float:
+    return level / (rule.limit * rule.ticks)
+
+
+def _refusal(checks: Sequence[Check], levels: Sequence[int], tokens: int) -> Verdict:
+    wait, worst = 0.0, ""
+    states: list[RuleState] = []
+    for (scope, rule), level in zip(checks, levels, strict=True):
+        delay = 0.0
+        if rule.kind == "concurrent":
+            if level >= rule.limit:
+                delay = CONCURRENT_RETRY_AFTER
+            states.append(RuleState(scope, rule.name, rule.limit, max(0, rule.limit - level), 0.0))
+        else:
+            cost = cost_of(rule, tokens)
+            if cost > rule.cap:
+                delay = math.inf  # more than the whole quota: no wait makes it fit
+            elif level + cost > rule.cap:
+                delay = _seconds(rule, level + cost - rule.cap)
+            states.append(RuleState(scope, rule.name, rule.limit, max(0, (rule.cap - level) // rule.span),
+                                    _seconds(rule, level)))  # fmt: skip
+        if delay > wait:
+            wait, worst = delay, f"{scope} {rule.name}"
+    return Verdict(False, wait, worst, tuple(states))
+
+
+class _State:
+    """One (scope, rule name): a rate's level and tick, or a concurrency's count in ``level``."""
+
+    __slots__ = ("rule", "level", "at")
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule, self.level, self.at = rule, 0, 0
+
+    def drain(self, rule: Rule, now: float) -> int:
+        """Bring the level up to ``now`` (lossless: the state means the same) and return it."""
+        if rule is not self.rule:
+            self._adopt(rule)
+        if rule.kind == "concurrent":
+            return self.level
+        tick = int(now * rule.ticks + 0.5)
+        if tick > self.at:
+            self.level = max(0, self.level - (tick - self.at) * rule.limit)
+            self.at = tick
+        return self.level
+
+    def _adopt(self, rule: Rule) -> None:
+        """The policy was reloaded: keep the amount in use, in the new rule's units."""
+        old, self.rule = self.rule, rule
+        if old.kind != rule.kind:
+            self.level = self.at = 0
+        elif rule.kind != "concurrent":
+            self.level = -(-self.level * rule.span // old.span)  # rounded up: never forgets use
+            self.at = self.at * rule.ticks // old.ticks
+
+
+class LocalLimiter:
+    """Per-process limits. State per (scope, rule name), bounded by ``max_keys``: past it, states
+    equivalent to none (a full bucket, no leases) are dropped first, then the least recently used
+    rate states (counted as ``evicted``: a lossy forget). Leases in flight are never dropped."""
+
+    __slots__ = ("max_keys", "_states", "_in_flight", "_allowed", "_refused", "_swept", "_evicted")
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        if max_keys < 4:
+            raise ValueError("max_keys must be at least 4")
+        self.max_keys = max_keys
+        self._states: OrderedDict[tuple[str, str], _State] = OrderedDict()
+        self._in_flight = self._allowed = self._refused = self._swept = self._evicted = 0
+
+    def acquire(self, checks: Sequence[Check], tokens: int, now: float) -> Verdict:
+        if tokens < 0:
+            raise ValueError("tokens must be >= 0")
+        found: list[_State] = []
+        levels: list[int] = []
+        for scope, rule in checks:
+            st = self._state(scope, rule, now)
+            found.append(st)
+            levels.append(st.drain(rule, now))
+        verdict = judge(checks, levels, tokens)
+        if not verdict.allowed:
+            self._refused += 1
+            return verdict
+        self._allowed += 1
+        for st, (_, rule) in zip(found, checks, strict=True):
+            if rule.kind == "concurrent":
+                st.level += 1
+                self._in_flight += 1
+            else:
+                st.level += cost_of(rule, tokens)
+        return verdict
+
+    def reconcile(self, checks: Sequence[Check], token_delta: int, now: float) -> None:
+        """Correct the token rules by ``actual - reserved`` (negative returns tokens)."""
+        if not token_delta:
+            return
+        for scope, rule in checks:
+            if rule.kind == "tokens":
+                st = self._state(scope, rule, now)
+                st.level = min(max(0, st.drain(rule, now) + token_delta * rule.span), 2 * rule.cap)
+
+    def release(self, checks: Sequence[Check]) -> None:
+        """Return the concurrency slots an allowed acquire took."""
+        for scope, rule in checks:
+            if rule.kind == "concurrent":
+                st = self._states.get((scope, rule.name))
+                if st is not None and st.level > 0:
+                    st.level -= 1
+                    self._in_flight -= 1
+
+    def _state(self, scope: str, rule: Rule, now: float) -> _State:
+        key = (scope, rule.name)
+        st = self._states.get(key)
+        if st is not None:
+            self._states.move_to_end(key)
+            return st
+        if len(self._states) >= self.max_keys:
+            self._shrink(now)
+        st = self._states[key] = _State(rule)
+        return st
+
+    def _shrink(self, now: float) -> None:
+        """Drop idle states; if that frees too little, forget the least recently used rate
+        states down to 3/4 of ``max_keys`` (so the O(n) sweep runs at most every max_keys/4 inserts)."""
+        idle = [key for key, st in self._states.items() if st.drain(st.rule, now) == 0]
+        for key in idle:
+            del self._states[key]
+        self._swept += len(idle)
+        excess = len(self._states) - self.max_keys * 3 // 4
+        if excess <= 0:
+            return
+        lru = [key for key, st in self._states.items() if st.rule.kind != "concurrent"][:excess]
+        for key in lru:
+            del self._states[key]
+        self._evicted += len(lru)
+
+    def statistics(self) -> dict[str, int]:
+        return {"keys": len(self._states), "in_flight": self._in_flight, "allowed": self._allowed,
+                "refused": self._refused, "swept": self._swept, "evicted": self._evicted}  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (f"LocalLimiter(keys={len(self._states)}, in_flight={self._in_flight}, "
+                f"allowed={self._allowed}, refused={self._refused}, evicted={self._evicted})")  # fmt: skip

@@ -1,0 +1,268 @@
+"""The limits of proxy/ratelimit.py, enforced atomically on Redis and shared by every sidekey.
+
+API (async; the same checks, rules and Verdict as LocalLimiter, minus ``now``)::
+
+    limiter = RedisLimiter.from_url("redis://127.0.0.1:6379/0", timeout=0.5)
+    verdict = await limiter.acquire(checks, tokens)       # one EVALSHA, all rules all-or-nothing
+    await limiter.refresh(checks, verdict.lease)         # a request outliving lease_ttl keeps its slot
+    await limiter.release(checks, verdict.lease, token_delta=actual - estimate)   # one EVALSHA
+    await limiter.reconcile(checks, token_delta)          # token rules only, no lease
+    limiter.statistics(); await limiter.aclose()
+
+Every call is one script call: EVALSHA (redis-py ``register_script`` loads the script again after
+a NOSCRIPT, e.g. once after Redis restarts). The time is Redis's ``TIME``, read inside the script,
+so the sidecars' clocks do not matter (Redis 7 replicates a script's effects, so a script may read
+the time before writing). The Lua repeats ratelimit's integer arithmetic, exact below 2**53, and
+returns each rule's level; ``ratelimit.judge`` turns those into the Verdict, so the two limiters
+answer alike.
+
+Keys: ``<prefix><scope>:<rule name>`` (the prefix is "sidekey:rl:"; rule names hold no ":").
+    rates        a hash {level, at, span, ticks}; PEXPIRE at the moment the bucket is full again,
+                 as a full bucket and no key mean the same.
+    concurrency  a sorted set, lease id -> expiry (ms, Redis time). Each acquire purges expired
+                 leases, so a sidekey that dies mid-request holds its slots for at most
+                 ``lease_ttl``; a holder refreshes longer requests. PEXPIRE at the last lease's expiry.
+
+Errors: a connection failure, a timeout (``timeout`` bounds each whole call) or a read-only replica
+raises LimiterUnavailable. Failing open or closed is the caller's policy. The client reconnects on
+its own on the next call. A call that timed out may still have run (it then counts against the
+quota, and its lease expires): never an over-grant. A Redis restart forgets all counts.
+Not handled: Redis Cluster (a check's keys would need one hash slot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from proxy.ratelimit import Check, Verdict, cost_of, judge
+
+PREFIX = "sidekey:rl:"
+
+# Shared by both scripts. Numbers go back to Redis through string.format('%.0f'): Lua's own
+# number-to-string keeps 14 digits, too few for a microsecond timestamp.
+_COMMON = """
+local function int(n) return string.format('%.0f', n) end
+local time = redis.call('TIME')
+local sec, usec = tonumber(time[1]), tonumber(time[2])
+local now_ms = sec * 1000 + math.floor(usec / 1000)
+local lease, ttl = ARGV[1], tonumber(ARGV[2])
+
+-- A rate's level drained to tick `now`, and the tick it is then true at.
+local function drain(key, limit, ticks, span, now)
+  local st = redis.call('HMGET', key, 'level', 'at', 'span', 'ticks')
+  local level, at = tonumber(st[1]), tonumber(st[2])
+  if not level then return 0, now end
+  if tonumber(st[3]) ~= span then level = math.ceil(level * span / tonumber(st[3])) end
+  if tonumber(st[4]) ~= ticks then at = math.floor(at * ticks / tonumber(st[4])) end
+  if now > at then
+    level = math.max(0, level - (now - at) * limit)
+    at = now
+  end
+  return level, at
+end
+
+local function store(key, level, at, now, limit, ticks, span)
+  if level <= 0 then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'level', int(level), 'at', int(at), 'span', int(span), 'ticks', int(ticks))
+  redis.call('PEXPIRE', key, int(math.ceil((at - now + level / limit) * 1000 / ticks) + 1))
+end
+
+local function keep_until(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+"""
+
+# ARGV: lease, lease ttl (ms), then five per rule: kind ('c' concurrency, 'r' rate), limit,
+# ticks per second, span, level units to add. Returns {allowed (1|0), level of each rule}:
+# a rate's level drained to now, or a concurrency's live leases, both before this acquire.
+ACQUIRE = (
+    _COMMON
+    + """
+local out, ats, nows = {1}, {}, {}
+for i, key in ipairs(KEYS) do
+  local a = 3 + (i - 1) * 5
+  local limit = tonumber(ARGV[a + 1])
+  if ARGV[a] == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
+    out[i + 1] = redis.call('ZCARD', key)
+    if out[i + 1] >= limit then out[1] = 0 end
+  else
+    local ticks, span = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    nows[i] = sec * ticks + math.floor(usec * ticks / 1000000)
+    out[i + 1], ats[i] = drain(key, limit, ticks, span, nows[i])
+    if out[i + 1] + tonumber(ARGV[a + 4]) > limit * span then out[1] = 0 end
+  end
+end
+if out[1] == 1 then
+  for i, key in ipairs(KEYS) do
+    local a = 3 + (i - 1) * 5
+    if ARGV[a] == 'c' then
+      redis.call('ZADD', key, now_ms + ttl, lease)
+      keep_until(key, ttl)
+    else
+      local limit, ticks, span = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+      store(key, out[i + 1] + tonumber(ARGV[a + 4]), ats[i], nows[i], limit, ticks, span)
+    end
+  end
+end
+return out
+"""
+)
+
+# ARGV: lease, lease ttl (ms), then five per rule: op, limit, ticks, span, level units to add.
+# op 'd': add to a rate's level (negative returns), clamped to [0, 2 * cap]: one window of debt
+# at most; 'r': release the lease; 'f': refresh the lease if it is still live. Returns how many
+# leases were released or refreshed.
+SETTLE = (
+    _COMMON
+    + """
+local done = 0
+for i, key in ipairs(KEYS) do
+  local a = 3 + (i - 1) * 5
+  local op = ARGV[a]
+  if op == 'r' then
+    done = done + redis.call('ZREM', key, lease)
+  elseif op == 'f' then
+    local expiry = tonumber(redis.call('ZSCORE', key, lease))
+    if expiry and expiry > now_ms then
+      redis.call('ZADD', key, now_ms + ttl, lease)
+      keep_until(key, ttl)
+      done = done + 1
+    end
+  else
+    local limit, ticks, span = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    local now = sec * ticks + math.floor(usec * ticks / 1000000)
+    local level, at = drain(key, limit, ticks, span, now)
+    level = math.min(math.max(0, level + tonumber(ARGV[a + 4])), 2 * limit * span)
+    store(key, level, at, now, limit, ticks, span)
+  end
+end
+return done
+"""
+)
+
+
+class LimiterUnavailable(Exception):
+    """Redis did not answer in time (down, unreachable, timed out, or a read-only replica).
+    The message names the error class only: fail open or closed is the caller's decision."""
+
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+
+
+class RedisLimiter:
+    __slots__ = ("client", "prefix", "lease_ttl", "timeout", "_acquire", "_settle",
+                 "_allowed", "_refused", "_unavailable")  # fmt: skip
+
+    def __init__(self, client: Redis, *, prefix: str = PREFIX, lease_ttl: float = 60.0, timeout: float = 1.0) -> None:
+        if lease_ttl < 0.001 or timeout <= 0:
+            raise ValueError("lease_ttl and timeout must be positive")
+        self.client = client
+        self.prefix = prefix
+        self.lease_ttl = lease_ttl  # seconds a lease lives unless refreshed
+        self.timeout = timeout  # seconds for a whole call, connection wait included
+        self._acquire: AsyncScript = client.register_script(ACQUIRE)
+        self._settle: AsyncScript = client.register_script(SETTLE)
+        self._allowed = self._refused = self._unavailable = 0
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 0.5, max_connections: int = 32, **options: Any) -> RedisLimiter:
+        """A client of its own: a bounded pool (callers wait for a connection, up to ``timeout``),
+        connect and read timeouts, and no retries (a retried acquire could count twice)."""
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return cls(Redis.from_pool(pool), timeout=timeout, **options)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def acquire(self, checks: Sequence[Check], tokens: int, lease: str | None = None) -> Verdict:
+        """Take from every rule or from none. ``lease`` names the concurrency slots (made up when
+        None); the Verdict carries it, for refresh and release."""
+        if tokens < 0:
+            raise ValueError("tokens must be >= 0")
+        concurrent = any(rule.kind == "concurrent" for _, rule in checks)
+        if concurrent and lease is None:
+            lease = secrets.token_hex(8)
+        args: list[str | int] = [lease or "", int(self.lease_ttl * 1000)]
+        for _, rule in checks:
+            if rule.kind == "concurrent":
+                args += ("c", rule.limit, 0, 0, 0)
+            else:
+                args += ("r", rule.limit, rule.ticks, rule.span, cost_of(rule, tokens))
+        reply = await self._call(self._acquire, checks, args)
+        verdict = judge(checks, reply[1:], tokens, lease if concurrent else None)
+        if verdict.allowed != (reply[0] == 1):  # the script and judge() run the same integer arithmetic
+            raise RuntimeError("rate limit script and judge() disagree")
+        if verdict.allowed:
+            self._allowed += 1
+        else:
+            self._refused += 1
+        return verdict
+
+    async def reconcile(self, checks: Sequence[Check], token_delta: int) -> None:
+        """Correct the token rules by ``actual - reserved`` (negative returns tokens)."""
+        await self._finish(checks, None, token_delta, "d")
+
+    async def release(self, checks: Sequence[Check], lease: str | None, token_delta: int = 0) -> None:
+        """Return an allowed acquire's concurrency slots, reconciling tokens in the same call."""
+        await self._finish(checks, lease, token_delta, "r")
+
+    async def refresh(self, checks: Sequence[Check], lease: str) -> int:
+        """Extend the lease by ``lease_ttl``; returns how many slots were still held (an expired
+        lease is not revived: its slot may be someone else's by now)."""
+        return await self._finish(checks, lease, 0, "f")
+
+    async def _finish(self, checks: Sequence[Check], lease: str | None, token_delta: int, op: str) -> int:
+        picked: list[Check] = []
+        args: list[str | int] = [lease or "", int(self.lease_ttl * 1000)]
+        for check in checks:
+            rule = check[1]
+            if rule.kind == "concurrent":
+                if op == "d" or lease is None:
+                    continue
+                args += (op, rule.limit, 0, 0, 0)
+            elif rule.kind == "tokens" and token_delta and op != "f":
+                args += ("d", rule.limit, rule.ticks, rule.span, token_delta * rule.span)
+            else:
+                continue
+            picked.append(check)
+        if not picked:
+            return 0
+        return int(await self._call(self._settle, picked, args))
+
+    async def _call(self, script: AsyncScript, checks: Sequence[Check], args: list[str | int]) -> Any:
+        keys = [f"{self.prefix}{scope}:{rule.name}" for scope, rule in checks]
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await script(keys=keys, args=args)
+        except _UNAVAILABLE as exc:  # builtin TimeoutError (asyncio.timeout) is an OSError
+            self._unavailable += 1
+            raise LimiterUnavailable(f"redis unavailable ({type(exc).__name__})") from exc
+
+    def statistics(self) -> dict[str, int]:
+        return {"allowed": self._allowed, "refused": self._refused, "unavailable": self._unavailable}
+
+    def __repr__(self) -> str:  # never the URL: it may carry a password
+        return (f"RedisLimiter(prefix={self.prefix!r}, allowed={self._allowed}, refused={self._refused}, "
+                f"unavailable={self._unavailable})")  # fmt: skip

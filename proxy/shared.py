@@ -1,0 +1,49 @@
+"""The Redis client shared by the limits and usage addons (state shared
+between sidecars). One client per engine, made from the policy's ``redis``
+section and remade only when its URL or timeout changes on reload.
+
+The URL may carry a password, so it is never logged or shown; only its
+source (``env:REDIS_URL``) or the words "the policy's redis.url" are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from proxy.policy import RedisConfig, SecretRef
+
+
+def resolve_url(cfg: RedisConfig) -> str | None:
+    """The URL, or None when its env variable or file is missing (blocking for file:)."""
+    ref = cfg.url
+    if not isinstance(ref, SecretRef):
+        return ref
+    if ref.kind == "env":
+        value = os.environ.get(ref.ref)
+    else:
+        try:
+            value = Path(ref.ref).read_text().strip()
+        except OSError:
+            value = None
+    return value or None
+
+
+def connect(url: str, timeout: float, max_connections: int = 64) -> Redis:
+    """A bounded pool (callers wait for a connection up to ``timeout``),
+    connect and read timeouts, and no retries: a retried limit script could
+    count a request twice. Connecting is lazy; a down Redis shows on first use
+    and the pool reconnects on its own when it is back."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis.from_pool(pool)

@@ -1,0 +1,114 @@
+"""Limits through real sidekey processes; shared limits through a real Redis
+(started by the test on a free port)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from proxy.usage import estimate_request
+from tests.fakes.provider import FakeProviderThread
+from tests.integration.conftest import curl, fake_provider, policy_for
+from tests.integration.sidekey_process import SidekeyProcess
+from tests.redis_server import RedisServer
+
+CHAT = json.dumps({"model": "gpt-4o-mini", "max_tokens": 40, "messages": [{"role": "user", "content": "hello"}]})
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def chat(proxy: SidekeyProcess, host: str = "limited.test") -> tuple[int, str]:
+    result = curl(proxy, "-s", "-i", "-H", "content-type: application/json", "-d", CHAT,
+                  f"https://{host}/v1/chat/completions")  # fmt: skip
+    status = int(result.stdout.split(" ", 2)[1]) if result.stdout.startswith("HTTP/") else 0
+    return status, result.stdout
+
+
+def test_limit_answers_429_with_headers_then_recovers(start_sidekey: object, fake: FakeProviderThread) -> None:
+    extra = fake_provider(fake, "limited", "limited.test", limits="{requests_per_second: 2}", queue_wait="0")
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    statuses = [chat(proxy) for _ in range(3)]
+    assert [s for s, _ in statuses] == [200, 200, 429]
+    ok, refused = statuses[0][1].lower(), statuses[2][1]
+    assert "x-ratelimit-limit-requests-second: 2" in ok and "x-ratelimit-remaining-requests-second: 1" in ok
+    assert '"rate_limited"' in refused and "retry-after: 1" in refused.lower()
+    assert "x-sidekey-request-id" in refused.lower()
+    assert len([r for r in fake.received if r.path == "/v1/chat/completions"]) == 2  # the third never left
+
+
+def shared_policy(fake: FakeProviderThread, redis: RedisServer, limits: str, on_failure: str = "open") -> str:
+    extra = fake_provider(fake, "limited", "limited.test", limits=limits, queue_wait="0")
+    return policy_for(fake, extra=extra, limits=f"redis: {{url: '{redis.url}', on_failure: {on_failure}}}")
+
+
+def test_three_sidecars_share_one_quota(start_sidekey: object, fake: FakeProviderThread, redis: RedisServer) -> None:
+    policy = shared_policy(fake, redis, "{requests_per_hour: 30, concurrent: 8}")
+    proxies = [start_sidekey(policy) for _ in range(3)]  # type: ignore[operator]
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(lambda i: chat(proxies[i % 3])[0], range(90)))
+    allowed = results.count(200)
+    reached = len([r for r in fake.received if r.path == "/v1/chat/completions"])
+    # Measured overshoot: zero. Without sharing each process would let 30 through (90 in all).
+    assert allowed == reached == 30, (allowed, reached)
+    assert results.count(429) == 60
+    # Every sidecar served some of the 30, and refused the rest: the quota is one.
+    assert all(200 in results[i::3] for i in range(3))
+
+
+def test_three_sidecars_share_a_token_quota(start_sidekey: object, fake: FakeProviderThread, redis: RedisServer) -> None:
+    # Each request reserves its estimate (a few prompt tokens + max_tokens 40) before it is sent.
+    policy = shared_policy(fake, redis, "{tokens_per_minute: 500}")
+    proxies = [start_sidekey(policy) for _ in range(3)]  # type: ignore[operator]
+    began = time.monotonic()
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(lambda i: chat(proxies[i % 3])[0], range(60)))
+    refill = (time.monotonic() - began) * 500 / 60  # the bucket refills while the burst runs
+    allowed = results.count(200)
+    sent = [r for r in fake.received if r.path == "/v1/chat/completions"]
+    assert allowed == len(sent)
+    reserved = estimate_request(CHAT.encode(), "openai").worst_case
+    # Admitted what fits and no more: the burst plus what refilled meanwhile (overshoot 0).
+    assert allowed * reserved <= 500 + refill and (allowed + 1) * reserved > 500
+
+
+@pytest.mark.parametrize("on_failure", ["open", "closed"])
+def test_redis_killed_and_restarted(
+    start_sidekey: object, fake: FakeProviderThread, redis: RedisServer, on_failure: str
+) -> None:
+    proxy = start_sidekey(shared_policy(fake, redis, "{requests_per_minute: 1000}", on_failure))  # type: ignore[operator]
+    assert chat(proxy)[0] == 200
+    redis.kill()
+    status, text = chat(proxy)
+    if on_failure == "open":
+        assert status == 200  # limits fall back to this process; serving goes on
+    else:
+        assert status == 503 and '"limits_unavailable"' in text
+    redis.restart()
+    assert chat(proxy)[0] == 200  # reconnected on its own
+    assert proxy.proc.poll() is None
+
+
+def test_key_pool_spreads_by_each_keys_own_quota(start_sidekey: object, fake: FakeProviderThread) -> None:
+    extra = fake_provider(fake, "limited", "limited.test", queue_wait="0") + (
+        "    upstreams:\n"
+        "      - {name: key-a, secret: env:OPENAI_API_KEY, limits: {requests_per_hour: 2}}\n"
+        "      - {name: key-b, secret: env:ANTHROPIC_API_KEY, limits: {requests_per_hour: 1}}\n"
+    )
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    answers = [chat(proxy) for _ in range(4)]
+    served = [next(line.split(": ")[1] for line in text.lower().splitlines() if line.startswith("x-sidekey-upstream"))
+              for status, text in answers[:3] if status == 200]  # fmt: skip
+    assert sorted(served) == ["key-a", "key-a", "key-b"]  # each key up to its own quota
+    status, text = answers[3]
+    assert status == 429 and '"rate_limited"' in text and "upstream limit" in text  # ours, not the provider's
+    assert len([r for r in fake.received if r.path == "/v1/chat/completions"]) == 3

@@ -1,0 +1,193 @@
+"""RedisLimiter (proxy/redis_limits.py) against a real redis-server.
+
+The clock is Redis's own, so edges are checked through the waits the limiter reports (short
+periods, sleeping exactly the reported Retry-After) instead of long sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from proxy.ratelimit import CONCURRENT_RETRY_AFTER, Rule
+from proxy.redis_limits import PREFIX, LimiterUnavailable, RedisLimiter
+from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the redis_server fixture
+
+TIMEOUT = 0.25  # the client's whole-call timeout
+SLACK = 0.003  # asyncio's and Redis's clocks are different clocks
+
+
+@pytest_asyncio.fixture
+async def limiter(redis_server: RedisServer) -> AsyncIterator[RedisLimiter]:
+    limiter = RedisLimiter.from_url(redis_server.url, timeout=TIMEOUT)
+    yield limiter
+    await limiter.aclose()
+
+
+@pytest_asyncio.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+async def take(limiter: RedisLimiter, checks: list[tuple[str, Rule]], n: int, tokens: int = 0) -> list[bool]:
+    return [(await limiter.acquire(checks, tokens)).allowed for _ in range(n)]
+
+
+@pytest.mark.asyncio
+async def test_sixty_per_minute_burst_then_one_per_second(limiter: RedisLimiter) -> None:
+    checks = [("provider:openai", Rule("requests", 60, 60))]
+    assert await take(limiter, checks, 60) == [True] * 60
+    refused = await limiter.acquire(checks, 0)
+    assert not refused.allowed and refused.refused_by == "provider:openai requests-minute"
+    assert 0.5 < refused.retry_after <= 1.0  # one emission interval, less the time the burst took
+    assert refused.states[0].remaining == 0 and 59.0 < refused.states[0].reset <= 60.0
+
+
+@pytest.mark.asyncio
+async def test_a_unit_comes_back_exactly_when_retry_after_says(limiter: RedisLimiter) -> None:
+    checks = [("provider:openai", Rule("requests", 10, 0.5, "requests-burst"))]  # one per 50 ms
+    assert await take(limiter, checks, 10) == [True] * 10
+    for _ in range(3):
+        refused = await limiter.acquire(checks, 0)
+        assert not refused.allowed and 0.0 < refused.retry_after <= 0.05
+        await asyncio.sleep(refused.retry_after + SLACK)
+        assert (await limiter.acquire(checks, 0)).allowed
+    again = await limiter.acquire(checks, 0)
+    assert not again.allowed and 0.03 < again.retry_after <= 0.05  # a whole interval, less a round trip
+
+
+@pytest.mark.asyncio
+async def test_all_or_nothing_across_scopes_and_the_longest_wait(limiter: RedisLimiter) -> None:
+    provider = ("provider:openai", Rule("requests", 10, 60))
+    caller = ("caller:openai/10.0.0.5", Rule("requests", 1, 60))
+    hourly = ("upstream:openai/key-a", Rule("requests", 2, 3600))
+    slots = ("upstream:openai/key-a", Rule("concurrent", 5))
+    assert (await limiter.acquire([provider, caller, hourly, slots], 0)).allowed
+    assert (await limiter.acquire([hourly], 0)).allowed
+    refused = await limiter.acquire([provider, caller, hourly, slots], 0)
+    assert not refused.allowed and refused.lease is None
+    assert refused.refused_by == "upstream:openai/key-a requests-hour"
+    assert 1799.0 < refused.retry_after <= 1800.0  # not the caller's 60 s: the longest wait
+    assert [s.remaining for s in refused.states] == [9, 0, 0, 4]  # as before the refused request
+    # Nothing was taken: 9 requests and 4 slots are left.
+    assert await take(limiter, [provider, slots], 5) == [True] * 4 + [False]
+    assert await take(limiter, [provider], 6) == [True] * 5 + [False]
+
+
+@pytest.mark.asyncio
+async def test_tokens_reserved_then_reconciled_both_ways(limiter: RedisLimiter) -> None:
+    checks = [("provider:openai", Rule("tokens", 1000, 60)), ("provider:openai", Rule("requests", 60, 60))]
+    assert (await limiter.acquire(checks, 600)).allowed
+    assert not (await limiter.acquire(checks, 600)).allowed
+    await limiter.reconcile(checks, -300)
+    allowed = await limiter.acquire(checks, 600)
+    assert allowed.allowed and allowed.states[0].remaining in (99, 100)  # 100 left, plus what refilled
+    await limiter.reconcile(checks, +500)  # 400 tokens of debt
+    debt = await limiter.acquire(checks, 0)
+    assert not debt.allowed and 23.9 < debt.retry_after <= 24.0 and debt.refused_by == "provider:openai tokens-minute"
+    assert debt.states[1].remaining == 58
+    never = await limiter.acquire(checks, 1001)
+    assert not never.allowed and never.retry_after == float("inf")
+
+
+@pytest.mark.asyncio
+async def test_three_sidecars_share_one_quota_exactly(redis_server: RedisServer) -> None:
+    sidecars = [RedisLimiter.from_url(redis_server.url, timeout=5.0) for _ in range(3)]
+    checks = [("provider:openai", Rule("requests", 100, 60))]
+    try:
+        verdicts = await asyncio.gather(*(sidecars[i % 3].acquire(checks, 0) for i in range(300)))
+    finally:
+        for sidecar in sidecars:
+            await sidecar.aclose()
+    assert sum(v.allowed for v in verdicts) == 100
+    assert sum(s.statistics()["allowed"] for s in sidecars) == 100
+
+
+@pytest.mark.asyncio
+async def test_a_dead_holders_lease_expires(redis_server: RedisServer, raw: Redis) -> None:
+    short = RedisLimiter.from_url(redis_server.url, timeout=TIMEOUT, lease_ttl=0.2)
+    checks = [("upstream:openai/key-a", Rule("concurrent", 1))]
+    try:
+        held = await short.acquire(checks, 0)  # and its holder dies: no release, no refresh
+        assert held.allowed and held.lease and held.states[0].remaining == 0
+        assert 0 < await raw.pttl(f"{PREFIX}upstream:openai/key-a:concurrent") <= 200
+        busy = await short.acquire(checks, 0)
+        assert (busy.allowed, busy.retry_after) == (False, CONCURRENT_RETRY_AFTER)
+        await asyncio.sleep(0.25)
+        assert (await short.acquire(checks, 0)).allowed
+    finally:
+        await short.aclose()
+
+
+@pytest.mark.asyncio
+async def test_refresh_keeps_a_slot_and_release_returns_it(redis_server: RedisServer) -> None:
+    short = RedisLimiter.from_url(redis_server.url, timeout=TIMEOUT, lease_ttl=0.4)
+    tokens = Rule("tokens", 1000, 60)
+    checks = [("upstream:openai/key-a", Rule("concurrent", 1)), ("upstream:openai/key-a", tokens)]
+    try:
+        held = await short.acquire(checks, 500)
+        assert held.lease is not None
+        for _ in range(3):
+            await asyncio.sleep(0.15)
+            assert await short.refresh(checks, held.lease) == 1
+        assert not (await short.acquire(checks, 0)).allowed  # 0.45 s on, still held
+        await short.release(checks, held.lease, token_delta=-400)  # one call: the slot and 400 tokens back
+        after = await short.acquire(checks, 900)
+        assert after.allowed and after.states[1].remaining <= 100
+        await asyncio.sleep(0.45)
+        assert await short.refresh(checks, after.lease or "") == 0  # expired: not revived
+    finally:
+        await short.aclose()
+
+
+@pytest.mark.asyncio
+async def test_keys_are_prefixed_and_expire_when_idle(limiter: RedisLimiter, raw: Redis) -> None:
+    rule = Rule("requests", 4, 0.2, "requests-short")
+    await take(limiter, [("caller:openai/10.0.0.5", rule)], 2)
+    key = f"{PREFIX}caller:openai/10.0.0.5:requests-short"
+    assert await raw.keys("*") == [key]
+    assert 0 < await raw.pttl(key) <= 102  # full again 100 ms after the last grant
+    assert await raw.hget(key, "span") == "200000"
+    await asyncio.sleep(0.15)
+    assert await raw.keys("*") == []
+
+
+@pytest.mark.asyncio
+async def test_redis_down_raises_limiter_unavailable_then_recovers(redis_server: RedisServer) -> None:
+    limiter = RedisLimiter.from_url(redis_server.url, timeout=TIMEOUT)
+    checks = [("provider:openai", Rule("requests", 100, 60))]
+    try:
+        assert (await limiter.acquire(checks, 0)).allowed
+        redis_server.kill()
+        started = time.monotonic()
+        with pytest.raises(LimiterUnavailable, match=r"redis unavailable \(\w+\)"):
+            await limiter.acquire(checks, 0)
+        assert time.monotonic() - started < TIMEOUT + 0.1
+        redis_server.start()  # the same port, an empty Redis without the scripts
+        assert (await limiter.acquire(checks, 0)).allowed  # the same object reconnects on its own
+        assert limiter.statistics() == {"allowed": 2, "refused": 0, "unavailable": 1}
+        assert repr(limiter) == "RedisLimiter(prefix='sidekey:rl:', allowed=2, refused=0, unavailable=1)"
+    finally:
+        await limiter.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_redis_that_stops_answering_times_out(redis_server: RedisServer, limiter: RedisLimiter) -> None:
+    checks = [("provider:openai", Rule("requests", 100, 60))]
+    assert (await limiter.acquire(checks, 0)).allowed
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(LimiterUnavailable):
+            await limiter.acquire(checks, 0)
+        assert TIMEOUT - 0.01 < time.monotonic() - started < TIMEOUT + 0.1
+    finally:
+        redis_server.resume()
+    assert (await limiter.acquire(checks, 0)).allowed
