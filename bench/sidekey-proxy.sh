@@ -7,15 +7,19 @@ set -euo pipefail
 port=$1 workdir=$2 upstream_ca=$3
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${SIDEKEY_PYTHON:-$repo/.venv/bin/python}
+# SIDEKEY_BENCH_TOP / SIDEKEY_BENCH_PROVIDER: extra policy lines (top level / in the provider),
+# e.g. SIDEKEY_BENCH_PROVIDER='    limits: {requests_per_second: 1000000}'
 cat > "$workdir/p.yaml" <<YAML
 version: 1
 unmatched: deny
+${SIDEKEY_BENCH_TOP:-}
 providers:
   bench:
     hosts: [localhost]
     upstream: https://localhost:8443
     auth: {type: bearer, secret: env:BENCH_API_KEY}
     tls: {ca_bundle: $upstream_ca}
+${SIDEKEY_BENCH_PROVIDER:-}
 YAML
 export BENCH_API_KEY=test
 cd "$repo"
