@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from proxy import errors, usage
+from proxy import errors
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider
@@ -51,6 +53,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidekey.limits")
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+DEFAULT_OUTPUT = 4096  # tokens reserved for the answer when the request names no cap
+# max_tokens (both wires), max_completion_tokens (OpenAI chat), max_output_tokens (Responses)
+_OUTPUT_CAP = re.compile(rb'"max(?:_completion|_output)?_tokens"\s*:\s*(\d{1,9})')
+CONCURRENT_POLL = 0.05  # seconds between tries when waiting for a shared (Redis) concurrency slot
+SETTLE_LINGER = 0.02  # seconds a finished request's release may wait for an acquire to carry it
 LEASE_TTL = 60.0  # seconds a Redis concurrency lease lives unless refreshed
 REFRESH_EVERY = 20.0
 
@@ -87,7 +94,10 @@ class Limits:
         self._queues: dict[str, list[_Waiter]] = {}
         self._seq = itertools.count()
         self._leases: dict[str, Taken] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._pending: list[tuple[Sequence[Check], str | None, int]] = []
+        self._wake = asyncio.Event()
+        self._freed = asyncio.Event()  # a concurrency slot was returned: the queue's head tries again
+        self._tasks: list[asyncio.Task[None]] = []
 
     def bind(self, engine: Sidekey) -> None:
         self.engine = engine
@@ -102,13 +112,19 @@ class Limits:
         self.on_failure = policy.redis.on_failure if policy.redis else "open"
 
     def running(self) -> None:
-        self._task = asyncio.create_task(self._refresh_leases(), name="sidekey-limit-leases")
+        self._tasks = [
+            asyncio.create_task(self._refresh_leases(), name="sidekey-limit-leases"),
+            asyncio.create_task(self._settle_loop(), name="sidekey-limit-settle"),
+        ]
 
     async def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        if self._pending and self.shared is not None:  # hand back what finished last
+            with contextlib.suppress(LimiterUnavailable):
+                await self.shared.release_many(self._pending)
 
     # -- provider and caller limits -------------------------------------------------
     async def request(self, flow: Flow) -> None:
@@ -134,9 +150,10 @@ class Limits:
             return
         headers = flow.response.headers
         for state in taken.states:  # ours, per rule; the provider's own x-ratelimit-* pass untouched
-            headers[f"x-ratelimit-limit-{state.name}"] = str(state.limit)
-            headers[f"x-ratelimit-remaining-{state.name}"] = str(state.remaining)
-            headers[f"x-ratelimit-reset-{state.name}"] = f"{math.ceil(state.reset)}s"
+            limit, remaining, reset = _header_names(state.name)
+            headers[limit] = str(state.limit)
+            headers[remaining] = str(state.remaining)
+            headers[reset] = f"{math.ceil(state.reset)}s"
 
     async def response(self, flow: Flow) -> None:
         await self._settle(flow)
@@ -160,18 +177,16 @@ class Limits:
 
     # -- internals ------------------------------------------------------------------
     def _tokens(self, flow: Flow, checks: Sequence[Check]) -> int:
+        """Tokens to reserve: the prompt at ~4 bytes per token (the body's
+        length: JSON's punctuation makes it an over-estimate, corrected at
+        reconcile) plus the output cap the request names. A regex, not a JSON
+        parse: this runs on every request of a provider with token limits."""
         if not any(rule.kind == "tokens" for _, rule in checks):
             return 0
-        estimate = flow.metadata.get("estimate")
-        if estimate is None:
-            body = flow.request.body
-            wire: usage.Wire = "anthropic" if "/messages" in flow.request.path else "openai"
-            if isinstance(body, bytes):
-                estimate = usage.estimate_request(body, wire)
-            else:  # streamed: only its length is known
-                estimate = usage.RequestEstimate((flow.request.content_length or 0) // 4, 4096, parsed=False)
-            flow.metadata["estimate"] = estimate
-        return int(estimate.worst_case)
+        reserved = flow.metadata.get("reserve")
+        if reserved is None:
+            reserved = flow.metadata["reserve"] = reservation(flow.request.body, flow.request.content_length)
+        return int(reserved)
 
     async def _take(self, provider: Provider, checks: Sequence[Check], tokens: int, priority: int) -> Taken:
         """Acquire, waiting in the provider's priority queue up to ``queue_wait``."""
@@ -180,29 +195,32 @@ class Limits:
             self.counters["allowed"] += 1
             return self._held(Taken(checks, tokens, limiter, verdict.lease, verdict.states))
         deadline = self.clock() + provider.queue_wait
-        if verdict.retry_after <= provider.queue_wait:
+        if provider.queue_wait > 0 and (verdict.retry_after <= provider.queue_wait or _by_concurrency(verdict)):
             self.counters["queued"] += 1
             queue = self._queues.setdefault(provider.name, [])
             me = _Waiter(priority, next(self._seq), asyncio.Event())
             heapq.heappush(queue, me)
+            fresh = True  # ``verdict`` is current: the head pauses before asking again
             try:
                 while True:
                     if queue[0] is not me:  # someone ahead (higher priority or earlier): wait for them
                         me.ready.clear()
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(max(0.0, deadline - self.clock())):
-                                await me.ready.wait()
+                        await _wait(me.ready, deadline - self.clock())
+                        fresh = False
                     else:
-                        wait = min(verdict.retry_after, deadline - self.clock())
-                        if wait > 0:
-                            await asyncio.sleep(wait)
-                        if queue[0] is not me:  # a higher priority arrived while we slept: it goes first
-                            continue
-                        verdict, limiter = await self._acquire(checks, tokens)
-                        if verdict.allowed:
-                            self.counters["allowed"] += 1
-                            return self._held(Taken(checks, tokens, limiter, verdict.lease, verdict.states))
-                    if self.clock() >= deadline or verdict.retry_after > deadline - self.clock():
+                        if not fresh:
+                            verdict, limiter = await self._acquire(checks, tokens)
+                            if verdict.allowed:
+                                self.counters["allowed"] += 1
+                                return self._held(Taken(checks, tokens, limiter, verdict.lease, verdict.states))
+                        fresh = False
+                        pause = min(verdict.retry_after, deadline - self.clock())
+                        if _by_concurrency(verdict):  # a slot frees at no known time: woken, or poll
+                            pause = min(pause, CONCURRENT_POLL)
+                        self._freed.clear()
+                        await _wait(self._freed, pause)
+                    left = deadline - self.clock()
+                    if left <= 0 or (verdict.retry_after > left and not _by_concurrency(verdict)):
                         break
             finally:
                 queue.remove(me)
@@ -222,9 +240,11 @@ class Limits:
     async def _acquire(self, checks: Sequence[Check], tokens: int) -> tuple[Verdict, LocalLimiter | RedisLimiter]:
         shared = self.shared
         if shared is not None:
+            settles, self._pending = self._pending, []  # ride along: no round trip of their own
             try:
-                verdict = await shared.acquire(checks, tokens)
+                verdict = await shared.acquire(checks, tokens, settles=settles)
             except LimiterUnavailable:
+                self._pending[:0] = settles  # try them again later (leases expire meanwhile anyway)
                 if not self.redis_down:
                     log.error("redis unreachable: limits %s", "fall back to this process" if self.on_failure == "open"
                               else "refuse requests (on_failure: closed)")  # fmt: skip
@@ -253,16 +273,34 @@ class Limits:
             await self._release(taken, delta)
 
     async def _release(self, taken: Taken, delta: int) -> None:
-        try:
-            if isinstance(taken.limiter, RedisLimiter):
-                self._leases.pop(taken.lease or "", None)
-                await taken.limiter.release(taken.checks, taken.lease, delta)
-            else:
-                if delta:
-                    taken.limiter.reconcile(taken.checks, delta, self.clock())
-                taken.limiter.release(taken.checks)
-        except LimiterUnavailable:
-            pass  # the lease expires on its own; a missed reconcile is one window's error at most
+        limiter = taken.limiter
+        if isinstance(limiter, RedisLimiter):
+            self._leases.pop(taken.lease or "", None)
+            if taken.lease is not None or delta:  # batched: one pipeline for many requests
+                self._pending.append((taken.checks, taken.lease, delta))
+                self._wake.set()
+            return
+        if delta:
+            limiter.reconcile(taken.checks, delta, self.clock())
+        limiter.release(taken.checks)
+        self._freed.set()
+
+    async def _settle_loop(self) -> None:
+        """Sends finished requests' releases and reconciles to Redis in one
+        pipeline per batch, so the request path pays one round trip (its acquire)."""
+        while True:
+            await self._wake.wait()
+            # Under traffic the next acquire carries them; flush alone only when it is quiet.
+            await asyncio.sleep(SETTLE_LINGER)
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            shared = self.shared
+            if shared is None or not batch:
+                continue
+            # Redis down: leases expire on their own; a missed reconcile is at most one window's error.
+            with contextlib.suppress(LimiterUnavailable):
+                await shared.release_many(batch)
+            self._freed.set()
 
     async def _refresh_leases(self) -> None:
         while True:
@@ -278,6 +316,31 @@ class Limits:
 
     def __repr__(self) -> str:
         return f"Limits(shared={self.shared is not None}, {self.counters})"
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    if seconds <= 0:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
+def _by_concurrency(verdict: Verdict) -> bool:
+    return (verdict.refused_by or "").endswith(" concurrent")
+
+
+def reservation(body: object, length: int | None) -> int:
+    """Tokens reserved for a request before it is sent (see ``Limits._tokens``)."""
+    if not isinstance(body, bytes):  # streamed: only its length is known
+        return (length or 0) // 4 + DEFAULT_OUTPUT
+    cap = _OUTPUT_CAP.search(body)
+    return len(body) // 4 + (int(cap.group(1)) if cap else DEFAULT_OUTPUT)
+
+
+@functools.lru_cache(maxsize=64)
+def _header_names(rule: str) -> tuple[str, str, str]:
+    return f"x-ratelimit-limit-{rule}", f"x-ratelimit-remaining-{rule}", f"x-ratelimit-reset-{rule}"
 
 
 __all__ = ["Limits", "LimitsUnavailable", "RateLimited", "Rule"]

@@ -42,7 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.ratelimit import Check, Verdict, cost_of, judge
@@ -156,6 +156,9 @@ return done
 )
 
 
+Settle = tuple[Sequence[Check], "str | None", int]  # (checks, lease, token delta) of a finished request
+
+
 class LimiterUnavailable(Exception):
     """Redis did not answer in time (down, unreachable, timed out, or a read-only replica).
     The message names the error class only: fail open or closed is the caller's decision."""
@@ -166,7 +169,7 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
 class RedisLimiter:
     __slots__ = ("client", "prefix", "lease_ttl", "timeout", "_acquire", "_settle",
-                 "_allowed", "_refused", "_unavailable")  # fmt: skip
+                 "_allowed", "_refused", "_unavailable", "round_trips")  # fmt: skip
 
     def __init__(self, client: Redis, *, prefix: str = PREFIX, lease_ttl: float = 60.0, timeout: float = 1.0) -> None:
         if lease_ttl < 0.001 or timeout <= 0:
@@ -178,6 +181,7 @@ class RedisLimiter:
         self._acquire: AsyncScript = client.register_script(ACQUIRE)
         self._settle: AsyncScript = client.register_script(SETTLE)
         self._allowed = self._refused = self._unavailable = 0
+        self.round_trips = 0  # network calls made (a pipeline is one)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.5, max_connections: int = 32, **options: Any) -> RedisLimiter:
@@ -196,9 +200,12 @@ class RedisLimiter:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def acquire(self, checks: Sequence[Check], tokens: int, lease: str | None = None) -> Verdict:
+    async def acquire(
+        self, checks: Sequence[Check], tokens: int, lease: str | None = None, settles: Sequence[Settle] = ()
+    ) -> Verdict:
         """Take from every rule or from none. ``lease`` names the concurrency slots (made up when
-        None); the Verdict carries it, for refresh and release."""
+        None); the Verdict carries it, for refresh and release. ``settles``: finished requests'
+        releases, sent in the same pipeline (no round trip of their own)."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
         concurrent = any(rule.kind == "concurrent" for _, rule in checks)
@@ -210,7 +217,12 @@ class RedisLimiter:
                 args += ("c", rule.limit, 0, 0, 0)
             else:
                 args += ("r", rule.limit, rule.ticks, rule.span, cost_of(rule, tokens))
-        reply = await self._call(self._acquire, checks, args)
+        if settles:
+            calls = [c for item in settles if (c := self._settle_call(item[0], item[1], item[2], "r"))]
+            replies = await self._pipeline([*((self._settle, *c) for c in calls), (self._acquire, checks, args)])
+            reply = replies[-1]
+        else:
+            reply = await self._call(self._acquire, checks, args)
         verdict = judge(checks, reply[1:], tokens, lease if concurrent else None)
         if verdict.allowed != (reply[0] == 1):  # the script and judge() run the same integer arithmetic
             raise RuntimeError("rate limit script and judge() disagree")
@@ -234,6 +246,42 @@ class RedisLimiter:
         return await self._finish(checks, lease, 0, "f")
 
     async def _finish(self, checks: Sequence[Check], lease: str | None, token_delta: int, op: str) -> int:
+        call = self._settle_call(checks, lease, token_delta, op)
+        if call is None:
+            return 0
+        return int(await self._call(self._settle, call[0], call[1]))
+
+    async def release_many(self, items: Sequence[Settle]) -> None:
+        """Release and reconcile many finished requests in one pipelined round trip."""
+        calls = [c for checks, lease, delta in items if (c := self._settle_call(checks, lease, delta, "r"))]
+        if calls:
+            await self._pipeline([(self._settle, *c) for c in calls])
+
+    async def _pipeline(self, calls: Sequence[tuple[AsyncScript, Sequence[Check], list[str | int]]]) -> list[Any]:
+        """Several script calls in one round trip. EVALSHA by hand: redis-py's
+        pipelined scripts ask SCRIPT EXISTS first (a round trip each time)."""
+        for attempt in (1, 2):
+            try:
+                async with asyncio.timeout(self.timeout):
+                    self.round_trips += 1
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for script, checks, args in calls:
+                            keys = [f"{self.prefix}{scope}:{rule.name}" for scope, rule in checks]
+                            pipe.evalsha(script.sha, len(keys), *keys, *args)
+                        return list(await pipe.execute())
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                for script in {id(c[0]): c[0] for c in calls}.values():  # Redis restarted: load, once
+                    await self.client.script_load(script.script)
+            except _UNAVAILABLE as exc:
+                self._unavailable += 1
+                raise LimiterUnavailable(f"redis unavailable ({type(exc).__name__})") from exc
+        raise AssertionError("unreachable")
+
+    def _settle_call(
+        self, checks: Sequence[Check], lease: str | None, token_delta: int, op: str
+    ) -> tuple[list[Check], list[str | int]] | None:
         picked: list[Check] = []
         args: list[str | int] = [lease or "", int(self.lease_ttl * 1000)]
         for check in checks:
@@ -247,21 +295,21 @@ class RedisLimiter:
             else:
                 continue
             picked.append(check)
-        if not picked:
-            return 0
-        return int(await self._call(self._settle, picked, args))
+        return (picked, args) if picked else None
 
     async def _call(self, script: AsyncScript, checks: Sequence[Check], args: list[str | int]) -> Any:
         keys = [f"{self.prefix}{scope}:{rule.name}" for scope, rule in checks]
         try:
             async with asyncio.timeout(self.timeout):
+                self.round_trips += 1
                 return await script(keys=keys, args=args)
         except _UNAVAILABLE as exc:  # builtin TimeoutError (asyncio.timeout) is an OSError
             self._unavailable += 1
             raise LimiterUnavailable(f"redis unavailable ({type(exc).__name__})") from exc
 
     def statistics(self) -> dict[str, int]:
-        return {"allowed": self._allowed, "refused": self._refused, "unavailable": self._unavailable}
+        return {"allowed": self._allowed, "refused": self._refused, "unavailable": self._unavailable,
+                "round_trips": self.round_trips}  # fmt: skip
 
     def __repr__(self) -> str:  # never the URL: it may carry a password
         return (f"RedisLimiter(prefix={self.prefix!r}, allowed={self._allowed}, refused={self._refused}, "

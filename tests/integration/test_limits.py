@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.usage import estimate_request
+from addons.limits import reservation
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import curl, fake_provider, policy_for
 from tests.integration.sidekey_process import SidekeyProcess
@@ -52,7 +52,7 @@ def shared_policy(fake: FakeProviderThread, redis: RedisServer, limits: str, on_
 
 
 def test_three_sidecars_share_one_quota(start_sidekey: object, fake: FakeProviderThread, redis: RedisServer) -> None:
-    policy = shared_policy(fake, redis, "{requests_per_hour: 30, concurrent: 8}")
+    policy = shared_policy(fake, redis, "{requests_per_hour: 30, concurrent: 64}")
     proxies = [start_sidekey(policy) for _ in range(3)]  # type: ignore[operator]
     with ThreadPoolExecutor(24) as pool:
         results = list(pool.map(lambda i: chat(proxies[i % 3])[0], range(90)))
@@ -76,7 +76,7 @@ def test_three_sidecars_share_a_token_quota(start_sidekey: object, fake: FakePro
     allowed = results.count(200)
     sent = [r for r in fake.received if r.path == "/v1/chat/completions"]
     assert allowed == len(sent)
-    reserved = estimate_request(CHAT.encode(), "openai").worst_case
+    reserved = reservation(CHAT.encode(), len(CHAT))
     # Admitted what fits and no more: the burst plus what refilled meanwhile (overshoot 0).
     assert allowed * reserved <= 500 + refill and (allowed + 1) * reserved > 500
 
@@ -112,3 +112,71 @@ def test_key_pool_spreads_by_each_keys_own_quota(start_sidekey: object, fake: Fa
     status, text = answers[3]
     assert status == 429 and '"rate_limited"' in text and "upstream limit" in text  # ours, not the provider's
     assert len([r for r in fake.received if r.path == "/v1/chat/completions"]) == 3
+
+
+@pytest.mark.asyncio
+async def test_one_redis_round_trip_per_request(redis: RedisServer) -> None:
+    """The acquire is the only round trip on a request's path; releases and
+    token reconciles of finished requests go in batched pipelines."""
+    import asyncio
+    import dataclasses
+
+    from addons.limits import Limits
+    from proxy.flow import Response
+    from proxy.policy import Policy, RedisConfig
+    from proxy.ratelimit import Rule
+    from proxy.shared import connect
+    from proxy.testing import make_flow, make_provider
+    from proxy.usage import Usage
+
+    rules = (Rule("requests", 100000, 60.0), Rule("tokens", 10**8, 60.0), Rule("concurrent", 64))
+    provider = dataclasses.replace(make_provider(), limits=rules)
+    client = connect(redis.url, 1.0)
+    addon = Limits()
+
+    class Engine:  # what bind() reads
+        pass
+
+    engine = Engine()
+    engine.redis = client  # type: ignore[attr-defined]
+    addon.bind(engine)  # type: ignore[arg-type]
+    addon.configure(Policy(providers=(provider,), redis=RedisConfig(redis.url)))
+    addon.running()
+    assert addon.shared is not None
+
+    async def one() -> None:
+        flow = make_flow(provider, body=CHAT.encode())
+        await addon.request(flow)
+        assert flow.response is None, flow.response.body  # type: ignore[union-attr]
+        flow.response = Response(200)
+        flow.metadata["usage"] = Usage(input=10, output=5)
+        await addon.response(flow)
+
+    async def worker() -> None:  # steady traffic: 20 callers, 10 requests each
+        for _ in range(10):
+            await one()
+
+    await asyncio.gather(*(worker() for _ in range(20)))
+    for _ in range(100):  # let the settle task send what is pending
+        if not addon._pending:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    trips = addon.shared.round_trips
+    await addon.done()
+    await client.aclose()
+    # 200 acquires, each carrying the releases finished before it; only the
+    # 20 callers' last releases (no acquire came after them) were sent alone.
+    assert 200 < trips <= 200 + 20 + 5, trips
+    assert await_in_flight(redis) == 0
+
+
+def await_in_flight(redis: RedisServer) -> int:
+    """Concurrency leases still held in Redis (all were released)."""
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis.url)
+    try:
+        return sum(client.zcard(k) for k in client.scan_iter("sidekey:rl:*concurrent*"))
+    finally:
+        client.close()

@@ -172,7 +172,7 @@ async def test_redis_down_raises_limiter_unavailable_then_recovers(redis_server:
         assert time.monotonic() - started < TIMEOUT + 0.1
         redis_server.start()  # the same port, an empty Redis without the scripts
         assert (await limiter.acquire(checks, 0)).allowed  # the same object reconnects on its own
-        assert limiter.statistics() == {"allowed": 2, "refused": 0, "unavailable": 1}
+        assert {k: v for k, v in limiter.statistics().items() if k != "round_trips"} == {"allowed": 2, "refused": 0, "unavailable": 1}
         assert repr(limiter) == "RedisLimiter(prefix='sidekey:rl:', allowed=2, refused=0, unavailable=1)"
     finally:
         await limiter.aclose()
