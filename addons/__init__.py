@@ -16,6 +16,7 @@ from addons.health import HealthChecks
 from addons.limits import Limits
 from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
+from addons.usage import UsageMeter
 
 
 def default_addons() -> list[object]:
@@ -25,6 +26,10 @@ def default_addons() -> list[object]:
         CredentialInjector(),
         # After credentials: fills in provider-required headers the caller left out.
         ProviderHeaders(),
+        # Budgets refuse before limits take anything; meters tokens and cost and
+        # puts them in flow.metadata before the limits, metrics and audit
+        # observers (later in this list) read them.
+        UsageMeter(),
         # Before anything upstream: over a limit, the request waits or gets 429
         # here. Its response/error hooks reconcile tokens from flow.metadata["usage"].
         Limits(),

@@ -140,6 +140,16 @@ def _opt(value: str | None) -> str:
     return "null" if value is None else _q(value)
 
 
+def _tokens(usage: Any) -> dict[str, Any] | None:
+    """The usage addon's Usage as plain numbers (never the object itself)."""
+    if usage is None:
+        return None
+    return {
+        "input": usage.input, "output": usage.output, "cached_input": usage.cached_input,
+        "reasoning": usage.reasoning, "estimated": usage.estimated, "model": usage.model,
+    }  # fmt: skip
+
+
 def _dumps(value: Any) -> str:
     return _ENCODER.encode(value)
 
@@ -237,8 +247,8 @@ class AuditLog:
             # Filled by other addons: only plain values pass, so the default=str
             # fallback can never serialise an arbitrary object.
             "attempts": _plain(meta.get("attempts", 1)) if meta else 1,
-            "tokens": _plain(meta.get("usage") or None) if meta else None,
-            "cost": _plain(meta.get("cost_usd")) if meta else None,
+            "tokens": _tokens(meta.get("usage")) if meta else None,
+            "cost": _plain(meta.get("cost")) if meta else None,
             "cache": _plain(meta.get("cache")) if meta else None,
             "error": flow.error.code if flow.error else None,
             "bytes_out": flow.bytes_to_client,

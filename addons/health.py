@@ -59,6 +59,7 @@ class HealthChecks:
         self._webhook: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
+        self._reconfigured = asyncio.Event()
 
     def bind(self, engine: Sidekey) -> None:
         self.engine = engine
@@ -66,6 +67,7 @@ class HealthChecks:
 
     async def configure(self, policy: Policy) -> None:
         self.policy = policy
+        self._reconfigured.set()
         self._webhook = await asyncio.to_thread(_resolve, policy.alerts) if policy.alerts else None
 
     def running(self) -> None:
@@ -136,10 +138,12 @@ class HealthChecks:
     # -- active checks -----------------------------------------------------------
     async def _check_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.tick)
             engine, policy = self.engine, self.policy
-            if engine is None or policy is None:
+            if engine is None or policy is None or not any(p.health_check for p in policy.providers):
+                self._reconfigured.clear()  # nothing to check: sleep until a policy says otherwise
+                await self._reconfigured.wait()
                 continue
+            await asyncio.sleep(self.tick)
             now = time.monotonic()
             for provider in policy.providers:
                 check = provider.health_check

@@ -35,7 +35,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -127,10 +127,13 @@ class Limits:
                 await self.shared.release_many(self._pending)
 
     # -- provider and caller limits -------------------------------------------------
-    async def request(self, flow: Flow) -> None:
+    def request(self, flow: Flow) -> Awaitable[None] | None:
         provider = flow.provider
         if provider is None or not (provider.limits or provider.caller_limits):
-            return  # the common case: nothing to count
+            return None  # the common case: nothing to count, and no coroutine made for it
+        return self._limit(flow, provider)
+
+    async def _limit(self, flow: Flow, provider: Provider) -> None:
         checks: list[Check] = [(f"provider:{provider.name}", r) for r in provider.limits]
         checks += [(f"caller:{provider.name}/{flow.caller}", r) for r in provider.caller_limits]
         tokens = self._tokens(flow, checks)
@@ -155,11 +158,11 @@ class Limits:
             headers[remaining] = str(state.remaining)
             headers[reset] = f"{math.ceil(state.reset)}s"
 
-    async def response(self, flow: Flow) -> None:
-        await self._settle(flow)
+    def response(self, flow: Flow) -> None:
+        self._settle(flow)
 
-    async def error(self, flow: Flow) -> None:
-        await self._settle(flow)
+    def error(self, flow: Flow) -> None:
+        self._settle(flow)
 
     # -- per-key limits (called by the forwarder) -------------------------------------
     async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float:
@@ -260,7 +263,7 @@ class Limits:
                 return verdict, shared
         return self.local.acquire(checks, tokens, self.clock()), self.local
 
-    async def _settle(self, flow: Flow) -> None:
+    def _settle(self, flow: Flow) -> None:
         if not flow.metadata:
             return
         held: list[Taken] = [t for t in (flow.metadata.pop("limits", None),) if t is not None]
@@ -270,9 +273,9 @@ class Limits:
         measured = flow.metadata.get("usage")
         for taken in held:
             delta = measured.total - taken.tokens if measured is not None and taken.tokens else 0
-            await self._release(taken, delta)
+            self._release(taken, delta)
 
-    async def _release(self, taken: Taken, delta: int) -> None:
+    def _release(self, taken: Taken, delta: int) -> None:
         limiter = taken.limiter
         if isinstance(limiter, RedisLimiter):
             self._leases.pop(taken.lease or "", None)

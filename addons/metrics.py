@@ -1,8 +1,9 @@
 """Prometheus metrics, fed from flow hooks and read from engine statistics.
 
 Label values are bounded: provider names come from the policy, methods fold
-into a fixed set, statuses into classes, outcomes are our error codes. No URL,
-host, request id or caller string ever becomes a label. The registry is per
+into a fixed set, statuses into classes, outcomes are our error codes, models
+are price-table names (an unpriced model is ``other``). No URL, host, request
+id or caller string ever becomes a label. The registry is per
 engine (not the global default) so tests and reloads never collide.
 
 Every per-request update happens on the event loop thread, so the counters
@@ -25,7 +26,9 @@ from prometheus_client.registry import Collector
 from proxy import __version__
 from proxy.flow import Flow
 from proxy.policy import Policy
+from proxy.usage import Usage
 
+TOKEN_KINDS = ("input", "output", "cached_input", "reasoning", "cache_creation")  # Usage attributes
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 # Seconds: from sub-millisecond proxy overhead up to multi-minute LLM streams.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -89,6 +92,10 @@ class Metrics:
         self.requests: dict[tuple[str, str, str, str], int] = {}
         self.series: dict[str, _ProviderSeries] = {}
         self.failovers: dict[tuple[str, str], int] = {}  # (matched provider, serving provider) -> count
+        # From the usage addon's flow.metadata: by the provider that served.
+        self.tokens: dict[tuple[str, str, str], int] = {}  # (provider, model, kind) -> tokens
+        self.cost: dict[tuple[str, str], float] = {}  # (provider, model) -> USD
+        self.estimated: dict[str, int] = {}  # provider -> requests whose usage was estimated
 
     def attach(self, statistics: Callable[[], dict[str, Any]]) -> None:
         """Let scrapes read the engine's live statistics."""
@@ -133,9 +140,27 @@ class Metrics:
             attempts = flow.metadata.get("attempts", 1)
             series.retries += attempts - 1
             state = flow.upstream_state
+            served = provider
             if state is not None and state.provider != provider and state.provider in self._providers:
                 key2 = (provider, state.provider)
                 self.failovers[key2] = self.failovers.get(key2, 0) + 1
+                served = state.provider
+            usage = flow.metadata.get("usage")
+            if usage is not None:
+                self._usage(served, usage, flow.metadata)
+
+    def _usage(self, provider: str, usage: Usage, meta: dict[str, Any]) -> None:
+        model = meta.get("priced_model") or "other"
+        for kind in TOKEN_KINDS:
+            n = getattr(usage, kind)
+            if n:
+                key = (provider, model, kind)
+                self.tokens[key] = self.tokens.get(key, 0) + n
+        cost = meta.get("cost")
+        if cost:
+            self.cost[(provider, model)] = self.cost.get((provider, model), 0.0) + cost
+        if usage.estimated:
+            self.estimated[provider] = self.estimated.get(provider, 0) + 1
 
 
 class _FlowCollector(Collector):
@@ -171,6 +196,18 @@ class _FlowCollector(Collector):
         for pair, count in list(m.failovers.items()):
             failovers.add_metric(list(pair), count)
         yield from (out, into, retries, failovers)
+        tokens = CounterMetricFamily("sidekey_tokens", "Tokens used, by kind", labels=["provider", "model", "kind"])
+        for key3, n in list(m.tokens.items()):
+            tokens.add_metric(list(key3), n)
+        cost = CounterMetricFamily("sidekey_cost_usd", "Cost in USD from the price table", labels=["provider", "model"])
+        for pair, usd in list(m.cost.items()):
+            cost.add_metric(list(pair), usd)
+        estimated = CounterMetricFamily(
+            "sidekey_usage_estimated", "Requests whose token counts were estimated", labels=["provider"]
+        )
+        for provider, count in list(m.estimated.items()):
+            estimated.add_metric([provider], count)
+        yield from (tokens, cost, estimated)
         gauge = GaugeMetricFamily("sidekey_policy_providers", "Providers in the active policy")
         gauge.add_metric([], m.providers_in_policy)
         yield gauge

@@ -1,4 +1,4 @@
-"""The admin listener: health, readiness, metrics, providers, policy, reload.
+"""The admin listener: health, readiness, metrics, providers, policy, reload, usage.
 
 It has its own socket (default 127.0.0.1:9090) and is never reachable through
 the proxy listener. Bound to a non-loopback address it requires a bearer
@@ -32,6 +32,7 @@ ROUTES = (
     ("GET", "/providers", "providers"),
     ("GET", "/policy", "policy"),
     ("POST", "/policy/reload", "reload"),
+    ("GET", "/usage", "usage"),
 )
 
 
@@ -177,6 +178,19 @@ class AdminServer:
 
     async def policy(self, _request: web.Request) -> web.Response:
         return web.json_response({**policy_view(self.engine.policy), "loaded_at": self.engine.policy_loaded_at})
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """Requests, tokens and cost counted so far (every sidecar's when Redis backs the ledger)."""
+        addons = self.engine.addons.addons
+        report_of = next((f for a in addons if callable(f := getattr(a, "usage_report", None))), None)
+        if report_of is None:
+            return web.json_response({"error": {"code": "usage_disabled"}}, status=404)
+        try:
+            report = report_of(request.query.get("provider") or None, request.query.get("since"))
+        except ValueError:  # never quote the value back
+            reason = "since: expected YYYY-MM-DD, an RFC 3339 time with an offset, or unix seconds"
+            return web.json_response({"error": {"code": "bad_request", "message": reason}}, status=400)
+        return web.json_response(report)
 
     async def reload(self, _request: web.Request) -> web.Response:
         before = self.engine.policy.version

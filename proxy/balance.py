@@ -28,6 +28,7 @@ from proxy.policy import Balance, Provider, Target
 
 Transition = Literal["circuit_open", "circuit_closed", "unhealthy", "healthy"]
 
+NO_CHANGES: tuple[Transition, ...] = ()
 EWMA = 0.2  # weight of the newest sample in the decaying averages
 UNHEALTHY_AFTER = 3  # consecutive failures from live traffic mark a member unhealthy
 MAX_REST = 300.0  # a 429's reset hint is believed up to this many seconds
@@ -81,7 +82,7 @@ class UpstreamState:
         return now >= self.resting_until and now >= self.limited_until and self.breaker.available(now)
 
     def record(self, failed: bool, now: float, *, latency: float | None = None, status: int | None = None,
-               error: str | None = None, retry_after: float | None = None) -> list[Transition]:  # fmt: skip
+               error: str | None = None, retry_after: float | None = None) -> Sequence[Transition]:  # fmt: skip
         """One outcome from live traffic; returns what changed (for alerts)."""
         before = self.breaker.state
         self.breaker.record(failed, now, retry_after)
@@ -99,6 +100,8 @@ class UpstreamState:
             self.consecutive += 1
         else:
             self.consecutive = 0
+            if before == "closed" and self.healthy:
+                return NO_CHANGES  # the common case: a success changes no state worth telling
         return self._transitions(before)
 
     def record_check(

@@ -158,7 +158,7 @@ class Sidekey:
         if old is not None:
             await old.aclose()
 
-    def notify(self, state: UpstreamState, changes: list[Transition]) -> None:
+    def notify(self, state: UpstreamState, changes: Sequence[Transition]) -> None:
         for change in changes:
             level = logging.WARNING if change in ("unhealthy", "circuit_open") else logging.INFO
             log.log(level, "upstream %s/%s (%s:%d): %s", state.provider, state.name, state.host, state.port, change)

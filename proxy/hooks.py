@@ -1,7 +1,9 @@
 """The addon pipeline: named hooks, called in addon order.
 
 An addon is any object with methods named after hooks; each may be a plain
-function or a coroutine function. The manager builds one tuple of bound
+function or a coroutine function. A plain decision hook may also return an
+awaitable when (only sometimes) it has to wait: the common case then costs
+no coroutine. The manager builds one tuple of bound
 methods per hook when addons are registered, so a request pays for a tuple
 walk, not a ``getattr`` scan.
 
@@ -78,7 +80,7 @@ class AddonManager:
         for name, method, is_async in self._hooks[hook]:
             try:
                 result = method(flow)
-                if is_async:
+                if is_async or result is not None:  # a plain hook may hand back an awaitable when it must wait
                     await result
             except Exception as exc:  # noqa: BLE001 - fail closed on anything
                 log.error("addon %s failed in %s: %s (flow %s)", name, hook, type(exc).__name__, flow.id)

@@ -66,19 +66,24 @@ def test_three_sidecars_share_one_quota(start_sidekey: object, fake: FakeProvide
 
 
 def test_three_sidecars_share_a_token_quota(start_sidekey: object, fake: FakeProviderThread, redis: RedisServer) -> None:
-    # Each request reserves its estimate (a few prompt tokens + max_tokens 40) before it is sent.
+    # Each request reserves its estimate (body bytes / 4 + max_tokens 40) before it is sent;
+    # when its answer reports usage, the unused part of the reservation is given back.
     policy = shared_policy(fake, redis, "{tokens_per_minute: 500}")
     proxies = [start_sidekey(policy) for _ in range(3)]  # type: ignore[operator]
     began = time.monotonic()
     with ThreadPoolExecutor(24) as pool:
-        results = list(pool.map(lambda i: chat(proxies[i % 3])[0], range(60)))
+        results = list(pool.map(lambda i: chat(proxies[i % 3]), range(60)))
     refill = (time.monotonic() - began) * 500 / 60  # the bucket refills while the burst runs
-    allowed = results.count(200)
+    served = [json.loads(text.split("\n\n", 1)[1]) for status, text in results if status == 200]
     sent = [r for r in fake.received if r.path == "/v1/chat/completions"]
-    assert allowed == len(sent)
+    assert len(served) == len(sent) and 0 < len(served) < 60
+    used = sum(s["usage"]["total_tokens"] for s in served)
     reserved = reservation(CHAT.encode(), len(CHAT))
-    # Admitted what fits and no more: the burst plus what refilled meanwhile (overshoot 0).
-    assert allowed * reserved <= 500 + refill and (allowed + 1) * reserved > 500
+    # What was consumed fits the quota plus what refilled meanwhile (overshoot 0),
+    # and the last refusal was right: one more reservation would not have fit.
+    assert used <= 500 + refill, (used, refill)
+    assert used + reserved > 500 - 24 * reserved  # refused only once the quota was (nearly) spent
+    assert 429 in [status for status, _ in results]
 
 
 @pytest.mark.parametrize("on_failure", ["open", "closed"])
@@ -146,11 +151,13 @@ async def test_one_redis_round_trip_per_request(redis: RedisServer) -> None:
 
     async def one() -> None:
         flow = make_flow(provider, body=CHAT.encode())
-        await addon.request(flow)
+        pending = addon.request(flow)
+        assert pending is not None
+        await pending
         assert flow.response is None, flow.response.body  # type: ignore[union-attr]
         flow.response = Response(200)
         flow.metadata["usage"] = Usage(input=10, output=5)
-        await addon.response(flow)
+        addon.response(flow)
 
     async def worker() -> None:  # steady traffic: 20 callers, 10 requests each
         for _ in range(10):

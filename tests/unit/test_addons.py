@@ -17,6 +17,7 @@ from addons.health import HealthChecks
 from addons.limits import Limits
 from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
+from addons.usage import UsageMeter
 from proxy.errors import AddonFailed
 from proxy.flow import Flow, Response
 from proxy.hooks import AddonManager
@@ -225,7 +226,9 @@ async def test_observer_failure_is_logged_and_the_next_addon_runs(caplog: pytest
 
 
 def test_default_addons_order() -> None:
-    assert [type(a) for a in default_addons()] == [CredentialInjector, ProviderHeaders, Limits, Metrics, HealthChecks]
+    assert [type(a) for a in default_addons()] == [
+        CredentialInjector, ProviderHeaders, UsageMeter, Limits, Metrics, HealthChecks
+    ]  # fmt: skip
 
 
 def test_load_addon_from_file(tmp_path: Path) -> None:

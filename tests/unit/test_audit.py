@@ -20,6 +20,7 @@ from proxy.errors import UpstreamProtocolError, UpstreamTimeout
 from proxy.flow import Flow, Response
 from proxy.policy import Auth, SecretRef
 from proxy.testing import make_flow, make_provider
+from proxy.usage import Usage
 
 SECRET = "sk-live-AUDIT-SECRET-0123456789"
 T0 = 1_700_000_000.5  # 2023-11-14T22:13:20.500Z
@@ -62,7 +63,7 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 def test_record_fields(make_log: MakeLog) -> None:
     flow = finished(make_flow(path="/v1/chat/completions?stream=true"))
-    flow.metadata.update(attempts=2, usage={"input_tokens": 10, "output_tokens": 5}, cost_usd=0.0012, cache="miss")
+    flow.metadata.update(attempts=2, usage=Usage(10, 5, cached_input=2, model="gpt-4o"), cost=0.0012, cache="miss")
     rec = make_log(sink=os.devnull, max_bytes=0).record(flow)
     assert rec == {
         "time": "2023-11-14T22:13:20.500Z",
@@ -76,7 +77,7 @@ def test_record_fields(make_log: MakeLog) -> None:
         "status": 200,
         "duration_ms": 250.0,
         "attempts": 2,
-        "tokens": {"input_tokens": 10, "output_tokens": 5},
+        "tokens": {"input": 10, "output": 5, "cached_input": 2, "reasoning": 0, "estimated": False, "model": "gpt-4o"},
         "cost": 0.0012,
         "cache": "miss",
         "error": None,

@@ -35,7 +35,9 @@ def addon_for(provider: Provider, clock: Clock | None = None) -> Limits:
 
 
 async def through(addon: Limits, flow: Flow) -> Flow:
-    await addon.request(flow)
+    pending = addon.request(flow)
+    if pending is not None:
+        await pending
     if flow.response is None:
         flow.response = Response(200)
         addon.responseheaders(flow)
@@ -83,7 +85,7 @@ async def test_tokens_reserved_from_the_estimate_and_reconciled() -> None:
     assert flow.response is not None
     assert int(flow.response.headers["x-ratelimit-remaining-tokens-minute"]) == 1000 - reserved
     flow.metadata["usage"] = Usage(input=100, output=20)  # what the upstream reported
-    await addon.response(flow)
+    addon.response(flow)
     again = await through(addon, make_flow(provider, body=body.encode()))
     assert again.response is not None
     # the 280+ reserved-but-unused tokens came back
@@ -96,7 +98,7 @@ async def test_concurrency_slot_returned_on_error_too() -> None:
     addon = addon_for(provider)
     held = await through(addon, make_flow(provider))
     assert (await through(addon, make_flow(provider))).response.status == 429  # type: ignore[union-attr]
-    await addon.error(held)
+    addon.error(held)
     assert (await through(addon, make_flow(provider))).response.status == 200  # type: ignore[union-attr]
 
 
@@ -138,7 +140,7 @@ async def test_member_limits_admit_then_report_the_wait() -> None:
     flow = make_flow(provider)
     assert await addon.admit_member(flow, provider, state) == 0.0
     assert await addon.admit_member(make_flow(provider), provider, state) == pytest.approx(10.0)
-    await addon.response(flow)  # nothing to reconcile; the rate rule stays spent
+    addon.response(flow)  # nothing to reconcile; the rate rule stays spent
     assert "member_limits" not in flow.metadata
 
 
