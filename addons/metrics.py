@@ -92,6 +92,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, str, str], int] = {}
         self.series: dict[str, _ProviderSeries] = {}
         self.failovers: dict[tuple[str, str], int] = {}  # (matched provider, serving provider) -> count
+        self.throttled: dict[tuple[str, str], int] = {}  # (provider, sidekey | upstream) -> 429s answered
         # From the usage addon's flow.metadata: by the provider that served.
         self.tokens: dict[tuple[str, str, str], int] = {}  # (provider, model, kind) -> tokens
         self.cost: dict[tuple[str, str], float] = {}  # (provider, model) -> USD
@@ -119,6 +120,9 @@ class Metrics:
         status = flow.response.status if flow.response is not None else 0
         key = (provider, method, f"{status // 100}xx" if status else "none", outcome)
         self.requests[key] = self.requests.get(key, 0) + 1
+        if status == 429:  # whose limit: sidekey's own (a local answer) or the provider's
+            source = (provider, "sidekey" if flow.response.body is not None else "upstream")  # type: ignore[union-attr]
+            self.throttled[source] = self.throttled.get(source, 0) + 1
         series = self.series.get(provider)
         if series is None:
             series = self.series[provider] = _ProviderSeries()
@@ -195,7 +199,13 @@ class _FlowCollector(Collector):
         )
         for pair, count in list(m.failovers.items()):
             failovers.add_metric(list(pair), count)
-        yield from (out, into, retries, failovers)
+        throttled = CounterMetricFamily(
+            "sidekey_rate_limited", "429 answers: by sidekey's limits or passed on from the provider",
+            labels=["provider", "source"],
+        )  # fmt: skip
+        for pair, count in list(m.throttled.items()):
+            throttled.add_metric(list(pair), count)
+        yield from (out, into, retries, failovers, throttled)
         tokens = CounterMetricFamily("sidekey_tokens", "Tokens used, by kind", labels=["provider", "model", "kind"])
         for key3, n in list(m.tokens.items()):
             tokens.add_metric(list(key3), n)

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from addons.limits import reservation
 from tests.fakes.provider import FakeProviderThread
-from tests.integration.conftest import curl, fake_provider, policy_for
+from tests.integration.conftest import OPENAI_KEY, curl, fake_provider, policy_for
 from tests.integration.sidekey_process import SidekeyProcess
 from tests.redis_server import RedisServer
 
@@ -44,6 +46,13 @@ def test_limit_answers_429_with_headers_then_recovers(start_sidekey: object, fak
     assert '"rate_limited"' in refused and "retry-after: 1" in refused.lower()
     assert "x-sidekey-request-id" in refused.lower()
     assert len([r for r in fake.received if r.path == "/v1/chat/completions"]) == 2  # the third never left
+    fake.provider.throttled_keys.add(OPENAI_KEY)  # now the provider refuses too
+    assert chat(proxy, "api.openai.com")[0] == 429
+    metrics = httpx.get(proxy.admin_url + "/metrics", trust_env=False).text  # type: ignore[attr-defined]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(metrics)
+               for s in f.samples}  # fmt: skip
+    assert samples[("sidekey_rate_limited_total", (("provider", "limited"), ("source", "sidekey")))] == 1
+    assert samples[("sidekey_rate_limited_total", (("provider", "openai"), ("source", "upstream")))] == 1
 
 
 def shared_policy(fake: FakeProviderThread, redis: RedisServer, limits: str, on_failure: str = "open") -> str:
