@@ -196,3 +196,53 @@ def await_in_flight(redis: RedisServer) -> int:
         return sum(client.zcard(k) for k in client.scan_iter("sidekey:rl:*concurrent*"))
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("wire", ["openai", "anthropic"])
+def test_token_reservation_reconciled_from_a_real_stream(
+    start_sidekey: object, fake: FakeProviderThread, monkeypatch: pytest.MonkeyPatch, wire: str
+) -> None:
+    """A stream reserves prompt + max_tokens; once its usage arrives (OpenAI's
+    final chunk, Anthropic's message_start/message_delta) the unused part is
+    given back, which the next answer's remaining-tokens header shows."""
+    import anthropic
+    import openai
+
+    auth = "{type: header, header: x-api-key, secret: env:ANTHROPIC_API_KEY}" if wire == "anthropic" else None
+    fields = {"limits": "{tokens_per_day: 100000}", "queue_wait": "0"}
+    if auth:
+        fields["auth"] = auth
+        fields["set_headers"] = '{anthropic-version: "2023-06-01"}'
+    extra = fake_provider(fake, "metered", "metered.test", **fields)
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    http = httpx.Client(proxy=proxy.url, verify=proxy.client_ssl_context(), trust_env=False)  # type: ignore[attr-defined]
+    remaining = []
+    with http:
+        for _ in range(2):
+            if wire == "openai":
+                client = openai.OpenAI(api_key="placeholder", base_url="https://metered.test/v1", http_client=http)
+                with client.chat.completions.with_streaming_response.create(
+                    model="gpt-4o-mini", max_tokens=2000, messages=[{"role": "user", "content": "hi"}],
+                    stream=True, stream_options={"include_usage": True},
+                ) as resp:  # fmt: skip
+                    used = [c.usage for c in resp.parse() if c.usage][-1].total_tokens
+                    remaining.append(int(resp.headers["x-ratelimit-remaining-tokens-day"]))
+            else:
+                monkeypatch.setenv("HTTPS_PROXY", proxy.url)  # type: ignore[attr-defined]
+                monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_path))  # type: ignore[attr-defined]
+                client2 = anthropic.Anthropic(api_key="placeholder", base_url="https://metered.test", max_retries=0)
+                with client2.messages.with_streaming_response.create(
+                    model="claude-sonnet-4-20250514", max_tokens=2000, messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                ) as resp2:  # fmt: skip
+                    events = list(resp2.parse())
+                    start = next(e for e in events if e.type == "message_start").message.usage
+                    delta = [e for e in events if e.type == "message_delta"][-1].usage
+                    used = start.input_tokens + delta.output_tokens
+                    remaining.append(int(resp2.headers["x-ratelimit-remaining-tokens-day"]))
+    # The first answer's header counts its whole reservation (>= 2000); by the
+    # second request that reservation was replaced by what the stream used.
+    first, second = remaining
+    reserved = 100000 - first
+    assert reserved >= 2000
+    assert second == 100000 - used - reserved, (first, second, used)
