@@ -77,7 +77,10 @@ class CredentialInjector:
 
     def secret_available(self, provider: Provider) -> bool:
         """Whether at least one upstream of the provider can be served."""
-        return any(self.usable(provider, t) for t in provider.targets)
+        targets = provider.targets
+        if len(targets) == 1:  # the common case, on every request: no generator
+            return self.usable(provider, targets[0])
+        return any(self.usable(provider, t) for t in targets)
 
     def usable(self, provider: Provider, target: Target) -> bool:
         ref = provider.secret_of(target)

@@ -210,8 +210,8 @@ class Provider:
     line: int = 0  # where it is defined, for messages
 
     def __post_init__(self) -> None:
-        if not self.targets:
-            object.__setattr__(self, "targets", (Target("default", self.upstream),))
+        if not self.targets:  # its URL is the provider's (None: follow ``upstream``, whatever it is)
+            object.__setattr__(self, "targets", (Target("default"),))
 
     def secret_of(self, target: Target) -> SecretRef | None:
         return target.secret or self.auth.secret
