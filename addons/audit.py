@@ -136,6 +136,10 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=s
 _q: Callable[[str], str] = json.encoder.encode_basestring
 
 
+# Metadata the fast line formats itself; any other key takes the dict path.
+_FAST_KEYS = frozenset({"attempts", "usage", "cost", "failures", "estimate", "reserve", "priced_model"})
+
+
 def _opt(value: str | None) -> str:
     return "null" if value is None else _q(value)
 
@@ -263,8 +267,26 @@ class AuditLog:
         other addons) is formatted directly: building and encoding a dict per
         request was most of this addon's cost. A test keeps both paths
         byte-identical."""
-        if self.log_bodies or flow.metadata:
+        meta = flow.metadata
+        if self.log_bodies or (meta and not meta.keys() <= _FAST_KEYS):
             return _dumps(self.record(flow))
+        attempts, tokens, cost = 1, "null", "null"
+        if meta:  # what the forwarder and the usage addon leave: formatted here, not via a dict
+            attempts = meta.get("attempts", 1)
+            usage = meta.get("usage")
+            if usage is not None:
+                tokens = "".join((
+                    '{"input":', str(usage.input), ',"output":', str(usage.output),
+                    ',"cached_input":', str(usage.cached_input), ',"reasoning":', str(usage.reasoning),
+                    ',"estimated":', "true" if usage.estimated else "false", ',"model":', _opt(usage.model), "}",
+                ))  # fmt: skip
+            value = meta.get("cost")
+            if isinstance(value, float) and math.isfinite(value):
+                cost = float.__repr__(value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                cost = str(value)
+            if type(attempts) is not int:
+                return _dumps(self.record(flow))
         req, t = flow.request, flow.timings
         start, end = t.get("start"), t.get("end")
         status = flow.response.status if flow.response else (flow.error.status if flow.error else None)
@@ -281,7 +303,7 @@ class AuditLog:
                 ',"upstream":', _opt(self._upstream(flow.upstream_url)),
                 ',"status":', "null" if status is None else str(int(status)),
                 ',"duration_ms":', "null" if duration is None else float.__repr__(duration),
-                ',"attempts":1,"tokens":null,"cost":null,"cache":null',
+                ',"attempts":', str(attempts), ',"tokens":', tokens, ',"cost":', cost, ',"cache":null',
                 ',"error":', _opt(flow.error.code if flow.error else None),
                 ',"bytes_out":', str(int(flow.bytes_to_client)),
                 ',"intercepted":', "true" if flow.intercepted else "false",

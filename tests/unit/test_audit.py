@@ -318,10 +318,21 @@ def test_rejects_bad_settings(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     sent=st.integers(0, 10**12),
     intercepted=st.booleans(),
     failed=st.booleans(),
+    meta=st.fixed_dictionaries(
+        {},
+        optional={
+            "attempts": st.integers(1, 10),
+            "usage": st.builds(Usage, st.integers(0, 10**7), st.integers(0, 10**7), st.integers(0, 10), st.integers(0, 10),
+                               estimated=st.booleans(), model=st.one_of(st.none(), st.text(max_size=20))),
+            "cost": st.one_of(st.none(), st.floats(0, 100, allow_nan=False), st.integers(0, 5)),
+            "reserve": st.integers(0, 100),
+        },
+    ),
 )
-@settings(max_examples=200)
+@settings(max_examples=300)
 def test_fast_line_is_byte_identical_to_the_record(
-    path: str, host: str, status: int | None, elapsed: float | None, sent: int, intercepted: bool, failed: bool
+    path: str, host: str, status: int | None, elapsed: float | None, sent: int, intercepted: bool, failed: bool,
+    meta: dict[str, Any],
 ) -> None:
     log = AuditLog(os.devnull, max_bytes=0, clock=lambda: 1700000000.25)
     flow = make_flow(path=path, host=host)
@@ -332,6 +343,7 @@ def test_fast_line_is_byte_identical_to_the_record(
     if failed:
         flow.error = UpstreamTimeout("openai")
     flow.bytes_to_client, flow.intercepted = sent, intercepted
+    flow.metadata.update(meta)
     try:
         assert log.line(flow) == json.dumps(log.record(flow), separators=(",", ":"), ensure_ascii=False)
     finally:
