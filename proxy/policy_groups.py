@@ -1,4 +1,4 @@
-"""Policy readers for resilience: upstream groups, fallbacks, active health
+"""Policy readers for resilience: retries, circuit breakers, upstream groups, fallbacks, active health
 checks and alerts. Split from ``proxy.policy_load`` (same conventions: every
 problem names file, line and field; values are never echoed).
 """
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, cast
 import yaml
 
 from proxy import policy_limits as quotas
-from proxy.policy import Alerts, Balance, Fallback, HealthCheck, Policy, SecretRef, Target
+from proxy.policy import Alerts, Balance, CircuitPolicy, Fallback, HealthCheck, Policy, RetryPolicy, SecretRef, Target
 from proxy.policy_fields import join, line_of
 
 if TYPE_CHECKING:
@@ -22,6 +22,10 @@ TARGET = frozenset({"name", "url", "secret", "weight", "priority", "limits"})
 FALLBACK = frozenset({"provider", "paths", "rewrite_path", "models"})
 HEALTH = frozenset({"path", "method", "expect", "interval", "timeout", "unhealthy_after", "healthy_after"})
 ALERTS = frozenset({"webhook", "timeout", "attempts"})
+CIRCUIT = frozenset({"failures", "ratio", "min_requests", "window", "cooldown", "probes"})
+RETRY = frozenset(
+    {"attempts", "backoff_base", "backoff_cap", "deadline", "statuses", "non_idempotent", "replay_max_bytes"}
+)
 BALANCES: tuple[Balance, ...] = ("weighted", "least_in_flight", "latency")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
@@ -178,3 +182,47 @@ def check_references(b: _Builder, policy: Policy) -> None:
             ):
                 # A fallback request has no CONNECT target of its own to go to.
                 b.r.problem(fb.line, where, "that provider needs an upstream URL or an exact first host")
+
+
+def retry(b: _Builder, node: yaml.Node, field: str) -> RetryPolicy:
+    r, d = b.r, RetryPolicy()
+    f = r.mapping(node, field, RETRY)
+
+    def status(n: yaml.Node, where: str) -> int:
+        code = r.integer(n, where, minimum=400)
+        if code > 599:
+            raise r.problem(n, where, "expected an HTTP error status, 400 to 599")
+        return code
+
+    return RetryPolicy(
+        attempts=b.opt(f, field, "attempts", partial(r.integer, minimum=1), d.attempts),
+        backoff_base=b.opt(f, field, "backoff_base", r.duration, d.backoff_base),
+        backoff_cap=b.opt(f, field, "backoff_cap", r.duration, d.backoff_cap),
+        deadline=b.opt(f, field, "deadline", r.duration, d.deadline),
+        statuses=b.each(f.get("statuses"), f"{field}.statuses", status) if "statuses" in f else d.statuses,
+        non_idempotent=b.opt(f, field, "non_idempotent", b.flag, d.non_idempotent),
+        replay_max_bytes=b.opt(f, field, "replay_max_bytes", r.size, d.replay_max_bytes),
+    )
+
+
+def circuit(b: _Builder, node: yaml.Node, field: str) -> CircuitPolicy:
+    r, d = b.r, CircuitPolicy()
+    f = r.mapping(node, field, CIRCUIT)
+
+    def share(n: yaml.Node, where: str) -> float:
+        try:
+            value = float(r.scalar(n, where, "a number between 0 and 1"))
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= 1:
+            raise r.problem(n, where, "expected a number between 0 and 1, e.g. 0.5")
+        return value
+
+    return CircuitPolicy(
+        failures=b.opt(f, field, "failures", partial(r.integer, minimum=0), d.failures),
+        ratio=b.opt(f, field, "ratio", share, d.ratio),
+        min_requests=b.opt(f, field, "min_requests", partial(r.integer, minimum=1), d.min_requests),
+        window=b.opt(f, field, "window", r.duration, d.window),
+        cooldown=b.opt(f, field, "cooldown", r.duration, d.cooldown),
+        probes=b.opt(f, field, "probes", partial(r.integer, minimum=1), d.probes),
+    )

@@ -84,10 +84,6 @@ PROVIDER = frozenset(
         "caller_budget",
     }
 )
-CIRCUIT = frozenset({"failures", "ratio", "min_requests", "window", "cooldown", "probes"})
-RETRY = frozenset(
-    {"attempts", "backoff_base", "backoff_cap", "deadline", "statuses", "non_idempotent", "replay_max_bytes"}
-)
 AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "none")
 # The fields each auth type reads; any other is a mistake (a `header:` on a
 # bearer provider would otherwise be silently ignored).
@@ -254,8 +250,8 @@ class _Builder:
         timeouts = self.opt(f, field, "timeouts", self.timeouts, Timeouts(), null_ok=True)
         tls = self.opt(f, field, "tls", self.tls, UpstreamTLS(), null_ok=True)
         pool = self.opt(f, field, "pool", self.pool, PoolLimits(), null_ok=True)
-        retry = self.opt(f, field, "retry", self.retry, RetryPolicy(), null_ok=True)
-        circuit = self.opt(f, field, "circuit", self.circuit, CircuitPolicy(), null_ok=True)
+        retry = self.opt(f, field, "retry", partial(groups.retry, self), RetryPolicy(), null_ok=True)
+        circuit = self.opt(f, field, "circuit", partial(groups.circuit, self), CircuitPolicy(), null_ok=True)
         sse_error = self.opt(f, field, "sse_error_event", self.flag, False)
         targets = self.opt(f, field, "upstreams", partial(groups.targets, self), _NO_TARGETS, null_ok=True)
         if targets and auth is not None and auth.type == "none" and any(t.secret for t in targets):
@@ -396,50 +392,8 @@ class _Builder:
             server_name=self.opt(f, field, "server_name", r.host, None, null_ok=True),
         )
 
-    def retry(self, node: yaml.Node, field: str) -> RetryPolicy:
-        r, d = self.r, RetryPolicy()
-        f = r.mapping(node, field, RETRY)
-
-        def status(n: yaml.Node, where: str) -> int:
-            code = r.integer(n, where, minimum=400)
-            if code > 599:
-                raise r.problem(n, where, "expected an HTTP error status, 400 to 599")
-            return code
-
-        return RetryPolicy(
-            attempts=self.opt(f, field, "attempts", partial(r.integer, minimum=1), d.attempts),
-            backoff_base=self.opt(f, field, "backoff_base", r.duration, d.backoff_base),
-            backoff_cap=self.opt(f, field, "backoff_cap", r.duration, d.backoff_cap),
-            deadline=self.opt(f, field, "deadline", r.duration, d.deadline),
-            statuses=self.each(f.get("statuses"), f"{field}.statuses", status) if "statuses" in f else d.statuses,
-            non_idempotent=self.opt(f, field, "non_idempotent", self.flag, d.non_idempotent),
-            replay_max_bytes=self.opt(f, field, "replay_max_bytes", r.size, d.replay_max_bytes),
-        )
-
     def flag(self, node: yaml.Node, field: str) -> bool:
         return self.r.choice(node, field, ("true", "false")) == "true"
-
-    def circuit(self, node: yaml.Node, field: str) -> CircuitPolicy:
-        r, d = self.r, CircuitPolicy()
-        f = r.mapping(node, field, CIRCUIT)
-
-        def share(n: yaml.Node, where: str) -> float:
-            try:
-                value = float(r.scalar(n, where, "a number between 0 and 1"))
-            except ValueError:
-                value = -1.0
-            if not 0 < value <= 1:
-                raise r.problem(n, where, "expected a number between 0 and 1, e.g. 0.5")
-            return value
-
-        return CircuitPolicy(
-            failures=self.opt(f, field, "failures", partial(r.integer, minimum=0), d.failures),
-            ratio=self.opt(f, field, "ratio", share, d.ratio),
-            min_requests=self.opt(f, field, "min_requests", partial(r.integer, minimum=1), d.min_requests),
-            window=self.opt(f, field, "window", r.duration, d.window),
-            cooldown=self.opt(f, field, "cooldown", r.duration, d.cooldown),
-            probes=self.opt(f, field, "probes", partial(r.integer, minimum=1), d.probes),
-        )
 
     def pool(self, node: yaml.Node, field: str) -> PoolLimits:
         r, d = self.r, PoolLimits()
