@@ -97,12 +97,14 @@ class Limits:
         self._pending: list[tuple[Sequence[Check], str | None, int]] = []
         self._wake = asyncio.Event()
         self._freed = asyncio.Event()  # a concurrency slot was returned: the queue's head tries again
+        self._check_cache: dict[tuple[str, str], Sequence[Check]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def bind(self, engine: Sidekey) -> None:
         self.engine = engine
 
     def configure(self, policy: Policy) -> None:
+        self._check_cache = {}  # rules may have changed
         redis = self.engine.redis if self.engine is not None else None
         if redis is None:
             self.shared = None
@@ -131,15 +133,33 @@ class Limits:
         provider = flow.provider
         if provider is None or not (provider.limits or provider.caller_limits):
             return None  # the common case: nothing to count, and no coroutine made for it
-        return self._limit(flow, provider)
-
-    async def _limit(self, flow: Flow, provider: Provider) -> None:
-        checks: list[Check] = [(f"provider:{provider.name}", r) for r in provider.limits]
-        checks += [(f"caller:{provider.name}/{flow.caller}", r) for r in provider.caller_limits]
+        checks = self._checks_for(provider, flow.caller)
         tokens = self._tokens(flow, checks)
-        priority = PRIORITIES.get(flow.request.headers.pop("x-sidekey-priority", "normal").strip().lower(), 1)
+        priority = flow.request.headers.pop("x-sidekey-priority", None)
+        if self.shared is None:  # local limits: decided here, a coroutine only when it must wait
+            verdict = self.local.acquire(checks, tokens, self.clock())
+            if verdict.allowed:
+                self.counters["allowed"] += 1
+                flow.metadata["limits"] = Taken(checks, tokens, self.local, None, verdict.states)
+                return None
+        rank = PRIORITIES.get(priority.strip().lower(), 1) if priority else 1
+        return self._limit(flow, provider, checks, tokens, rank)
+
+    def _checks_for(self, provider: Provider, caller: str) -> Sequence[Check]:
+        """The (scope, rule) pairs of a request, built once per provider and caller."""
+        key = (provider.name, caller if provider.caller_limits else "")
+        checks = self._check_cache.get(key)
+        if checks is None:
+            built = [(f"provider:{provider.name}", r) for r in provider.limits]
+            built += [(f"caller:{provider.name}/{caller}", r) for r in provider.caller_limits]
+            if len(self._check_cache) >= 4096:  # callers come from requests: bounded
+                self._check_cache.clear()
+            checks = self._check_cache[key] = tuple(built)
+        return checks
+
+    async def _limit(self, flow: Flow, provider: Provider, checks: Sequence[Check], tokens: int, rank: int) -> None:
         try:
-            taken = await self._take(provider, checks, tokens, priority)
+            taken = await self._take(provider, checks, tokens, rank)
         except errors.ProxyError as err:
             flow.response = Response.from_error(err)
             if isinstance(err, RateLimited):
