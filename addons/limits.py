@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import heapq
 import itertools
 import logging
@@ -98,13 +97,15 @@ class Limits:
         self._wake = asyncio.Event()
         self._freed = asyncio.Event()  # a concurrency slot was returned: the queue's head tries again
         self._check_cache: dict[tuple[str, str], Sequence[Check]] = {}
+        self._with_tokens: set[int] = set()  # ids of cached check tuples that hold a token rule
+        self._header_names: dict[str, tuple[str, str, str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def bind(self, engine: Sidekey) -> None:
         self.engine = engine
 
     def configure(self, policy: Policy) -> None:
-        self._check_cache = {}  # rules may have changed
+        self._check_cache, self._with_tokens = {}, set()  # rules may have changed
         redis = self.engine.redis if self.engine is not None else None
         if redis is None:
             self.shared = None
@@ -154,6 +155,7 @@ class Limits:
             built += [(f"caller:{provider.name}/{caller}", r) for r in provider.caller_limits]
             if len(self._check_cache) >= 4096:  # callers come from requests: bounded
                 self._check_cache.clear()
+                self._with_tokens.clear()
             checks = self._check_cache[key] = tuple(built)
         return checks
 
@@ -172,11 +174,16 @@ class Limits:
         if taken is None or flow.response is None:
             return
         headers = flow.response.headers
+        names = self._header_names
         for state in taken.states:  # ours, per rule; the provider's own x-ratelimit-* pass untouched
-            limit, remaining, reset = _header_names(state.name)
+            limit, remaining, reset = names.get(state.name) or self._names_for(state.name)
             headers[limit] = str(state.limit)
             headers[remaining] = str(state.remaining)
             headers[reset] = f"{math.ceil(state.reset)}s"
+
+    def _names_for(self, rule: str) -> tuple[str, str, str]:
+        names = self._header_names[rule] = _header_names(rule)
+        return names
 
     def response(self, flow: Flow) -> None:
         self._settle(flow)
@@ -204,8 +211,11 @@ class Limits:
         length: JSON's punctuation makes it an over-estimate, corrected at
         reconcile) plus the output cap the request names. A regex, not a JSON
         parse: this runs on every request of a provider with token limits."""
-        if not any(rule.kind == "tokens" for _, rule in checks):
-            return 0
+        if id(checks) not in self._with_tokens:
+            if not any(rule.kind == "tokens" for _, rule in checks):
+                return 0
+            if checks in self._check_cache.values():  # cached tuples live as long as the cache: id is stable
+                self._with_tokens.add(id(checks))
         reserved = flow.metadata.get("reserve")
         if reserved is None:
             reserved = flow.metadata["reserve"] = reservation(flow.request.body, flow.request.content_length)
@@ -284,16 +294,17 @@ class Limits:
         return self.local.acquire(checks, tokens, self.clock()), self.local
 
     def _settle(self, flow: Flow) -> None:
-        if not flow.metadata:
+        meta = flow.metadata
+        if not meta:
             return
-        held: list[Taken] = [t for t in (flow.metadata.pop("limits", None),) if t is not None]
-        held += flow.metadata.pop("member_limits", [])
-        if not held:
+        taken = meta.pop("limits", None)
+        members = meta.pop("member_limits", None) if "member_limits" in meta else None
+        if taken is None and not members:
             return
-        measured = flow.metadata.get("usage")
-        for taken in held:
-            delta = measured.total - taken.tokens if measured is not None and taken.tokens else 0
-            self._release(taken, delta)
+        measured = meta.get("usage")
+        for held in (taken, *members) if members else (taken,):
+            if held is not None:
+                self._release(held, measured.total - held.tokens if measured is not None and held.tokens else 0)
 
     def _release(self, taken: Taken, delta: int) -> None:
         limiter = taken.limiter
@@ -361,7 +372,6 @@ def reservation(body: object, length: int | None) -> int:
     return len(body) // 4 + (int(cap.group(1)) if cap else DEFAULT_OUTPUT)
 
 
-@functools.lru_cache(maxsize=64)
 def _header_names(rule: str) -> tuple[str, str, str]:
     return f"x-ratelimit-limit-{rule}", f"x-ratelimit-remaining-{rule}", f"x-ratelimit-reset-{rule}"
 
