@@ -23,10 +23,8 @@ import contextlib
 import datetime
 import json
 import logging
-import os
 import random
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -36,6 +34,7 @@ from yarl import URL
 from proxy import routing, upstream
 from proxy.balance import Transition, UpstreamState
 from proxy.policy import Alerts, Policy, Provider, SecretRef
+from proxy.shared import resolve_ref
 
 if TYPE_CHECKING:
     from proxy.engine import Sidekey
@@ -207,17 +206,9 @@ def _checkable(engine: Sidekey, provider: Provider) -> list[UpstreamState]:
 
 def _resolve(alerts: Alerts) -> str | None:
     """The webhook URL (blocking for file: secrets; called off the loop)."""
-    hook = alerts.webhook
-    if not isinstance(hook, SecretRef):
-        return hook
-    if hook.kind == "env":
-        value = os.environ.get(hook.ref)
-    else:
-        try:
-            value = Path(hook.ref).read_text().strip()
-        except OSError:
-            value = None
+    value = resolve_ref(alerts.webhook)
     if not value or not value.startswith(("https://", "http://")):
-        log.warning("alerts webhook %s is missing or not an http(s) URL; alerts are off", hook.source)
+        where = alerts.webhook.source if isinstance(alerts.webhook, SecretRef) else "alerts.webhook"
+        log.warning("alerts webhook %s is missing or not an http(s) URL; alerts are off", where)
         return None
     return value

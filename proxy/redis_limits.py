@@ -37,9 +37,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError
@@ -185,17 +183,11 @@ class RedisLimiter:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.5, max_connections: int = 32, **options: Any) -> RedisLimiter:
-        """A client of its own: a bounded pool (callers wait for a connection, up to ``timeout``),
-        connect and read timeouts, and no retries (a retried acquire could count twice)."""
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
-        return cls(Redis.from_pool(pool), timeout=timeout, **options)
+        """A client of its own (``proxy.shared.connect``: a bounded pool, connect and read
+        timeouts, no retries: a retried acquire could count twice)."""
+        from proxy.shared import connect
+
+        return cls(connect(url, timeout, max_connections), timeout=timeout, **options)
 
     async def aclose(self) -> None:
         await self.client.aclose()

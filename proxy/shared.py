@@ -20,7 +20,12 @@ from proxy.policy import RedisConfig, SecretRef
 
 def resolve_url(cfg: RedisConfig) -> str | None:
     """The URL, or None when its env variable or file is missing (blocking for file:)."""
-    ref = cfg.url
+    return resolve_ref(cfg.url)
+
+
+def resolve_ref(ref: str | SecretRef) -> str | None:
+    """A value given in the policy as is, or read from ``env:NAME`` / ``file:PATH``
+    (blocking for file:); None when missing or empty."""
     if not isinstance(ref, SecretRef):
         return ref
     if ref.kind == "env":
