@@ -56,7 +56,7 @@ class CredentialInjector:
             if p.auth.type != "none" and self.store.get(ref) is None:
                 # Reported at start; requests for it get a clear 503.
                 name = p.name if len(p.targets) == 1 else f"{p.name}/{t.name}"
-                log.warning("provider %s: secret %s %s", name, ref.source, self.store.problem(ref))
+                log.warning("provider %s: credential source %s %s", name, ref.source, self.store.problem(ref))
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._refresh_loop(), name="sidekey-secret-refresh")

@@ -295,10 +295,9 @@ async def test_handshake_verifies_strictly_and_negotiates_http11(
 @pytest.mark.asyncio
 async def test_wrong_sni_aborts_handshake(ca: CertificateAuthority, leaves: LeafContexts) -> None:
     server_ctx = await leaves.context_for(HOST)
-    client = _client_ctx(ca)
-    # Name check off (the chain is still verified against our CA), so the
-    # failure below can only be the *server's* SNI refusal.
-    client.check_hostname = False
+    client = _client_ctx(ca)  # full verification: chain and name
+    # The server refuses at the ClientHello, before the client could check a
+    # name; its sni_mismatches count shows the refusal was the server's.
     # asyncio's SSL transport closes without flushing the alert, so the client
     # sees a reset; test_wrong_sni_sends_unrecognized_name checks the alert itself.
     with pytest.raises((ssl.SSLError, ConnectionError)):
