@@ -148,7 +148,7 @@ class HealthChecks:
                 check = provider.health_check
                 if check is None:
                     continue
-                for state in _checkable(engine, provider):
+                for state in engine.groups.known(provider):
                     key = (state.provider, state.name, state.host, state.port)
                     due = self.due.get(key)
                     if due is None:  # first sight: spread the first checks over one interval
@@ -191,17 +191,6 @@ class HealthChecks:
 
     def __repr__(self) -> str:
         return f"HealthChecks({self.counters})"
-
-
-def _checkable(engine: Sidekey, provider: Provider) -> list[UpstreamState]:
-    """Members with a fixed address (or, for members that go to the CONNECT
-    target, every host seen in traffic)."""
-    if provider.upstream is not None or all(t.upstream for t in provider.targets):
-        up = provider.upstream or provider.targets[0].upstream
-        assert up is not None
-        return engine.groups.members(provider, up.host, up.port)
-    names = {t.name for t in provider.targets}
-    return [s for (p, name, *_), s in engine.groups.states.items() if p == provider.name and name in names]
 
 
 def _resolve(alerts: Alerts) -> str | None:

@@ -96,8 +96,8 @@ class Limits:
         self._pending: list[tuple[Sequence[Check], str | None, int]] = []
         self._wake = asyncio.Event()
         self._freed = asyncio.Event()  # a concurrency slot was returned: the queue's head tries again
-        self._check_cache: dict[tuple[str, str], Sequence[Check]] = {}
-        self._with_tokens: set[int] = set()  # ids of cached check tuples that hold a token rule
+        # (provider, caller) -> its (scope, rule) pairs and whether one is a token rule
+        self._check_cache: dict[tuple[str, str], tuple[Sequence[Check], bool]] = {}
         self._header_names: dict[str, tuple[str, str, str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -105,7 +105,7 @@ class Limits:
         self.engine = engine
 
     def configure(self, policy: Policy) -> None:
-        self._check_cache, self._with_tokens = {}, set()  # rules may have changed
+        self._check_cache = {}  # rules may have changed
         redis = self.engine.redis if self.engine is not None else None
         if redis is None:
             self.shared = None
@@ -134,8 +134,8 @@ class Limits:
         provider = flow.provider
         if provider is None or not (provider.limits or provider.caller_limits):
             return None  # the common case: nothing to count, and no coroutine made for it
-        checks = self._checks_for(provider, flow.caller)
-        tokens = self._tokens(flow, checks)
+        checks, has_tokens = self._checks_for(provider, flow.caller)
+        tokens = self._tokens(flow) if has_tokens else 0
         priority = flow.request.headers.pop("x-sidekey-priority", None)
         if self.shared is None:  # local limits: decided here, a coroutine only when it must wait
             verdict = self.local.acquire(checks, tokens, self.clock())
@@ -146,18 +146,17 @@ class Limits:
         rank = PRIORITIES.get(priority.strip().lower(), 1) if priority else 1
         return self._limit(flow, provider, checks, tokens, rank)
 
-    def _checks_for(self, provider: Provider, caller: str) -> Sequence[Check]:
+    def _checks_for(self, provider: Provider, caller: str) -> tuple[Sequence[Check], bool]:
         """The (scope, rule) pairs of a request, built once per provider and caller."""
         key = (provider.name, caller if provider.caller_limits else "")
-        checks = self._check_cache.get(key)
-        if checks is None:
+        found = self._check_cache.get(key)
+        if found is None:
             built = [(f"provider:{provider.name}", r) for r in provider.limits]
             built += [(f"caller:{provider.name}/{caller}", r) for r in provider.caller_limits]
             if len(self._check_cache) >= 4096:  # callers come from requests: bounded
                 self._check_cache.clear()
-                self._with_tokens.clear()
-            checks = self._check_cache[key] = tuple(built)
-        return checks
+            found = self._check_cache[key] = (tuple(built), any(r.kind == "tokens" for _, r in built))
+        return found
 
     async def _limit(self, flow: Flow, provider: Provider, checks: Sequence[Check], tokens: int, rank: int) -> None:
         try:
@@ -195,7 +194,7 @@ class Limits:
     async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float:
         """Take the member's own rules; 0 when admitted, else seconds until it could be."""
         checks = [(f"upstream:{provider.name}/{state.name}", r) for r in state.target.limits]
-        tokens = self._tokens(flow, checks)
+        tokens = self._tokens(flow) if any(r.kind == "tokens" for r in state.target.limits) else 0
         try:
             verdict, limiter = await self._acquire(checks, tokens)
         except LimitsUnavailable:
@@ -206,16 +205,11 @@ class Limits:
         return 0.0
 
     # -- internals ------------------------------------------------------------------
-    def _tokens(self, flow: Flow, checks: Sequence[Check]) -> int:
+    def _tokens(self, flow: Flow) -> int:
         """Tokens to reserve: the prompt at ~4 bytes per token (the body's
         length: JSON's punctuation makes it an over-estimate, corrected at
         reconcile) plus the output cap the request names. A regex, not a JSON
         parse: this runs on every request of a provider with token limits."""
-        if id(checks) not in self._with_tokens:
-            if not any(rule.kind == "tokens" for _, rule in checks):
-                return 0
-            if checks in self._check_cache.values():  # cached tuples live as long as the cache: id is stable
-                self._with_tokens.add(id(checks))
         reserved = flow.metadata.get("reserve")
         if reserved is None:
             reserved = flow.metadata["reserve"] = reservation(flow.request.body, flow.request.content_length)

@@ -82,20 +82,11 @@ def _member(p: Provider, t: Target) -> dict[str, Any]:
 
 
 def upstream_views(engine: Sidekey, p: Provider) -> list[dict[str, Any]]:
-    """Each member with its health, circuit and load. Members with a fixed
-    address are listed before their first request; a member that goes to the
-    CONNECT target is listed per host once traffic has been seen."""
-    if p.upstream is not None or all(t.upstream for t in p.targets):
-        up = p.upstream or p.targets[0].upstream
-        assert up is not None
-        engine.groups.members(p, up.host, up.port)
-    names = {t.name: t for t in p.targets}
+    """Each member with its health, circuit and load (see ``Groups.known``)."""
     out = []
-    for (provider, name, _host, _port), state in engine.groups.states.items():
-        target = names.get(name)
-        if provider == p.name and target is not None:
-            ref = p.secret_of(target)
-            out.append({**state.statistics(), "secret": ref.source if ref else None})
+    for state in engine.groups.known(p):
+        ref = p.secret_of(state.target)
+        out.append({**state.statistics(), "secret": ref.source if ref else None})
     return out
 
 

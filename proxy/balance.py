@@ -231,6 +231,17 @@ class Groups:
         self._groups[key] = (provider, states)
         return states
 
+    def known(self, provider: Provider) -> list[UpstreamState]:
+        """The provider's members as far as they can be named: with a fixed
+        address, made if no request has used them yet; a member that goes to
+        the CONNECT target, once per host seen in traffic."""
+        if provider.upstream is not None or all(t.upstream for t in provider.targets):
+            up = provider.upstream or provider.targets[0].upstream
+            assert up is not None
+            return self.members(provider, up.host, up.port)
+        names = {t.name for t in provider.targets}
+        return [s for (p, name, *_), s in self.states.items() if p == provider.name and name in names]
+
     def statistics(self) -> list[dict[str, object]]:
         return [{"provider": s.provider, **s.statistics()} for s in self.states.values()]
 

@@ -145,7 +145,7 @@ class Sidekey:
         from proxy import shared
 
         cfg = policy.redis
-        url = await asyncio.to_thread(shared.resolve_url, cfg) if cfg is not None else None
+        url = await asyncio.to_thread(shared.resolve_ref, cfg.url) if cfg is not None else None
         ident = (url, cfg.timeout) if url is not None and cfg is not None else None
         if ident == self._redis_id:
             return

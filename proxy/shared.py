@@ -15,12 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from proxy.policy import RedisConfig, SecretRef
-
-
-def resolve_url(cfg: RedisConfig) -> str | None:
-    """The URL, or None when its env variable or file is missing (blocking for file:)."""
-    return resolve_ref(cfg.url)
+from proxy.policy import SecretRef
 
 
 def resolve_ref(ref: str | SecretRef) -> str | None:
