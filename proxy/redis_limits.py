@@ -251,25 +251,39 @@ class RedisLimiter:
 
     async def _pipeline(self, calls: Sequence[tuple[AsyncScript, Sequence[Check], list[str | int]]]) -> list[Any]:
         """Several script calls in one round trip. EVALSHA by hand: redis-py's
-        pipelined scripts ask SCRIPT EXISTS first (a round trip each time)."""
+        pipelined scripts ask SCRIPT EXISTS first (a round trip each time).
+        A NOSCRIPT (Redis restarted, or a script not yet used there) fails that
+        call only, the others ran: the failed ones alone are sent again once
+        the scripts are loaded. Sending all again would count an acquire twice."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for attempt in (1, 2):
             try:
                 async with asyncio.timeout(self.timeout):
                     self.round_trips += 1
                     async with self.client.pipeline(transaction=False) as pipe:
-                        for script, checks, args in calls:
+                        for i in todo:
+                            script, checks, args = calls[i]
                             keys = [f"{self.prefix}{scope}:{rule.name}" for scope, rule in checks]
                             pipe.evalsha(script.sha, len(keys), *keys, *args)
-                        return list(await pipe.execute())
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-                for script in {id(c[0]): c[0] for c in calls}.values():  # Redis restarted: load, once
-                    await self.client.script_load(script.script)
+                        got = await pipe.execute(raise_on_error=False)
+                    for i, reply in zip(todo, got, strict=True):
+                        replies[i] = reply
+                    todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+                    if not todo:
+                        break
+                    if attempt == 2:
+                        raise replies[todo[0]]
+                    async with asyncio.timeout(self.timeout):
+                        for script in {id(calls[i][0]): calls[i][0] for i in todo}.values():
+                            await self.client.script_load(script.script)
             except _UNAVAILABLE as exc:
                 self._unavailable += 1
                 raise LimiterUnavailable(f"redis unavailable ({type(exc).__name__})") from exc
-        raise AssertionError("unreachable")
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def _settle_call(
         self, checks: Sequence[Check], lease: str | None, token_delta: int, op: str

@@ -148,6 +148,27 @@ async def test_refresh_keeps_a_slot_and_release_returns_it(redis_server: RedisSe
 
 
 @pytest.mark.asyncio
+async def test_a_piggybacked_settle_the_server_has_not_seen_counts_the_acquire_once(
+    limiter: RedisLimiter, raw: Redis
+) -> None:
+    """The first acquire to carry finished requests' releases: the settle script is not yet in
+    Redis's script cache (NOSCRIPT) while the acquire script is, and ran. Only the settle may be
+    sent again; sending the whole pipeline again counted the acquire twice (a request lost)."""
+    checks = [("provider:openai", Rule("requests", 10, 3600)), ("provider:openai", Rule("concurrent", 5))]
+    first = await limiter.acquire(checks, 0)  # loads the acquire script only
+    assert first.allowed and first.states[0].remaining == 9
+    assert await raw.script_exists(limiter._settle.sha) == [False]
+    second = await limiter.acquire(checks, 0, settles=[(checks, first.lease, 0)])
+    assert second.allowed and second.states[0].remaining == 8 and second.states[1].remaining == 3
+    third = await limiter.acquire(checks, 0)
+    assert third.states[0].remaining == 7  # one unit per request, none lost to a re-send
+    assert third.states[1].remaining == 3  # the first lease went back: the second and this one held
+    await raw.script_flush()  # Redis restarted, say: both scripts gone; the pipeline recovers
+    fourth = await limiter.acquire(checks, 0, settles=[(checks, second.lease, 0)])
+    assert fourth.allowed and fourth.states[0].remaining == 6
+
+
+@pytest.mark.asyncio
 async def test_keys_are_prefixed_and_expire_when_idle(limiter: RedisLimiter, raw: Redis) -> None:
     rule = Rule("requests", 4, 0.2, "requests-short")
     await take(limiter, [("caller:openai/10.0.0.5", rule)], 2)
