@@ -8,8 +8,9 @@ cap). Over a limit, the request waits in a priority queue up to the
 provider's ``queue_wait`` (``x-sidekey-priority: high|normal|low``, higher
 first, then arrival), then gets 429 ``rate_limited`` with ``Retry-After``:
 distinct from an upstream 429, which keeps the provider's own body.
-Allowed answers carry ``x-ratelimit-limit-<rule>``, ``-remaining-`` and
-``-reset-`` for each rule.
+Allowed answers carry ``x-ratelimit-limit-<rule>`` and
+``x-ratelimit-remaining-<rule>`` for each rule (no ``-reset-``: a refusal's
+``Retry-After`` says when; two headers fewer on every request).
 
 Per-key rules (``upstreams[].limits``) are taken by the forwarder through
 ``admit_member`` when it picks a member: a key over its quota rests and the
@@ -32,7 +33,6 @@ import heapq
 import itertools
 import logging
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,34 +42,65 @@ from proxy import errors
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider
-from proxy.ratelimit import Check, LocalLimiter, Rule, Verdict
+from proxy.ratelimit import Bound, Check, LocalLimiter, Rule, Verdict
 from proxy.redis_limits import LimiterUnavailable, RedisLimiter
+from proxy.usage import reservation
 
 if TYPE_CHECKING:
     from proxy.balance import UpstreamState
     from proxy.engine import Sidekey
+    from proxy.usage import Usage
 
 log = logging.getLogger("sidekey.limits")
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
-DEFAULT_OUTPUT = 4096  # tokens reserved for the answer when the request names no cap
-# max_tokens (both wires), max_completion_tokens (OpenAI chat), max_output_tokens (Responses)
-_OUTPUT_CAP = re.compile(rb'"max(?:_completion|_output)?_tokens"\s*:\s*(\d{1,9})')
 CONCURRENT_POLL = 0.05  # seconds between tries when waiting for a shared (Redis) concurrency slot
 SETTLE_LINGER = 0.02  # seconds a finished request's release may wait for an acquire to carry it
 LEASE_TTL = 60.0  # seconds a Redis concurrency lease lives unless refreshed
 REFRESH_EVERY = 20.0
 
 
+@dataclass(frozen=True, slots=True)
+class Checks:
+    """A request's (scope, rule) pairs and what the request path derives from them, made once
+    per provider and caller: each answer then costs no string formatting and no rule scans."""
+
+    pairs: tuple[Check, ...]
+    headers: tuple[tuple[str, str, str], ...] = ()  # per pair: limit header, its value, remaining header
+    local: LocalLimiter | None = None  # given: pairs and token_pairs are bound to its states
+    token_pairs: tuple[Check, ...] = field(init=False)  # what a reconcile corrects
+    has_slots: bool = field(init=False)  # a concurrency rule: a lease to hand back
+    bound: Bound | None = field(init=False)
+    token_bound: Bound | None = field(init=False)
+    tokenless: Checks | None = field(init=False, default=None)  # the others, for bodyless requests
+
+    def __post_init__(self) -> None:
+        tokens = tuple(c for c in self.pairs if c[1].kind == "tokens")
+        object.__setattr__(self, "token_pairs", tokens)
+        object.__setattr__(self, "has_slots", any(rule.kind == "concurrent" for _, rule in self.pairs))
+        object.__setattr__(self, "bound", self.local.bind(self.pairs) if self.local else None)
+        object.__setattr__(self, "token_bound", self.local.bind(tokens) if self.local else None)
+
+    @classmethod
+    def for_requests(cls, pairs: tuple[Check, ...], local: LocalLimiter) -> Checks:
+        headers = tuple((f"x-ratelimit-limit-{r.name}", str(r.limit), f"x-ratelimit-remaining-{r.name}")
+                        for _, r in pairs)  # fmt: skip
+        checks = cls(pairs, headers, local)
+        rest = tuple(pair for pair in pairs if pair[1].kind != "tokens")
+        if checks.token_pairs and rest:
+            object.__setattr__(checks, "tokenless", cls.for_requests(rest, local))
+        return checks
+
+
 @dataclass(slots=True)
 class Taken:
     """What one flow holds: released or reconciled when it ends."""
 
-    checks: Sequence[Check]
+    checks: Checks
     tokens: int
     limiter: LocalLimiter | RedisLimiter
     lease: str | None = None
-    states: tuple[Any, ...] = ()
+    remaining: Sequence[int] = ()  # per check, for the x-ratelimit-* headers
 
 
 @dataclass(order=True, slots=True)
@@ -96,9 +127,8 @@ class Limits:
         self._pending: list[tuple[Sequence[Check], str | None, int]] = []
         self._wake = asyncio.Event()
         self._freed = asyncio.Event()  # a concurrency slot was returned: the queue's head tries again
-        # (provider, caller) -> its (scope, rule) pairs and whether one is a token rule
-        self._check_cache: dict[tuple[str, str], tuple[Sequence[Check], bool]] = {}
-        self._header_names: dict[str, tuple[str, str, str]] = {}
+        # provider, or (provider, caller) when it has caller rules -> its checks
+        self._check_cache: dict[str | tuple[str, str], Checks] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def bind(self, engine: Sidekey) -> None:
@@ -134,31 +164,38 @@ class Limits:
         provider = flow.provider
         if provider is None or not (provider.limits or provider.caller_limits):
             return None  # the common case: nothing to count, and no coroutine made for it
-        checks, has_tokens = self._checks_for(provider, flow.caller)
-        tokens = self._tokens(flow) if has_tokens else 0
+        key = provider.name if not provider.caller_limits else (provider.name, flow.caller)
+        checks = self._check_cache.get(key)
+        if checks is None:
+            checks = self._new_checks(key, provider, flow.caller)
+        tokens = 0
+        if checks.token_pairs:
+            req = flow.request
+            if req.body:
+                tokens = flow.metadata["reserve"] = reservation(req.body, req.content_length)
+            else:  # a GET, a HEAD: it generates no tokens, so token rules neither count nor refuse it
+                checks = checks.tokenless
+                if checks is None:
+                    return None
         priority = flow.request.headers.pop("x-sidekey-priority", None)
-        if self.shared is None:  # local limits: decided here, a coroutine only when it must wait
-            verdict = self.local.acquire(checks, tokens, self.clock())
-            if verdict.allowed:
+        if self.shared is None and checks.bound is not None:  # local: decided here; a coroutine only to wait
+            remaining = self.local.take(checks.bound, tokens, self.clock())
+            if remaining is not None:
                 self.counters["allowed"] += 1
-                flow.metadata["limits"] = Taken(checks, tokens, self.local, None, verdict.states)
+                flow.metadata["limits"] = Taken(checks, tokens, self.local, None, remaining)
                 return None
         rank = PRIORITIES.get(priority.strip().lower(), 1) if priority else 1
         return self._limit(flow, provider, checks, tokens, rank)
 
-    def _checks_for(self, provider: Provider, caller: str) -> tuple[Sequence[Check], bool]:
-        """The (scope, rule) pairs of a request, built once per provider and caller."""
-        key = (provider.name, caller if provider.caller_limits else "")
-        found = self._check_cache.get(key)
-        if found is None:
-            built = [(f"provider:{provider.name}", r) for r in provider.limits]
-            built += [(f"caller:{provider.name}/{caller}", r) for r in provider.caller_limits]
-            if len(self._check_cache) >= 4096:  # callers come from requests: bounded
-                self._check_cache.clear()
-            found = self._check_cache[key] = (tuple(built), any(r.kind == "tokens" for _, r in built))
-        return found
+    def _new_checks(self, key: str | tuple[str, str], provider: Provider, caller: str) -> Checks:
+        built = [(f"provider:{provider.name}", r) for r in provider.limits]
+        built += [(f"caller:{provider.name}/{caller}", r) for r in provider.caller_limits]
+        if len(self._check_cache) >= 4096:  # callers come from requests: bounded
+            self._check_cache.clear()
+        checks = self._check_cache[key] = Checks.for_requests(tuple(built), self.local)
+        return checks
 
-    async def _limit(self, flow: Flow, provider: Provider, checks: Sequence[Check], tokens: int, rank: int) -> None:
+    async def _limit(self, flow: Flow, provider: Provider, checks: Checks, tokens: int, rank: int) -> None:
         try:
             taken = await self._take(provider, checks, tokens, rank)
         except errors.ProxyError as err:
@@ -173,16 +210,12 @@ class Limits:
         if taken is None or flow.response is None:
             return
         headers = flow.response.headers
-        names = self._header_names
-        for state in taken.states:  # ours, per rule; the provider's own x-ratelimit-* pass untouched
-            limit, remaining, reset = names.get(state.name) or self._names_for(state.name)
-            headers[limit] = str(state.limit)
-            headers[remaining] = str(state.remaining)
-            headers[reset] = f"{math.ceil(state.reset)}s"
-
-    def _names_for(self, rule: str) -> tuple[str, str, str]:
-        names = self._header_names[rule] = _header_names(rule)
-        return names
+        # ours, per rule; the provider's own x-ratelimit-* pass untouched. Indexed: zip(strict=True)
+        # costs as much as the four headers, and this runs on every answer.
+        left = taken.remaining
+        for i, (limit, value, remaining) in enumerate(taken.checks.headers):
+            headers[limit] = value
+            headers[remaining] = str(left[i])
 
     def response(self, flow: Flow) -> None:
         self._settle(flow)
@@ -193,8 +226,8 @@ class Limits:
     # -- per-key limits (called by the forwarder) -------------------------------------
     async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float:
         """Take the member's own rules; 0 when admitted, else seconds until it could be."""
-        checks = [(f"upstream:{provider.name}/{state.name}", r) for r in state.target.limits]
-        tokens = self._tokens(flow) if any(r.kind == "tokens" for r in state.target.limits) else 0
+        checks = Checks(tuple((f"upstream:{provider.name}/{state.name}", r) for r in state.target.limits))
+        tokens = self._tokens(flow) if checks.token_pairs else 0
         try:
             verdict, limiter = await self._acquire(checks, tokens)
         except LimitsUnavailable:
@@ -206,21 +239,18 @@ class Limits:
 
     # -- internals ------------------------------------------------------------------
     def _tokens(self, flow: Flow) -> int:
-        """Tokens to reserve: the prompt at ~4 bytes per token (the body's
-        length: JSON's punctuation makes it an over-estimate, corrected at
-        reconcile) plus the output cap the request names. A regex, not a JSON
-        parse: this runs on every request of a provider with token limits."""
+        """Tokens to reserve (``proxy.usage.reservation``), once per request."""
         reserved = flow.metadata.get("reserve")
         if reserved is None:
             reserved = flow.metadata["reserve"] = reservation(flow.request.body, flow.request.content_length)
         return int(reserved)
 
-    async def _take(self, provider: Provider, checks: Sequence[Check], tokens: int, priority: int) -> Taken:
+    async def _take(self, provider: Provider, checks: Checks, tokens: int, priority: int) -> Taken:
         """Acquire, waiting in the provider's priority queue up to ``queue_wait``."""
         verdict, limiter = await self._acquire(checks, tokens)
         if verdict.allowed:
             self.counters["allowed"] += 1
-            return self._held(Taken(checks, tokens, limiter, verdict.lease, verdict.states))
+            return self._held(Taken(checks, tokens, limiter, verdict.lease, _remaining(verdict)))
         deadline = self.clock() + provider.queue_wait
         if provider.queue_wait > 0 and (verdict.retry_after <= provider.queue_wait or _by_concurrency(verdict)):
             self.counters["queued"] += 1
@@ -239,7 +269,7 @@ class Limits:
                             verdict, limiter = await self._acquire(checks, tokens)
                             if verdict.allowed:
                                 self.counters["allowed"] += 1
-                                return self._held(Taken(checks, tokens, limiter, verdict.lease, verdict.states))
+                                return self._held(Taken(checks, tokens, limiter, verdict.lease, _remaining(verdict)))
                         fresh = False
                         pause = min(verdict.retry_after, deadline - self.clock())
                         if _by_concurrency(verdict):  # a slot frees at no known time: woken, or poll
@@ -264,12 +294,12 @@ class Limits:
             self._leases[taken.lease] = taken
         return taken
 
-    async def _acquire(self, checks: Sequence[Check], tokens: int) -> tuple[Verdict, LocalLimiter | RedisLimiter]:
+    async def _acquire(self, checks: Checks, tokens: int) -> tuple[Verdict, LocalLimiter | RedisLimiter]:
         shared = self.shared
         if shared is not None:
             settles, self._pending = self._pending, []  # ride along: no round trip of their own
             try:
-                verdict = await shared.acquire(checks, tokens, settles=settles)
+                verdict = await shared.acquire(checks.pairs, tokens, settles=settles)
             except LimiterUnavailable:
                 self._pending[:0] = settles  # try them again later (leases expire meanwhile anyway)
                 if not self.redis_down:
@@ -285,33 +315,38 @@ class Limits:
                     log.warning("redis reachable again: limits are shared")
                     self.redis_down = False
                 return verdict, shared
-        return self.local.acquire(checks, tokens, self.clock()), self.local
+        return self.local.acquire(checks.pairs, tokens, self.clock()), self.local
 
     def _settle(self, flow: Flow) -> None:
         meta = flow.metadata
         if not meta:
             return
         taken = meta.pop("limits", None)
-        members = meta.pop("member_limits", None) if "member_limits" in meta else None
-        if taken is None and not members:
-            return
-        measured = meta.get("usage")
-        for held in (taken, *members) if members else (taken,):
-            if held is not None:
-                self._release(held, measured.total - held.tokens if measured is not None and held.tokens else 0)
+        if taken is not None:
+            if taken.limiter is self.local and not taken.checks.has_slots:  # the usual case, inline
+                measured = meta.get("usage")
+                if measured is not None and taken.tokens:
+                    bound = taken.checks.token_bound or taken.checks.token_pairs
+                    self.local.reconcile(bound, measured.total - taken.tokens, self.clock())
+            else:
+                self._release(taken, meta.get("usage"))
+        if "member_limits" in meta:
+            for held in meta.pop("member_limits"):
+                self._release(held, meta.get("usage"))
 
-    def _release(self, taken: Taken, delta: int) -> None:
-        limiter = taken.limiter
-        if isinstance(limiter, RedisLimiter):
+    def _release(self, taken: Taken, measured: Usage | None) -> None:
+        """Return what ``taken`` holds, correcting its token reservation by what was measured."""
+        delta = measured.total - taken.tokens if measured is not None and taken.tokens else 0
+        if taken.limiter is not self.local:  # Redis's: sent in the next batch
             self._leases.pop(taken.lease or "", None)
             if taken.lease is not None or delta:  # batched: one pipeline for many requests
-                self._pending.append((taken.checks, taken.lease, delta))
+                self._pending.append((taken.checks.pairs, taken.lease, delta))
                 self._wake.set()
             return
         if delta:
-            limiter.reconcile(taken.checks, delta, self.clock())
-        limiter.release(taken.checks)
-        self._freed.set()
+            self.local.reconcile(taken.checks.token_pairs, delta, self.clock())
+        if taken.checks.has_slots and self.local.release(taken.checks.pairs):
+            self._freed.set()  # the queue's head may take the slot now
 
     async def _settle_loop(self) -> None:
         """Sends finished requests' releases and reconciles to Redis in one
@@ -336,7 +371,7 @@ class Limits:
             for taken in list(self._leases.values()):
                 if isinstance(taken.limiter, RedisLimiter) and taken.lease:
                     with contextlib.suppress(LimiterUnavailable):
-                        await taken.limiter.refresh(taken.checks, taken.lease)
+                        await taken.limiter.refresh(taken.checks.pairs, taken.lease)
 
     def statistics(self) -> dict[str, Any]:
         return {**self.counters, "shared": self.shared is not None and not self.redis_down,
@@ -354,20 +389,12 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
             await event.wait()
 
 
+def _remaining(verdict: Verdict) -> tuple[int, ...]:
+    return tuple(state.remaining for state in verdict.states)
+
+
 def _by_concurrency(verdict: Verdict) -> bool:
     return (verdict.refused_by or "").endswith(" concurrent")
-
-
-def reservation(body: object, length: int | None) -> int:
-    """Tokens reserved for a request before it is sent (see ``Limits._tokens``)."""
-    if not isinstance(body, bytes):  # streamed: only its length is known
-        return (length or 0) // 4 + DEFAULT_OUTPUT
-    cap = _OUTPUT_CAP.search(body)
-    return len(body) // 4 + (int(cap.group(1)) if cap else DEFAULT_OUTPUT)
-
-
-def _header_names(rule: str) -> tuple[str, str, str]:
-    return f"x-ratelimit-limit-{rule}", f"x-ratelimit-remaining-{rule}", f"x-ratelimit-reset-{rule}"
 
 
 __all__ = ["Limits", "LimitsUnavailable", "RateLimited", "Rule"]

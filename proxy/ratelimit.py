@@ -7,7 +7,7 @@ has rules; a *check* is a sequence of ``(scope, Rule)`` pairs, judged all-or-not
     verdict = limiter.acquire(checks, tokens=estimate, now=clock())
     if not verdict.allowed:                         # nothing was consumed from any rule
         ... 429, Retry-After: ceil(verdict.retry_after); inf means the cost can never fit (413)
-    ... forward; verdict.states feed x-ratelimit-{limit,remaining,reset}-<rule name> ...
+    ... forward; verdict.states feed x-ratelimit-{limit,remaining}-<rule name> ...
     limiter.reconcile(checks, actual - estimate, now=clock())   # token rules only; may be negative
     limiter.release(checks)                                     # concurrency slots
 
@@ -19,8 +19,11 @@ API:
     RuleState(scope, name, limit, remaining, reset)          one per rule checked, for headers
     LocalLimiter(max_keys=100_000)
         .acquire(checks, tokens, now) -> Verdict
-        .reconcile(checks, token_delta, now) -> None
-        .release(checks) -> None
+        .bind(checks) -> Bound            checks made on every request, states looked up once
+        .take(bound, tokens, now) -> list[int] | None   acquire without objects: the
+                                          remaining per rule, or None (then acquire says why)
+        .reconcile(checks | bound, token_delta, now) -> None
+        .release(checks) -> bool          True when it returned a concurrency slot
         .statistics() -> dict
 
 Rates are GCRA (a token bucket kept as one number) with burst = the whole quota: "60 per minute"
@@ -48,9 +51,9 @@ names each (scope, rule name) once. A reloaded rule with the same name keeps the
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -191,7 +194,7 @@ class _State:
     def drain(self, rule: Rule, now: float) -> int:
         """Bring the level up to ``now`` (lossless: the state means the same) and return it."""
         if rule is not self.rule:
-            self._adopt(rule)
+            self.adopt(rule)
         if rule.kind == "concurrent":
             return self.level
         tick = int(now * rule.ticks + 0.5)
@@ -200,7 +203,7 @@ class _State:
             self.at = tick
         return self.level
 
-    def _adopt(self, rule: Rule) -> None:
+    def adopt(self, rule: Rule) -> None:
         """The policy was reloaded: keep the amount in use, in the new rule's units."""
         old, self.rule = self.rule, rule
         if old.kind != rule.kind:
@@ -210,74 +213,147 @@ class _State:
             self.at = self.at * rule.ticks // old.ticks
 
 
+class Bound:
+    """Checks with their states looked up once (``LocalLimiter.bind``): ``take`` looks nothing up
+    while the limiter drops no state; after it did (``generation``), they are looked up again."""
+
+    __slots__ = ("checks", "states", "generation")
+
+    def __init__(self, checks: tuple[Check, ...]) -> None:
+        self.checks = checks
+        self.states: tuple[tuple[_State, Rule], ...] = ()
+        self.generation = -1
+
+
 class LocalLimiter:
     """Per-process limits. State per (scope, rule name), bounded by ``max_keys``: past it, states
     equivalent to none (a full bucket, no leases) are dropped first, then the least recently used
     rate states (counted as ``evicted``: a lossy forget). Leases in flight are never dropped."""
 
-    __slots__ = ("max_keys", "_states", "_in_flight", "_allowed", "_refused", "_swept", "_evicted")
+    __slots__ = ("max_keys", "_states", "_generation", "_in_flight", "_allowed", "_refused", "_swept", "_evicted")
 
     def __init__(self, max_keys: int = 100_000) -> None:
         if max_keys < 4:
             raise ValueError("max_keys must be at least 4")
         self.max_keys = max_keys
-        self._states: OrderedDict[tuple[str, str], _State] = OrderedDict()
+        self._states: dict[tuple[str, str], _State] = {}
+        self._generation = 0  # counts drops of states: a Bound looked up before one is stale
         self._in_flight = self._allowed = self._refused = self._swept = self._evicted = 0
 
     def acquire(self, checks: Sequence[Check], tokens: int, now: float) -> Verdict:
+        bound = self.bind(checks)
+        left = self.take(bound, tokens, now)
+        if left is None:
+            self._refused += 1
+            return judge(checks, [st.drain(rule, now) for st, rule in bound.states], tokens)
+        states = []
+        for (scope, rule), (st, _), remaining in zip(checks, bound.states, left, strict=True):
+            reset = _seconds(rule, st.level) if rule.span else 0.0
+            states.append(RuleState(scope, rule.name, rule.limit, remaining, reset))
+        return Verdict(True, 0.0, None, tuple(states))
+
+    def bind(self, checks: Sequence[Check]) -> Bound:
+        """``checks`` for ``take``; keep it for checks made again and again (a provider's)."""
+        return Bound(tuple(checks))
+
+    def take(self, bound: Bound, tokens: int, now: float) -> list[int] | None:
+        """``acquire``'s allowed case without its objects, for the request path: each rule's
+        remaining units after this request, or None when refused (nothing taken, nothing
+        counted; ``acquire`` says why and for how long). ``judge`` fused with the state
+        updates; ``judge`` stays the spec and a property test holds the two equal."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
-        found: list[_State] = []
-        levels: list[int] = []
-        for scope, rule in checks:
-            st = self._state(scope, rule, now)
-            found.append(st)
-            levels.append(st.drain(rule, now))
-        verdict = judge(checks, levels, tokens)
-        if not verdict.allowed:
-            self._refused += 1
-            return verdict
-        self._allowed += 1
-        for st, (_, rule) in zip(found, checks, strict=True):
-            if rule.kind == "concurrent":
+        if bound.generation != self._generation:
+            self._look_up(bound, now)
+        left: list[int] = []
+        # Each rule is taken as it is judged (no second pass): rare refusals hand back the
+        # rules before them.
+        for st, rule in bound.states:
+            if st.rule is not rule:  # the policy was reloaded
+                st.adopt(rule)
+            span = rule.span
+            if span:  # a rate: drain to now, then add the cost
+                tick = int(now * rule.ticks + 0.5)
+                level = st.level
+                if tick > st.at:
+                    level -= (tick - st.at) * rule.limit
+                    if level < 0:
+                        level = 0
+                    st.level, st.at = level, tick  # lossless: kept even when refused
+                level += tokens * span if rule.kind == "tokens" else span
+                if level > rule.cap:
+                    self._give_back(bound.states[: len(left)], tokens)
+                    return None
+                st.level = level
+                left.append((rule.cap - level) // span)
+            else:  # concurrency: one more lease in flight
+                if st.level >= rule.limit:
+                    self._give_back(bound.states[: len(left)], tokens)
+                    return None
                 st.level += 1
                 self._in_flight += 1
-            else:
-                st.level += cost_of(rule, tokens)
-        return verdict
+                left.append(rule.limit - st.level)
+        self._allowed += 1
+        return left
 
-    def reconcile(self, checks: Sequence[Check], token_delta: int, now: float) -> None:
+    def _look_up(self, bound: Bound, now: float) -> None:
+        """The only place states are made (so the only place to make room): before the lookup,
+        so none is dropped while a take holds it."""
+        if len(self._states) + len(bound.checks) > self.max_keys:
+            self._shrink(now)
+        states = self._states
+        found = []
+        for scope, rule in bound.checks:
+            st = states.get((scope, rule.name))
+            if st is None:
+                st = states[(scope, rule.name)] = _State(rule)
+            found.append((st, rule))
+        bound.states, bound.generation = tuple(found), self._generation
+
+    def _give_back(self, taken: Sequence[tuple[_State, Rule]], tokens: int) -> None:
+        for st, rule in taken:
+            if rule.span:
+                st.level -= cost_of(rule, tokens)
+            else:
+                st.level -= 1
+                self._in_flight -= 1
+
+    def reconcile(self, checks: Sequence[Check] | Bound, token_delta: int, now: float) -> None:
         """Correct the token rules by ``actual - reserved`` (negative returns tokens)."""
         if not token_delta:
             return
-        for scope, rule in checks:
+        bound = checks if isinstance(checks, Bound) else self.bind(checks)
+        if bound.generation != self._generation:
+            self._look_up(bound, now)
+        for st, rule in bound.states:
             if rule.kind == "tokens":
-                st = self._state(scope, rule, now)
-                st.level = min(max(0, st.drain(rule, now) + token_delta * rule.span), 2 * rule.cap)
+                if st.rule is not rule:
+                    st.adopt(rule)
+                tick = int(now * rule.ticks + 0.5)  # drain (as in _State.drain, inline: every request)
+                level = st.level
+                if tick > st.at:
+                    level -= (tick - st.at) * rule.limit
+                    st.at = tick
+                level = (0 if level < 0 else level) + token_delta * rule.span
+                st.level = 0 if level < 0 else min(level, 2 * rule.cap)
 
-    def release(self, checks: Sequence[Check]) -> None:
-        """Return the concurrency slots an allowed acquire took."""
+    def release(self, checks: Sequence[Check]) -> bool:
+        """Return the concurrency slots an allowed acquire took; True when there were any."""
+        freed = False
         for scope, rule in checks:
-            if rule.kind == "concurrent":
+            if not rule.span:
                 st = self._states.get((scope, rule.name))
                 if st is not None and st.level > 0:
                     st.level -= 1
                     self._in_flight -= 1
-
-    def _state(self, scope: str, rule: Rule, now: float) -> _State:
-        key = (scope, rule.name)
-        st = self._states.get(key)
-        if st is not None:
-            self._states.move_to_end(key)
-            return st
-        if len(self._states) >= self.max_keys:
-            self._shrink(now)
-        st = self._states[key] = _State(rule)
-        return st
+                    freed = True
+        return freed
 
     def _shrink(self, now: float) -> None:
         """Drop idle states; if that frees too little, forget the least recently used rate
-        states down to 3/4 of ``max_keys`` (so the O(n) sweep runs at most every max_keys/4 inserts)."""
+        states (by the tick each was last brought up to) down to 3/4 of ``max_keys``, so this
+        O(n log n) sweep runs at most every max_keys/4 inserts."""
+        self._generation += 1
         idle = [key for key, st in self._states.items() if st.drain(st.rule, now) == 0]
         for key in idle:
             del self._states[key]
@@ -285,10 +361,10 @@ class LocalLimiter:
         excess = len(self._states) - self.max_keys * 3 // 4
         if excess <= 0:
             return
-        lru = [key for key, st in self._states.items() if st.rule.kind != "concurrent"][:excess]
-        for key in lru:
+        rates = [(st.at / st.rule.ticks, key) for key, st in self._states.items() if st.rule.span]
+        for _, key in heapq.nsmallest(excess, rates):
             del self._states[key]
-        self._evicted += len(lru)
+        self._evicted += min(excess, len(rates))
 
     def statistics(self) -> dict[str, int]:
         return {"keys": len(self._states), "in_flight": self._in_flight, "allowed": self._allowed,

@@ -48,6 +48,8 @@ _FILE_PARTS = frozenset({"document", "file", "input_file", "input_audio", "audio
 _LABELS = frozenset({"role", "type"})  # in messages these label parts, they are not prompt text
 _BOM = b"\xef\xbb\xbf"
 
+# max_tokens (both wires), max_completion_tokens (OpenAI chat), max_output_tokens (Responses)
+_OUTPUT_CAP_RE = re.compile(rb'"max(?:_completion|_output)?_tokens"\s*:\s*(\d{1,9})')
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 _USAGE_RE = re.compile(rb'"usage"[ \t]*:[ \t]*\{')  # an object: OpenAI sends "usage":null on every chunk
@@ -161,6 +163,19 @@ def _walk(value: object, keys: bool) -> tuple[int, int]:
         elif type(v) is int:
             flat += 1  # a pre-tokenized prompt is a list of token ids
     return nbytes, flat
+
+
+def reservation(body: object, length: int | None) -> int:
+    """Tokens a token limit reserves for a request before it is sent: the prompt at ~4 bytes a
+    token (the body's length: JSON's punctuation makes it an over-estimate, corrected when the
+    answer's usage is known) plus the output cap the request names. A regex, not a JSON parse:
+    this runs on every request of a provider with token limits."""
+    if not body:
+        return 0  # a GET, a HEAD, a DELETE (None or b""): no prompt, nothing to generate
+    if not isinstance(body, bytes):  # streamed: only its length is known
+        return (length or 0) // BYTES_PER_TOKEN + DEFAULT_MAX_OUTPUT
+    cap = _OUTPUT_CAP_RE.search(body)
+    return len(body) // BYTES_PER_TOKEN + (int(cap[1]) if cap else DEFAULT_MAX_OUTPUT)
 
 
 def estimate_request(

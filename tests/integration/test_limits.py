@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from addons.limits import reservation
+from proxy.usage import reservation
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import OPENAI_KEY, curl, fake_provider, policy_for
 from tests.integration.sidekey_process import SidekeyProcess

@@ -133,6 +133,10 @@ def test_no_body_statuses(method: str, status: int, empty: bool) -> None:
 
 def test_response_head_serialisation() -> None:
     assert http1.response_head(404, [("a", "b")]) == b"HTTP/1.1 404 Not Found\r\na: b\r\n\r\n"
+    assert http1.response_head(204, []) == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert http1.response_head(599, [("a", "1"), ("b", "\xe9")], b"Odd") == b"HTTP/1.1 599 Odd\r\na: 1\r\nb: \xe9\r\n\r\n"
+    with pytest.raises(UnicodeEncodeError):  # not Latin-1: refused, never sent mangled
+        http1.response_head(200, [("a", "\u2603")])
 
 
 @given(st.lists(st.tuples(st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,7 +14,7 @@ from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider
 from proxy.ratelimit import Rule
 from proxy.testing import make_flow, make_provider
-from proxy.usage import Usage
+from proxy.usage import DEFAULT_MAX_OUTPUT, Usage, reservation
 
 
 class Clock:
@@ -52,6 +53,7 @@ async def test_requests_per_minute_at_the_window_edge_and_the_429() -> None:
     first = await through(addon, make_flow(provider))
     assert first.response is not None and first.response.headers["x-ratelimit-remaining-requests-minute"] == "1"
     assert first.response.headers["x-ratelimit-limit-requests-minute"] == "2"
+    assert not any(name.startswith("x-ratelimit-reset") for name in first.response.headers)  # Retry-After says when
     await through(addon, make_flow(provider))
     refused = await through(addon, make_flow(provider))
     assert refused.response is not None and refused.response.status == 429
@@ -90,6 +92,31 @@ async def test_tokens_reserved_from_the_estimate_and_reconciled() -> None:
     assert again.response is not None
     # the 280+ reserved-but-unused tokens came back
     assert int(again.response.headers["x-ratelimit-remaining-tokens-minute"]) == 1000 - 120 - reserved
+    again.metadata["usage"] = Usage(input=100, output=20)
+    addon.response(again)
+    # A GET (no body: how the engine hands it over) generates no tokens: token rules neither
+    # count it nor refuse it (nothing would ever give a reservation back: no usage is measured).
+    listing = make_flow(provider, method="GET")
+    listing.request.body, listing.request.content_length = None, 0
+    await through(addon, listing)
+    assert listing.response is not None and "x-ratelimit-remaining-tokens-minute" not in listing.response.headers
+    third = await through(addon, make_flow(provider, body=body.encode()))
+    assert int(third.response.headers["x-ratelimit-remaining-tokens-minute"]) == 1000 - 240 - reserved  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_a_get_counts_against_request_rules_only() -> None:
+    provider = limited(Rule("requests", 5, 60.0), Rule("tokens", 10, 60.0))
+    addon = addon_for(provider)
+    for left in (4, 3):
+        listing = make_flow(provider, method="GET")
+        listing.request.body, listing.request.content_length = None, 0
+        await through(addon, listing)
+        assert listing.response is not None and listing.response.status == 200
+        assert listing.response.headers["x-ratelimit-remaining-requests-minute"] == str(left)
+        assert "x-ratelimit-remaining-tokens-minute" not in listing.response.headers
+    post = await through(addon, make_flow(provider, body=b'{"model":"m","messages":[],"max_tokens":64}'))
+    assert post.response is not None and post.response.status == 429  # 11+ tokens never fit in 10
 
 
 @pytest.mark.asyncio
@@ -150,3 +177,20 @@ async def test_no_limits_no_work() -> None:
     addon = addon_for(provider)
     flow = await through(addon, make_flow(provider))
     assert flow.metadata == {} and flow.response is not None and "x-ratelimit-limit-requests-minute" not in flow.response.headers
+
+
+def test_reservation_reads_the_output_cap_and_nothing_for_a_bodyless_request() -> None:
+    chat = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens": 300}'
+    assert reservation(chat, len(chat)) == len(chat) // 4 + 300
+    responses = b'{"model":"m","input":"hi","max_output_tokens":7}'
+    assert reservation(responses, len(responses)) == len(responses) // 4 + 7
+    uncapped = b'{"model":"m","messages":[]}'
+    assert reservation(uncapped, len(uncapped)) == len(uncapped) // 4 + DEFAULT_MAX_OUTPUT
+    assert reservation(b"", 0) == 0  # GET /v1/models reserves no tokens
+    assert reservation(None, 0) == 0  # how a bodyless request reaches the addons
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"{}"
+
+    assert reservation(chunks(), 4000) == 1000 + DEFAULT_MAX_OUTPUT  # streamed: its length only
+    assert reservation(chunks(), None) == DEFAULT_MAX_OUTPUT  # chunked: not even that

@@ -393,3 +393,92 @@ def test_never_over_grants_in_any_window(limit: int, period: Fraction, arrivals:
             granted.append((t, cost))
         else:
             assert cost > limit or worst_window(t, cost) > 0
+
+
+class JudgedLimiter:
+    """The limiter as its docstring states it, unfused: drain every rule, ask ``judge``, and
+    only when allowed add each rule's cost. ``LocalLimiter.take`` must decide exactly this."""
+
+    def __init__(self) -> None:
+        self.level: dict[tuple[str, str], int] = {}
+        self.at: dict[tuple[str, str], int] = {}
+
+    def drained(self, scope: str, rule: Rule, now: float) -> int:
+        key, level = (scope, rule.name), self.level.get((scope, rule.name), 0)
+        if rule.span:
+            tick = int(now * rule.ticks + 0.5)
+            if tick > self.at.get(key, 0):
+                level = max(0, level - (tick - self.at.get(key, 0)) * rule.limit)
+                self.at[key] = tick
+        self.level[key] = level
+        return level
+
+    def acquire(self, checks: list[tuple[str, Rule]], tokens: int, now: float) -> Verdict:
+        verdict = judge(checks, [self.drained(scope, rule, now) for scope, rule in checks], tokens)
+        if verdict.allowed:
+            for scope, rule in checks:
+                self.level[(scope, rule.name)] += (tokens if rule.kind == "tokens" else 1) * (rule.span or 1)
+        return verdict
+
+    def release(self, checks: list[tuple[str, Rule]]) -> None:
+        for scope, rule in checks:
+            if not rule.span and self.level.get((scope, rule.name), 0) > 0:
+                self.level[(scope, rule.name)] -= 1
+
+
+SHARED = Rule("requests", 5, 1)
+RULE_SETS = [
+    [("p", Rule("requests", 4, 1)), ("p", Rule("tokens", 50, 60)), ("c", Rule("concurrent", 3))],
+    [("c", Rule("concurrent", 2)), ("p", Rule("requests", 3, 2, "r2"))],
+    [("p", Rule("tokens", 30, 1)), ("q", SHARED)],
+    [("q", SHARED), ("p", Rule("requests", 100, 60))],  # shares a state with the set above
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(range(len(RULE_SETS))), st.integers(0, 40), st.integers(0, 400_000), st.booleans()),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_fused_take_decides_exactly_as_judge(steps: list[tuple[int, int, int, bool]]) -> None:
+    """Mixed rate and concurrency rules over overlapping check sets, through bound checks (the
+    request path) and plain ones: the same verdicts, Retry-After, refusing rule and states as
+    drain-then-judge, refusals consume nothing, and the remaining counts ``take`` returns match."""
+    limiter, ref, us = LocalLimiter(), JudgedLimiter(), 0
+    bound = [limiter.bind(checks) for checks in RULE_SETS]
+    for which, tokens, gap, release in steps:
+        us += gap
+        now, checks = us / 1e6, RULE_SETS[which]
+        expected = ref.acquire(checks, tokens, now)
+        if which % 2:  # the request path: a bound check, then the full verdict only when refused
+            left = limiter.take(bound[which], tokens, now)
+            assert (left is not None) == expected.allowed
+            if left is None:
+                assert limiter.acquire(checks, tokens, now) == expected
+            else:
+                assert left == [s.remaining for s in expected.states]
+        else:
+            assert limiter.acquire(checks, tokens, now) == expected
+        if release and expected.allowed:
+            limiter.release(checks)
+            ref.release(checks)
+
+
+def test_bound_checks_follow_states_dropped_and_rules_reloaded() -> None:
+    limiter = LocalLimiter(max_keys=4)
+    checks = [("provider:a", Rule("requests", 2, 60))]
+    bound = limiter.bind(checks)
+    assert limiter.take(bound, 0, 0.0) == [1]
+    for i in range(8):  # other scopes crowd the limiter: the idle-or-oldest sweep drops states
+        limiter.acquire([(f"caller:{i}", Rule("requests", 1, 86400))], 0, 1000.0 + i)
+    assert limiter.statistics()["swept"] + limiter.statistics()["evicted"] > 0
+    # The bound check looks its state up again rather than counting into a dropped one.
+    assert limiter.take(bound, 0, 2000.0) == [1]
+    assert limiter.acquire(checks, 0, 2000.0).states[0].remaining == 0
+    # A reloaded rule of the same name, through an old bound: adopted, the amount in use kept.
+    wider = [("provider:a", Rule("requests", 10, 60))]
+    assert limiter.take(limiter.bind(wider), 0, 2000.0) == [7]
+    assert limiter.take(bound, 0, 2000.0) is None  # the old rule again: 2/min, all in use
