@@ -67,11 +67,10 @@ class Checks:
 
     pairs: tuple[Check, ...]
     headers: tuple[tuple[str, str, str], ...] = ()  # per pair: limit header, its value, remaining header
-    local: LocalLimiter | None = None  # given: pairs and token_pairs are bound to its states
+    local: LocalLimiter | None = None  # given: the pairs are bound to its states
     token_pairs: tuple[Check, ...] = field(init=False)  # what a reconcile corrects
     has_slots: bool = field(init=False)  # a concurrency rule: a lease to hand back
     bound: Bound | None = field(init=False)
-    token_bound: Bound | None = field(init=False)
     tokenless: Checks | None = field(init=False, default=None)  # the others, for bodyless requests
 
     def __post_init__(self) -> None:
@@ -79,7 +78,6 @@ class Checks:
         object.__setattr__(self, "token_pairs", tokens)
         object.__setattr__(self, "has_slots", any(rule.kind == "concurrent" for _, rule in self.pairs))
         object.__setattr__(self, "bound", self.local.bind(self.pairs) if self.local else None)
-        object.__setattr__(self, "token_bound", self.local.bind(tokens) if self.local else None)
 
     @classmethod
     def for_requests(cls, pairs: tuple[Check, ...], local: LocalLimiter) -> Checks:
@@ -323,13 +321,7 @@ class Limits:
             return
         taken = meta.pop("limits", None)
         if taken is not None:
-            if taken.limiter is self.local and not taken.checks.has_slots:  # the usual case, inline
-                measured = meta.get("usage")
-                if measured is not None and taken.tokens:
-                    bound = taken.checks.token_bound or taken.checks.token_pairs
-                    self.local.reconcile(bound, measured.total - taken.tokens, self.clock())
-            else:
-                self._release(taken, meta.get("usage"))
+            self._release(taken, meta.get("usage"))
         if "member_limits" in meta:
             for held in meta.pop("member_limits"):
                 self._release(held, meta.get("usage"))
@@ -343,8 +335,8 @@ class Limits:
                 self._pending.append((taken.checks.pairs, taken.lease, delta))
                 self._wake.set()
             return
-        if delta:
-            self.local.reconcile(taken.checks.token_pairs, delta, self.clock())
+        if delta:  # through the bound pairs when there are (no lookups), else the token rules
+            self.local.reconcile(taken.checks.bound or taken.checks.token_pairs, delta, self.clock())
         if taken.checks.has_slots and self.local.release(taken.checks.pairs):
             self._freed.set()  # the queue's head may take the slot now
 

@@ -30,7 +30,7 @@ import datetime
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from proxy.policy import Budget
@@ -218,12 +218,7 @@ class Ledger:
             for key, counts in bucket.items():
                 if provider is not None and key[0] != provider:
                     continue
-                acc = out.get(key)
-                if acc is None:
-                    out[key] = list(counts)
-                else:
-                    for i, n in enumerate(counts):
-                        acc[i] += n
+                _add(out, key, counts)
         return out
 
     def take_pending(self) -> dict[str, Bucket]:
@@ -236,13 +231,7 @@ class Ledger:
         bucket: Bucket = {}
         for source in (snapshot, self.pending.get(day, {})):
             for key, counts in source.items():
-                k = self._fold(bucket, key)
-                acc = bucket.get(k)
-                if acc is None:
-                    bucket[k] = list(counts)
-                else:
-                    for i, n in enumerate(counts):
-                        acc[i] += n
+                _add(bucket, self._fold(bucket, key), counts)
         self.days[day] = bucket
         spend: dict[tuple[str, str | None], float] = {}
         for (provider, _m, _u, caller), counts in bucket.items():
@@ -411,3 +400,13 @@ class RedisLedger:
 
     def __repr__(self) -> str:
         return f"RedisLedger(flushes={self.counters['flushes']}, unsent={self._unsent is not None})"
+
+
+def _add(into: dict[Key, Counts], key: Key, counts: Sequence[float]) -> None:
+    """Sum ``counts`` into ``into[key]`` (a copy when the key is new: never alias a caller's list)."""
+    acc = into.get(key)
+    if acc is None:
+        into[key] = list(counts)
+    else:
+        for i, n in enumerate(counts):
+            acc[i] += n

@@ -327,14 +327,7 @@ class LocalLimiter:
             self._look_up(bound, now)
         for st, rule in bound.states:
             if rule.kind == "tokens":
-                if st.rule is not rule:
-                    st.adopt(rule)
-                tick = int(now * rule.ticks + 0.5)  # drain (as in _State.drain, inline: every request)
-                level = st.level
-                if tick > st.at:
-                    level -= (tick - st.at) * rule.limit
-                    st.at = tick
-                level = (0 if level < 0 else level) + token_delta * rule.span
+                level = st.drain(rule, now) + token_delta * rule.span
                 st.level = 0 if level < 0 else min(level, 2 * rule.cap)
 
     def release(self, checks: Sequence[Check]) -> bool:
