@@ -9,19 +9,34 @@ Theory of operation
      (``certs.LeafContexts``), then serve HTTP/1.1 on the decrypted stream.
      The CONNECT target is the only authority for everything inside.
    - ``CONNECT`` for an unmatched host: a blind byte tunnel, or 403 (policy
-     ``unmatched``); metadata addresses refused (``netguard``).
+     ``unmatched``); metadata addresses and sidekey's own ports refused
+     (``netguard``).
    - absolute-form ``http://host/...``: a plain proxy request; for a matched
      host it is forwarded upstream over TLS.
    - anything else: 400.
 2. HTTP/1.1 loop (``exchange``): read a head (``http1``, pure rules), build a
-   ``flow.Flow`` carrying the policy snapshot, run the addon hooks
-   (``hooks.AddonManager``: ``request`` may rewrite or answer locally), send
-   upstream, run ``responseheaders``, stream the body back chunk by chunk,
-   then ``response`` (or ``error``).
-3. Forwarder (``upstream``): one long-lived aiohttp ClientSession per
+   ``flow.Flow`` carrying the policy snapshot, run the ``request`` hooks of
+   the addons (``hooks.AddonManager``; a ``request`` hook may answer locally),
+   forward, run ``responseheaders``, stream the body back chunk by chunk, then
+   ``response`` (or ``error``).
+3. Forwarder (``forward``): the attempts of one request under one deadline.
+   Each attempt picks a member of the provider's upstream group
+   (``balance.Groups``: circuit, health, weight, key rests), admits it against
+   that key's own limits, injects that member's credential, and sends through
+   ``upstream.UpstreamPools`` (one long-lived aiohttp ClientSession per
    upstream identity, TLS always verified, no redirects followed, no
-   decompression; aiohttp errors mapped to ours in one place (``errors``).
-4. Behaviour lives in addons (``addons/``): credential injection first.
+   decompression; aiohttp errors mapped to ours in one place). Whether to
+   retry, wait or fail over is decided by pure code (``retry.decide``,
+   ``failover``); a fallback provider gets its own URL, model and key.
+4. Behaviour lives in addons (``addons/``, ``addons.default_addons`` lists
+   them in order with the reason for each place): credentials first, then
+   provider headers, usage and budgets, limits, metrics, health checks; audit
+   and the dead-letter queue when asked for on the command line.
+5. Around it: the admin API (``admin``: health, metrics, providers, usage,
+   policy and reload) on its own loopback listener, and the policy watcher
+   (``watch``): a changed file is parsed and offered to every addon's
+   ``configure`` first, then swapped in as one reference (``engine.reload``);
+   flows in flight keep the snapshot they started with.
 """
 
 __version__ = "0.1.0"

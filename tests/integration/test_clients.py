@@ -67,6 +67,21 @@ def test_openai_sdk_streams_events_before_the_stream_ends(client_env: SidekeyPro
     assert_only_real_key_upstream(fake, "authorization", f"Bearer {OPENAI_KEY}")
 
 
+def test_openai_sdk_without_a_ca_through_http_proxy(
+    client_env: SidekeyProcess, fake: FakeProviderThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's no-CA path: HTTP_PROXY plus an http:// base URL. The app
+    trusts nothing of sidekey's; sidekey still uses verified TLS upstream."""
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("SSL_CERT_FILE")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://api.openai.com/v1")
+    client = openai.OpenAI(api_key=PLACEHOLDER, max_retries=0)
+    completion = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert completion.choices[0].message.content
+    assert_only_real_key_upstream(fake, "authorization", f"Bearer {OPENAI_KEY}")
+    assert fake.last().sni == "localhost"  # TLS on the upstream hop
+
+
 def test_anthropic_sdk_plain_and_streaming(client_env: SidekeyProcess, fake: FakeProviderThread) -> None:
     client = anthropic.Anthropic(api_key=PLACEHOLDER)
     message = client.messages.create(
