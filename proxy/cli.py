@@ -350,7 +350,8 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
         try:
             extra.insert(0, DeadLetters(args.dlq, max_body_bytes=args.dlq_body_bytes))
         except OSError as err:
-            raise startup.DeadLetterFileUnusable(path=args.dlq, reason=err.strerror) from None
+            reason = err.strerror or type(err).__name__
+            raise startup.DeadLetterFileUnusable(path=args.dlq, reason=reason) from None
         except ValueError as err:  # our own fixed texts (negative sizes)
             raise startup.DeadLetterFileUnusable(path=args.dlq, reason=str(err)) from None
     addons = [*default_addons(), *extra]

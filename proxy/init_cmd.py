@@ -17,7 +17,7 @@ from pathlib import Path
 from proxy.certs import CA_CERT_NAME, CA_KEY_NAME, CertificateAuthority
 from proxy.locate import CERTS_NAME, POLICY_NAME, config_dir
 from proxy.policy_load import parse_policy
-from proxy.startup import InitRefused
+from proxy.startup import CannotWrite, InitRefused
 
 STARTER = "starter_policy.yaml"
 
@@ -29,23 +29,27 @@ def starter_policy() -> bytes:
 def init(target: str | None, env: Mapping[str, str], home: Path) -> str:
     """Write the starter policy and the CA; return the text telling what next."""
     default = config_dir(env, home).path
-    directory = Path(target) if target else default
+    # Absolute: the printed commands must work from any directory.
+    directory = Path(os.path.abspath(target or default))
     policy_path, certs = directory / POLICY_NAME, directory / CERTS_NAME
     for path in (policy_path, certs / CA_CERT_NAME, certs / CA_KEY_NAME):
         if path.exists():
             raise InitRefused(path=path)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     text = starter_policy()
-    # O_EXCL: a policy written meanwhile by someone else is never replaced.
-    fd = os.open(policy_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(text)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # O_EXCL: a policy written meanwhile by someone else is never replaced.
+        fd = os.open(policy_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+    except OSError as err:  # strerror is the OS's fixed text
+        raise CannotWrite(path=err.filename or policy_path, reason=err.strerror or type(err).__name__) from None
     try:
         CertificateAuthority.load_or_create(certs)  # certs/ 0700, key 0600 with O_EXCL
     except BaseException:
         policy_path.unlink()  # all or nothing: a rerun must not find half a set-up
         raise
-    same_as_default = os.path.abspath(directory) == os.path.abspath(default)
+    same_as_default = directory == Path(os.path.abspath(default))
     return next_steps(directory, certs, parse_secret_names(text), same_as_default, env)
 
 

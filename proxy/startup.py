@@ -90,6 +90,10 @@ class DeadLetterFileUnusable(StartupError):
     template = "dead-letter file {path}: {reason}"
 
 
+class CannotWrite(StartupError):
+    template = "{path}: cannot write ({reason})"
+
+
 class InitRefused(StartupError):
     template = "{path} already exists; sidekey init never overwrites (remove it, or pass another DIR)"
 

@@ -64,11 +64,19 @@ def test_init_writes_a_private_set_up_and_says_what_next(tmp_path: Path) -> None
 
 
 def test_init_into_a_named_dir_tells_run_where_it_is(tmp_path: Path) -> None:
-    target = tmp_path / "elsewhere"
-    result = sidekey("init", str(target), cwd=tmp_path, env=clean_env(SIDEKEY_HOME=str(tmp_path / "home")))
+    target = tmp_path / "elsewhere"  # given relative; the commands printed name it absolutely
+    result = sidekey("init", "elsewhere", cwd=tmp_path, env=clean_env(SIDEKEY_HOME=str(tmp_path / "home")))
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().splitlines()[-1].strip() == f"SIDEKEY_HOME={target} sidekey run"
+    assert f"sidekey ca --certs {target}/certs --bundle {target}/ca-bundle.pem" in result.stdout
     assert (target / "policies.yaml").exists() and not (tmp_path / "home").exists()
+
+
+def test_init_where_it_cannot_write_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    result = sidekey("init", str(tmp_path / "a-file" / "sub"), cwd=tmp_path, env=clean_env())
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{tmp_path}/a-file/sub: cannot write (Not a directory)"]
 
 
 def test_init_never_overwrites(tmp_path: Path) -> None:
