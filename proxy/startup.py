@@ -19,8 +19,6 @@ import logging
 import socket
 from typing import TYPE_CHECKING, ClassVar
 
-from proxy.certs import CAError
-
 if TYPE_CHECKING:
     from proxy.admin import AdminServer
     from proxy.engine import Sidekey
@@ -106,6 +104,8 @@ class Unexpected(StartupError):
 def explain(exc: BaseException) -> StartupError:
     """The one line for any exception that ended a command. Only our own
     templates are trusted with text; anything else is named by its type."""
+    from proxy.certs import CAError  # here: `sidekey --version` need not load cryptography
+
     if isinstance(exc, StartupError):
         return exc
     if isinstance(exc, CAError):
