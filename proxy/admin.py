@@ -132,7 +132,12 @@ class AdminServer:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError:  # the port is taken (or not ours): leave nothing half-open
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         server = site._server  # noqa: SLF001 - the bound port when asked for port 0
         sock = server.sockets[0].getsockname() if server is not None else (self.host, self.port)  # type: ignore[attr-defined]
         self.port = sock[1]

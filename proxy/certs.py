@@ -21,6 +21,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import shlex
 import shutil
 import ssl
 import stat
@@ -51,6 +52,11 @@ PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----
 
 _CAKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _IP: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class CAError(ValueError):
+    """The CA cannot be loaded or created. The text names paths and modes only
+    (never key material), so the CLI prints it as the one line a person acts on."""
 
 
 def _parse_ip(text: str) -> _IP | None:
@@ -126,7 +132,7 @@ class CertificateAuthority:
 
     def __init__(self, cert: x509.Certificate, key: _CAKey, cert_path: Path, key_path: Path) -> None:
         if _spki(key) != _spki(cert):
-            raise ValueError(f"{key_path} is not the key of {cert_path}")
+            raise CAError(f"{key_path} is not the key of {cert_path}")
         self.cert_path, self.key_path = cert_path, key_path
         self._cert, self._key = cert, key
         self._ca_pem = cert.public_bytes(serialization.Encoding.PEM)
@@ -149,8 +155,15 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(cls, certs_dir: Path, *, common_name: str = "sidekey CA") -> CertificateAuthority:
-        """Blocking: call through ``asyncio.to_thread``."""
+        """Blocking: call through ``asyncio.to_thread``. Raises CAError (paths only)."""
         certs_dir = Path(certs_dir)
+        try:
+            return cls._load_or_create(certs_dir, common_name)
+        except OSError as err:  # strerror is the OS's fixed text, never file content
+            raise CAError(f"{err.filename or certs_dir}: cannot use the CA ({err.strerror})") from None
+
+    @classmethod
+    def _load_or_create(cls, certs_dir: Path, common_name: str) -> CertificateAuthority:
         certs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         cert_path, key_path = certs_dir / CA_CERT_NAME, certs_dir / CA_KEY_NAME
         have_cert, have_key = cert_path.exists(), key_path.exists()
@@ -159,9 +172,7 @@ class CertificateAuthority:
         if have_cert or have_key:
             present, missing = (cert_path, key_path) if have_cert else (key_path, cert_path)
             # Silently minting a new CA would break every client that trusts the old one.
-            raise ValueError(
-                f"{missing} is missing but {present} exists: restore it, or remove both to create a new CA"
-            )
+            raise CAError(f"{missing} is missing but {present} exists: restore it, or remove both to create a new CA")
         return cls._create(cert_path, key_path, common_name)
 
     @classmethod
@@ -170,21 +181,22 @@ class CertificateAuthority:
             # fstat the open file, so the mode checked is that of the bytes read.
             mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
             if mode & 0o077:
-                raise ValueError(
-                    f"{key_path} is accessible by group or others (mode {mode:o}); run: chmod 600 {key_path}"
+                raise CAError(
+                    f"CA key {key_path} is accessible by group or others (mode {mode:04o});"
+                    f" run: chmod 600 {shlex.quote(str(key_path))}"
                 )
             data = f.read()
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise ValueError(f"{key_path} is not an unencrypted PEM private key") from None
+            raise CAError(f"{key_path} is not an unencrypted PEM private key") from None
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         except ValueError:
-            raise ValueError(f"{cert_path} is not a PEM certificate") from None
+            raise CAError(f"{cert_path} is not a PEM certificate") from None
         if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             return cls(cert, key, cert_path, key_path)
-        raise ValueError(f"{key_path}: only EC and RSA CA keys are supported")
+        raise CAError(f"{key_path}: only EC and RSA CA keys are supported")
 
     @classmethod
     def _create(cls, cert_path: Path, key_path: Path, common_name: str) -> CertificateAuthority:

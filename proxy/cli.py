@@ -1,4 +1,4 @@
-"""``sidekey`` command line: run, check, ca, dlq."""
+"""``sidekey`` command line: init, run, check, ca, dlq."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from proxy import __version__
+from proxy import __version__, locate, startup
 from proxy.policy import Policy
 
 if TYPE_CHECKING:
@@ -28,22 +28,45 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other start-up failure (argparse would add the usage).
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []):  # nothing worth showing; the help says what applies
+            return action.help
+        return super()._get_help_string(action)
+
+
+_DEBUG_HELP = "on a start-up failure, show the traceback too [$SIDEKEY_DEBUG=1]"
+_CERTS_HELP = "CA directory [$SIDEKEY_CERTS]; default: <config dir>/certs for a policy found there, else ./certs"
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    parser = argparse.ArgumentParser(
-        prog="sidekey", description="Credential-holding egress proxy for AI and data APIs."
-    )
+    parser = _Parser(prog="sidekey", description="Credential-holding egress proxy for AI and data APIs.")
     parser.add_argument("--version", action="version", version=f"sidekey {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the proxy")
+    init = sub.add_parser("init", help="write a starter policy and the CA into a config directory")
+    init.add_argument(
+        "dir", nargs="?", metavar="DIR",
+        help="default: $SIDEKEY_HOME, else $XDG_CONFIG_HOME/sidekey, else ~/.config/sidekey",
+    )  # fmt: skip
+    init.add_argument("--debug-tracebacks", action="store_true", help=_DEBUG_HELP)
+
+    run = sub.add_parser("run", help="run the proxy", formatter_class=_Help)
     run.add_argument(
-        "--policies", default=env("SIDEKEY_POLICIES", "policies.yaml"), help="policy file [$SIDEKEY_POLICIES]"
-    )
+        "--policies", metavar="FILE",
+        help="policy file [$SIDEKEY_POLICIES]; default: ./policies.yaml, else <config dir>/policies.yaml",
+    )  # fmt: skip
     run.add_argument(
         "--listen", type=_listen, default=env("SIDEKEY_LISTEN", "127.0.0.1:8080"), help="HOST:PORT [$SIDEKEY_LISTEN]"
     )
-    run.add_argument("--certs", default=env("SIDEKEY_CERTS", "certs"), help="CA directory [$SIDEKEY_CERTS]")
+    run.add_argument("--certs", metavar="DIR", help=_CERTS_HELP)
     run.add_argument("--addon", action="append", default=[], help="extra addon: module, module:Class or file.py")
     run.add_argument(
         "--grace", type=float, default=float(env("SIDEKEY_GRACE", "30")), help="drain time on SIGTERM, seconds"
@@ -71,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between policy file checks; 0 disables (SIGHUP and POST /policy/reload still work)",
     )  # fmt: skip
     run.add_argument(
-        "--log-level", default=env("SIDEKEY_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING [$SIDEKEY_LOG_LEVEL]"
-    )
+        "--log-level", default=env("SIDEKEY_LOG_LEVEL", "INFO"),
+        help=f"{', '.join(startup.LOG_LEVELS)} [$SIDEKEY_LOG_LEVEL]",
+    )  # fmt: skip
+    run.add_argument("--debug-tracebacks", action="store_true", help=_DEBUG_HELP)
 
     check = sub.add_parser("check", help="validate a policy file without starting")
     check.add_argument("policies", nargs="?", default=env("SIDEKEY_POLICIES", "policies.yaml"))
@@ -81,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ca = sub.add_parser("ca", help="print the CA certificate path and how to trust it")
-    ca.add_argument("--certs", default=env("SIDEKEY_CERTS", "certs"), help="CA directory [$SIDEKEY_CERTS]")
+    ca.add_argument("--certs", metavar="DIR", help=_CERTS_HELP)
     ca.add_argument("--bundle", metavar="PATH", help="write the system CAs plus sidekey's to PATH")
+    ca.add_argument("--debug-tracebacks", action="store_true", help=_DEBUG_HELP)
 
-    dlq_file = argparse.ArgumentParser(add_help=False)
+    dlq_file = _Parser(add_help=False)
     dlq_file.add_argument("--dlq", default=env("SIDEKEY_DLQ"), metavar="PATH", help="dead-letter file [$SIDEKEY_DLQ]")
     dlq = sub.add_parser("dlq", help="list and replay dead letters (requests that failed after all retries)")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
@@ -105,10 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are installed
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place a failure becomes one line
+        if getattr(args, "debug_tracebacks", False) or os.environ.get("SIDEKEY_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        failure = startup.explain(exc)
+        print(failure, file=sys.stderr)
+        return failure.exit_code
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "init":
+        from proxy import init_cmd
+
+        print(init_cmd.init(args.dir, os.environ, Path.home()), end="")
+        return 0
     if args.command == "check":
         return cmd_check(args.policies, args.against)
     if args.command == "ca":
-        return cmd_ca(Path(args.certs), args.bundle)
+        return cmd_ca(locate.ca_dir_for_ca_command(args.certs, os.environ, Path.home(), Path.is_file), args.bundle)
     if args.command == "dlq":
         if not args.dlq:
             print("no dead-letter file: pass --dlq PATH or set SIDEKEY_DLQ", file=sys.stderr)
@@ -264,23 +310,24 @@ async def _send_replay(request: ReplayRequest, proxy: str, ca: Path, seconds: fl
 
 def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=startup.log_level(args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    policy = load_or_report(args.policies)
-    if policy is None:
-        return 2
+    env = os.environ
+    location = locate.locate_policy(args.policies, env, locate.config_dir(env, Path.home()), Path.is_file)
+    policy = startup.load_policy(str(location.path))
+    certs = locate.certs_dir(args.certs, env, location)
     try:
         import uvloop
     except ImportError:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    return runner(serve(policy, args))
+    return runner(serve(policy, args, location, certs))
 
 
-async def serve(policy: Policy, args: argparse.Namespace) -> int:
+async def serve(policy: Policy, args: argparse.Namespace, location: locate.PolicyLocation, certs: Path) -> int:
     from addons import default_addons, load_addons
     from addons.metrics import Metrics
     from proxy.admin import AdminConfigError, AdminServer
@@ -289,7 +336,10 @@ async def serve(policy: Policy, args: argparse.Namespace) -> int:
 
     extra: list[object] = []
     for spec in (*policy.addons, *args.addon):
-        extra.extend(load_addons(spec))
+        try:
+            extra.extend(load_addons(spec))
+        except Exception as exc:  # noqa: BLE001 - an operator's addon: name it and the type only
+            raise startup.AddonUnloadable(spec=spec, kind=type(exc).__name__) from exc
     if args.audit:
         from addons.audit import AuditLog
 
@@ -299,22 +349,26 @@ async def serve(policy: Policy, args: argparse.Namespace) -> int:
 
         try:
             extra.insert(0, DeadLetters(args.dlq, max_body_bytes=args.dlq_body_bytes))
-        except (OSError, ValueError) as err:
-            log.error("dead-letter file %s: %s", args.dlq, err)
-            return 2
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise startup.DeadLetterFileUnusable(path=args.dlq, reason=reason) from None
+        except ValueError as err:  # our own fixed texts (negative sizes)
+            raise startup.DeadLetterFileUnusable(path=args.dlq, reason=str(err)) from None
     addons = [*default_addons(), *extra]
-    engine = Sidekey(policy, certs_dir=Path(args.certs), listen=args.listen, addons=addons)
+    engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons)
     metrics = next((a for a in addons if isinstance(a, Metrics)), None)
     if metrics is not None:
         metrics.attach(engine.statistics)
     admin = None
     if args.admin != "off":
-        host, port = _listen(args.admin)
+        try:
+            host, port = _listen(args.admin)
+        except argparse.ArgumentTypeError:
+            raise startup.BadAddress(flag="--admin", alternative=" or off", port=9090) from None
         try:
             admin = AdminServer(engine, metrics, host=host, port=port, token=os.environ.get("SIDEKEY_ADMIN_TOKEN"))
-        except AdminConfigError as err:
-            log.error("%s (set SIDEKEY_ADMIN_TOKEN)", err)
-            return 2
+        except AdminConfigError:
+            raise startup.AdminNeedsToken(host=host) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -327,9 +381,11 @@ async def serve(policy: Policy, args: argparse.Namespace) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    await engine.start()
-    if admin is not None:
-        log.info("admin listening on %s:%d", *await admin.start())
+    admin_address = await startup.start_listeners(engine, admin)
+    log.info("policy %s (via %s); CA in %s", location.path, location.found_by, certs)
+    await engine.announce()
+    if admin_address is not None:
+        log.info("admin listening on %s:%d", *admin_address)
     watcher = PolicyWatcher(policy.source, engine.reload_from_file, interval=args.watch_interval)
     if args.watch_interval > 0:
         await watcher.start()

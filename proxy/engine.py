@@ -123,10 +123,22 @@ class Sidekey:
         return self.leaves
 
     async def start(self) -> None:
+        """Prepare, bind and announce in one go (the CLI calls the three
+        steps itself, to bind the admin listener before announcing either)."""
+        await self.prepare()
+        await self.bind()
+        await self.announce()
+
+    async def prepare(self) -> None:
+        """Load (or create) the CA, connect Redis, let addons configure the policy."""
         self.ca = await asyncio.to_thread(CertificateAuthority.load_or_create, self.certs_dir)
         self.leaves = LeafContexts(self.ca)
         await self._connect_redis(self.policy)
         await self.addons.configure(self.policy)
+
+    async def bind(self) -> None:
+        """Bind the listener; connections are accepted from here on. Raises
+        OSError when the address cannot be bound (in use, not ours)."""
         self.server = await asyncio.start_server(
             self._on_client,
             self.listen[0],
@@ -138,8 +150,22 @@ class Sidekey:
         sock = self.server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         self.protect_port(self.address[1])
+
+    async def announce(self) -> None:
+        """Addons start their background work; the log says where we listen."""
         await self.addons.observe("running")
         log.info("sidekey listening on %s:%d (%d providers)", *self.address, len(self.policy.providers))
+
+    async def close_unstarted(self) -> None:
+        """Undo ``prepare``/``bind`` after a start-up failure, quietly: no
+        addon saw ``running``, so there is nothing to drain or announce."""
+        if self.server is not None:
+            self.server.close()
+        await self.pools.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.leaves is not None:
+            self.leaves.close()
 
     async def _connect_redis(self, policy: Policy) -> None:
         from proxy import shared
