@@ -28,6 +28,15 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def in_pod() -> bool:
+    """Inside a Kubernetes pod (the kubelet sets this in every container)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -51,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--admin", default=env("SIDEKEY_ADMIN", "127.0.0.1:9090"), help="admin HOST:PORT, or 'off' [$SIDEKEY_ADMIN]"
     )
+    run.add_argument(
+        "--metrics-listen", default=env("SIDEKEY_METRICS_LISTEN", "off"), metavar="HOST:PORT|off",
+        help="a listener serving only /metrics, /healthz and /readyz without a token, for Prometheus and "
+        "probes (e.g. the pod's address:9091) [$SIDEKEY_METRICS_LISTEN]",
+    )  # fmt: skip
+    run.add_argument(
+        "--admin-require-token", action="store_true", default=_truthy(env("SIDEKEY_ADMIN_REQUIRE_TOKEN")),
+        help="require SIDEKEY_ADMIN_TOKEN on the admin API even on loopback; on by itself inside a Kubernetes "
+        "pod, whose containers share the loopback [$SIDEKEY_ADMIN_REQUIRE_TOKEN]",
+    )  # fmt: skip
     run.add_argument(
         "--audit", default=env("SIDEKEY_AUDIT"), metavar="PATH|-",
         help="audit log: one JSON line per request to PATH (rotated) or - for stdout [$SIDEKEY_AUDIT]",
@@ -311,10 +330,17 @@ async def serve(policy: Policy, args: argparse.Namespace) -> int:
     if args.admin != "off":
         host, port = _listen(args.admin)
         try:
-            admin = AdminServer(engine, metrics, host=host, port=port, token=os.environ.get("SIDEKEY_ADMIN_TOKEN"))
+            admin = AdminServer(
+                engine, metrics, host=host, port=port, token=os.environ.get("SIDEKEY_ADMIN_TOKEN") or None,
+                require_token=args.admin_require_token or in_pod(),
+            )  # fmt: skip
         except AdminConfigError as err:
             log.error("%s (set SIDEKEY_ADMIN_TOKEN)", err)
             return 2
+    scrape = None
+    if args.metrics_listen != "off":
+        metrics_host, metrics_port = _listen(args.metrics_listen)
+        scrape = AdminServer.metrics_only(engine, metrics, host=metrics_host, port=metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -330,6 +356,8 @@ async def serve(policy: Policy, args: argparse.Namespace) -> int:
     await engine.start()
     if admin is not None:
         log.info("admin listening on %s:%d", *await admin.start())
+    if scrape is not None:
+        log.info("metrics listening on %s:%d", *await scrape.start())
     watcher = PolicyWatcher(policy.source, engine.reload_from_file, interval=args.watch_interval)
     if args.watch_interval > 0:
         await watcher.start()
@@ -337,8 +365,9 @@ async def serve(policy: Policy, args: argparse.Namespace) -> int:
     log.info("draining (grace %.0fs, %d in flight)", args.grace, engine.in_flight)
     await watcher.stop()
     await engine.shutdown(args.grace)
-    if admin is not None:
-        await admin.close()
+    for server in (admin, scrape):
+        if server is not None:
+            await server.close()
     return 0
 
 
