@@ -71,8 +71,13 @@ def provider_view(p: Provider, secret_available: bool | None) -> dict[str, Any]:
             "balance": p.balance,
             "members": [_member(p, t) for t in p.targets],
             "fallbacks": [fb.provider for fb in p.fallbacks],
-            "health_check": {"method": p.health_check.method, "path": p.health_check.path,
-                             "interval": p.health_check.interval} if p.health_check else None,
+            "health_check": {
+                "method": p.health_check.method,
+                "path": p.health_check.path,
+                "interval": p.health_check.interval,
+            }
+            if p.health_check
+            else None,
         },
     }
 

@@ -39,7 +39,7 @@ def test_metrics_listener_serves_scrapes_and_probes_only(start_sidekey: object, 
     assert curl(proxy, "-s", "-o", "/dev/null", "https://api.openai.com/v1/models").returncode == 0
     scrape = get(port, "/metrics")  # no token, although the admin API has one
     assert scrape.status_code == 200
-    assert 'sidekey_requests_total{' in scrape.text and 'provider="openai"' in scrape.text
+    assert "sidekey_requests_total{" in scrape.text and 'provider="openai"' in scrape.text
     assert_no_secret(scrape.text)
     assert get(port, "/healthz").json() == {"status": "ok"}
     assert get(port, "/readyz").status_code == 200
