@@ -2,8 +2,14 @@
 
 It has its own socket (default 127.0.0.1:9090) and is never reachable through
 the proxy listener. Bound to a non-loopback address it requires a bearer
-token; without one it refuses to start. Secrets appear only as their source
+token; without one it refuses to start. Inside a Kubernetes pod every
+container shares the loopback, so there (``require_token``) it requires the
+token on loopback too. Secrets appear only as their source
 (``env:OPENAI_API_KEY``), never as values.
+
+The metrics listener (``AdminServer.metrics_only``) is the same server with
+only the read-only routes a scraper and the kubelet's probes need, and no
+token: it may bind the pod's address.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ ROUTES = (
     ("POST", "/policy/reload", "reload"),
     ("GET", "/usage", "usage"),
 )
+# What the metrics listener serves: nothing that changes state or shows the policy.
+PUBLIC_ROUTES = tuple(r for r in ROUTES if r[1] in ("/healthz", "/readyz", "/metrics"))
 
 
 class AdminConfigError(Exception):
@@ -63,8 +71,13 @@ def provider_view(p: Provider, secret_available: bool | None) -> dict[str, Any]:
             "balance": p.balance,
             "members": [_member(p, t) for t in p.targets],
             "fallbacks": [fb.provider for fb in p.fallbacks],
-            "health_check": {"method": p.health_check.method, "path": p.health_check.path,
-                             "interval": p.health_check.interval} if p.health_check else None,
+            "health_check": {
+                "method": p.health_check.method,
+                "path": p.health_check.path,
+                "interval": p.health_check.interval,
+            }
+            if p.health_check
+            else None,
         },
     }
 
@@ -107,24 +120,34 @@ def policy_view(policy: Policy) -> dict[str, Any]:
 class AdminServer:
     def __init__(
         self, engine: Sidekey, metrics: Metrics | None, *, host: str = "127.0.0.1", port: int = 9090,
-        token: str | None = None,
+        token: str | None = None, require_token: bool = False, routes: tuple[tuple[str, str, str], ...] = ROUTES,
     ) -> None:  # fmt: skip
-        if not is_loopback(host) and not token:
-            raise AdminConfigError("the admin listener binds a non-loopback address only with an admin token")
+        if routes is not PUBLIC_ROUTES and not token:
+            if require_token:
+                raise AdminConfigError(
+                    "inside a pod the admin API requires a token even on loopback (the app containers share it)"
+                )
+            if not is_loopback(host):
+                raise AdminConfigError("the admin listener binds a non-loopback address only with an admin token")
         self.engine, self.metrics, self.host, self.port, self._token = engine, metrics, host, port, token
         self.loaded_at = time.time()
         self._runner: web.AppRunner | None = None
-        app = web.Application(middlewares=[self._auth])
-        for method, path, handler in ROUTES:
+        app = web.Application(middlewares=[self._auth] if token else [])
+        for method, path, handler in routes:
             app.router.add_route(method, path, getattr(self, handler))
         self.app = app
 
+    @classmethod
+    def metrics_only(cls, engine: Sidekey, metrics: Metrics | None, *, host: str, port: int) -> AdminServer:
+        """``/metrics``, ``/healthz`` and ``/readyz`` without a token, for Prometheus
+        and the kubelet on the pod's address."""
+        return cls(engine, metrics, host=host, port=port, routes=PUBLIC_ROUTES)
+
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if self._token is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
-                return web.json_response({"error": {"code": "unauthorized"}}, status=401)
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+            return web.json_response({"error": {"code": "unauthorized"}}, status=401)
         response: web.StreamResponse = await handler(request)
         return response
 

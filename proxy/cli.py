@@ -45,6 +45,15 @@ _DEBUG_HELP = "on a start-up failure, show the traceback too [$SIDEKEY_DEBUG=1]"
 _CERTS_HELP = "CA directory [$SIDEKEY_CERTS]; default: <config dir>/certs for a policy found there, else ./certs"
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def in_pod() -> bool:
+    """Inside a Kubernetes pod (the kubelet sets this in every container)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = _Parser(prog="sidekey", description="Credential-holding egress proxy for AI and data APIs.")
@@ -74,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--admin", default=env("SIDEKEY_ADMIN", "127.0.0.1:9090"), help="admin HOST:PORT, or 'off' [$SIDEKEY_ADMIN]"
     )
+    run.add_argument(
+        "--metrics-listen", default=env("SIDEKEY_METRICS_LISTEN", "off"), metavar="HOST:PORT|off",
+        help="a listener serving only /metrics, /healthz and /readyz without a token, for Prometheus and "
+        "probes (e.g. the pod's address:9091) [$SIDEKEY_METRICS_LISTEN]",
+    )  # fmt: skip
+    run.add_argument(
+        "--admin-require-token", action="store_true", default=_truthy(env("SIDEKEY_ADMIN_REQUIRE_TOKEN")),
+        help="require SIDEKEY_ADMIN_TOKEN on the admin API even on loopback; on by itself inside a Kubernetes "
+        "pod, whose containers share the loopback [$SIDEKEY_ADMIN_REQUIRE_TOKEN]",
+    )  # fmt: skip
     run.add_argument(
         "--audit", default=env("SIDEKEY_AUDIT"), metavar="PATH|-",
         help="audit log: one JSON line per request to PATH (rotated) or - for stdout [$SIDEKEY_AUDIT]",
@@ -366,9 +385,21 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
         except argparse.ArgumentTypeError:
             raise startup.BadAddress(flag="--admin", alternative=" or off", port=9090) from None
         try:
-            admin = AdminServer(engine, metrics, host=host, port=port, token=os.environ.get("SIDEKEY_ADMIN_TOKEN"))
+            admin = AdminServer(
+                engine, metrics, host=host, port=port, token=os.environ.get("SIDEKEY_ADMIN_TOKEN") or None,
+                require_token=args.admin_require_token or in_pod(),
+            )  # fmt: skip
         except AdminConfigError:
+            if args.admin_require_token or in_pod():
+                raise startup.PodAdminNeedsToken() from None
             raise startup.AdminNeedsToken(host=host) from None
+    scrape = None
+    if args.metrics_listen != "off":
+        try:
+            metrics_host, metrics_port = _listen(args.metrics_listen)
+        except argparse.ArgumentTypeError:
+            raise startup.BadAddress(flag="--metrics-listen", alternative=" or off", port=9091) from None
+        scrape = AdminServer.metrics_only(engine, metrics, host=metrics_host, port=metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -381,11 +412,13 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    admin_address = await startup.start_listeners(engine, admin)
+    admin_address, metrics_address = await startup.start_listeners(engine, admin, scrape)
     log.info("policy %s (via %s); CA in %s", location.path, location.found_by, certs)
     await engine.announce()
     if admin_address is not None:
         log.info("admin listening on %s:%d", *admin_address)
+    if metrics_address is not None:
+        log.info("metrics listening on %s:%d", *metrics_address)
     watcher = PolicyWatcher(policy.source, engine.reload_from_file, interval=args.watch_interval)
     if args.watch_interval > 0:
         await watcher.start()
@@ -393,8 +426,9 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     log.info("draining (grace %.0fs, %d in flight)", args.grace, engine.in_flight)
     await watcher.stop()
     await engine.shutdown(args.grace)
-    if admin is not None:
-        await admin.close()
+    for server in (admin, scrape):
+        if server is not None:
+            await server.close()
     return 0
 
 

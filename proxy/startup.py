@@ -58,6 +58,13 @@ class AdminNeedsToken(StartupError):
     )
 
 
+class PodAdminNeedsToken(StartupError):
+    template = (
+        "inside a pod the admin API requires a token even on loopback (the app containers share it):"
+        " set SIDEKEY_ADMIN_TOKEN, or --admin off"
+    )
+
+
 class BadLogLevel(StartupError):
     template = "--log-level (or $SIDEKEY_LOG_LEVEL): expected one of " + ", ".join(LOG_LEVELS)
 
@@ -150,25 +157,35 @@ def listener_failure(err: OSError, host: str, port: int, flag: str) -> StartupEr
     return ListenerRefused(host=host, port=port, reason=reason, flag=flag)
 
 
-async def start_listeners(engine: Sidekey, admin: AdminServer | None) -> tuple[str, int] | None:
-    """Prepare the engine, bind its listener, then the admin one, announcing
-    neither: the caller announces once both are bound, so addons never see
-    ``running`` and no "listening" line appears for a sidekey that is about
-    to exit. On any failure what was bound is closed again and the error
-    propagates (a listener's OSError as a one-line StartupError naming the
-    flag to change). Returns the admin listener's address."""
+async def start_listeners(
+    engine: Sidekey, admin: AdminServer | None, scrape: AdminServer | None = None
+) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+    """Prepare the engine, bind its listener, then the admin one and the
+    metrics one, announcing none: the caller announces once all are bound, so
+    addons never see ``running`` and no "listening" line appears for a sidekey
+    that is about to exit. On any failure what was bound is closed again and
+    the error propagates (a listener's OSError as a one-line StartupError
+    naming the flag to change). Returns the admin and metrics addresses."""
+    started: list[AdminServer] = []
     try:
         await engine.prepare()
         try:
             await engine.bind()
         except OSError as err:
             raise listener_failure(err, *engine.listen, "--listen") from None
-        if admin is None:
-            return None
-        try:
-            return await admin.start()
-        except OSError as err:
-            raise listener_failure(err, admin.host, admin.port, "--admin") from None
+        addresses: list[tuple[str, int] | None] = []
+        for server, flag in ((admin, "--admin"), (scrape, "--metrics-listen")):
+            if server is None:
+                addresses.append(None)
+                continue
+            try:
+                addresses.append(await server.start())
+            except OSError as err:
+                raise listener_failure(err, server.host, server.port, flag) from None
+            started.append(server)
+        return addresses[0], addresses[1]
     except BaseException:
+        for server in started:
+            await server.close()
         await engine.close_unstarted()
         raise

@@ -36,7 +36,9 @@ class SidekeyProcess:
         self.policy_path.write_text(policy_yaml)
         self.certs = workdir / "certs"
         self.log_path = workdir / "sidekey.log"
-        self.env = {**os.environ, **dict(env)}
+        # Pod mode (the admin token required on loopback) only where a test asks for it.
+        inherited = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+        self.env = {**inherited, **dict(env)}
         self.env.pop("HTTPS_PROXY", None)
         self.env.pop("https_proxy", None)
         self.args = args
