@@ -253,7 +253,12 @@ class _Builder:
         retry = self.opt(f, field, "retry", partial(groups.retry, self), RetryPolicy(), null_ok=True)
         circuit = self.opt(f, field, "circuit", partial(groups.circuit, self), CircuitPolicy(), null_ok=True)
         sse_error = self.opt(f, field, "sse_error_event", self.flag, False)
-        targets = self.opt(f, field, "upstreams", partial(groups.targets, self), _NO_TARGETS, null_ok=True)
+        # auth.secret is the members' default: required unless every member names its own.
+        no_default = auth is not None and auth.type != "none" and auth.secret is None
+        read_targets = partial(groups.targets, self, need_secret=no_default)
+        targets = self.opt(f, field, "upstreams", read_targets, _NO_TARGETS, null_ok=True)
+        if no_default and r.is_null(f.get("upstreams")):
+            r.problem(f["auth"], f"{field}.auth.secret", "required: env:NAME or file:PATH (or one on every upstream)")
         if targets and auth is not None and auth.type == "none" and any(t.secret for t in targets):
             self.r.problem(f["upstreams"], f"{field}.upstreams", "a secret needs an auth type other than none")
         balance: Balance = self.opt(f, field, "balance", partial(groups.balance, self), "weighted")
@@ -335,11 +340,8 @@ class _Builder:
                 r.problem(node, f"{field}.{key}", f"required for type {kind}: {what}")
             return self.opt(f, field, key, read, "")
 
-        secret = None
-        if kind != "none":
-            if "secret" not in f:
-                r.problem(node, f"{field}.secret", "required: env:NAME or file:PATH")
-            secret = self.opt(f, field, "secret", r.secret, None)
+        # A missing secret is checked by the provider, which knows its upstreams.
+        secret = self.opt(f, field, "secret", r.secret, None) if kind != "none" else None
         header, prefix, username, param = "authorization", "", "", ""
         if kind == "header":
             header = need("header", r.credential_header, "a header name") or header
