@@ -136,7 +136,12 @@ def cmd_check(path: str, against: str | None = None) -> int:
     policy = load_or_report(path)
     if policy is None:
         return 2
-    print(f"{path}: ok, version {policy.version}, {len(policy.providers)} providers, unmatched: {policy.unmatched}")
+    from proxy.policy import SCHEMA_VERSION
+
+    print(
+        f"{path}: ok, schema version {SCHEMA_VERSION}, content digest {policy.digest}, "
+        f"{len(policy.providers)} providers, unmatched: {policy.unmatched}"
+    )
     for p in policy.providers:
         source = p.auth.secret.source if p.auth.secret else "-"
         print(f"  {p.name}: {', '.join(p.hosts)} -> auth {p.auth.type} ({source})")
@@ -169,7 +174,8 @@ def print_diff(policy: Policy, admin_url: str) -> int:
         print(f"cannot read the running policy from {admin_url} ({type(err).__name__})", file=sys.stderr)
         return 2
     added, removed, changed = diff_providers(running["providers"], policy_view(policy)["providers"])
-    print(f"against {admin_url} (running version {running.get('version')}):")
+    digest = running.get("digest", running.get("version"))  # "version": its former name, still served
+    print(f"against {admin_url} (running content digest {digest}):")
     for name in added:
         print(f"  + {name}")
     for name in removed:

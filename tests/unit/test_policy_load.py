@@ -95,14 +95,14 @@ providers:
     assert p.tls == UpstreamTLS(ca_bundle=str(tmp_path / "ca.pem"), server_name="internal.example")
     assert p.pool == PoolLimits(max_connections=7, keepalive_timeout=15.0)
     assert policy.source == "p.yaml"
-    assert policy.version == hashlib.sha256(text.encode()).hexdigest()[:12]
+    assert policy.digest == hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def test_minimal_policy_has_defaults() -> None:
     policy = parse_policy("version: 1\n")
     assert policy.providers == () and policy.unmatched == "tunnel"
     assert policy.limits == ListenerLimits() and policy.allow_networks == () and policy.addons == ()
-    assert policy.source == "<memory>" and len(policy.version) == 12
+    assert policy.source == "<memory>" and len(policy.digest) == 12
 
 
 def test_minimal_provider_has_defaults() -> None:
@@ -488,7 +488,7 @@ def test_shipped_policy_loads() -> None:
     assert [p.name for p in policy.providers] == ["openai", "anthropic", "groq", "airtable", "nocodb", "databricks"]
     assert policy.unmatched == "tunnel"
     assert policy.source == str(path)
-    assert policy.version == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert policy.digest == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     by_name = {p.name: p for p in policy.providers}
     expected_auth = {
         "openai": ("bearer", "authorization", "OPENAI_API_KEY"),
