@@ -187,7 +187,7 @@ def test_file_secret_rotates_and_trims_newline(tmp_path: Path) -> None:
     path.unlink()
     store.refresh()
     assert store.get(ref) is None
-    assert "does not exist" in (store.problem(ref) or "")
+    assert store.problem(ref) == "is missing"
     assert SECRET not in repr(store)
 
 
