@@ -83,8 +83,10 @@ class CredentialInjector:
         return any(self.usable(provider, t) for t in targets)
 
     def usable(self, provider: Provider, target: Target) -> bool:
-        ref = provider.secret_of(target)
-        return provider.auth.type == "none" or ref is None or self.store.get(ref) is not None
+        if provider.auth.type == "none":
+            return True
+        ref = provider.secret_of(target)  # None only if built around the loader: no key, not served
+        return ref is not None and self.store.get(ref) is not None
 
     def request(self, flow: Flow) -> None:
         provider = flow.provider
@@ -105,10 +107,10 @@ class CredentialInjector:
         """Set the target's credential on one attempt; returns the URL (a query
         credential is appended to it). Raises CredentialUnavailable."""
         auth = provider.auth
-        ref = provider.secret_of(target)
-        if auth.type == "none" or ref is None:
+        if auth.type == "none":
             return url
-        secret = self.store.get(ref)
+        ref = provider.secret_of(target)
+        secret = self.store.get(ref) if ref is not None else None
         if secret is None:
             raise CredentialUnavailable(provider.name)
         if auth.type == "bearer":

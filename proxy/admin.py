@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.policy import Policy, Provider, Target
+from proxy.policy import SCHEMA_VERSION, Policy, Provider, Target
 from proxy.policy_load import PolicyError
 
 if TYPE_CHECKING:
@@ -107,7 +107,9 @@ def policy_view(policy: Policy) -> dict[str, Any]:
     """The active policy with every secret shown as its source only."""
     lim = policy.limits
     return {
-        "version": policy.version,
+        "digest": policy.digest,
+        "schema_version": SCHEMA_VERSION,
+        "version": policy.digest,  # the digest under its first name, kept for existing readers
         "source": policy.source,
         "unmatched": policy.unmatched,
         "limits": {f: getattr(lim, f) for f in lim.__dataclass_fields__},
@@ -178,7 +180,7 @@ class AdminServer:
     async def readyz(self, _request: web.Request) -> web.Response:
         server = self.engine.server
         ready = server is not None and server.is_serving() and not self.engine.draining
-        return web.json_response({"ready": ready, "policy": self.engine.policy.version}, status=200 if ready else 503)
+        return web.json_response({"ready": ready, "policy": self.engine.policy.digest}, status=200 if ready else 503)
 
     async def prometheus(self, _request: web.Request) -> web.Response:
         if self.metrics is None:
@@ -212,7 +214,7 @@ class AdminServer:
         return web.json_response(report)
 
     async def reload(self, _request: web.Request) -> web.Response:
-        before = self.engine.policy.version
+        before = self.engine.policy.digest
         try:
             policy = await self.engine.reload_from_file()
         except PolicyError as err:
@@ -222,4 +224,5 @@ class AdminServer:
             reason = f"an addon rejected the policy ({type(exc).__name__})"
             body = {"error": {"code": "policy_rejected", "message": reason}}
             return web.json_response(body, status=422)
-        return web.json_response({"version": policy.version, "changed": policy.version != before})
+        changed = policy.digest != before
+        return web.json_response({"digest": policy.digest, "version": policy.digest, "changed": changed})

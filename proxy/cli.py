@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--against", metavar="ADMIN_URL", help="diff against a running sidekey, e.g. http://127.0.0.1:9090"
     )
+    check.add_argument(
+        "--strict", action="store_true", help="secrets that are unset, missing or unreadable are errors (exit 1)"
+    )
 
     ca = sub.add_parser("ca", help="print the CA certificate path and how to trust it")
     ca.add_argument("--certs", metavar="DIR", help=_CERTS_HELP)
@@ -171,7 +174,7 @@ def dispatch(args: argparse.Namespace) -> int:
         print(init_cmd.init(args.dir, os.environ, Path.home()), end="")
         return 0
     if args.command == "check":
-        return cmd_check(args.policies, args.against)
+        return cmd_check(args.policies, args.against, strict=args.strict)
     if args.command == "ca":
         return cmd_ca(locate.ca_dir_for_ca_command(args.certs, os.environ, Path.home(), Path.is_file), args.bundle)
     if args.command == "dlq":
@@ -197,22 +200,37 @@ def load_or_report(path: str) -> Policy | None:
     return None
 
 
-def cmd_check(path: str, against: str | None = None) -> int:
+def cmd_check(path: str, against: str | None = None, *, strict: bool = False) -> int:
+    """Exit 2: the file is invalid. Exit 1 (``strict``): a secret it names
+    cannot be read here; without ``strict`` that is a warning and exit 0."""
+    from proxy.policy import SCHEMA_VERSION
+    from proxy.secrets import read_secret, secret_uses
+
     policy = load_or_report(path)
     if policy is None:
         return 2
-    print(f"{path}: ok, version {policy.version}, {len(policy.providers)} providers, unmatched: {policy.unmatched}")
+    print(
+        f"{path}: ok, schema version {SCHEMA_VERSION}, content digest {policy.digest}, "
+        f"{len(policy.providers)} providers, unmatched: {policy.unmatched}"
+    )
     for p in policy.providers:
-        source = p.auth.secret.source if p.auth.secret else "-"
+        default = p.secret_of(p.targets[0]) if len(p.targets) == 1 else p.auth.secret
+        source = default.source if default else "-"
         print(f"  {p.name}: {', '.join(p.hosts)} -> auth {p.auth.type} ({source})")
         if len(p.targets) > 1:
             members = ", ".join(f"{t.name} ({t.secret.source if t.secret else source})" for t in p.targets)
             print(f"    upstreams ({p.balance}): {members}")
         if p.fallbacks:
             print(f"    fallbacks: {', '.join(fb.provider for fb in p.fallbacks)}")
+    # The source and the problem only: the value, when there is one, stays here.
+    level = "error" if strict else "warning"
+    unreadable = [(who, ref, problem) for who, ref in secret_uses(policy) if (problem := read_secret(ref)[1])]
+    for who, ref, problem in unreadable:
+        print(f"{path}: {level}: {who}: {ref.source} {problem}", file=sys.stderr)
+    status = 1 if strict and unreadable else 0
     if against:
-        return print_diff(policy, against)
-    return 0
+        return print_diff(policy, against) or status
+    return status
 
 
 def print_diff(policy: Policy, admin_url: str) -> int:
@@ -234,7 +252,8 @@ def print_diff(policy: Policy, admin_url: str) -> int:
         print(f"cannot read the running policy from {admin_url} ({type(err).__name__})", file=sys.stderr)
         return 2
     added, removed, changed = diff_providers(running["providers"], policy_view(policy)["providers"])
-    print(f"against {admin_url} (running version {running.get('version')}):")
+    digest = running.get("digest", running.get("version"))  # "version": its former name, still served
+    print(f"against {admin_url} (running content digest {digest}):")
     for name in added:
         print(f"  + {name}")
     for name in removed:

@@ -220,21 +220,21 @@ class Sidekey:
         async with self._reload_lock:
             try:
                 policy = await asyncio.to_thread(load_policy, self.policy.source)
-                if policy.version == self.policy.version:
+                if policy.digest == self.policy.digest:
                     self.reloads["unchanged"] += 1
                     return self.policy
                 await self.reload(policy)
             except PolicyError as err:
                 self.reloads["failed"] += 1
-                log.error("policy reload rejected, keeping version %s:\n%s", self.policy.version, err)
+                log.error("policy reload rejected, keeping digest %s:\n%s", self.policy.digest, err)
                 raise
             except Exception as exc:
                 self.reloads["failed"] += 1
-                log.error("policy reload rejected by an addon, keeping version %s: %s", self.policy.version,
+                log.error("policy reload rejected by an addon, keeping digest %s: %s", self.policy.digest,
                           errors.describe(exc))
                 raise
             self.reloads["ok"] += 1
-            log.info("policy reloaded: version %s, %d providers", policy.version, len(policy.providers))
+            log.info("policy reloaded: digest %s, %d providers", policy.digest, len(policy.providers))
             return policy
 
     def secret_available(self, provider: object) -> bool | None:

@@ -18,6 +18,8 @@ Balance = Literal["weighted", "least_in_flight", "latency"]
 UnmatchedMode = Literal["tunnel", "deny"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+SCHEMA_VERSION = 1  # the `version:` a policy file declares; the only one understood
+
 # Headers a caller may use to carry a credential of its own. All are removed
 # from every request to a matched provider before the real one is set.
 CALLER_CREDENTIAL_HEADERS: tuple[str, ...] = (
@@ -240,7 +242,9 @@ class Policy:
     caller_header: str | None = None  # names the caller (shared deployments); else Proxy-Authorization's user
     prices: tuple[tuple[str, Price], ...] = ()  # overrides of the shipped price table
     source: str = "<memory>"
-    version: str = ""  # sha256 of the file's bytes, first 12 hex digits
+    # sha256 of the file's bytes, first 12 hex digits: tells one edit from another
+    # (not the schema's ``version:``, which is always SCHEMA_VERSION)
+    digest: str = ""
     matcher: HostMatcher = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ in a field path; a key that does not look like a name is shown by position.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -83,13 +84,14 @@ def parse_size(text: str) -> int | None:
     return value if value >= 1 else None
 
 
-def parse_duration(text: str) -> float | None:
-    """``10``, ``2.5``, ``"500ms"``, ``"10s"``, ``"2m"``, ``"1h"`` -> seconds; None unless > 0."""
+def parse_duration(text: str, *, zero_ok: bool = False) -> float | None:
+    """``10``, ``2.5``, ``"500ms"``, ``"10s"``, ``"2m"``, ``"1h"`` -> seconds; None unless > 0
+    (or >= 0 with ``zero_ok``: ``0``, ``0.0``, ``"0s"`` and ``"0ms"`` alike)."""
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         return None
     value = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
-    return value if value > 0 else None
+    return value if value > 0 or (zero_ok and value == 0) else None
 
 
 def check_host(value: str, *, wildcard: bool) -> str | None:
@@ -113,6 +115,13 @@ def check_host(value: str, *, wildcard: bool) -> str | None:
         if star:  # "*.10.0.0.1" has no meaning
             return None
     return f"*.{name}" if star else name
+
+
+def suggest(key: str, allowed: frozenset[str]) -> str:
+    """The nearest valid name (a name from the schema, never the key itself),
+    else the whole list."""
+    near = difflib.get_close_matches(key, sorted(allowed), n=1)
+    return f"did you mean {near[0]}?" if near else f"expected one of: {', '.join(sorted(allowed))}"
 
 
 # -- text to nodes --------------------------------------------------------------
@@ -226,8 +235,7 @@ class Reader:
             if key in allowed:
                 out[key] = value_node
             else:
-                expected = ", ".join(sorted(allowed))
-                self.problem(key_node, join(field, label), f"unknown field (expected one of: {expected})")
+                self.problem(key_node, join(field, label), f"unknown field ({suggest(key, allowed)})")
         return out
 
     def seq(self, node: yaml.Node, field: str) -> list[yaml.Node]:
@@ -278,10 +286,11 @@ class Reader:
             raise self.problem(node, field, "expected a size >= 1 byte, e.g. 65536, 64KiB, 500KB, 2GiB")
         return value
 
-    def duration(self, node: yaml.Node, field: str) -> float:
-        value = parse_duration(self.scalar(node, field, "a duration"))
+    def duration(self, node: yaml.Node, field: str, *, zero_ok: bool = False) -> float:
+        value = parse_duration(self.scalar(node, field, "a duration"), zero_ok=zero_ok)
         if value is None:
-            raise self.problem(node, field, "expected a duration > 0 in seconds, e.g. 10, 2.5, 500ms, 10s, 2m")
+            bound = ">= 0" if zero_ok else "> 0"
+            raise self.problem(node, field, f"expected a duration {bound} in seconds, e.g. 10, 2.5, 500ms, 10s, 2m")
         return value
 
     def host(self, node: yaml.Node, field: str, *, wildcard: bool = False) -> str:

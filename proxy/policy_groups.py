@@ -33,9 +33,10 @@ _METHOD = re.compile(r"[A-Z]{1,16}")
 _MODEL = re.compile(r"[A-Za-z0-9*][A-Za-z0-9_.:/@+-]{0,127}")
 
 
-def targets(b: _Builder, node: yaml.Node, field: str) -> tuple[Target, ...]:
-    """``upstreams:``, a list of members; names unique within the provider."""
-    out = b.each(node, field, partial(_target, b))
+def targets(b: _Builder, node: yaml.Node, field: str, *, need_secret: bool = False) -> tuple[Target, ...]:
+    """``upstreams:``, a list of members; names unique within the provider.
+    ``need_secret``: there is no ``auth.secret`` default, so each member needs its own."""
+    out = b.each(node, field, partial(_target, b, need_secret=need_secret))
     if not out and not b.r.is_null(node):
         b.r.problem(node, field, "expected at least one upstream")
     seen: set[str] = set()
@@ -46,9 +47,11 @@ def targets(b: _Builder, node: yaml.Node, field: str) -> tuple[Target, ...]:
     return out
 
 
-def _target(b: _Builder, node: yaml.Node, field: str) -> Target:
+def _target(b: _Builder, node: yaml.Node, field: str, *, need_secret: bool) -> Target:
     r = b.r
     f = r.mapping(node, field, TARGET)
+    if need_secret and "secret" not in f:
+        r.problem(node, f"{field}.secret", "required: env:NAME or file:PATH (auth.secret gives no default)")
     if "name" not in f:
         raise r.problem(node, f"{field}.name", "required: a name for this upstream (shown in headers and metrics)")
     name = r.scalar(f["name"], f"{field}.name", "a name")

@@ -30,6 +30,7 @@ from proxy import policy_groups as groups
 from proxy import policy_limits as quotas
 from proxy.policy import (
     CALLER_CREDENTIAL_HEADERS,
+    SCHEMA_VERSION,
     Auth,
     AuthType,
     Balance,
@@ -123,7 +124,7 @@ def load_policy(path: str | Path) -> Policy:
 
 def parse_policy(text: str | bytes, source: str = "<memory>", base_dir: Path | None = None) -> Policy:
     """Parse policy text; relative paths resolve against ``base_dir`` (default: cwd).
-    ``Policy.version`` is the first 12 hex digits of the sha256 of the bytes."""
+    ``Policy.digest`` is the first 12 hex digits of the sha256 of the bytes."""
     raw = text.encode("utf-8") if isinstance(text, str) else text
     reader = Reader(source, os.path.abspath(base_dir) if base_dir is not None else "")
     root = compose(raw, reader)
@@ -138,10 +139,10 @@ def parse_policy(text: str | bytes, source: str = "<memory>", base_dir: Path | N
 class _Builder:
     """Walks the node tree; each method reads one mapping of the schema."""
 
-    def __init__(self, reader: Reader, source: str, version: str) -> None:
+    def __init__(self, reader: Reader, source: str, digest: str) -> None:
         self.r = reader
         self.source = source
-        self.version = version
+        self.digest = digest
         self.hosts_seen: dict[str, tuple[str, int]] = {}  # pattern -> (provider, line)
 
     def opt(self, fields: Fields, prefix: str, key: str, read: Read[T], default: T, *, null_ok: bool = False) -> T:
@@ -181,8 +182,8 @@ class _Builder:
         top = r.mapping(root, "", TOP)
         if "version" not in top:
             r.problem(root, "version", "required (version: 1)")
-        elif self.opt(top, "", "version", r.integer, 1) != 1:
-            r.problem(top["version"], "version", "unsupported version (expected 1)")
+        elif self.opt(top, "", "version", r.integer, SCHEMA_VERSION) != SCHEMA_VERSION:
+            r.problem(top["version"], "version", f"unsupported version (expected {SCHEMA_VERSION})")
         choice = self.opt(top, "", "unmatched", lambda n, f: r.choice(n, f, ("tunnel", "deny")), "tunnel")
         unmatched: UnmatchedMode = "deny" if choice == "deny" else "tunnel"
         policy = Policy(
@@ -196,7 +197,7 @@ class _Builder:
             caller_header=self.opt(top, "", "callers", partial(quotas.callers, self), None, null_ok=True),
             prices=self.opt(top, "", "prices", partial(quotas.prices, self), (), null_ok=True),
             source=self.source,
-            version=self.version,
+            digest=self.digest,
         )
         groups.check_references(self, policy)
         return policy
@@ -253,7 +254,12 @@ class _Builder:
         retry = self.opt(f, field, "retry", partial(groups.retry, self), RetryPolicy(), null_ok=True)
         circuit = self.opt(f, field, "circuit", partial(groups.circuit, self), CircuitPolicy(), null_ok=True)
         sse_error = self.opt(f, field, "sse_error_event", self.flag, False)
-        targets = self.opt(f, field, "upstreams", partial(groups.targets, self), _NO_TARGETS, null_ok=True)
+        # auth.secret is the members' default: required unless every member names its own.
+        no_default = auth is not None and auth.type != "none" and auth.secret is None
+        read_targets = partial(groups.targets, self, need_secret=no_default)
+        targets = self.opt(f, field, "upstreams", read_targets, _NO_TARGETS, null_ok=True)
+        if no_default and r.is_null(f.get("upstreams")):
+            r.problem(f["auth"], f"{field}.auth.secret", "required: env:NAME or file:PATH (or one on every upstream)")
         if targets and auth is not None and auth.type == "none" and any(t.secret for t in targets):
             self.r.problem(f["upstreams"], f"{field}.upstreams", "a secret needs an auth type other than none")
         balance: Balance = self.opt(f, field, "balance", partial(groups.balance, self), "weighted")
@@ -335,11 +341,8 @@ class _Builder:
                 r.problem(node, f"{field}.{key}", f"required for type {kind}: {what}")
             return self.opt(f, field, key, read, "")
 
-        secret = None
-        if kind != "none":
-            if "secret" not in f:
-                r.problem(node, f"{field}.secret", "required: env:NAME or file:PATH")
-            secret = self.opt(f, field, "secret", r.secret, None)
+        # A missing secret is checked by the provider, which knows its upstreams.
+        secret = self.opt(f, field, "secret", r.secret, None) if kind != "none" else None
         header, prefix, username, param = "authorization", "", "", ""
         if kind == "header":
             header = need("header", r.credential_header, "a header name") or header

@@ -6,6 +6,10 @@ Checks run off the event loop in ``refresh()``; the request path only reads
 a dict. Values are validated for use in a header: a secret with CR, LF or
 other control characters is treated as unavailable (and said so by source,
 never by value).
+
+``read_secret`` is the one reader of a secret's value: the store, the Redis
+URL and alerts webhook (``proxy.shared.resolve_ref``) and ``sidekey check``
+all go through it, so they agree on what "missing" and "unusable" mean.
 """
 
 from __future__ import annotations
@@ -13,14 +17,68 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
-from proxy.policy import SecretRef
+from proxy.policy import Policy, SecretRef
 
 log = logging.getLogger("sidekey.secrets")
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_SECRET_BYTES = 16384
+
+
+def read_secret(ref: SecretRef, environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """``(value, None)``, or ``(None, problem)`` where the problem reads after
+    the source (``env:KEY`` "is not set", ``file:/x`` "is missing"); never
+    the value. Blocking for ``file:``: call it off the event loop."""
+    if ref.kind == "env":
+        return _clean((os.environ if environ is None else environ).get(ref.ref), "is not set")
+    try:
+        with open(ref.ref, encoding="utf-8") as f:
+            if os.fstat(f.fileno()).st_size > MAX_SECRET_BYTES:
+                return None, "is too large to be a credential"
+            raw = f.read(MAX_SECRET_BYTES + 1)
+    except FileNotFoundError:
+        return None, "is missing"
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"is unreadable ({type(exc).__name__})"
+    return _clean(raw, "is empty")
+
+
+def _clean(raw: str | None, missing: str) -> tuple[str | None, str | None]:
+    if raw is None:
+        return None, missing
+    value = raw.strip()  # a trailing newline is the norm in mounted files
+    if not value:
+        return None, "is empty"
+    if _UNSAFE.search(value):
+        return None, "contains control characters (refused: header injection)"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return None, "contains characters that cannot go in an HTTP header"
+    return value, None
+
+
+def secret_uses(policy: Policy) -> Iterator[tuple[str, SecretRef]]:
+    """Every secret the policy reads, each with who reads it (``provider
+    openai``, ``provider openai, upstream key-b``, ``redis.url``,
+    ``alerts.webhook``), each pair once, in file order. A provider's
+    ``auth.secret`` is named only when some member falls back to it."""
+    seen: set[tuple[str, SecretRef]] = set()
+    for p in policy.providers:
+        if p.auth.type == "none":
+            continue
+        for t in p.targets:
+            ref = p.secret_of(t)
+            who = f"provider {p.name}" if t.secret is None else f"provider {p.name}, upstream {t.name}"
+            if ref is not None and (who, ref) not in seen:
+                seen.add((who, ref))
+                yield who, ref
+    if policy.redis is not None and isinstance(policy.redis.url, SecretRef):
+        yield "redis.url", policy.redis.url
+    if policy.alerts is not None and isinstance(policy.alerts.webhook, SecretRef):
+        yield "alerts.webhook", policy.alerts.webhook
 
 
 class SecretStore:
@@ -47,12 +105,15 @@ class SecretStore:
         changed: list[SecretRef] = []
         for ref in self.refs:
             before = self._values.get(ref)
-            if ref.kind == "env":
-                value, problem = self._clean(self._environ.get(ref.ref), "is not set")
+            stamp = _stamp(ref.ref) if ref.kind == "file" else None
+            if stamp is not None and ref in self._values and self._file_stamp.get(ref.ref) == stamp:
+                continue  # unchanged file: not re-read
+            value, problem = read_secret(ref, self._environ)
+            if stamp is not None and value is not None:
+                # Taken before the read: a file replaced in between is read again next time.
+                self._file_stamp[ref.ref] = stamp
             else:
-                value, problem = self._read_file(ref)
-                if problem is None and value is None:
-                    continue  # unchanged file
+                self._file_stamp.pop(ref.ref, None)
             self._set(ref, value, problem)
             if self._values.get(ref) != before:
                 changed.append(ref)
@@ -70,42 +131,17 @@ class SecretStore:
             self._values[ref] = value
             self._problems.pop(ref, None)
 
-    def _read_file(self, ref: SecretRef) -> tuple[str | None, str | None]:
-        try:
-            st = os.stat(ref.ref)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if self._file_stamp.get(ref.ref) == stamp and ref in self._values:
-                return None, None
-            if st.st_size > MAX_SECRET_BYTES:
-                return None, "is too large to be a credential"
-            with open(ref.ref, encoding="utf-8") as f:
-                raw = f.read()
-            self._file_stamp[ref.ref] = stamp
-        except FileNotFoundError:
-            self._file_stamp.pop(ref.ref, None)
-            return None, "file does not exist"
-        except (OSError, UnicodeDecodeError) as exc:
-            self._file_stamp.pop(ref.ref, None)
-            return None, f"file cannot be read ({type(exc).__name__})"
-        return self._clean(raw, "file is empty")
-
-    @staticmethod
-    def _clean(raw: str | None, missing: str) -> tuple[str | None, str | None]:
-        if raw is None:
-            return None, missing
-        value = raw.strip()  # a trailing newline is the norm in mounted files
-        if not value:
-            return None, "is empty"
-        if _UNSAFE.search(value):
-            return None, "contains control characters (refused: header injection)"
-        try:
-            value.encode("latin-1")
-        except UnicodeEncodeError:
-            return None, "contains characters that cannot go in an HTTP header"
-        return value, None
-
     def statistics(self) -> dict[str, int]:
         return {"watched": len(self.refs), "available": len(self._values), "unavailable": len(self._problems)}
 
     def __repr__(self) -> str:  # never values
         return f"SecretStore(watched={len(self.refs)}, available={len(self._values)})"
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    """What tells a changed file from the same one (a Kubernetes update swaps the inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -8,29 +8,20 @@ source (``env:REDIS_URL``) or the words "the policy's redis.url" are.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from proxy.policy import SecretRef
+from proxy.secrets import read_secret
 
 
 def resolve_ref(ref: str | SecretRef) -> str | None:
     """A value given in the policy as is, or read from ``env:NAME`` / ``file:PATH``
-    (blocking for file:); None when missing or empty."""
+    (blocking for file:); None when missing, empty or unusable (see ``read_secret``)."""
     if not isinstance(ref, SecretRef):
         return ref
-    if ref.kind == "env":
-        value = os.environ.get(ref.ref)
-    else:
-        try:
-            value = Path(ref.ref).read_text().strip()
-        except OSError:
-            value = None
-    return value or None
+    return read_secret(ref)[0]
 
 
 def connect(url: str, timeout: float, max_connections: int = 64) -> Redis:

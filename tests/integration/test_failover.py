@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -152,3 +153,41 @@ def test_model_without_a_mapping_does_not_fail_over(
     result = curl(proxy, "-i", "-H", "content-type: application/json", "-d", body, "https://pool.test/v1/chat/completions")
     assert result.stdout.startswith("HTTP/1.1 502") and '"upstream_connect_error"' in result.stdout
     assert not groq.received
+
+
+def test_members_with_own_keys_need_no_provider_secret(start_sidekey: object, fake: FakeProviderThread) -> None:
+    """auth.secret left out: each member injects its own key for traffic, for
+    a retry on the next key and for active health checks."""
+    import httpx
+
+    own_keys = f"""\
+  pooled:
+    hosts: [pool.test]
+    upstream: https://localhost:{fake.port}
+    auth: {{type: bearer}}
+    tls: {{ca_bundle: {fake.ca_pem_path}}}
+    upstreams:
+      - {{name: key-a, secret: env:POOL_KEY_A, priority: 0}}
+      - {{name: key-b, secret: env:POOL_KEY_B, priority: 1}}
+    health_check: {{path: /v1/models, interval: 200ms, timeout: 2s}}
+    retry: {{attempts: 2, backoff_base: 10ms, backoff_cap: 50ms, deadline: 10s}}
+"""
+    proxy = start_sidekey(policy_for(fake, extra=own_keys), env=ENV)  # type: ignore[operator]
+    headers, text = chat(proxy)
+    assert text and headers["x-sidekey-upstream"] == "key-a"
+    fake.provider.throttled_keys.add(KEY_A)
+    headers, text = chat(proxy)
+    assert text and (headers["x-sidekey-upstream"], headers["x-sidekey-attempts"]) == ("key-b", "2")
+    chats = [r.header("authorization") for r in fake.received if r.path == "/v1/chat/completions"]
+    assert chats == [f"Bearer {KEY_A}", f"Bearer {KEY_A}", f"Bearer {KEY_B}"]
+    deadline = time.monotonic() + 20
+    while {f"Bearer {KEY_A}", f"Bearer {KEY_B}"} - {
+        r.header("authorization") for r in fake.received if r.path == "/v1/models"
+    }:
+        assert time.monotonic() < deadline, "each member is health-checked with its own key"
+        time.sleep(0.05)
+    view = httpx.get(proxy.admin_url + "/providers", trust_env=False).json()  # type: ignore[attr-defined]
+    pooled = next(p for p in view["providers"] if p["name"] == "pooled")
+    assert pooled["auth"]["secret"] is None and pooled["secret_available"] is True
+    assert [u["secret"] for u in pooled["upstreams"]] == ["env:POOL_KEY_A", "env:POOL_KEY_B"]
+    assert OPENAI_KEY not in fake.headers_seen("authorization")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -77,7 +78,9 @@ def test_providers_show_secret_sources_never_values(sidekey: SidekeyProcess) -> 
     assert providers["openai"]["auth"] == {"type": "bearer", "secret": "env:OPENAI_API_KEY"}
     assert providers["openai"]["secret_available"] is True
     policy = admin_get(sidekey, "/policy").json()
-    assert policy["version"] and "loaded_at" in policy
+    digest = hashlib.sha256(sidekey.policy_path.read_bytes()).hexdigest()[:12]
+    assert (policy["digest"], policy["schema_version"], policy["version"]) == (digest, 1, digest)  # "version": old name
+    assert "loaded_at" in policy
     assert_no_secret(json.dumps(policy))
 
 
@@ -151,7 +154,8 @@ def test_reload_under_load_loses_no_request(sidekey: SidekeyProcess, fake: FakeP
     base = policy_for(fake)
     for i in range(10):  # ten reloads, each a real change (a new comment changes the version)
         sidekey.policy_path.write_text(base + f"# reload {i}\n")
-        httpx.post(sidekey.admin_url + "/policy/reload", trust_env=False).raise_for_status()
+        answer = httpx.post(sidekey.admin_url + "/policy/reload", trust_env=False).raise_for_status().json()
+        assert answer["digest"] == hashlib.sha256(sidekey.policy_path.read_bytes()).hexdigest()[:12]
         time.sleep(0.1)
     done.set()
     for w in workers:
@@ -159,6 +163,7 @@ def test_reload_under_load_loses_no_request(sidekey: SidekeyProcess, fake: FakeP
     assert count[0] > 50 and failures == []
     got = samples(sidekey)
     assert got[("sidekey_policy_reloads_total", (("result", "ok"),))] >= 10
+    assert f"policy reloaded: digest {answer['digest']}, " in sidekey.log()
     assert not any(s in sidekey.log() for s in SECRETS)
 
 
@@ -173,6 +178,8 @@ def test_check_against_a_running_sidekey(sidekey: SidekeyProcess, fake: FakeProv
     lines = result.stdout.splitlines()
     assert "  + renamed" in lines and "  - querykey" in lines
     assert "  ~ openai (timeouts)" in lines
+    running = hashlib.sha256(sidekey.policy_path.read_bytes()).hexdigest()[:12]
+    assert f"against {sidekey.admin_url} (running content digest {running}):" in lines
     assert "anthropic (" not in result.stdout
 
 

@@ -18,7 +18,7 @@ from addons.limits import Limits
 from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
 from addons.usage import UsageMeter
-from proxy.errors import AddonFailed
+from proxy.errors import AddonFailed, CredentialUnavailable
 from proxy.flow import Flow, Response
 from proxy.hooks import AddonManager
 from proxy.policy import Auth, Policy, SecretRef, Target
@@ -110,6 +110,26 @@ async def test_each_member_of_a_key_pool_gets_its_own_key() -> None:
     assert flow.response is not None and flow.response.status == 503
 
 
+@pytest.mark.asyncio
+async def test_members_own_keys_without_a_provider_default() -> None:
+    pool = (Target("a", secret=SecretRef("env", "KA")), Target("b", secret=SecretRef("env", "KB")))
+    provider = dataclasses.replace(make_provider(auth=Auth("bearer", None)), targets=pool)
+    addon = await injector_with({"KA": "key-a"}, provider)
+    headers: CIMultiDict[str] = CIMultiDict()
+    addon.inject(headers, "https://h/", provider, pool[0])
+    assert headers["authorization"] == "Bearer key-a"
+    assert [addon.usable(provider, t) for t in pool] == [True, False]
+    with pytest.raises(CredentialUnavailable):
+        addon.inject(CIMultiDict(), "https://h/", provider, pool[1])
+    # A member with no key at all (a Provider built around the loader) is not
+    # served: the request must not go out with no credential.
+    bare = dataclasses.replace(provider, targets=(Target("a"),))
+    addon.request(flow := make_flow(bare))
+    assert flow.response is not None and flow.response.status == 503
+    with pytest.raises(CredentialUnavailable):
+        addon.inject(CIMultiDict(), "https://h/", bare, bare.targets[0])
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
@@ -167,7 +187,7 @@ def test_file_secret_rotates_and_trims_newline(tmp_path: Path) -> None:
     path.unlink()
     store.refresh()
     assert store.get(ref) is None
-    assert "does not exist" in (store.problem(ref) or "")
+    assert store.problem(ref) == "is missing"
     assert SECRET not in repr(store)
 
 

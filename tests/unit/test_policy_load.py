@@ -95,14 +95,14 @@ providers:
     assert p.tls == UpstreamTLS(ca_bundle=str(tmp_path / "ca.pem"), server_name="internal.example")
     assert p.pool == PoolLimits(max_connections=7, keepalive_timeout=15.0)
     assert policy.source == "p.yaml"
-    assert policy.version == hashlib.sha256(text.encode()).hexdigest()[:12]
+    assert policy.digest == hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def test_minimal_policy_has_defaults() -> None:
     policy = parse_policy("version: 1\n")
     assert policy.providers == () and policy.unmatched == "tunnel"
     assert policy.limits == ListenerLimits() and policy.allow_networks == () and policy.addons == ()
-    assert policy.source == "<memory>" and len(policy.version) == 12
+    assert policy.source == "<memory>" and len(policy.digest) == 12
 
 
 def test_minimal_provider_has_defaults() -> None:
@@ -302,11 +302,22 @@ NONE = "auth: {type: none}"
         (provider(A, NONE, "timeouts: {connect: 0}"), 6, "providers.p.timeouts.connect", "expected a duration > 0"),
         (provider(A, NONE, "timeouts: {connect: soon}"), 6, "providers.p.timeouts.connect", "expected a duration"),
         (provider(A, NONE, "timeouts: {write: 1}"), 6, "providers.p.timeouts.write", "unknown field (expected one of: connect, read)"),
+        # a near miss names the field meant: a name from the schema, never the value
+        (provider(A, NONE, f"timeout: {{read: {SECRET}}}"), 6, "providers.p.timeout", "unknown field (did you mean timeouts?)"),
+        (provider(A, NONE, "timeouts: {conect: 1}"), 6, "providers.p.timeouts.conect", "unknown field (did you mean connect?)"),
+        (provider(A, "auth: {type: bearer, secrets: env:K}"), 5, "providers.p.auth.secrets", "unknown field (did you mean secret?)"),
+        (provider(A, NONE, "upstreams: [{name: a, sekret: env:K}]"), 6, "providers.p.upstreams[0].sekret", "unknown field (did you mean secret?)"),
+        (provider(A, NONE, "limits: {requests_per_minutes: 5}"), 6, "providers.p.limits.requests_per_minutes", "unknown field (did you mean requests_per_minute?)"),
+        (provider(A, NONE, "retry: {attempt: 2}"), 6, "providers.p.retry.attempt", "unknown field (did you mean attempts?)"),
         (provider(A, NONE, "tls: {ca_bundle: /nonexistent/ca.pem}"), 6, "providers.p.tls.ca_bundle", "file not found: /nonexistent/ca.pem"),
         (provider(A, NONE, "tls: {server_name: 'a b'}"), 6, "providers.p.tls.server_name", "expected a host name"),
         (provider(A, NONE, "pool: {max_connections: 0}"), 6, "providers.p.pool.max_connections", "expected a whole number >= 1"),
         (provider(A, NONE, "pool: {max_connections: 1.5}"), 6, "providers.p.pool.max_connections", "whole number"),
         (provider(A, NONE, "pool: {keepalive_timeout: 0s}"), 6, "providers.p.pool.keepalive_timeout", "duration > 0"),
+        (provider(A, NONE, "pool: {keepalive_timeout: 0.0}"), 6, "providers.p.pool.keepalive_timeout", "duration > 0"),
+        # queue_wait alone may be 0 (answer at once); below that it is refused like the rest
+        (provider(A, NONE, "queue_wait: -1"), 6, "providers.p.queue_wait", "expected a duration >= 0 in seconds"),
+        (provider(A, NONE, f"queue_wait: {SECRET}"), 6, "providers.p.queue_wait", "expected a duration >= 0"),
         # the provider itself
         (provider(A, NONE, f"colour: {SECRET}"), 6, "providers.p.colour", "unknown field (expected one of: auth, balance, budget, caller_budget, caller_limits, circuit, fallbacks, health_check, hosts, limits, pool, queue_wait, retry, set_headers, sse_error_event, strip_headers, timeouts, tls, upstream, upstreams)"),
         (provider(A, NONE, "hosts: [b.com]"), 6, "providers.p.hosts", "duplicate key (first at line 4)"),
@@ -334,7 +345,9 @@ def test_provider_problems(text: str, line: int, field: str, words: str) -> None
         (f"version: {SECRET}\n", 1, "version", "expected a whole number"),
         ("version: 1\nversion: 1\n", 2, "version", "duplicate key (first at line 1)"),
         ("version: 1\nunmatched: maybe\n", 2, "unmatched", "expected one of: tunnel, deny"),
-        (f"version: 1\ncolour: {SECRET}\n", 2, "colour", "unknown field"),
+        (f"version: 1\ncolour: {SECRET}\n", 2, "colour", "unknown field (expected one of: addons, alerts, callers,"),
+        ("version: 1\nprovider: {}\n", 2, "provider", "unknown field (did you mean providers?)"),
+        ("version: 1\nlimits: {idle_timeot: 5}\n", 2, "limits.idle_timeot", "(did you mean idle_timeout?)"),
         ("version: 1\nlimits: {max_headers: 0}\n", 2, "limits.max_headers", "expected a whole number >= 1"),
         (f"version: 1\nlimits: {{max_body_bytes: {SECRET}}}\n", 2, "limits.max_body_bytes", "expected a size"),
         ("version: 1\nlimits:\n  header_timeout: -1\n", 3, "limits.header_timeout", "expected a duration > 0"),
@@ -362,6 +375,51 @@ def test_provider_problems(text: str, line: int, field: str, words: str) -> None
 )
 def test_top_level_problems(text: str | bytes, line: int, field: str, words: str) -> None:
     assert_problem(text, line, field, words)
+
+
+@pytest.mark.parametrize("text", ["0", "0.0", ".0", "0s", "0.0s", "0ms", "0m"])
+def test_parse_duration_zero_ok_takes_every_spelling_of_zero(text: str) -> None:
+    assert parse_duration(text, zero_ok=True) == 0.0
+    assert parse_duration(text) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("0", 0.0), ("0.0", 0.0), ("'0'", 0.0), ("0s", 0.0), ("0.0s", 0.0), ("0ms", 0.0), ("250ms", 0.25), ("2", 2.0)]
+)  # fmt: skip
+def test_queue_wait_zero_in_any_spelling_answers_at_once(value: str, expected: float) -> None:
+    (p,) = parse_policy(provider("hosts: [a.com]", NONE, f"queue_wait: {value}")).providers
+    assert p.queue_wait == expected
+
+
+def test_members_with_their_own_secrets_need_no_default() -> None:
+    text = provider(
+        "hosts: [a.com]",
+        "auth: {type: bearer}",
+        "upstreams:",
+        "  - {name: key-a, secret: env:KEY_A}",
+        "  - {name: key-b, secret: file:key-b}",
+    )
+    (p,) = parse_policy(text, base_dir=BASE).providers
+    assert p.auth == Auth("bearer", None)
+    assert [p.secret_of(t) for t in p.targets] == [SecretRef("env", "KEY_A"), SecretRef("file", "/base/key-b")]
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        # a member without a secret and no default: that member's line
+        (provider(A, "auth: {type: bearer}", "upstreams:", "  - {name: a, secret: env:K}", "  - {name: b}"),
+         [(8, "providers.p.upstreams[1].secret", "required: env:NAME or file:PATH (auth.secret gives no default)")]),
+        (provider(A, "auth: {type: query, param: key}", "upstreams:", "  - name: a", "    weight: 2", "  - {name: b, secret: env:K}"),
+         [(7, "providers.p.upstreams[0].secret", "required: env:NAME or file:PATH (auth.secret gives no default)")]),
+        # no members at all: the default is the only secret, as before
+        (provider(A, "auth: {type: bearer}"), [(5, "providers.p.auth.secret", "required: env:NAME or file:PATH (or one on every upstream)")]),
+        (provider(A, "auth:", "  type: header", "  header: x-k", "upstreams:"),
+         [(6, "providers.p.auth.secret", "required: env:NAME or file:PATH (or one on every upstream)")]),
+    ],
+)  # fmt: skip
+def test_a_member_without_a_secret_needs_the_default(text: str, found: list[tuple[int, str, str]]) -> None:
+    assert [(p.line, p.field, p.message) for p in problems(text)] == found
 
 
 def test_error_string_format() -> None:
@@ -430,7 +488,7 @@ def test_shipped_policy_loads() -> None:
     assert [p.name for p in policy.providers] == ["openai", "anthropic", "groq", "airtable", "nocodb", "databricks"]
     assert policy.unmatched == "tunnel"
     assert policy.source == str(path)
-    assert policy.version == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert policy.digest == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     by_name = {p.name: p for p in policy.providers}
     expected_auth = {
         "openai": ("bearer", "authorization", "OPENAI_API_KEY"),
