@@ -231,6 +231,8 @@ class Limits:
         except LimitsUnavailable:
             return 1.0
         if not verdict.allowed:
+            if math.isinf(verdict.retry_after):  # this key can never take it; another key may
+                raise _over_limit(provider, verdict, tokens)
             return max(verdict.retry_after, 0.001)
         flow.metadata.setdefault("member_limits", []).append(self._held(Taken(checks, tokens, limiter, verdict.lease)))
         return 0.0
@@ -249,6 +251,9 @@ class Limits:
         if verdict.allowed:
             self.counters["allowed"] += 1
             return self._held(Taken(checks, tokens, limiter, verdict.lease, _remaining(verdict)))
+        if math.isinf(verdict.retry_after):  # more than a whole window: waiting cannot help
+            self.counters["refused"] += 1
+            raise _over_limit(provider, verdict, tokens)
         deadline = self.clock() + provider.queue_wait
         if provider.queue_wait > 0 and (verdict.retry_after <= provider.queue_wait or _by_concurrency(verdict)):
             self.counters["queued"] += 1
@@ -387,6 +392,13 @@ def _remaining(verdict: Verdict) -> tuple[int, ...]:
 
 def _by_concurrency(verdict: Verdict) -> bool:
     return (verdict.refused_by or "").endswith(" concurrent")
+
+
+def _over_limit(provider: Provider, verdict: Verdict, tokens: int) -> errors.RequestOverLimit:
+    """The refusal for a cost no window can hold, naming the rule (never a value of the request)."""
+    scope, _, rule = (verdict.refused_by or "provider -").partition(" ")
+    limit = next((s.limit for s in verdict.states if s.name == rule and s.scope == scope), 0)
+    return errors.RequestOverLimit(provider.name, scope=scope.split(":", 1)[0], rule=rule, limit=limit, reserved=tokens)
 
 
 __all__ = ["Limits", "LimitsUnavailable", "RateLimited", "Rule"]

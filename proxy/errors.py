@@ -108,6 +108,20 @@ class RateLimited(ProxyError):
     template = "sidekey's {scope} limit for provider {provider} is reached; retry in {seconds} s"
 
 
+class RequestOverLimit(ProxyError):
+    """One request reserves more tokens than a rule allows in a whole window:
+    no wait makes it fit, so a Retry-After would loop an obedient client
+    forever. RFC 9110 §15.5.14: 413 is for content larger than the server is
+    willing to process."""
+
+    status, code, retryable = 413, "request_over_limit", False
+    template = (
+        "this request reserves {reserved} tokens, more than sidekey's {scope} limit {rule} ({limit}) for "
+        "provider {provider} allows at all; set max_tokens (or max_completion_tokens / max_output_tokens) "
+        "so that the prompt and the answer fit"
+    )
+
+
 class LimitsUnavailable(ProxyError):
     status, code, retryable = 503, "limits_unavailable", True
     template = "shared limit state is unreachable and the policy fails closed"

@@ -82,20 +82,28 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
     attempts = attempts_here = 0
     tried: list[UpstreamState] = []
     last: ClientResponse | errors.ProxyError | None = None
+    unfit: list[UpstreamState] = []  # keys whose own limit is smaller than this one request
+    over_limit: errors.RequestOverLimit | None = None
     while True:
         members = engine.groups.members(route.provider, route.host, route.port)
-        state = _choose(engine, route, members, tried, first_route=route.provider is provider)
-        if state is None:  # no member can take it: every circuit is open
+        choices = [m for m in members if m not in unfit] if unfit else members
+        state = _choose(engine, route, choices, tried, first_route=route.provider is provider and not unfit)
+        if state is None:  # no member can take it: every circuit is open, or every key is too small
             nxt = _next_route(engine, flow, provider, route, original_body) if replayable or not attempts else None
             if nxt is None:
                 _note_attempts(flow, attempts)
                 if isinstance(last, ClientResponse):
                     return last
-                raise last or _circuit_open(route.provider, members)
+                raise last or over_limit or _circuit_open(route.provider, members)
             route, tried, attempts_here = nxt, [], 0
             continue
         if state.target.limits and engine.member_limits is not None:
-            wait = await engine.member_limits.admit_member(flow, route.provider, state)
+            try:
+                wait = await engine.member_limits.admit_member(flow, route.provider, state)
+            except errors.RequestOverLimit as err:  # never fits this key: skip it for this request only
+                unfit.append(state)
+                over_limit = err
+                continue
             if wait:  # this key's own quota is spent: the next key, no attempt used
                 state.limited_until = time.monotonic() + wait
                 continue

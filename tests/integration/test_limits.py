@@ -249,3 +249,60 @@ def test_token_reservation_reconciled_from_a_real_stream(
     reserved = 100000 - first
     assert reserved >= 2000
     assert second == 100000 - used - reserved, (first, second, used)
+
+
+UNCAPPED = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]})  # no max_tokens
+
+
+def chat_body(proxy: SidekeyProcess, body: str, host: str = "limited.test") -> tuple[int, str]:
+    result = curl(proxy, "-s", "-i", "-H", "content-type: application/json", "-d", body,
+                  f"https://{host}/v1/chat/completions")  # fmt: skip
+    status = int(result.stdout.split(" ", 2)[1]) if result.stdout.startswith("HTTP/") else 0
+    return status, result.stdout
+
+
+def test_a_request_that_can_never_fit_is_413_not_an_endless_429(start_sidekey: object, fake: FakeProviderThread) -> None:
+    """tokens_per_minute: 100 and no max_tokens: the reservation (> 4,096) is more
+    than the whole quota, so no wait helps. Retry-After would loop a client forever."""
+    extra = fake_provider(fake, "limited", "limited.test", limits="{tokens_per_minute: 100}", queue_wait="5")
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    status, text = chat_body(proxy, UNCAPPED)
+    assert status == 413, text
+    head, _, body = text.partition("\n\n")  # curl -i; text mode folds CRLF
+    assert "retry-after" not in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_over_limit" and error["retryable"] is False
+    reserved = reservation(UNCAPPED.encode(), len(UNCAPPED))
+    assert "tokens-minute" in error["message"] and f"{reserved} tokens" in error["message"]
+    assert "max_tokens" in error["message"]
+    assert chat_body(proxy, CHAT)[0] == 200  # a request that fits still goes (CHAT reserves 63)
+    assert len([r for r in fake.received if r.path == "/v1/chat/completions"]) == 1
+
+
+def test_a_key_too_small_for_one_request_is_skipped_not_retired(start_sidekey: object, fake: FakeProviderThread) -> None:
+    """A per-key token rule smaller than one request's reservation: that request
+    goes to another key, and the small key keeps serving requests that fit."""
+    extra = fake_provider(fake, "limited", "limited.test", queue_wait="0") + (
+        "    balance: least_in_flight\n"
+        "    upstreams:\n"
+        "      - {name: key-small, secret: env:OPENAI_API_KEY, priority: 0, limits: {tokens_per_minute: 100}}\n"
+        "      - {name: key-big, secret: env:ANTHROPIC_API_KEY, priority: 1}\n"
+    )
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    big_status, big = chat_body(proxy, UNCAPPED)
+    assert big_status == 200 and "x-sidekey-upstream: key-big" in big.lower()
+    small_status, small = chat_body(proxy, CHAT)
+    assert small_status == 200 and "x-sidekey-upstream: key-small" in small.lower()
+
+
+def test_every_key_too_small_is_413(start_sidekey: object, fake: FakeProviderThread) -> None:
+    extra = fake_provider(fake, "limited", "limited.test", queue_wait="0") + (
+        "    upstreams:\n"
+        "      - {name: key-a, secret: env:OPENAI_API_KEY, priority: 0, limits: {tokens_per_minute: 80}}\n"
+        "      - {name: key-b, secret: env:ANTHROPIC_API_KEY, priority: 1, limits: {tokens_per_minute: 100}}\n"
+    )
+    proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
+    status, text = chat_body(proxy, UNCAPPED)
+    assert status == 413 and '"request_over_limit"' in text, text
+    status, text = chat_body(proxy, CHAT)  # 63 tokens fit key-a, the first choice: it was not retired
+    assert status == 200 and "x-sidekey-upstream: key-a" in text.lower()

@@ -116,7 +116,9 @@ async def test_a_get_counts_against_request_rules_only() -> None:
         assert listing.response.headers["x-ratelimit-remaining-requests-minute"] == str(left)
         assert "x-ratelimit-remaining-tokens-minute" not in listing.response.headers
     post = await through(addon, make_flow(provider, body=b'{"model":"m","messages":[],"max_tokens":64}'))
-    assert post.response is not None and post.response.status == 429  # 11+ tokens never fit in 10
+    # 11+ tokens never fit in 10: no wait helps, so not a 429 (issue #16 item 5)
+    assert post.response is not None and post.response.status == 413
+    assert b'"request_over_limit"' in bytes(post.response.body or b"")
 
 
 @pytest.mark.asyncio
