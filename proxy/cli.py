@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--certs", default=env("SIDEKEY_CERTS", "certs"), help="CA directory [$SIDEKEY_CERTS]")
     ca.add_argument("--bundle", metavar="PATH", help="write the system CAs plus sidekey's to PATH")
 
+    inject = sub.add_parser("inject", help="add the sidekey sidecar to Kubernetes workloads (YAML to stdout)")
+    inject.add_argument("-f", "--filename", required=True, help="YAML file of workloads, or - for stdin")
+    inject.add_argument("--image", default=f"sidekey:{__version__}", help="sidekey image (default: %(default)s)")
+    inject.add_argument("--policy-configmap", default="sidekey-policy", help="ConfigMap with policies.yaml")
+    inject.add_argument("--native-sidecar", choices=["auto", "true", "false"], default="auto",
+                        help="auto: native (initContainer, restartPolicy: Always) for Jobs, CronJobs and run-once pods")
+    inject.add_argument("--ca-secret", default="sidekey-ca", help="Secret with sidekey-ca.pem and sidekey-ca-key.pem")
+    inject.add_argument("--provider-secret", default="sidekey-provider-keys",
+                        help="Secret of provider keys, mounted into sidekey only; '' for none")
+    inject.add_argument("--port", type=int, default=8080, help="sidekey's proxy port on 127.0.0.1")
+    inject.add_argument("--admin-port", type=int, default=9090, help="sidekey's admin port on 127.0.0.1")
+    inject.add_argument("--no-proxy", default="", help="more NO_PROXY hosts, comma separated")
+
     dlq_file = argparse.ArgumentParser(add_help=False)
     dlq_file.add_argument("--dlq", default=env("SIDEKEY_DLQ"), metavar="PATH", help="dead-letter file [$SIDEKEY_DLQ]")
     dlq = sub.add_parser("dlq", help="list and replay dead letters (requests that failed after all retries)")
@@ -109,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_check(args.policies, args.against)
     if args.command == "ca":
         return cmd_ca(Path(args.certs), args.bundle)
+    if args.command == "inject":
+        from proxy.inject_cli import cmd_inject
+
+        return cmd_inject(args)
     if args.command == "dlq":
         if not args.dlq:
             print("no dead-letter file: pass --dlq PATH or set SIDEKEY_DLQ", file=sys.stderr)
