@@ -285,6 +285,7 @@ def _volumes(cfg: SidecarConfig) -> list[dict[str, Any]]:
     if cfg.ca_bundle:
         volumes.append({"name": VOL_BUNDLE, "emptyDir": {"sizeLimit": "8Mi"}})
     if cfg.provider_secret and not cfg.provider_secrets_as_env:
-        volumes.append({"name": VOL_PROVIDERS, "secret": {"secretName": cfg.provider_secret, "defaultMode": 0o440}})
+        # 0444 for the same reason as the CA Secret: only the sidekey container mounts it.
+        volumes.append({"name": VOL_PROVIDERS, "secret": {"secretName": cfg.provider_secret, "defaultMode": 0o444}})
     volumes.append({"name": VOL_TMP, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}})
     return volumes
