@@ -88,11 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("-f", "--filename", required=True, help="YAML file of workloads, or - for stdin")
     inject.add_argument("--image", default=f"sidekey:{__version__}", help="sidekey image (default: %(default)s)")
     inject.add_argument("--policy-configmap", default="sidekey-policy", help="ConfigMap with policies.yaml")
-    inject.add_argument("--native-sidecar", choices=["auto", "true", "false"], default="auto",
-                        help="auto: native (initContainer, restartPolicy: Always) for Jobs, CronJobs and run-once pods")
+    inject.add_argument(
+        "--native-sidecar",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="auto: native (initContainer, restartPolicy: Always) for Jobs, CronJobs and run-once pods",
+    )
     inject.add_argument("--ca-secret", default="sidekey-ca", help="Secret with sidekey-ca.pem and sidekey-ca-key.pem")
-    inject.add_argument("--provider-secret", default="sidekey-provider-keys",
-                        help="Secret of provider keys, mounted into sidekey only; '' for none")
+    inject.add_argument(
+        "--provider-secret",
+        default="sidekey-provider-keys",
+        help="Secret of provider keys, mounted into sidekey only; '' for none",
+    )
     inject.add_argument("--port", type=int, default=8080, help="sidekey's proxy port on 127.0.0.1")
     inject.add_argument("--admin-port", type=int, default=9090, help="sidekey's admin port on 127.0.0.1")
     inject.add_argument("--no-proxy", default="", help="more NO_PROXY hosts, comma separated")
