@@ -10,13 +10,10 @@ import signal
 import sys
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
-from proxy import __version__, locate, startup
+from proxy import __version__, check_cmd, dlq_cmd, inject_cli, locate, startup
 from proxy.policy import Policy
-
-if TYPE_CHECKING:
-    from proxy.dlq_store import ReplayRequest
 
 log = logging.getLogger("sidekey")
 
@@ -132,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--bundle", metavar="PATH", help="write the system CAs plus sidekey's to PATH")
     ca.add_argument("--debug-tracebacks", action="store_true", help=_DEBUG_HELP)
 
+    inject_cli.add_parser(sub)
+
     dlq_file = _Parser(add_help=False)
     dlq_file.add_argument("--dlq", default=env("SIDEKEY_DLQ"), metavar="PATH", help="dead-letter file [$SIDEKEY_DLQ]")
     dlq = sub.add_parser("dlq", help="list and replay dead letters (requests that failed after all retries)")
@@ -174,95 +173,19 @@ def dispatch(args: argparse.Namespace) -> int:
         print(init_cmd.init(args.dir, os.environ, Path.home()), end="")
         return 0
     if args.command == "check":
-        return cmd_check(args.policies, args.against, strict=args.strict)
+        return check_cmd.cmd_check(args.policies, args.against, strict=args.strict)
     if args.command == "ca":
         return cmd_ca(locate.ca_dir_for_ca_command(args.certs, os.environ, Path.home(), Path.is_file), args.bundle)
+    if args.command == "inject":
+        return inject_cli.cmd_inject(args)
     if args.command == "dlq":
         if not args.dlq:
             print("no dead-letter file: pass --dlq PATH or set SIDEKEY_DLQ", file=sys.stderr)
             return 2
         if args.dlq_command == "list":
-            return cmd_dlq_list(args.dlq, args.limit, args.json)
-        return cmd_dlq_replay(args)
+            return dlq_cmd.cmd_dlq_list(args.dlq, args.limit, args.json)
+        return dlq_cmd.cmd_dlq_replay(args)
     return cmd_run(args)
-
-
-def load_or_report(path: str) -> Policy | None:
-    """The policy, or None after printing why not (file, line, field)."""
-    from proxy.policy_load import PolicyError, load_policy
-
-    try:
-        return load_policy(path)
-    except PolicyError as err:
-        print(err, file=sys.stderr)
-    except OSError as err:
-        print(f"{path}: cannot read ({err.strerror})", file=sys.stderr)
-    return None
-
-
-def cmd_check(path: str, against: str | None = None, *, strict: bool = False) -> int:
-    """Exit 2: the file is invalid. Exit 1 (``strict``): a secret it names
-    cannot be read here; without ``strict`` that is a warning and exit 0."""
-    from proxy.policy import SCHEMA_VERSION
-    from proxy.secrets import read_secret, secret_uses
-
-    policy = load_or_report(path)
-    if policy is None:
-        return 2
-    print(
-        f"{path}: ok, schema version {SCHEMA_VERSION}, content digest {policy.digest}, "
-        f"{len(policy.providers)} providers, unmatched: {policy.unmatched}"
-    )
-    for p in policy.providers:
-        default = p.secret_of(p.targets[0]) if len(p.targets) == 1 else p.auth.secret
-        source = default.source if default else "-"
-        print(f"  {p.name}: {', '.join(p.hosts)} -> auth {p.auth.type} ({source})")
-        if len(p.targets) > 1:
-            members = ", ".join(f"{t.name} ({t.secret.source if t.secret else source})" for t in p.targets)
-            print(f"    upstreams ({p.balance}): {members}")
-        if p.fallbacks:
-            print(f"    fallbacks: {', '.join(fb.provider for fb in p.fallbacks)}")
-    # The source and the problem only: the value, when there is one, stays here.
-    level = "error" if strict else "warning"
-    unreadable = [(who, ref, problem) for who, ref in secret_uses(policy) if (problem := read_secret(ref)[1])]
-    for who, ref, problem in unreadable:
-        print(f"{path}: {level}: {who}: {ref.source} {problem}", file=sys.stderr)
-    status = 1 if strict and unreadable else 0
-    if against:
-        return print_diff(policy, against) or status
-    return status
-
-
-def print_diff(policy: Policy, admin_url: str) -> int:
-    """Providers added, removed and changed relative to a running sidekey."""
-    import json
-    import urllib.request
-
-    from proxy.admin import policy_view
-    from proxy.policy_diff import diff_providers
-
-    request = urllib.request.Request(admin_url.rstrip("/") + "/policy")
-    token = os.environ.get("SIDEKEY_ADMIN_TOKEN")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - operator-given admin URL
-            running = json.load(response)
-    except (OSError, ValueError) as err:
-        print(f"cannot read the running policy from {admin_url} ({type(err).__name__})", file=sys.stderr)
-        return 2
-    added, removed, changed = diff_providers(running["providers"], policy_view(policy)["providers"])
-    digest = running.get("digest", running.get("version"))  # "version": its former name, still served
-    print(f"against {admin_url} (running content digest {digest}):")
-    for name in added:
-        print(f"  + {name}")
-    for name in removed:
-        print(f"  - {name}")
-    for name, fields in changed:
-        print(f"  ~ {name} ({', '.join(fields)})")
-    if not (added or removed or changed):
-        print("  no provider changes")
-    return 0
 
 
 def cmd_ca(certs: Path, bundle: str | None) -> int:
@@ -276,74 +199,6 @@ def cmd_ca(certs: Path, bundle: str | None) -> int:
         print(f"wrote trust bundle {out.resolve()}", file=sys.stderr)
     print(trust_instructions(ca.cert_path.resolve()), file=sys.stderr)
     return 0
-
-
-def cmd_dlq_list(path: str, limit: int, as_json: bool) -> int:
-    import itertools
-    import json
-
-    from proxy.dlq_store import DeadLetterFile, table
-
-    store = DeadLetterFile(path)
-    letters = list(itertools.islice(store.letters(), limit or None))
-    if as_json:
-        for letter in letters:
-            print(json.dumps({**letter.entry, "replayed": letter.replay}, ensure_ascii=False))
-    elif letters:
-        print("\n".join(table(letters)))
-    else:
-        print(f"{path}: no dead letters", file=sys.stderr)
-    if store.skipped:
-        print(f"{path}: skipped {store.skipped} unreadable lines", file=sys.stderr)
-    return 0
-
-
-def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    """Send a stored request again through the running sidekey, which injects
-    the real credential (the entry holds none). Exit 0 on a 2xx answer."""
-    import time
-
-    from proxy.dlq_store import DeadLetterFile, replay_request
-
-    store = DeadLetterFile(args.dlq)
-    letter = store.find(args.id)
-    if letter is None:
-        print(f"{args.dlq}: no dead letter {args.id}", file=sys.stderr)
-        return 2
-    request = replay_request(letter.entry, without_body=args.without_body)
-    if isinstance(request, str):
-        print(f"refusing to replay: {request}", file=sys.stderr)
-        return 2
-    ca = Path(args.certs) / "sidekey-ca.pem"
-    if not ca.is_file():
-        print(f"{ca}: no sidekey CA certificate (pass --certs DIR)", file=sys.stderr)
-        return 2
-    import aiohttp
-
-    try:
-        status, new_id = asyncio.run(_send_replay(request, args.proxy, ca, args.timeout))
-    except (aiohttp.ClientError, OSError, TimeoutError) as err:  # the type only: a message may quote the URL
-        print(f"replay of {args.id} failed: {type(err).__name__}", file=sys.stderr)
-        return 1
-    store.mark_replayed(args.id, status, new_id, time.time())
-    print(f"replayed {args.id}: {status} (x-sidekey-request-id {new_id or '-'})")
-    return 0 if 200 <= status < 300 else 1
-
-
-async def _send_replay(request: ReplayRequest, proxy: str, ca: Path, seconds: float) -> tuple[int, str | None]:
-    import ssl
-
-    import aiohttp
-    from yarl import URL
-
-    context = ssl.create_default_context(cafile=str(ca))  # verification on: sidekey's CA only
-    async with aiohttp.ClientSession(trust_env=False, auto_decompress=False) as session:
-        async with session.request(
-            request.method, URL(request.url, encoded=True), headers=request.headers, data=request.body,
-            proxy=proxy, ssl=context, timeout=aiohttp.ClientTimeout(total=seconds),
-        ) as resp:  # fmt: skip
-            await resp.read()
-            return resp.status, resp.headers.get("x-sidekey-request-id")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
