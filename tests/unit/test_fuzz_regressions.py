@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from proxy import errors, http1
+from proxy import errors, http1, routing
 from proxy.policy_load import PolicyError, parse_policy
 
 
@@ -75,3 +75,13 @@ def test_deeply_nested_policy_is_a_policy_error(text: str) -> None:
         parse_policy(text, "p.yaml")
     [problem] = info.value.problems
     assert problem.line >= 1 and problem.field == "(file)" and "nest" in problem.message
+
+
+# fuzz/http1_fuzz.py (Host values go through authority_matches): a port of latin-1
+# superscript digits passed str.isdigit() and int() raised ValueError, which
+# authority_matches does not catch (a Host header inside a CONNECT tunnel).
+@pytest.mark.parametrize("authority", ["api.openai.com:\xb2", "x:4\xb3", "[::1]:\xb9"])
+def test_superscript_digits_in_a_port_are_400(authority: str) -> None:
+    with pytest.raises(errors.BadRequest):
+        routing.parse_authority(authority, 443)
+    assert not routing.authority_matches(authority, "api.openai.com", 443)
