@@ -85,3 +85,26 @@ def test_superscript_digits_in_a_port_are_400(authority: str) -> None:
     with pytest.raises(errors.BadRequest):
         routing.parse_authority(authority, 443)
     assert not routing.authority_matches(authority, "api.openai.com", 443)
+
+
+# fuzz/policy_fuzz.py, the 5-minute run (input: the shipped policy with one byte changed):
+# a fallback naming a provider whose own hosts were invalid or empty raised IndexError
+# (check_references read hosts[0]) instead of reporting the hosts problem.
+@pytest.mark.parametrize("hosts", ["[]", '["bad host"]', "7"])
+def test_fallback_to_a_provider_without_valid_hosts_is_a_policy_error(hosts: str) -> None:
+    text = f"""version: 1
+providers:
+  a:
+    hosts: [a.test]
+    upstream: https://a.test
+    auth: {{type: none}}
+    fallbacks: [{{provider: b}}]
+  b:
+    hosts: {hosts}
+    upstream: https://b.test
+    auth: {{type: none}}
+"""
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text, "p.yaml")
+    [problem] = info.value.problems
+    assert problem.line == 9 and problem.field.startswith("providers.b.hosts")
