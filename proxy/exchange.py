@@ -89,6 +89,13 @@ def route(conn: ClientConn, head: http1.RequestHead, policy: Policy) -> Flow:
         scheme = "https"
     else:  # plain proxy request: the absolute-form URI is the authority
         scheme, host, port, target = routing.split_absolute(target)
+        # RFC 9112 §3.2: 400 for "more than one Host header field line or a Host header
+        # field with an invalid field value". A valid one is replaced by the URI's (§3.2.2).
+        hosts = head.headers.getall("host", ())
+        if len(hosts) > 1:
+            raise errors.BadRequest(reason="more than one Host header")
+        if hosts:
+            routing.parse_authority(hosts[0], routing.DEFAULT_PORTS[scheme])
     headers = http1.end_to_end(head.headers, REQUEST_DROP)
     request = Request(head.method, target, headers, host, port, http_version=head.version)
     provider = policy.match(host)

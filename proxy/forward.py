@@ -110,7 +110,7 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
         attempts += 1
         attempts_here += 1
         try:
-            resp = await _attempt(engine, flow, route, state)
+            resp = await _attempt(engine, flow, route, state, body)
         except errors.ProxyError as err:
             if body.error is not None:  # the caller's body broke: that is the cause
                 raise body.error from None
@@ -250,7 +250,7 @@ def _note_attempts(flow: Flow, attempts: int) -> None:
         flow.metadata["attempts"] = attempts
 
 
-async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamState) -> ClientResponse:
+async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamState, body: BodyReader) -> ClientResponse:
     provider = route.provider
     up = state.target.upstream
     if up is None and route.url is not None:
@@ -272,6 +272,9 @@ async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamSta
         resp = await _send(engine, flow, provider, parsed)
     except errors.ProxyError as err:
         state.in_flight -= 1
+        if body.error is not None:  # the caller's body broke mid-upload: no upstream outcome to count
+            state.breaker.abandon()
+            raise
         engine.notify(state, state.record(True, time.monotonic(), error=err.code))
         raise
     except BaseException:

@@ -23,7 +23,13 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # controls are refused (RFC 9110 §5.5: a recipient of CR, LF or NUL in a value
 # MUST reject the message or replace them; we reject).
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# RFC 9112 §3.2: the request-target is URI syntax (RFC 3986), visible ASCII only;
+# a byte >= 0x80 is refused like a control (RFC 9112 §3: invalid request-line, 400).
+_BAD_TARGET = re.compile(rb"[^\x21-\x7e]")
+# RFC 9110 §8.6: Content-Length = 1*DIGIT, ASCII digits (str.isdigit() also takes "²").
+_DIGITS = re.compile(r"[0-9]{1,18}\Z")
+# RFC 9110 §5.6.3: OWS = *( SP / HTAB ); str.strip() would also take NBSP and NEL.
+_OWS = " \t"
 
 REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -110,18 +116,18 @@ def body_framing(head: RequestHead, max_body: int) -> tuple[BodyKind, int]:
             raise BadRequest(reason="both Transfer-Encoding and Content-Length")
         if head.version == "HTTP/1.0":
             raise BadRequest(reason="Transfer-Encoding in an HTTP/1.0 request")
-        codings = [c.strip().lower() for v in te for c in v.split(",") if c.strip()]
+        codings = [c.strip(_OWS).lower() for v in te for c in v.split(",") if c.strip(_OWS)]
         # §6.3 (4): chunked must be final; we accept no other coding (§6.1: 501
         # would be allowed, but a clear 400 is simpler for callers).
         if codings != ["chunked"]:
             raise BadRequest(reason="unsupported Transfer-Encoding")
         return "chunked", -1
     if cl is not None:
-        values = {v.strip() for item in cl for v in item.split(",")}
+        values = {v.strip(_OWS) for item in cl for v in item.split(",")}
         if len(values) != 1:
             raise BadRequest(reason="conflicting Content-Length values")
         value = values.pop()
-        if not value.isdigit() or len(value) > 18:
+        if not _DIGITS.match(value):
             raise BadRequest(reason="invalid Content-Length")
         length = int(value)
         if length > max_body:
@@ -131,8 +137,15 @@ def body_framing(head: RequestHead, max_body: int) -> tuple[BodyKind, int]:
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """RFC 9112 §7.1: ``chunk-size [ chunk-ext ] CRLF``; extensions ignored."""
-    size, _, _ext = line.rstrip(b"\r\n").partition(b";")
+    """RFC 9112 §7.1: ``chunk-size [ chunk-ext ] CRLF``; extensions ignored.
+
+    ``line`` ends at the first CRLF. A CR, LF or other control before it is
+    refused: §7.1.1 allows only tokens and quoted strings in an extension, and a
+    peer that ends lines at a bare LF (§2.2) would read a different body."""
+    line = line.removesuffix(b"\r\n")
+    if _BAD_VALUE.search(line):
+        raise BadRequest(reason="invalid chunk size")
+    size, _, _ext = line.partition(b";")
     size = size.strip(b" \t")
     if not size or len(size) > 15 or size.strip(b"0123456789abcdefABCDEF"):
         raise BadRequest(reason="invalid chunk size")

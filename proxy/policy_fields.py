@@ -163,6 +163,12 @@ def compose(raw: bytes, reader: Reader) -> yaml.Node | None:
     except yaml.YAMLError:
         reader.problem(1, "(file)", "not valid YAML")
         return None
+    except RecursionError:
+        # PyYAML's scanner and composer recurse once per nesting level: a few hundred
+        # levels exhaust the stack. The scanner's position is where it gave up.
+        line = loader.line + 1 if loader is not None else 1
+        reader.problem(line, "(file)", "nested too deeply (lists and mappings inside each other)")
+        return None
     finally:
         if loader is not None:
             loader.dispose()

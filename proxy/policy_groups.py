@@ -180,8 +180,11 @@ def check_references(b: _Builder, policy: Policy) -> None:
                 b.r.problem(fb.line, where, "a provider cannot fall back to itself")
             elif other is None:
                 b.r.problem(fb.line, where, "no provider of that name in this policy")
-            elif other.hosts[0].startswith("*.") and other.upstream is None and not all(
-                t.upstream for t in other.targets
+            elif (
+                other.hosts
+                and other.hosts[0].startswith("*.")
+                and other.upstream is None
+                and not all(t.upstream for t in other.targets)
             ):
                 # A fallback request has no CONNECT target of its own to go to.
                 b.r.problem(fb.line, where, "that provider needs an upstream URL or an exact first host")

@@ -48,7 +48,7 @@ def parse_authority(authority: str, default_port: int | None = None) -> tuple[st
         if default_port is None:
             raise BadRequest(reason="CONNECT target needs host:port")
         port = default_port
-    elif port_text.isdigit() and 0 < int(port_text) < 65536:
+    elif port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536:  # isdigit() alone takes "²"
         port = int(port_text)
     else:
         raise BadRequest(reason="invalid port")
