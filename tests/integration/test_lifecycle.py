@@ -156,6 +156,26 @@ def test_ca_from_never_creates_a_ca(tmp_path: Path, missing: str) -> None:
     assert key_text not in result.stderr + result.stdout
 
 
+def test_ca_from_accepts_a_rotation_file_and_refuses_a_key_that_does_not_sign_the_first(tmp_path: Path) -> None:
+    """CA rotation (README, Kubernetes): sidekey-ca.pem = signing CA, then the one still trusted."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        assert run_cli("ca", "--certs", str(d)).returncode == 0
+    rot, certs, bundle = tmp_path / "rot", tmp_path / "certs", tmp_path / "bundle.pem"
+    rot.mkdir()
+    old_pem, new_pem = (old / "sidekey-ca.pem").read_text(), (new / "sidekey-ca.pem").read_text()
+    (rot / "sidekey-ca.pem").write_text(new_pem + old_pem)
+    (rot / "sidekey-ca-key.pem").write_bytes((new / "sidekey-ca-key.pem").read_bytes())
+    signed = run_cli("ca", "--certs", str(certs), "--from", str(rot), "--bundle", str(bundle))
+    assert signed.returncode == 0, signed.stderr
+    assert new_pem.strip() in bundle.read_text() and old_pem.strip() in bundle.read_text()
+    # The old key with the new certificate first: refused, never a CA that signs what nobody trusts.
+    (rot / "sidekey-ca-key.pem").write_bytes((old / "sidekey-ca-key.pem").read_bytes())
+    refused = run_cli("ca", "--certs", str(tmp_path / "certs2"), "--from", str(rot))
+    assert refused.returncode != 0
+    assert "is not the key of" in refused.stderr and "BEGIN" not in refused.stderr
+
+
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("sidekey ")
