@@ -163,6 +163,25 @@ class CertificateAuthority:
             raise CAError(f"{err.filename or certs_dir}: cannot use the CA ({err.strerror})") from None
 
     @classmethod
+    def import_from(cls, source_dir: Path, certs_dir: Path) -> CertificateAuthority:
+        """Copy an existing CA (e.g. a mounted Kubernetes Secret, whose files are
+        root-owned or group-readable) into ``certs_dir`` with the modes sidekey
+        requires, and load it. Never creates a CA: a missing file is an error,
+        since a fresh CA would be trusted by no client. Blocking; raises CAError
+        (paths only)."""
+        source_dir, certs_dir = Path(source_dir), Path(certs_dir)
+        try:
+            certs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for name, mode in ((CA_CERT_NAME, 0o644), (CA_KEY_NAME, 0o600)):
+                source = source_dir / name
+                if not source.is_file():
+                    raise CAError(f"{source} is missing: --from needs {CA_CERT_NAME} and {CA_KEY_NAME}")
+                atomic_write(certs_dir / name, source.read_bytes(), mode)
+            return cls._load(certs_dir / CA_CERT_NAME, certs_dir / CA_KEY_NAME)
+        except OSError as err:
+            raise CAError(f"{err.filename or source_dir}: cannot use the CA ({err.strerror})") from None
+
+    @classmethod
     def _load_or_create(cls, certs_dir: Path, common_name: str) -> CertificateAuthority:
         certs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         cert_path, key_path = certs_dir / CA_CERT_NAME, certs_dir / CA_KEY_NAME

@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="print the CA certificate path and how to trust it")
     ca.add_argument("--certs", metavar="DIR", help=_CERTS_HELP)
     ca.add_argument("--bundle", metavar="PATH", help="write the system CAs plus sidekey's to PATH")
+    ca.add_argument(
+        "--from", dest="from_dir", metavar="DIR",
+        help="copy the CA in DIR (e.g. a mounted Secret) into --certs with mode 0600 for the key; never creates one",
+    )  # fmt: skip
     ca.add_argument("--debug-tracebacks", action="store_true", help=_DEBUG_HELP)
 
     inject_cli.add_parser(sub)
@@ -175,7 +179,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "check":
         return check_cmd.cmd_check(args.policies, args.against, strict=args.strict)
     if args.command == "ca":
-        return cmd_ca(locate.ca_dir_for_ca_command(args.certs, os.environ, Path.home(), Path.is_file), args.bundle)
+        certs = locate.ca_dir_for_ca_command(args.certs, os.environ, Path.home(), Path.is_file)
+        return cmd_ca(certs, args.bundle, Path(args.from_dir) if args.from_dir else None)
     if args.command == "inject":
         return inject_cli.cmd_inject(args)
     if args.command == "dlq":
@@ -188,11 +193,11 @@ def dispatch(args: argparse.Namespace) -> int:
     return cmd_run(args)
 
 
-def cmd_ca(certs: Path, bundle: str | None) -> int:
+def cmd_ca(certs: Path, bundle: str | None, from_dir: Path | None = None) -> int:
     from proxy.certs import CertificateAuthority
     from proxy.trust import trust_instructions, write_trust_bundle
 
-    ca = CertificateAuthority.load_or_create(certs)
+    ca = CertificateAuthority.import_from(from_dir, certs) if from_dir else CertificateAuthority.load_or_create(certs)
     print(ca.cert_path.resolve())
     if bundle:
         out = write_trust_bundle(ca.cert_path, Path(bundle))

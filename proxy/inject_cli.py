@@ -33,6 +33,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     inject.add_argument("--port", type=int, default=8080, help="sidekey's proxy port on 127.0.0.1")
     inject.add_argument("--admin-port", type=int, default=9090, help="sidekey's admin port on 127.0.0.1")
+    inject.add_argument(
+        "--metrics-port", type=int, default=9091,
+        help="sidekey's metrics listener on the pod IP (/metrics, /healthz, /readyz; no token; the probes use it)",
+    )  # fmt: skip
+    inject.add_argument(
+        "--admin-token-secret", default="sidekey-admin-token",
+        help="Secret whose key 'token' is SIDEKEY_ADMIN_TOKEN (you create it; inject never writes Secret data)",
+    )  # fmt: skip
     inject.add_argument("--no-proxy", default="", help="more NO_PROXY hosts, comma separated")
 
 
@@ -51,6 +59,8 @@ def cmd_inject(args: argparse.Namespace) -> int:
         image=args.image,
         port=args.port,
         admin_port=args.admin_port,
+        metrics_port=args.metrics_port,
+        admin_token_secret=args.admin_token_secret,
         policy_configmap=args.policy_configmap,
         ca_secret=args.ca_secret,
         provider_secret=args.provider_secret,

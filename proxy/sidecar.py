@@ -25,6 +25,8 @@ INIT = "sidekey-init"
 CA_DIR = "/etc/sidekey/ca"  # sidekey's private copy of the CA (cert + key)
 CA_SECRET_DIR = "/var/run/sidekey/ca-secret"  # the CA Secret, in sidekey-init only
 PROVIDER_DIR = "/var/run/secrets/sidekey"  # provider keys as files, sidekey only
+ADMIN_TOKEN_ENV = "SIDEKEY_ADMIN_TOKEN"  # from a Secret key, sidekey's container only
+METRICS_PORT_NAME = "metrics"
 APP_CA_DIR = "/etc/sidekey-ca"  # the CA certificate, never the key
 APP_BUNDLE_DIR = "/etc/sidekey-bundle"  # system CAs + sidekey's CA
 VOL_POLICY = "sidekey-policy"
@@ -84,6 +86,7 @@ class SidecarConfig:
     native: bool = False
     port: int = 8080
     admin_port: int = 9090
+    metrics_port: int = 9091  # --metrics-listen on the pod IP: /metrics, /healthz, /readyz, no token
     grace: str = "30"
     log_level: str = "INFO"
     wait_for_proxy_seconds: int = 30
@@ -95,6 +98,8 @@ class SidecarConfig:
     ca_bundle: bool = True
     provider_secret: str = "sidekey-provider-keys"  # "": none mounted
     provider_secrets_as_env: bool = False
+    admin_token_secret: str = "sidekey-admin-token"  # its key `admin_token_key` is SIDEKEY_ADMIN_TOKEN
+    admin_token_key: str = "token"
     resources: dict[str, Any] = field(default_factory=_default_resources)
     init_resources: dict[str, Any] = field(default_factory=_default_init_resources)
     security_context: dict[str, Any] = field(default_factory=_default_security_context)
@@ -150,28 +155,15 @@ def _app_mounts(cfg: SidecarConfig) -> list[dict[str, Any]]:
     return mounts
 
 
-# Copies the CA out of its Secret into a memory emptyDir owned by sidekey's
-# user with mode 0600 (sidekey refuses a group-readable key, and a Secret
-# volume is root-owned or group-readable), checks it loads, writes the bundle.
-_INIT_SCRIPT = """\
-set -eu
-umask 077
-for f in sidekey-ca.pem sidekey-ca-key.pem; do
-  rm -f "{ca}/$f"
-  cp "{secret}/$f" "{ca}/$f" || {{
-    echo "sidekey-init: cannot read $f from Secret {name}: it needs keys sidekey-ca.pem and sidekey-ca-key.pem" >&2
-    exit 1
-  }}
-done
-chmod 0644 "{ca}/sidekey-ca.pem"
-chmod 0600 "{ca}/sidekey-ca-key.pem"
-exec sidekey ca --certs {ca}{bundle}
-"""
-
-
 def _init_container(cfg: SidecarConfig) -> dict[str, Any]:
-    bundle = " --bundle /bundle/ca-bundle.pem" if cfg.ca_bundle else ""
-    script = _INIT_SCRIPT.format(ca=CA_DIR, secret=CA_SECRET_DIR, name=cfg.ca_secret, bundle=bundle)
+    """Copies the CA out of its Secret into a memory emptyDir with mode 0600
+    for the key (sidekey refuses a group-readable key, and a Secret volume is
+    root-owned or group-readable), checks it loads, writes the app's trust
+    bundle. sidekey itself, exec form: no shell in the image is needed, and
+    `--from` never creates a CA in place of a missing one."""
+    args = ["ca", "--certs", CA_DIR, "--from", CA_SECRET_DIR]
+    if cfg.ca_bundle:
+        args += ["--bundle", "/bundle/ca-bundle.pem"]
     mounts: list[dict[str, Any]] = [
         {"name": VOL_CA_SECRET, "mountPath": CA_SECRET_DIR, "readOnly": True},
         {"name": VOL_CA, "mountPath": CA_DIR},
@@ -182,25 +174,20 @@ def _init_container(cfg: SidecarConfig) -> dict[str, Any]:
         "name": INIT,
         "image": cfg.image,
         "imagePullPolicy": cfg.pull_policy,
-        "command": ["/bin/sh", "-c"],
-        "args": [script],
+        "command": ["sidekey"],
+        "args": args,
         "resources": cfg.init_resources,
         "securityContext": cfg.security_context,
         "volumeMounts": mounts,
     }
 
 
-def _http_check(port: int, path: str) -> list[str]:
-    """An exec probe: the admin listener is on 127.0.0.1, and kubelet's
-    httpGet/tcpSocket probes dial the pod IP, which never reaches it. python3
-    is in every sidekey image (sidekey is Python), a shell or curl need not be."""
-    return ["python3", "-c", f'import urllib.request as u; u.urlopen("http://127.0.0.1:{port}{path}", timeout=2)']
-
-
 def _probes(cfg: SidecarConfig) -> dict[str, Any]:
+    """kubelet's httpGet on the metrics listener (the pod IP, no token): the
+    admin listener is on 127.0.0.1, which kubelet never reaches."""
     p = cfg.probes
-    ready = {"exec": {"command": _http_check(cfg.admin_port, "/readyz")}}
-    live = {"exec": {"command": _http_check(cfg.admin_port, "/healthz")}}
+    ready = {"httpGet": {"path": "/readyz", "port": METRICS_PORT_NAME}}
+    live = {"httpGet": {"path": "/healthz", "port": METRICS_PORT_NAME}}
     return {
         "startupProbe": {**ready, **p["startup"]},
         "readinessProbe": {**ready, **p["readiness"]},
@@ -238,14 +225,23 @@ def _lifecycle(cfg: SidecarConfig) -> dict[str, Any]:
 def _sidecar_container(cfg: SidecarConfig) -> dict[str, Any]:
     args = [
         "run", "--policies", "/etc/sidekey/policies.yaml", "--listen", f"127.0.0.1:{cfg.port}",
-        "--admin", f"127.0.0.1:{cfg.admin_port}", "--certs", CA_DIR, "--grace", cfg.grace, *cfg.extra_args,
+        "--admin", f"127.0.0.1:{cfg.admin_port}", "--metrics-listen", f"0.0.0.0:{cfg.metrics_port}",
+        "--certs", CA_DIR, "--grace", cfg.grace, *cfg.extra_args,
     ]  # fmt: skip
     container: dict[str, Any] = {"name": SIDECAR, "image": cfg.image, "imagePullPolicy": cfg.pull_policy}
     if cfg.native:
         container["restartPolicy"] = "Always"
     container["command"] = ["sidekey"]
     container["args"] = args
-    container["env"] = [{"name": "SIDEKEY_LOG_LEVEL", "value": cfg.log_level}]
+    container["ports"] = [{"name": METRICS_PORT_NAME, "containerPort": cfg.metrics_port, "protocol": "TCP"}]
+    container["env"] = [
+        {"name": "SIDEKEY_LOG_LEVEL", "value": cfg.log_level},
+        # The admin API requires it in a pod, even on loopback (the app shares loopback).
+        {
+            "name": ADMIN_TOKEN_ENV,
+            "valueFrom": {"secretKeyRef": {"name": cfg.admin_token_secret, "key": cfg.admin_token_key}},
+        },
+    ]
     if cfg.provider_secret and cfg.provider_secrets_as_env:
         container["envFrom"] = [{"secretRef": {"name": cfg.provider_secret}}]
     container.update(_probes(cfg))

@@ -42,17 +42,26 @@ def _pem_body(block: bytes) -> bytes:
 
 
 def write_trust_bundle(ca_cert_path: Path, out_path: Path) -> Path:
-    """Write system CAs plus sidekey's CA to ``out_path`` (atomic, 0644)."""
-    match = PEM_CERT.search(Path(ca_cert_path).read_bytes())
-    if match is None:
+    """Write system CAs plus sidekey's CA to ``out_path`` (atomic, 0644).
+
+    Every certificate in the CA file goes in, not only the first (the one
+    sidekey signs with): during a CA rotation the file holds the signing CA
+    followed by the one still trusted, and clients must trust both."""
+    blocks = [m.group(0).strip() + b"\n" for m in PEM_CERT.finditer(Path(ca_cert_path).read_bytes())]
+    if not blocks:
         raise ValueError(f"{ca_cert_path} is not a PEM certificate")
-    ca_pem = match.group(0).strip() + b"\n"
-    ca_body = _pem_body(ca_pem)
+    bodies: set[bytes] = set()
+    unique = []
+    for block in blocks:
+        if _pem_body(block) not in bodies:
+            bodies.add(_pem_body(block))
+            unique.append(block)
+    ca_pem = b"".join(unique)
     system = system_ca_file()
     base = system.read_bytes() if system is not None else b""
     # Drop any copy of our CA already present, so the output holds it once
     # however often this runs and whatever the system bundle holds.
-    base = PEM_CERT.sub(lambda m: b"" if _pem_body(m.group(0)) == ca_body else m.group(0), base)
+    base = PEM_CERT.sub(lambda m: b"" if _pem_body(m.group(0)) in bodies else m.group(0), base)
     base = base.replace(_BUNDLE_MARK, b"")
     base = base.rstrip() + b"\n\n" if base.strip() else b""
     out_path = Path(out_path)

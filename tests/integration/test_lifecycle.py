@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import OPENAI_KEY, PLACEHOLDER, curl
@@ -127,6 +128,54 @@ def test_ca_prints_path_and_writes_bundle(tmp_path: Path) -> None:
         assert hint in result.stderr
 
 
+def test_ca_from_copies_a_secret_style_ca_with_a_private_key_mode(tmp_path: Path) -> None:
+    """The pod's init step: the CA Secret's files are 0444; sidekey needs the key 0600."""
+    secret, certs, bundle = tmp_path / "secret", tmp_path / "certs", tmp_path / "bundle.pem"
+    made = run_cli("ca", "--certs", str(secret))
+    assert made.returncode == 0, made.stderr
+    for f in secret.iterdir():
+        f.chmod(0o444)  # what a Secret volume with defaultMode 0444 gives
+    result = run_cli("ca", "--certs", str(certs), "--from", str(secret), "--bundle", str(bundle))
+    assert result.returncode == 0, result.stderr
+    for name in ("sidekey-ca.pem", "sidekey-ca-key.pem"):
+        assert (certs / name).read_bytes() == (secret / name).read_bytes()
+    assert stat.S_IMODE((certs / "sidekey-ca-key.pem").stat().st_mode) == 0o600
+    assert (secret / "sidekey-ca.pem").read_text().strip() in bundle.read_text()
+
+
+@pytest.mark.parametrize("missing", ["sidekey-ca.pem", "sidekey-ca-key.pem"])
+def test_ca_from_never_creates_a_ca(tmp_path: Path, missing: str) -> None:
+    secret, certs = tmp_path / "secret", tmp_path / "certs"
+    assert run_cli("ca", "--certs", str(secret)).returncode == 0
+    key_text = (secret / "sidekey-ca-key.pem").read_text()
+    (secret / missing).unlink()
+    result = run_cli("ca", "--certs", str(certs), "--from", str(secret))
+    assert result.returncode != 0
+    assert f"{secret / missing} is missing" in result.stderr
+    assert not (certs / missing).exists()  # nothing minted in its place
+    assert key_text not in result.stderr + result.stdout
+
+
+def test_ca_from_accepts_a_rotation_file_and_refuses_a_key_that_does_not_sign_the_first(tmp_path: Path) -> None:
+    """CA rotation (README, Kubernetes): sidekey-ca.pem = signing CA, then the one still trusted."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        assert run_cli("ca", "--certs", str(d)).returncode == 0
+    rot, certs, bundle = tmp_path / "rot", tmp_path / "certs", tmp_path / "bundle.pem"
+    rot.mkdir()
+    old_pem, new_pem = (old / "sidekey-ca.pem").read_text(), (new / "sidekey-ca.pem").read_text()
+    (rot / "sidekey-ca.pem").write_text(new_pem + old_pem)
+    (rot / "sidekey-ca-key.pem").write_bytes((new / "sidekey-ca-key.pem").read_bytes())
+    signed = run_cli("ca", "--certs", str(certs), "--from", str(rot), "--bundle", str(bundle))
+    assert signed.returncode == 0, signed.stderr
+    assert new_pem.strip() in bundle.read_text() and old_pem.strip() in bundle.read_text()
+    # The old key with the new certificate first: refused, never a CA that signs what nobody trusts.
+    (rot / "sidekey-ca-key.pem").write_bytes((old / "sidekey-ca-key.pem").read_bytes())
+    refused = run_cli("ca", "--certs", str(tmp_path / "certs2"), "--from", str(rot))
+    assert refused.returncode != 0
+    assert "is not the key of" in refused.stderr and "BEGIN" not in refused.stderr
+
+
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("sidekey ")
@@ -165,7 +214,9 @@ def test_file_secret_rotates_without_restart(start_sidekey: object, fake: FakePr
     assert "ROTATE" not in proxy.log()
 
 
-def test_operator_addon_from_cli_flag_and_policy(start_sidekey: object, fake: FakeProviderThread, tmp_path: Path) -> None:
+def test_operator_addon_from_cli_flag_and_policy(
+    start_sidekey: object, fake: FakeProviderThread, tmp_path: Path
+) -> None:
     """An operator's addon file: one loaded by --addon, one named in the policy."""
     from tests.integration.conftest import policy_for
 
@@ -180,7 +231,7 @@ def test_operator_addon_from_cli_flag_and_policy(start_sidekey: object, fake: Fa
         "class DenyAdmin:\n"
         "    async def request(self, flow):\n"
         "        if flow.request.path.startswith('/admin'):\n"
-        "            flow.response = Response.make(403, b'{\"error\": \"no\"}')\n"
+        '            flow.response = Response.make(403, b\'{"error": "no"}\')\n'
     )
     policy = policy_for(fake).replace("providers:", f"addons: ['{tmp_path / 'deny_addon.py'}:DenyAdmin']\nproviders:")
     proxy = start_sidekey(policy, args=("--addon", str(tmp_path / "tag_addon.py")))  # type: ignore[operator]

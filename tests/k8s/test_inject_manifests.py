@@ -56,6 +56,31 @@ def test_every_kind_is_reported_and_host_network_is_skipped() -> None:
     assert [m["name"] for m in store["volumeMounts"]] == ["data", "sidekey-ca-cert", "sidekey-bundle"]
 
 
+@pytest.mark.parametrize("native", ["auto", "true"])
+def test_the_admin_token_reaches_sidekey_only_and_inject_writes_no_secret(native: str) -> None:
+    done = inject(
+        "-f", str(SAMPLES / "workloads.yaml"), "--native-sidecar", native, "--admin-token-secret", "ops-admin"
+    )
+    assert done.returncode == 0, done.stderr
+    docs = list(yaml.safe_load_all(done.stdout))
+    source = list(yaml.safe_load_all((SAMPLES / "workloads.yaml").read_text()))
+    assert [d for d in docs if d["kind"] == "Secret"] == [d for d in source if d["kind"] == "Secret"]
+    ref = {"name": "SIDEKEY_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "ops-admin", "key": "token"}}}
+    injected = 0
+    for doc in docs:
+        if doc["kind"] in ("Secret", "ConfigMap", "Service"):
+            continue
+        spec = doc["spec"]
+        spec = spec.get("jobTemplate", {}).get("spec", spec)
+        spec = spec["template"]["spec"] if "template" in spec else spec
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            tokens = [e for e in c.get("env", []) if e["name"] == "SIDEKEY_ADMIN_TOKEN"]
+            assert tokens == ([ref] if c["name"] == "sidekey" else []), f"{doc['metadata']['name']}/{c['name']}"
+            assert "ops-admin" not in str(c.get("envFrom", [])) + str(c.get("volumeMounts", []))
+            injected += c["name"] == "sidekey"
+    assert injected == 6  # every workload but the hostNetwork DaemonSet
+
+
 def test_secrets_pass_through_as_written() -> None:
     text = (SAMPLES / "workloads.yaml").read_text()
     done = inject("-f", str(SAMPLES / "workloads.yaml"))

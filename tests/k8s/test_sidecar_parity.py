@@ -20,6 +20,7 @@ from tests.k8s.kube import CHART, RELEASE, manifests, pod_spec_of, render, valid
 
 IMAGE = "ghcr.io/example/sidekey:0.1.0"  # the chart's default: repository + appVersion
 POLICY_CM = f"{RELEASE}-sidekey-policy"
+ADMIN_SECRET = f"{RELEASE}-sidekey-admin"  # the chart's generated admin token Secret
 WORKLOAD = """\
 apiVersion: apps/v1
 kind: Deployment
@@ -52,7 +53,12 @@ def sidecar_of(spec: dict[str, Any]) -> dict[str, Any]:
 
 def chart_values(native: bool, bundle: bool, providers: str, as_env: bool, port: int) -> dict[str, Any]:
     return {
-        "sidekey": {"nativeSidecar": native, "port": port, "noProxy": ["api.internal.example"]},
+        "sidekey": {
+            "nativeSidecar": native,
+            "port": port,
+            "metricsPort": port + 1011,
+            "noProxy": ["api.internal.example"],
+        },  # fmt: skip
         "ca": {"existingSecret": "team-ca", "bundle": bundle},
         "providerSecrets": {"existingSecret": providers, "asEnv": as_env},
     }
@@ -60,7 +66,8 @@ def chart_values(native: bool, bundle: bool, providers: str, as_env: bool, port:
 
 def cli_config(native: bool, bundle: bool, providers: str, as_env: bool, port: int) -> SidecarConfig:
     return SidecarConfig(
-        image=IMAGE, native=native, port=port, no_proxy=("api.internal.example",), policy_configmap=POLICY_CM,
+        image=IMAGE, native=native, port=port, metrics_port=port + 1011, admin_token_secret=ADMIN_SECRET,
+        no_proxy=("api.internal.example",), policy_configmap=POLICY_CM,
         ca_secret="team-ca", ca_bundle=bundle, provider_secret=providers, provider_secrets_as_env=as_env,
     )  # fmt: skip
 
@@ -81,11 +88,31 @@ def test_chart_and_inject_give_the_same_sidecar(
     out, _ = inject_text(WORKLOAD, cli_config(native, bundle, providers, as_env, port), "true" if native else "false")
     injected = sidecar_of(pod_spec_of(list(yaml.safe_load_all(out))))
     assert injected == chart
+    # the parts this compares include the new ones (not vacuously equal)
+    sidekey = next(c for c in chart["initContainers"] + chart["containers"] if c["name"] == "sidekey")
+    assert sidekey["ports"] == [{"name": "metrics", "containerPort": port + 1011, "protocol": "TCP"}]
+    assert sidekey["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert {"name": "SIDEKEY_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": ADMIN_SECRET, "key": "token"}}} in (
+        sidekey["env"]
+    )
+
+
+def test_an_existing_admin_token_secret_and_its_cli_flag_agree() -> None:
+    chart = sidecar_of(pod_spec_of(manifests(render({"adminToken": {"existingSecret": "ops-admin"}}))))
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "inject", "-f", "-", "--image", IMAGE, "--policy-configmap", POLICY_CM,
+         "--native-sidecar", "false", "--admin-token-secret", "ops-admin"],
+        input=WORKLOAD, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert sidecar_of(pod_spec_of(list(yaml.safe_load_all(done.stdout)))) == chart
 
 
 @pytest.mark.parametrize("native", ["false", "true"])
 def test_the_cli_with_its_defaults_matches_the_chart_with_its_defaults(native: str) -> None:
-    chart = sidecar_of(pod_spec_of(manifests(render({"sidekey": {"nativeSidecar": native == "true"}}))))
+    # Only the admin token Secret's name differs by design: the chart generates
+    # <fullname>-admin, inject names the one the user creates.
+    values = {"sidekey": {"nativeSidecar": native == "true"}, "adminToken": {"existingSecret": "sidekey-admin-token"}}
+    chart = sidecar_of(pod_spec_of(manifests(render(values))))
     done = subprocess.run(
         [sys.executable, "-m", "proxy", "inject", "-f", "-", "--image", IMAGE, "--policy-configmap", POLICY_CM,
          "--native-sidecar", native],
@@ -126,7 +153,8 @@ def test_another_chart_includes_the_named_template(tmp_path: Path) -> None:
         "dependencies:\n  - name: sidekey\n    version: 0.1.0\n    repository: file://../sidekey\n"
     )
     (parent / "values.yaml").write_text(
-        "sidekey:\n  app: {enabled: false}\n  sidekey:\n    image: {tag: '0.1.0'}\n    policyConfigMap: demo-sidekey-policy\n"
+        "sidekey:\n  app: {enabled: false}\n  adminToken: {existingSecret: demo-sidekey-admin}\n"
+        "  sidekey:\n    image: {tag: '0.1.0'}\n    policyConfigMap: demo-sidekey-policy\n"
     )
     (parent / "templates" / "deployment.yaml").write_text(PARENT_TEMPLATE)
     shutil.copytree(CHART, parent / "charts" / "sidekey")

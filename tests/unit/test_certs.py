@@ -434,6 +434,26 @@ def test_bundle_has_system_certs_and_ca_once(
     assert trust.write_trust_bundle(ca.cert_path, out).read_bytes() == first
 
 
+def test_bundle_keeps_every_ca_of_a_rotation_file(
+    ca: CertificateAuthority, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mid-rotation the CA file is the signing CA then the one still trusted:
+    sidekey signs with the first, clients must trust both."""
+    system = tmp_path / "system.pem"
+    other = trustme.CA().cert_pem.bytes()
+    system.write_bytes(trustme.CA().cert_pem.bytes() + other)  # a system store that already holds one of them
+    monkeypatch.setattr(trust, "system_ca_file", lambda: system)
+    rotation = tmp_path / "rotation" / "sidekey-ca.pem"
+    rotation.parent.mkdir()
+    rotation.write_bytes(ca.cert_path.read_bytes() + other + ca.cert_path.read_bytes())
+    out = trust.write_trust_bundle(rotation, tmp_path / "bundle.pem").read_bytes()
+    blocks = _cert_blocks(out)
+    ca_der, other_der = _cert_blocks(ca.cert_path.read_bytes())[0], _cert_blocks(other)[0]
+    assert blocks[-2:] == [ca_der, other_der]  # both, in the file's order, after the system's
+    assert blocks.count(ca_der) == 1 and blocks.count(other_der) == 1
+    assert len(blocks) == 3
+
+
 def test_bundle_without_system_store_is_just_the_ca(
     ca: CertificateAuthority, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,3 +36,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "sidekey.policyConfigMap" -}}
 {{- printf "%s-policy" (include "sidekey.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/* The admin token Secret: adminToken.existingSecret, or the one this chart generates. */}}
+{{- define "sidekey.adminTokenSecret" -}}
+{{- .Values.adminToken.existingSecret | default (printf "%s-admin" (include "sidekey.fullname" .) | trunc 63 | trimSuffix "-") }}
+{{- end }}

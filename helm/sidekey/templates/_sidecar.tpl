@@ -13,9 +13,9 @@ tests/k8s/test_sidecar_parity.py renders both and requires them equal.
 Change both together.
 
 Argument: a context whose .Values has this chart's shape (sidekey, ca,
-providerSecrets). In this chart: `.`. From a chart that depends on this one
-(alias sidekey): (dict "Values" .Values.sidekey); sidekey.policyConfigMap and
-sidekey.image.tag must then be set, since they default from this chart's
+providerSecrets, adminToken). In this chart: `.`. From a chart that depends on this one
+(alias sidekey): (dict "Values" .Values.sidekey); sidekey.policyConfigMap,
+sidekey.image.tag and adminToken.existingSecret must then be set, since they default from this chart's
 release name and appVersion. Use:
 
   {{- $sk := include "sidekey.sidecar" (dict "Values" .Values.sidekey) | fromYaml }}
@@ -30,6 +30,9 @@ release name and appVersion. Use:
 {{- $cm := $sk.policyConfigMap -}}
 {{- if and (not $cm) .Chart }}{{ $cm = include "sidekey.policyConfigMap" . }}{{ end -}}
 {{- $cm = required "sidekey.policyConfigMap is required when sidekey.sidecar is included from another chart" $cm -}}
+{{- $adminSecret := $v.adminToken.existingSecret -}}
+{{- if and (not $adminSecret) .Chart }}{{ $adminSecret = include "sidekey.adminTokenSecret" . }}{{ end -}}
+{{- $adminSecret = required "adminToken.existingSecret is required when sidekey.sidecar is included from another chart" $adminSecret -}}
 {{- $caSecret := required "ca.existingSecret: name of the Secret holding sidekey-ca.pem and sidekey-ca-key.pem (see README)" $v.ca.existingSecret -}}
 {{- $providers := $v.providerSecrets.existingSecret -}}
 {{- $asEnv := $v.providerSecrets.asEnv -}}
@@ -37,27 +40,24 @@ release name and appVersion. Use:
 {{- $proxy := printf "http://127.0.0.1:%d" (int $sk.port) -}}
 {{- $noProxy := join "," (concat (list "localhost" "127.0.0.1" "::1" ".svc" ".svc.cluster.local" ".cluster.local" "$(KUBERNETES_SERVICE_HOST)") $sk.noProxy) -}}
 initContainers:
-  # Copies the CA from its Secret into a memory emptyDir owned by sidekey's
-  # user with mode 0600 (sidekey refuses a group-readable key), checks that it
-  # loads, and writes the app's trust bundle.
+  # Copies the CA from its Secret into a memory emptyDir with mode 0600 for
+  # the key (sidekey refuses a group-readable key), checks that it loads, and
+  # writes the app's trust bundle. sidekey itself, exec form (no shell needed);
+  # --from never creates a CA in place of a missing one.
   - name: sidekey-init
     image: {{ $image | quote }}
     imagePullPolicy: {{ $sk.image.pullPolicy }}
-    command: ["/bin/sh", "-c"]
+    command: ["sidekey"]
     args:
-      - |
-        set -eu
-        umask 077
-        for f in sidekey-ca.pem sidekey-ca-key.pem; do
-          rm -f "/etc/sidekey/ca/$f"
-          cp "/var/run/sidekey/ca-secret/$f" "/etc/sidekey/ca/$f" || {
-            echo "sidekey-init: cannot read $f from Secret {{ $caSecret }}: it needs keys sidekey-ca.pem and sidekey-ca-key.pem" >&2
-            exit 1
-          }
-        done
-        chmod 0644 "/etc/sidekey/ca/sidekey-ca.pem"
-        chmod 0600 "/etc/sidekey/ca/sidekey-ca-key.pem"
-        exec sidekey ca --certs /etc/sidekey/ca{{ if $v.ca.bundle }} --bundle /bundle/ca-bundle.pem{{ end }}
+      - ca
+      - --certs
+      - /etc/sidekey/ca
+      - --from
+      - /var/run/sidekey/ca-secret
+      {{- if $v.ca.bundle }}
+      - --bundle
+      - /bundle/ca-bundle.pem
+      {{- end }}
     resources:
       {{- toYaml $sk.initResources | nindent 6 }}
     securityContext:
@@ -73,13 +73,13 @@ initContainers:
         mountPath: /bundle
       {{- end }}
   {{- if $sk.nativeSidecar }}
-  {{- include "sidekey.sidecarContainer" (dict "v" $v "image" $image) | nindent 2 }}
+  {{- include "sidekey.sidecarContainer" (dict "v" $v "image" $image "adminSecret" $adminSecret) | nindent 2 }}
   {{- end }}
 {{- if $sk.nativeSidecar }}
 containers: []
 {{- else }}
 containers:
-  {{- include "sidekey.sidecarContainer" (dict "v" $v "image" $image) | nindent 2 }}
+  {{- include "sidekey.sidecarContainer" (dict "v" $v "image" $image "adminSecret" $adminSecret) | nindent 2 }}
 {{- end }}
 volumes:
   - name: sidekey-policy
@@ -152,18 +152,7 @@ appVolumeMounts:
   {{- end }}
 {{- end }}
 
-{{/*
-An exec probe: sidekey's admin listener is on 127.0.0.1, and kubelet's
-httpGet/tcpSocket probes dial the pod IP, which never reaches it. python3 is
-in every sidekey image (sidekey is Python); a shell or curl need not be.
-*/}}
-{{- define "sidekey.httpCheck" -}}
-- python3
-- -c
-- {{ printf "import urllib.request as u; u.urlopen(\"http://127.0.0.1:%d%s\", timeout=2)" (int .port) .path | quote }}
-{{- end }}
-
-{{/* The sidekey container; argument: (dict "v" <values> "image" <image>). */}}
+{{/* The sidekey container; argument: (dict "v" <values> "image" <image> "adminSecret" <Secret name>). */}}
 {{- define "sidekey.sidecarContainer" -}}
 {{- $v := .v -}}
 {{- $sk := $v.sidekey -}}
@@ -183,6 +172,8 @@ in every sidekey image (sidekey is Python); a shell or curl need not be.
     - {{ printf "127.0.0.1:%d" (int $sk.port) | quote }}
     - --admin
     - {{ printf "127.0.0.1:%d" (int $sk.adminPort) | quote }}
+    - --metrics-listen
+    - {{ printf "0.0.0.0:%d" (int $sk.metricsPort) | quote }}
     - --certs
     - /etc/sidekey/ca
     - --grace
@@ -190,9 +181,19 @@ in every sidekey image (sidekey is Python); a shell or curl need not be.
     {{- range $sk.extraArgs }}
     - {{ . | quote }}
     {{- end }}
+  ports:
+    - name: metrics
+      containerPort: {{ int $sk.metricsPort }}
+      protocol: TCP
   env:
     - name: SIDEKEY_LOG_LEVEL
       value: {{ $sk.logLevel | quote }}
+    # The admin API requires it in a pod, even on loopback (the app shares loopback).
+    - name: SIDEKEY_ADMIN_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ .adminSecret }}
+          key: {{ $v.adminToken.key }}
     {{- with $sk.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -201,20 +202,22 @@ in every sidekey image (sidekey is Python); a shell or curl need not be.
     - secretRef:
         name: {{ $v.providerSecrets.existingSecret }}
   {{- end }}
+  # kubelet's httpGet on the metrics listener (pod IP, no token): the admin
+  # listener is on 127.0.0.1, which kubelet never reaches.
   startupProbe:
-    exec:
-      command:
-        {{- include "sidekey.httpCheck" (dict "port" $sk.adminPort "path" "/readyz") | nindent 8 }}
+    httpGet:
+      path: /readyz
+      port: metrics
     {{- toYaml $p.startup | nindent 4 }}
   readinessProbe:
-    exec:
-      command:
-        {{- include "sidekey.httpCheck" (dict "port" $sk.adminPort "path" "/readyz") | nindent 8 }}
+    httpGet:
+      path: /readyz
+      port: metrics
     {{- toYaml $p.readiness | nindent 4 }}
   livenessProbe:
-    exec:
-      command:
-        {{- include "sidekey.httpCheck" (dict "port" $sk.adminPort "path" "/healthz") | nindent 8 }}
+    httpGet:
+      path: /healthz
+      port: metrics
     {{- toYaml $p.liveness | nindent 4 }}
   {{- if not $sk.nativeSidecar }}
   {{- if or (gt (int $sk.waitForProxySeconds) 0) (gt (int $sk.preStopSleepSeconds) 0) }}
