@@ -109,7 +109,7 @@ class Sidekey:
             bind = getattr(addon, "bind", None)
             if callable(bind):
                 bind(self)
-        self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0}
+        self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0, "tls_to_plain_port": 0}
         self.reloads = {"ok": 0, "unchanged": 0, "failed": 0}
         self.policy_loaded_at = time.time()
         self._reload_lock = asyncio.Lock()
@@ -204,8 +204,11 @@ class Sidekey:
                 raise
             except Exception as exc:
                 self.reloads["failed"] += 1
-                log.error("policy reload rejected by an addon, keeping version %s: %s", self.policy.version,
-                          errors.describe(exc))
+                log.error(
+                    "policy reload rejected by an addon, keeping version %s: %s",
+                    self.policy.version,
+                    errors.describe(exc),
+                )
                 raise
             self.reloads["ok"] += 1
             log.info("policy reloaded: version %s, %d providers", policy.version, len(policy.providers))
@@ -275,8 +278,10 @@ class Sidekey:
         limits = self.policy.limits
         conn.idle = True
         try:
-            head = await exchange.read_head(conn, limits.header_timeout, limits.max_headers)
+            head = await exchange.read_head(conn, limits.header_timeout, limits.max_headers, first=True)
         except errors.ProxyError as err:
+            if isinstance(err, errors.TLSOnPlainPort):
+                self._tls_on_plain_port(conn)
             await exchange.send_error(conn, err, new_request_id())
             return
         finally:
@@ -293,6 +298,16 @@ class Sidekey:
                 reason="sidekey is a forward proxy: send CONNECT host:port or an absolute-form http:// URI"
             )
             await exchange.send_error(conn, refused, new_request_id())
+
+    def _tls_on_plain_port(self, conn: ClientConn) -> None:
+        """Said once per process (a misconfigured app retries in a loop); counted always."""
+        self.counters["tls_to_plain_port"] += 1
+        if self.counters["tls_to_plain_port"] == 1:
+            log.warning(
+                "a client (%s) spoke TLS to the plain proxy port %d: use http:// in HTTPS_PROXY "
+                "(HTTPS_PROXY=http://%s:%d); the TLS to the provider runs inside the CONNECT tunnel",
+                conn.peer[0] if conn.peer else "-", self.address[1], self.address[0], self.address[1],
+            )  # fmt: skip
 
     async def _connect(self, conn: ClientConn, authority: str) -> None:
         policy = self.policy
