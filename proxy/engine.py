@@ -6,6 +6,7 @@ requests and blind tunnels; drains on shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -28,6 +29,7 @@ log = logging.getLogger("sidekey")
 
 CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 TUNNEL_CONNECT_TIMEOUT = 10.0
+POOL_CHECK_INTERVAL = 1.0  # CA files re-checked (a stat each), retired pools closed when drained
 PIPE_PIECE = 65536
 
 
@@ -116,6 +118,7 @@ class Sidekey:
         # Shared state between sidecars (limits, usage), from the policy's redis section.
         self.redis: Redis | None = None
         self._redis_id: tuple[str, float] | None = None
+        self._pool_upkeep: asyncio.Task[None] | None = None
 
     @property
     def leaf_contexts(self) -> LeafContexts:
@@ -126,7 +129,9 @@ class Sidekey:
         self.ca = await asyncio.to_thread(CertificateAuthority.load_or_create, self.certs_dir)
         self.leaves = LeafContexts(self.ca)
         await self._connect_redis(self.policy)
+        await self.pools.maintain(self.policy)
         await self.addons.configure(self.policy)
+        self._pool_upkeep = asyncio.create_task(self._keep_pools(), name="sidekey-pool-upkeep")
         self.server = await asyncio.start_server(
             self._on_client,
             self.listen[0],
@@ -140,6 +145,14 @@ class Sidekey:
         self.protect_port(self.address[1])
         await self.addons.observe("running")
         log.info("sidekey listening on %s:%d (%d providers)", *self.address, len(self.policy.providers))
+
+    async def _keep_pools(self) -> None:
+        while True:
+            await asyncio.sleep(POOL_CHECK_INTERVAL)
+            try:
+                await self.pools.maintain(self.policy)
+            except Exception as exc:  # noqa: BLE001 - the pools keep serving what they have
+                log.error("upstream pool upkeep failed: %s", errors.describe(exc))
 
     async def _connect_redis(self, policy: Policy) -> None:
         from proxy import shared
@@ -179,6 +192,7 @@ class Sidekey:
         Flows in flight keep the snapshot they started with; pools are keyed
         by upstream identity, so unchanged providers keep their connections."""
         await self._connect_redis(policy)
+        await self.pools.maintain(policy, self.policy)  # the new policy's CA files, read before it serves
         await self.addons.configure(policy)
         if policy.addons != self.policy.addons:
             log.warning("policy reload: the addons list changed; restart sidekey to load addons")
@@ -241,6 +255,10 @@ class Sidekey:
             if conn.task is not None:
                 conn.task.cancel()
         await self.addons.observe("done")
+        if self._pool_upkeep is not None:
+            self._pool_upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pool_upkeep
         await self.pools.close()
         if self.redis is not None:
             await self.redis.aclose()
