@@ -31,7 +31,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import routing, upstream
+from proxy import routing
 from proxy.balance import Transition, UpstreamState
 from proxy.policy import Alerts, Policy, Provider, SecretRef
 from proxy.shared import resolve_ref
@@ -172,7 +172,7 @@ class HealthChecks:
             if engine.credentials is not None:
                 url = engine.credentials.inject(ci, url, provider, state.target)
             target = URL(url, encoded=True)
-            key = upstream.pool_key(provider, "https", target.raw_host or "", target.port or 443, engine.guard)
+            key = engine.pools.key(provider, "https", target.raw_host or "", target.port or 443, engine.guard)
             session = engine.pools.session(key)
             async with asyncio.timeout(check.timeout):
                 async with session.request(check.method, target, headers=ci, allow_redirects=False,

@@ -6,6 +6,7 @@ requests and blind tunnels; drains on shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from proxy import errors, exchange, netguard, routing
+from proxy import errors, exchange, netguard, routing, tunnel
 from proxy.balance import Groups, Transition, UpstreamState
 from proxy.certs import CertificateAuthority, LeafContexts
 from proxy.flow import Flow, new_request_id
@@ -28,6 +29,7 @@ log = logging.getLogger("sidekey")
 
 CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 TUNNEL_CONNECT_TIMEOUT = 10.0
+POOL_CHECK_INTERVAL = 1.0  # CA files re-checked (a stat each), retired pools closed when drained
 PIPE_PIECE = 65536
 
 
@@ -109,13 +111,14 @@ class Sidekey:
             bind = getattr(addon, "bind", None)
             if callable(bind):
                 bind(self)
-        self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0}
+        self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0, "tls_to_plain_port": 0}
         self.reloads = {"ok": 0, "unchanged": 0, "failed": 0}
         self.policy_loaded_at = time.time()
         self._reload_lock = asyncio.Lock()
         # Shared state between sidecars (limits, usage), from the policy's redis section.
         self.redis: Redis | None = None
         self._redis_id: tuple[str, float] | None = None
+        self._pool_upkeep: asyncio.Task[None] | None = None
 
     @property
     def leaf_contexts(self) -> LeafContexts:
@@ -134,6 +137,7 @@ class Sidekey:
         self.ca = await asyncio.to_thread(CertificateAuthority.load_or_create, self.certs_dir)
         self.leaves = LeafContexts(self.ca)
         await self._connect_redis(self.policy)
+        await self.pools.maintain(self.policy)
         await self.addons.configure(self.policy)
 
     async def bind(self) -> None:
@@ -153,6 +157,7 @@ class Sidekey:
 
     async def announce(self) -> None:
         """Addons start their background work; the log says where we listen."""
+        self._pool_upkeep = asyncio.create_task(self._keep_pools(), name="sidekey-pool-upkeep")
         await self.addons.observe("running")
         log.info("sidekey listening on %s:%d (%d providers)", *self.address, len(self.policy.providers))
 
@@ -166,6 +171,14 @@ class Sidekey:
             await self.redis.aclose()
         if self.leaves is not None:
             self.leaves.close()
+
+    async def _keep_pools(self) -> None:
+        while True:
+            await asyncio.sleep(POOL_CHECK_INTERVAL)
+            try:
+                await self.pools.maintain(self.policy)
+            except Exception as exc:  # noqa: BLE001 - the pools keep serving what they have
+                log.error("upstream pool upkeep failed: %s", errors.describe(exc))
 
     async def _connect_redis(self, policy: Policy) -> None:
         from proxy import shared
@@ -205,6 +218,7 @@ class Sidekey:
         Flows in flight keep the snapshot they started with; pools are keyed
         by upstream identity, so unchanged providers keep their connections."""
         await self._connect_redis(policy)
+        await self.pools.maintain(policy, self.policy)  # the new policy's CA files, read before it serves
         await self.addons.configure(policy)
         if policy.addons != self.policy.addons:
             log.warning("policy reload: the addons list changed; restart sidekey to load addons")
@@ -264,6 +278,10 @@ class Sidekey:
             if conn.task is not None:
                 conn.task.cancel()
         await self.addons.observe("done")
+        if self._pool_upkeep is not None:
+            self._pool_upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pool_upkeep
         await self.pools.close()
         if self.redis is not None:
             await self.redis.aclose()
@@ -301,8 +319,10 @@ class Sidekey:
         limits = self.policy.limits
         conn.idle = True
         try:
-            head = await exchange.read_head(conn, limits.header_timeout, limits.max_headers)
+            head = await exchange.read_head(conn, limits.header_timeout, limits.max_headers, first=True)
         except errors.ProxyError as err:
+            if isinstance(err, errors.TLSOnPlainPort):
+                self._tls_on_plain_port(conn)
             await exchange.send_error(conn, err, new_request_id())
             return
         finally:
@@ -319,6 +339,16 @@ class Sidekey:
                 reason="sidekey is a forward proxy: send CONNECT host:port or an absolute-form http:// URI"
             )
             await exchange.send_error(conn, refused, new_request_id())
+
+    def _tls_on_plain_port(self, conn: ClientConn) -> None:
+        """Said once per process (a misconfigured app retries in a loop); counted always."""
+        self.counters["tls_to_plain_port"] += 1
+        if self.counters["tls_to_plain_port"] == 1:
+            log.warning(
+                "a client (%s) spoke TLS to the plain proxy port %d: use http:// in HTTPS_PROXY "
+                "(HTTPS_PROXY=http://%s:%d); the TLS to the provider runs inside the CONNECT tunnel",
+                conn.peer[0] if conn.peer else "-", self.address[1], self.address[0], self.address[1],
+            )  # fmt: skip
 
     async def _connect(self, conn: ClientConn, authority: str) -> None:
         policy = self.policy
@@ -349,39 +379,10 @@ class Sidekey:
     async def _tunnel(self, conn: ClientConn, host: str, port: int, policy: Policy) -> None:
         """Blind relay for unmatched hosts: no interception, no credentials."""
         try:
-            addresses = await netguard.resolve_checked(host, port, self.guard)
-        except netguard.BlockedAddressError:
-            await exchange.send_error(conn, errors.AddressBlocked(host=host), new_request_id())
-            return
-        except OSError:
-            await exchange.send_error(conn, errors.UpstreamConnectError(), new_request_id())
-            return
-        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        for _family, address in addresses:  # connect to the checked address only
-            try:
-                async with asyncio.timeout(TUNNEL_CONNECT_TIMEOUT):
-                    upstream = await asyncio.open_connection(address, port)
-                break
-            except (OSError, TimeoutError):
-                continue
-        if upstream is None:
-            await exchange.send_error(conn, errors.UpstreamConnectError(), new_request_id())
+            up_reader, up_writer = await tunnel.open_checked(host, port, self.guard)
+        except errors.ProxyError as err:
+            await exchange.send_error(conn, err, new_request_id())
             return
         self.counters["tunnels"] += 1
-        up_reader, up_writer = upstream
         conn.writer.write(CONNECTED)
-        try:
-            await asyncio.gather(_pipe(conn.reader, up_writer), _pipe(up_reader, conn.writer))
-        finally:
-            up_writer.close()
-
-
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while data := await src.read(PIPE_PIECE):
-            dst.write(data)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()  # half-close: the other direction may still flow
-    except (ConnectionError, OSError):
-        dst.close()
+        await tunnel.relay(conn.reader, conn.writer, up_reader, up_writer)

@@ -4,6 +4,11 @@ Each class carries its status, code and retryability. Messages come from fixed
 templates plus non-secret fields (provider name, host): never from ``str()`` of
 an upstream exception or from a request header, because either may hold a key.
 ``render_error`` is the one place that turns an error into a JSON body.
+
+Every answer sidekey makes from an error also carries the code in the status
+line's reason phrase (``403 host_not_allowed``) and in ``x-sidekey-error``:
+a client refused at CONNECT (curl, httpx, the SDKs) shows only the status line,
+and the header tells sidekey's own 429/502/503 from an upstream's.
 """
 
 from __future__ import annotations
@@ -63,6 +68,15 @@ class UnmatchedDenied(ProxyError):
 class AddressBlocked(ProxyError):
     status, code = 403, "address_blocked"
     template = "{host} resolves to a blocked address (cloud metadata or sidekey itself)"
+
+
+class TLSOnPlainPort(ProxyError):
+    """A TLS ClientHello on the plain proxy port: the client was given
+    ``HTTPS_PROXY=https://...``. Answered in plain HTTP, which the client's TLS
+    layer reports as "wrong version number", the message people search for."""
+
+    status, code = 400, "tls_to_plain_port"
+    template = "sidekey's proxy port speaks plain HTTP: use http:// in HTTPS_PROXY"
 
 
 class MethodNotAllowed(ProxyError):
@@ -160,6 +174,15 @@ def describe(exc: BaseException) -> str:
         tb = tb.tb_next
     where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
     return f"{type(exc).__name__}{where}"
+
+
+ERROR_HEADER = "x-sidekey-error"
+
+
+def reason_phrase(err: ProxyError) -> bytes:
+    """The status line's reason phrase: the code (a token, so a valid
+    reason-phrase under RFC 9112 §4)."""
+    return err.code.encode("ascii")
 
 
 def render_error(err: ProxyError) -> bytes:

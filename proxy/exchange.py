@@ -28,6 +28,9 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Fields we never forward as-is: Host is rebuilt from the upstream URL (RFC
 # 9112 §3.2.2), framing is redone by us or aiohttp, Expect is answered by us.
 REQUEST_DROP = ("host", "content-length", "expect")
+# RFC 8446 §5.1 (and every TLS/SSLv3 version before it): a ClientHello travels
+# in a record whose first byte is ContentType handshake(22).
+TLS_HANDSHAKE_RECORD = b"\x16"
 
 
 class ClientGone(errors.ProxyError):
@@ -35,11 +38,25 @@ class ClientGone(errors.ProxyError):
     template = "the client closed the connection"
 
 
-async def read_head(conn: ClientConn, wait: float, max_headers: int) -> http1.RequestHead | None:
-    """None on EOF, idle timeout or a connection error: just close."""
+async def read_head(
+    conn: ClientConn, wait: float, max_headers: int, *, first: bool = False
+) -> http1.RequestHead | None:
+    """None on EOF, idle timeout or a connection error: just close.
+
+    ``first``: the opening bytes of a new plain connection. Their first byte is
+    read alone, because a client that speaks TLS to this port (``HTTPS_PROXY=
+    https://...``) sends a ClientHello and waits for ours: it would sit out the
+    header timeout. No request line starts with a TLS record's first byte."""
+    reader = conn.reader
     try:
         async with asyncio.timeout(wait):
-            data = await conn.reader.readuntil(b"\r\n\r\n")
+            if first:
+                lead = await reader.readexactly(1)
+                if lead == TLS_HANDSHAKE_RECORD:
+                    raise errors.TLSOnPlainPort()
+                data = lead + await reader.readuntil(b"\r\n\r\n")
+            else:
+                data = await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
         raise errors.HeadersTooLarge(limit="the configured max_header_bytes") from None
     except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
@@ -229,7 +246,8 @@ async def send_local(conn: ClientConn, flow: Flow, keep: bool) -> None:
     no_body = http1.status_has_no_body(flow.request.method, resp.status)
     resp.headers["content-length"] = str(len(resp.body))
     conn.head_sent = True
-    conn.writer.write(http1.response_head(resp.status, resp.headers.items()) + (b"" if no_body else resp.body))
+    head = http1.response_head(resp.status, resp.headers.items(), resp.reason)
+    conn.writer.write(head + (b"" if no_body else resp.body))
     flow.bytes_to_client += len(resp.body)
     await conn.writer.drain()
 

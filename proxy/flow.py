@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
-from proxy.errors import ProxyError, render_error
+from proxy.errors import ERROR_HEADER, ProxyError, reason_phrase, render_error
 from proxy.policy import Policy, Provider
 
 if TYPE_CHECKING:
@@ -59,12 +59,19 @@ class Response:
     For an upstream response the engine streams the body; ``body`` is None.
     """
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "reason")
 
-    def __init__(self, status: int, headers: CIMultiDict[str] | None = None, body: bytes | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDict[str] | None = None,
+        body: bytes | None = None,
+        reason: bytes | None = None,
+    ) -> None:
         self.status = status
         self.headers = headers if headers is not None else CIMultiDict()
         self.body = body
+        self.reason = reason  # None: the standard phrase for the status
 
     @classmethod
     def make(cls, status: int, body: bytes = b"", content_type: str = "application/json") -> Response:
@@ -73,6 +80,8 @@ class Response:
     @classmethod
     def from_error(cls, err: ProxyError) -> Response:
         resp = cls.make(err.status, render_error(err))
+        resp.reason = reason_phrase(err)
+        resp.headers[ERROR_HEADER] = err.code
         if err.status in (429, 503) and err.retryable:
             resp.headers["retry-after"] = str(err.fields.get("seconds", 1))
         return resp

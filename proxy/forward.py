@@ -275,6 +275,9 @@ async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamSta
         if body.error is not None:  # the caller's body broke mid-upload: no upstream outcome to count
             state.breaker.abandon()
             raise
+        if isinstance(err, errors.UpstreamTLSError):
+            bundle = engine.pools.ca_bundles.get(provider.tls.ca_bundle) if provider.tls.ca_bundle else None
+            upstream.log_tls_failure(err, provider, state, bundle)
         engine.notify(state, state.record(True, time.monotonic(), error=err.code))
         raise
     except BaseException:
@@ -296,7 +299,7 @@ async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamSta
 
 
 async def _send(engine: Sidekey, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
-    key = upstream.pool_key(provider, url.scheme, url.raw_host or "", url.port or 443, engine.guard)
+    key = engine.pools.key(provider, url.scheme, url.raw_host or "", url.port or 443, engine.guard)
     session = engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
     server_name = provider.tls.server_name if provider else None
     return await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)

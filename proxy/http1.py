@@ -15,7 +15,7 @@ from typing import Literal
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import BadRequest, BodyTooLarge, HeadersTooLarge, ProxyError
+from proxy.errors import ERROR_HEADER, BadRequest, BodyTooLarge, HeadersTooLarge, ProxyError, reason_phrase
 
 # RFC 9110 §5.6.2: token = 1*tchar
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -188,6 +188,7 @@ def error_response(err: ProxyError, body: bytes, extra: Iterable[tuple[str, str]
     headers = [
         ("content-type", "application/json"),
         ("content-length", str(len(body))),
+        (ERROR_HEADER, err.code),
         *extra,
     ]
-    return response_head(err.status, headers) + body
+    return response_head(err.status, headers, reason_phrase(err)) + body

@@ -2,9 +2,12 @@
 and the single place where aiohttp exceptions become our errors.
 
 The pool key holds everything that changes who we talk to or how we trust
-them (host, port, TLS server name, extra CA, connection limits, the address
-allow-list), so two providers that differ in any of those never share a
-connection, while providers that agree share keep-alive connections.
+them (host, port, TLS server name, the extra CA's path and content digest,
+connection limits, the address allow-list), so two providers that differ in any
+of those never share a connection, while providers that agree share keep-alive
+connections. When a CA file's content changes, its pools are retired: new
+requests get a pool that trusts the new content, and a retired pool is closed
+once no request is using it.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from aiohttp import ClientResponse, ClientSession, ClientTimeout, TCPConnector
 from yarl import URL
 
 from proxy import errors
+from proxy.balance import UpstreamState
+from proxy.ca_bundles import CABundle, CABundles
 from proxy.flow import Flow
 from proxy.netguard import BlockedAddressError, Guard, GuardedResolver, is_ip_literal
-from proxy.policy import Provider
+from proxy.policy import Policy, Provider
 
 log = logging.getLogger("sidekey.upstream")
 
@@ -36,13 +41,15 @@ class PoolKey:
     host: str
     port: int
     server_name: str | None
-    ca_bundle: str | None
+    ca_bundle: CABundle | None  # compared by path and digest
     max_connections: int
     keepalive_timeout: float
     guard: Guard
 
 
-def pool_key(provider: Provider | None, scheme: str, host: str, port: int, guard: Guard) -> PoolKey:
+def pool_key(
+    provider: Provider | None, scheme: str, host: str, port: int, guard: Guard, ca_bundle: CABundle | None = None
+) -> PoolKey:
     if provider is None:
         return PoolKey(scheme, host, port, None, None, 100, 30.0, guard)
     return PoolKey(
@@ -50,27 +57,66 @@ def pool_key(provider: Provider | None, scheme: str, host: str, port: int, guard
         host,
         port,
         provider.tls.server_name,
-        provider.tls.ca_bundle,
+        ca_bundle,
         provider.pool.max_connections,
         provider.pool.keepalive_timeout,
         guard,
     )
 
 
-def client_tls_context(ca_bundle: str | None) -> ssl.SSLContext:
-    """Verification is always on: system store, plus the policy's extra CA."""
+def client_tls_context(ca_bundle: CABundle | None) -> ssl.SSLContext:
+    """Verification is always on: system store, plus the policy's extra CA
+    (the content the pool key's digest names, not the file as it is now)."""
     ctx = ssl.create_default_context()
-    if ca_bundle:
-        ctx.load_verify_locations(cafile=ca_bundle)
+    if ca_bundle is not None:
+        ctx.load_verify_locations(cadata=ca_bundle.pem)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def ca_paths(policy: Policy) -> list[str]:
+    return [p.tls.ca_bundle for p in policy.providers if p.tls.ca_bundle is not None]
+
+
+def _in_use(session: ClientSession) -> int:
+    """Connections a request holds (or is opening) in this pool."""
+    return len(getattr(session.connector, "_acquired", ()))
 
 
 class UpstreamPools:
     def __init__(self, *, read_bufsize: int = 2**16) -> None:
         self._sessions: dict[PoolKey, ClientSession] = {}
+        self._retiring: list[ClientSession] = []  # trust changed: closed once no request uses them
         self._timeouts: dict[tuple[float, float], ClientTimeout] = {}
         self._read_bufsize = read_bufsize
+        self.ca_bundles = CABundles()
+
+    def key(self, provider: Provider | None, scheme: str, host: str, port: int, guard: Guard) -> PoolKey:
+        """The pool identity for a request now: one dict read for the CA
+        content (``maintain`` keeps it current off the request path)."""
+        bundle = None
+        if provider is not None and provider.tls.ca_bundle is not None:
+            bundle = self.ca_bundles.get(provider.tls.ca_bundle)
+            if bundle is None:  # never readable since the policy named it (logged by the refresh)
+                raise errors.UpstreamTLSError(provider.name, reason="its tls.ca_bundle holds no usable certificate")
+        return pool_key(provider, scheme, host, port, guard, bundle)
+
+    async def maintain(self, *policies: Policy) -> None:
+        """Close retired pools that no request uses any more (retired at least
+        one call ago, so a request that took its session just before is in the
+        pool's count by now), re-read the CA files the policies name, and
+        retire the pools that trust an old content."""
+        drained = [s for s in self._retiring if not _in_use(s)]
+        if drained:
+            self._retiring = [s for s in self._retiring if s not in drained]
+            await asyncio.gather(*(s.close() for s in drained), return_exceptions=True)
+        paths = [path for policy in policies for path in ca_paths(policy)]
+        if not paths:
+            return
+        if await asyncio.to_thread(self.ca_bundles.refresh, paths):
+            current = self.ca_bundles.get
+            stale = [k for k in self._sessions if k.ca_bundle is not None and current(k.ca_bundle.path) != k.ca_bundle]
+            self._retiring.extend(self._sessions.pop(k) for k in stale)
 
     def session(self, key: PoolKey) -> ClientSession:
         session = self._sessions.get(key)
@@ -117,20 +163,26 @@ class UpstreamPools:
         return t
 
     async def close(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
+        sessions, self._sessions = [*self._sessions.values(), *self._retiring], {}
+        self._retiring = []
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
 
     def statistics(self) -> dict[str, Any]:
         pools = []
         for key, session in self._sessions.items():
             conn = session.connector
-            acquired = len(getattr(conn, "_acquired", ()))
+            acquired = _in_use(session)
             idle = sum(len(v) for v in getattr(conn, "_conns", {}).values())
             pools.append({"host": key.host, "port": key.port, "in_use": acquired, "idle": idle})
-        return {"sessions": len(self._sessions), "pools": pools}
+        return {
+            "sessions": len(self._sessions),
+            "retiring": len(self._retiring),
+            "pools": pools,
+            "ca_bundles": self.ca_bundles.statistics(),
+        }
 
     def __repr__(self) -> str:
-        return f"UpstreamPools(sessions={len(self._sessions)})"
+        return f"UpstreamPools(sessions={len(self._sessions)}, retiring={len(self._retiring)})"
 
 
 async def send(
@@ -159,7 +211,7 @@ def map_error(exc: BaseException, provider: str | None) -> BaseException:
     if isinstance(exc, aiohttp.ClientConnectorDNSError) and isinstance(exc.os_error, BlockedAddressError):
         return errors.AddressBlocked(provider, host=exc.os_error.host)
     if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
-        return errors.UpstreamTLSError(provider)
+        return errors.UpstreamTLSError(provider, reason=tls_reason(exc))
     if isinstance(exc, aiohttp.ClientConnectorError):
         return errors.UpstreamConnectError(provider)
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
@@ -169,3 +221,41 @@ def map_error(exc: BaseException, provider: str | None) -> BaseException:
     if isinstance(exc, aiohttp.ClientError | ValueError | OSError):
         return errors.UpstreamProtocolError(provider)
     return exc
+
+
+# OpenSSL's X509_V_ERR_* codes seen on upstreams, in our words: a log names the
+# reason from this table, never the exception's text or the certificate.
+_VERIFY_REASONS = {
+    2: "the issuer certificate is not trusted",
+    9: "the certificate is not yet valid",
+    10: "the certificate has expired",
+    18: "the certificate is self-signed and not trusted",
+    19: "a self-signed certificate in the chain is not trusted",
+    20: "the issuer is not in the trusted CAs",
+    21: "the chain cannot be verified",
+    62: "the certificate does not name the host",
+    64: "the certificate does not name the IP address",
+}
+
+
+def tls_reason(exc: BaseException) -> str:
+    """Why an upstream TLS connection failed, from fixed text only."""
+    if not isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"the handshake failed ({type(exc).__name__})"
+    code = getattr(exc.certificate_error, "verify_code", None)
+    if not isinstance(code, int):
+        return "the certificate was refused"
+    return _VERIFY_REASONS.get(code, f"the certificate was refused (X509 error {code})")
+
+
+def log_tls_failure(err: errors.ProxyError, provider: Provider, state: UpstreamState, bundle: CABundle | None) -> None:
+    """One line naming what failed and what it was checked against, so an
+    operator can tell a wrong CA file from a wrong upstream."""
+    if bundle is not None:
+        trust = f"the system store plus tls.ca_bundle {bundle.path} (sha256 {bundle.short})"
+    elif provider.tls.ca_bundle is not None:
+        trust = f"nothing: tls.ca_bundle {provider.tls.ca_bundle} has no usable certificate"
+    else:
+        trust = "the system store only (no tls.ca_bundle)"
+    log.warning("upstream %s/%s (%s:%d): TLS verification failed: %s; trusted: %s",
+                provider.name, state.name, state.host, state.port, err.fields.get("reason", "-"), trust)  # fmt: skip

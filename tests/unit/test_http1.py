@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from proxy import errors, http1
+from proxy.flow import Response
 
 
 def head(raw: bytes, max_headers: int = 100) -> http1.RequestHead:
@@ -134,14 +135,35 @@ def test_no_body_statuses(method: str, status: int, empty: bool) -> None:
 def test_response_head_serialisation() -> None:
     assert http1.response_head(404, [("a", "b")]) == b"HTTP/1.1 404 Not Found\r\na: b\r\n\r\n"
     assert http1.response_head(204, []) == b"HTTP/1.1 204 No Content\r\n\r\n"
-    assert http1.response_head(599, [("a", "1"), ("b", "\xe9")], b"Odd") == b"HTTP/1.1 599 Odd\r\na: 1\r\nb: \xe9\r\n\r\n"
+    assert (
+        http1.response_head(599, [("a", "1"), ("b", "\xe9")], b"Odd") == b"HTTP/1.1 599 Odd\r\na: 1\r\nb: \xe9\r\n\r\n"
+    )
     with pytest.raises(UnicodeEncodeError):  # not Latin-1: refused, never sent mangled
         http1.response_head(200, [("a", "\u2603")])
 
 
-@given(st.lists(st.tuples(st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True),
-                          st.from_regex(r"[ -~]{0,40}", fullmatch=True)), max_size=20))
+@given(
+    st.lists(
+        st.tuples(
+            st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True), st.from_regex(r"[ -~]{0,40}", fullmatch=True)
+        ),
+        max_size=20,
+    )
+)
 def test_parse_round_trips_any_valid_field_list(fields: list[tuple[str, str]]) -> None:
     raw = b"GET / HTTP/1.1\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields) + b"\r\n"
     parsed = head(raw)
     assert [(k, v) for k, v in parsed.headers.items()] == [(k, v.strip(" \t")) for k, v in fields]
+
+
+def test_error_answers_name_their_code_in_the_status_line_and_a_header() -> None:
+    err = errors.UnmatchedDenied(host="denied.example")
+    raw = http1.error_response(err, b"{}", [("connection", "close")])
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 403 host_not_allowed"
+    assert b"x-sidekey-error: host_not_allowed" in lines and b"connection: close" in lines
+    assert body == b"{}"
+    resp = Response.from_error(err)
+    assert (resp.status, resp.reason, resp.headers["x-sidekey-error"]) == (403, b"host_not_allowed", "host_not_allowed")
+    assert Response(200).reason is None  # anything else keeps the standard phrase
