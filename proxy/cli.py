@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-level", default=env("SIDEKEY_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING [$SIDEKEY_LOG_LEVEL]"
     )
+    run.add_argument(
+        "--log-format", choices=("auto", "text", "json"), default=env("SIDEKEY_LOG_FORMAT", "auto"),
+        help="text, or JSON lines; auto: text on a terminal, else JSON [$SIDEKEY_LOG_FORMAT]",
+    )  # fmt: skip
+    run.add_argument(
+        "--access-log", choices=("on", "off"), default=env("SIDEKEY_ACCESS_LOG", "on"),
+        help="one INFO line per request [$SIDEKEY_ACCESS_LOG]",
+    )  # fmt: skip
 
     check = sub.add_parser("check", help="validate a policy file without starting")
     check.add_argument("policies", nargs="?", default=env("SIDEKEY_POLICIES", "policies.yaml"))
@@ -263,14 +271,16 @@ async def _send_replay(request: ReplayRequest, proxy: str, ca: Path, seconds: fl
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from proxy import logs
+
+    if args.log_format not in logs.FORMATS or args.access_log not in ("on", "off"):  # from the environment
+        print("SIDEKEY_LOG_FORMAT: auto, text or json; SIDEKEY_ACCESS_LOG: on or off", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level, args.log_format, sys.stderr)
     policy = load_or_report(args.policies)
     if policy is None:
         return 2
+    log.info("policy %s: version %s, %d providers", policy.source, policy.version, len(policy.providers))
     try:
         import uvloop
     except ImportError:
@@ -302,7 +312,7 @@ async def serve(policy: Policy, args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             log.error("dead-letter file %s: %s", args.dlq, err)
             return 2
-    addons = [*default_addons(), *extra]
+    addons = [*default_addons(access_log=args.access_log == "on"), *extra]
     engine = Sidekey(policy, certs_dir=Path(args.certs), listen=args.listen, addons=addons)
     metrics = next((a for a in addons if isinstance(a, Metrics)), None)
     if metrics is not None:

@@ -1,0 +1,68 @@
+"""Access log: one INFO line per finished request, for people and log collectors.
+
+The audit log (``addons.audit``) is the durable record; this line is the
+process log's view of the same request: request id, caller, method, host,
+path, provider, upstream member, status, duration, attempts and error code,
+as structured fields (``proxy.logs`` renders them as ``key=value`` text or
+JSON keys). The path keeps the query's parameter names and drops every
+value (``/v1/x?key=&q=``): a query may carry a secret (Gemini's ``?key=``).
+No header is logged.
+
+It runs on every request, so it does nothing unless the logger is enabled
+for INFO (``--log-level WARNING`` or ``--access-log off`` cost nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from proxy.flow import Flow
+
+INFO = logging.INFO
+
+
+def path_without_values(path: str) -> str:
+    """``/v1/x?key=abc&q=1`` -> ``/v1/x?key=&q=``. A part with no ``=`` could
+    be a bare value: it is dropped."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return base
+    return base + "?" + "&".join(part.partition("=")[0] + "=" for part in query.split("&") if "=" in part)
+
+
+class AccessLog:
+    name = "access_log"
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger("sidekey.access")
+
+    def response(self, flow: Flow) -> None:
+        if self.log.isEnabledFor(INFO):
+            self.log.info("access", extra=self.fields(flow))
+
+    def error(self, flow: Flow) -> None:
+        if self.log.isEnabledFor(INFO):
+            self.log.info("access", extra=self.fields(flow))
+
+    @staticmethod
+    def fields(flow: Flow) -> dict[str, Any]:
+        """The line's fields, plain values only, in the order they are shown."""
+        state, meta, err = flow.upstream_state, flow.metadata, flow.error
+        return {
+            "request_id": flow.id,
+            "caller": flow.caller,
+            "method": flow.request.method,
+            "host": flow.request.host,
+            "path": path_without_values(flow.request.path),
+            # Who served it: after a failover, the fallback provider.
+            "provider": state.provider if state is not None else flow.provider_name,
+            "upstream": state.name if state is not None else None,
+            "status": flow.status,
+            "duration_ms": flow.duration_ms,
+            "attempts": meta.get("attempts", 1) if meta else 1,
+            "error": err.code if err is not None else None,
+        }
+
+    def __repr__(self) -> str:
+        return f"AccessLog({self.log.name}, enabled={self.log.isEnabledFor(INFO)})"
