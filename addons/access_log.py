@@ -15,11 +15,14 @@ for INFO (``--log-level WARNING`` or ``--access-log off`` cost nothing).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from proxy.flow import Flow
 
 INFO = logging.INFO
+_new_record = logging.LogRecord.__new__
+_START: float = logging._startTime  # type: ignore[attr-defined]  # what LogRecord measures relativeCreated from
 
 
 def path_without_values(path: str) -> str:
@@ -36,14 +39,27 @@ class AccessLog:
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.log = logger or logging.getLogger("sidekey.access")
+        # The record's constant attributes, made once: LogRecord.__init__ and
+        # Logger.info per request cost a quarter of the line (callgrind).
+        self._template = logging.LogRecord(self.log.name, INFO, "", 0, "access", None, None).__dict__.copy()
 
     def response(self, flow: Flow) -> None:
         if self.log.isEnabledFor(INFO):
-            self.log.info("access", extra=self.fields(flow))
+            self._emit(flow)
 
     def error(self, flow: Flow) -> None:
         if self.log.isEnabledFor(INFO):
-            self.log.info("access", extra=self.fields(flow))
+            self._emit(flow)
+
+    def _emit(self, flow: Flow) -> None:
+        record = _new_record(logging.LogRecord)
+        attrs = record.__dict__
+        attrs.update(self._template)
+        now = time.time()
+        attrs["created"], attrs["msecs"] = now, (now - int(now)) * 1000
+        attrs["relativeCreated"] = (now - _START) * 1000
+        attrs.update(self.fields(flow))  # after the standard attributes, as extra= puts them
+        self.log.handle(record)
 
     @staticmethod
     def fields(flow: Flow) -> dict[str, Any]:

@@ -152,3 +152,25 @@ def test_access_line_costs_nothing_when_info_is_off(captured: tuple[logging.Logg
     flow.response = Response(200)
     addon.response(flow)
     assert handler.records == []
+
+
+def test_hand_joined_json_is_what_json_reads() -> None:
+    """The JSON formatter joins strings by hand (cheaper than json.dumps): odd
+    values must still come out as valid JSON with the same meaning."""
+    odd = {
+        "text": 'quote " backslash \\ newline \n tab \t ü €', "int": -3, "float": 0.1, "inf": float("inf"),
+        "true": True, "false": False, "none": None, "list": [1, "a"], "dict": {"k": None}, "obj": object(),
+    }  # fmt: skip
+    line = logs.JsonFormatter().format(record(msg='say "%s"', args=("\x00",), **odd))
+    entry = json.loads(line)
+    assert entry["message"] == 'say "\x00"' and "\n" not in line
+    assert {k: entry[k] for k in odd} == {**odd, "inf": None, "obj": None}
+    assert list(entry)[4:] == list(odd)  # the fields in the order given
+
+
+def test_fields_of_a_record_made_by_hand_are_found_too() -> None:
+    made = logging.LogRecord("sidekey.t", logging.INFO, "", 0, "m", None, None)
+    del made.thread  # not in the usual order any more: the slow path still finds the fields
+    made.provider = "openai"
+    assert logs.fields(made) == {"provider": "openai"}
+    assert logs.fields(logging.LogRecord("sidekey.t", logging.INFO, "", 0, "m", None, None)) == {}
