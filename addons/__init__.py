@@ -11,6 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from addons.access_log import AccessLog
 from addons.credentials import CredentialInjector
 from addons.health import HealthChecks
 from addons.limits import Limits
@@ -19,8 +20,8 @@ from addons.provider_headers import ProviderHeaders
 from addons.usage import UsageMeter
 
 
-def default_addons() -> list[object]:
-    return [
+def default_addons(*, access_log: bool = True) -> list[object]:
+    addons: list[object] = [
         # First: nothing else should ever see (or log) the caller's placeholder
         # key, and a missing secret answers before any other work is done.
         CredentialInjector(),
@@ -39,6 +40,11 @@ def default_addons() -> list[object]:
         # engine's upstream state changes.
         HealthChecks(),
     ]
+    if access_log:
+        # Observer only, after the addons whose decisions it reports (limits'
+        # refusals, the usage meter): one INFO line per finished request.
+        addons.append(AccessLog())
+    return addons
 
 
 def load_addons(spec: str) -> list[object]:

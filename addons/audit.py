@@ -27,11 +27,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
 from proxy.flow import Flow
+from proxy.logs import UtcTime
 
 log = logging.getLogger("sidekey.audit")
 
@@ -190,8 +190,7 @@ class AuditLog:
         )
         self._task: asyncio.Task[None] | None = None
         self._upstreams: dict[str, str | None] = {}
-        self._second = -1
-        self._second_text = ""
+        self._time = UtcTime()  # RFC 3339 UTC with milliseconds
 
     # -- hooks (observers: they log and carry on, never raise) ------------------
     def response(self, flow: Flow) -> None:
@@ -234,8 +233,6 @@ class AuditLog:
     # -- the pure part ------------------------------------------------------------
     def record(self, flow: Flow) -> dict[str, Any]:
         req = flow.request
-        start, end = flow.timings.get("start"), flow.timings.get("end")
-        status = flow.response.status if flow.response else (flow.error.status if flow.error else None)
         meta = flow.metadata
         entry: dict[str, Any] = {
             "time": self._time(self.clock()),
@@ -246,8 +243,8 @@ class AuditLog:
             "path": self._path(flow),
             "provider": flow.provider_name,
             "upstream": self._upstream(flow.upstream_url),
-            "status": status,
-            "duration_ms": round((end - start) * 1000, 1) if start is not None and end is not None else None,
+            "status": flow.status,
+            "duration_ms": flow.duration_ms,
             # Filled by other addons: only plain values pass, so the default=str
             # fallback can never serialise an arbitrary object.
             "attempts": _plain(meta.get("attempts", 1)) if meta else 1,
@@ -287,10 +284,7 @@ class AuditLog:
                 cost = str(value)
             if type(attempts) is not int:
                 return _dumps(self.record(flow))
-        req, t = flow.request, flow.timings
-        start, end = t.get("start"), t.get("end")
-        status = flow.response.status if flow.response else (flow.error.status if flow.error else None)
-        duration = round((end - start) * 1000, 1) if start is not None and end is not None else None
+        req, status, duration = flow.request, flow.status, flow.duration_ms
         return "".join(
             (
                 '{"time":', _q(self._time(self.clock())),
@@ -310,14 +304,6 @@ class AuditLog:
                 "}",
             )
         )  # fmt: skip
-
-    def _time(self, now: float) -> str:
-        """RFC 3339 UTC with milliseconds; the seconds part is formatted once per second."""
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._second_text = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def _path(self, flow: Flow) -> str:
         path, sep, query = flow.request.path.partition("?")

@@ -181,6 +181,7 @@ class Limits:
             if remaining is not None:
                 self.counters["allowed"] += 1
                 flow.metadata["limits"] = Taken(checks, tokens, self.local, None, remaining)
+                log.debug("flow %s: limits allow, %d tokens reserved", flow.id, tokens)
                 return None
         rank = PRIORITIES.get(priority.strip().lower(), 1) if priority else 1
         return self._limit(flow, provider, checks, tokens, rank)
@@ -197,10 +198,12 @@ class Limits:
         try:
             taken = await self._take(provider, checks, tokens, rank)
         except errors.ProxyError as err:
+            log.debug("flow %s: limits refuse (%s)", flow.id, err.code)
             flow.response = Response.from_error(err)
             if isinstance(err, RateLimited):
                 flow.response.headers["retry-after"] = str(err.fields["seconds"])
             return
+        log.debug("flow %s: limits allow, %d tokens reserved", flow.id, tokens)
         flow.metadata["limits"] = taken
 
     def responseheaders(self, flow: Flow) -> None:
@@ -257,6 +260,7 @@ class Limits:
         deadline = self.clock() + provider.queue_wait
         if provider.queue_wait > 0 and (verdict.retry_after <= provider.queue_wait or _by_concurrency(verdict)):
             self.counters["queued"] += 1
+            log.debug("provider %s: over %s, queued", provider.name, verdict.refused_by)
             queue = self._queues.setdefault(provider.name, [])
             me = _Waiter(priority, next(self._seq), asyncio.Event())
             heapq.heappush(queue, me)

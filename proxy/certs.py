@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import logging
 import os
 import re
 import shlex
@@ -49,6 +50,8 @@ _CN_MAX = 64  # RFC 5280 ub-common-name; cryptography rejects longer CNs
 # names); no leading/trailing hyphen, 1..63 octets (RFC 1035 2.3.4).
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\r?\n?", re.DOTALL)
+
+log = logging.getLogger("sidekey.certs")
 
 _CAKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _IP: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -249,6 +252,8 @@ class CertificateAuthority:
             f.flush()
             os.fsync(f.fileno())
         atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        # Once, when made: clients must be told to trust this new CA ("sidekey ca" says how).
+        log.info("created CA %s (clients must trust it: run 'sidekey ca')", cert_path)
         return cls(cert, key, cert_path, key_path)
 
     def mint_leaf(self, host: str) -> tuple[bytes, bytes]:

@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{', '.join(startup.LOG_LEVELS)} [$SIDEKEY_LOG_LEVEL]",
     )  # fmt: skip
     run.add_argument("--debug-tracebacks", action="store_true", help=_DEBUG_HELP)
+    run.add_argument(
+        "--log-format", choices=("auto", "text", "json"), default=env("SIDEKEY_LOG_FORMAT", "auto"),
+        help="text, or JSON lines; auto: text on a terminal, else JSON [$SIDEKEY_LOG_FORMAT]",
+    )  # fmt: skip
+    run.add_argument(
+        "--access-log", choices=("on", "off"), default=env("SIDEKEY_ACCESS_LOG", "on"),
+        help="one INFO line per request [$SIDEKEY_ACCESS_LOG]",
+    )  # fmt: skip
 
     check = sub.add_parser("check", help="validate a policy file without starting")
     check.add_argument("policies", nargs="?", default=env("SIDEKEY_POLICIES", "policies.yaml"))
@@ -207,11 +215,13 @@ def cmd_ca(certs: Path, bundle: str | None, from_dir: Path | None = None) -> int
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=startup.log_level(args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from proxy import logs
+
+    if args.log_format not in logs.FORMATS:  # from the environment (the flag's choices are checked by argparse)
+        raise startup.BadChoice(name="--log-format (or $SIDEKEY_LOG_FORMAT)", choices="auto, text, json")
+    if args.access_log not in ("on", "off"):
+        raise startup.BadChoice(name="--access-log (or $SIDEKEY_ACCESS_LOG)", choices="on, off")
+    logs.configure(startup.log_level(args.log_level), args.log_format, sys.stderr)
     env = os.environ
     location = locate.locate_policy(args.policies, env, locate.config_dir(env, Path.home()), Path.is_file)
     policy = startup.load_policy(str(location.path))
@@ -252,7 +262,7 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
             raise startup.DeadLetterFileUnusable(path=args.dlq, reason=reason) from None
         except ValueError as err:  # our own fixed texts (negative sizes)
             raise startup.DeadLetterFileUnusable(path=args.dlq, reason=str(err)) from None
-    addons = [*default_addons(), *extra]
+    addons = [*default_addons(access_log=args.access_log == "on"), *extra]
     engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons)
     metrics = next((a for a in addons if isinstance(a, Metrics)), None)
     if metrics is not None:
@@ -292,7 +302,8 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     admin_address, metrics_address = await startup.start_listeners(engine, admin, scrape)
-    log.info("policy %s (via %s); CA in %s", location.path, location.found_by, certs)
+    log.info("policy %s (via %s): digest %s, %d providers; CA in %s", location.path, location.found_by,
+             policy.digest, len(policy.providers), certs)  # fmt: skip
     await engine.announce()
     if admin_address is not None:
         log.info("admin listening on %s:%d", *admin_address)

@@ -120,6 +120,7 @@ def route(conn: ClientConn, head: http1.RequestHead, policy: Policy) -> Flow:
         # Inside a tunnel this only happens when a reload removed the provider.
         raise errors.UnmatchedDenied(host=host)
     flow = Flow(request, policy, provider, client_address=conn.peer, intercepted=conn.target is not None)
+    log.debug("flow %s: %s %s matched provider %s", flow.id, head.method, host, provider.name if provider else "-")
     if provider is not None:
         caller = routing.caller_name(head.headers, policy.caller_header, conn.proxy_user)
         if caller is not None:

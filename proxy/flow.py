@@ -155,6 +155,19 @@ class Flow:
     def provider_name(self) -> str | None:
         return self.provider.name if self.provider else None
 
+    @property
+    def status(self) -> int | None:
+        """The status the caller got: ours on an error, None if nothing was sent."""
+        if self.response is not None:
+            return self.response.status
+        return self.error.status if self.error is not None else None
+
+    @property
+    def duration_ms(self) -> float | None:
+        """Milliseconds from the request head to the last byte (None until it ended)."""
+        start, end = self.timings.get("start"), self.timings.get("end")
+        return round((end - start) * 1000, 1) if start is not None and end is not None else None
+
     def __repr__(self) -> str:
         status = self.response.status if self.response else "-"
         return f"Flow({self.id} {self.provider_name} {self.request!r} -> {status})"

@@ -105,6 +105,8 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
                 over_limit = err
                 continue
             if wait:  # this key's own quota is spent: the next key, no attempt used
+                log.debug("flow %s: upstream %s/%s over its own limits for %.3fs", flow.id, state.provider,
+                          state.name, wait)  # fmt: skip
                 state.limited_until = time.monotonic() + wait
                 continue
         attempts += 1
@@ -135,9 +137,13 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
         if isinstance(last, ClientResponse):
             last.release()  # only the newest failure may still be answered
         last = outcome
+        if log.isEnabledFor(logging.DEBUG):  # only on a failure; says why and what happens next
+            cause = outcome.status if isinstance(outcome, ClientResponse) else outcome.code
+            then = f"retrying in {decision.delay:.3f}s" if decision.retry else "no retry, " + decision.reason
+            log.debug("flow %s: attempt %d to %s/%s failed (%s): %s", flow.id, attempts, state.provider, state.name,
+                      cause, then)  # fmt: skip
         if decision.retry:
             if decision.delay:
-                log.debug("flow %s: attempt %d failed, retrying in %.3fs", flow.id, attempts, decision.delay)
                 await engine.sleep(decision.delay)
             continue
         nxt = _next_route(engine, flow, provider, route, original_body) if decision.failover else None
@@ -260,6 +266,7 @@ async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamSta
         prefix = up.path_prefix if up is not None else ""
         url = f"https://{routing.format_authority(state.host, state.port)}{prefix}{route.path or flow.request.path}"
     flow.upstream_url = plain = url
+    log.debug("flow %s: sending to %s/%s (%s:%d)", flow.id, state.provider, state.name, state.host, state.port)
     if engine.credentials is not None:
         url = engine.credentials.inject(flow.request.headers, url, provider, state.target)
     parsed = route.parsed if url is plain and url is route.url and route.parsed is not None else URL(url, encoded=True)

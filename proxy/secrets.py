@@ -121,8 +121,11 @@ class SecretStore:
 
     def _set(self, ref: SecretRef, value: str | None, problem: str | None) -> None:
         if value is None:
+            known = ref in self._values or ref in self._problems
             self._values.pop(ref, None)
-            if self._problems.get(ref) != problem:
+            # A change is warned here; a secret missing from the first read is
+            # warned once by whoever watches it, naming what it is for.
+            if known and self._problems.get(ref) != problem:
                 log.warning("secret %s %s", ref.source, problem)
             self._problems[ref] = problem or "is unavailable"
         else:

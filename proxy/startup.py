@@ -65,6 +65,10 @@ class PodAdminNeedsToken(StartupError):
     )
 
 
+class BadChoice(StartupError):
+    template = "{name}: expected one of {choices}"
+
+
 class BadLogLevel(StartupError):
     template = "--log-level (or $SIDEKEY_LOG_LEVEL): expected one of " + ", ".join(LOG_LEVELS)
 

@@ -54,6 +54,7 @@ class SidekeyProcess:
             "--policies", str(self.policy_path),
             "--certs", str(self.certs),
             "--log-level", self.log_level,
+            "--log-format", "text",  # tests read the text lines; test_logs passes json after it
             "--admin", "127.0.0.1:0",
             *self.args,
         ]  # fmt: skip
