@@ -170,7 +170,8 @@ def test_run_without_a_checkout_uses_the_config_dir(tmp_path: Path, fake: FakePr
         assert done.stdout == "200", done.stderr  # intercepted with the config dir's CA
         assert fake.headers_seen("authorization")[-1] == f"Bearer {OPENAI_KEY}"
         log = running.log()
-        assert f"policy {policy} (via the config dir, $SIDEKEY_HOME); CA in {home}/certs" in log
+        found = f"policy {policy} (via the config dir, $SIDEKEY_HOME): digest "
+        assert found in log and f"; CA in {home}/certs" in log.split(found, 1)[1].splitlines()[0]
         # Said before anything listens, so a reader sees it with the "listening" lines.
         assert log.index(f"policy {policy}") < log.index("sidekey listening on")
         assert list(cwd.iterdir()) == []  # no ./certs: the CA init wrote is the one served

@@ -32,6 +32,8 @@ def run_sidekey(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -
     policy = tmp_path / "policies.yaml"
     if not policy.exists():
         policy.write_text(MINIMAL)
+    if not (tmp_path / "certs").exists():  # an existing CA: a first start would log "created CA" at INFO
+        CertificateAuthority.load_or_create(tmp_path / "certs")
     base = ("--policies", str(policy), "--certs", str(tmp_path / "certs"), "--listen", "127.0.0.1:0")
     return run("run", *base, "--admin", "127.0.0.1:0", *args, cwd=tmp_path, env=env)
 
