@@ -12,7 +12,9 @@ line to a bounded buffer; a task started in ``running`` hands the whole
 buffer to a worker thread every ``flush_interval`` seconds (one thread hop per
 batch, not per line: a per-line hand-off cost more CPU than the proxying).
 When the buffer is full the line is dropped and counted rather than stall
-requests on a slow disk. ``done`` writes what is left.
+requests on a slow disk. ``done`` writes what is left: it asks the task to
+stop and waits for it rather than cancel it, since a batch cancelled while its
+worker thread writes was lost (the thread met a file ``done`` had closed).
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ class AuditLog:
             _StdoutSink() if sink == "-" else _FileSink(sink, max_bytes, backups)
         )
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._upstreams: dict[str, str | None] = {}
         self._time = UtcTime()  # RFC 3339 UTC with milliseconds
 
@@ -203,8 +206,11 @@ class AuditLog:
         self._task = asyncio.create_task(self._flush_loop(), name="sidekey-audit-flush")
 
     async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval)
+        """Write the buffer every ``flush_interval`` seconds until ``done`` sets
+        ``_stopping``; then once more, and return."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
             if self._buffer and self._out is not None:
                 lines, self._buffer = self._buffer, []
                 try:
@@ -212,17 +218,26 @@ class AuditLog:
                 except OSError as exc:  # a full disk must not stop the proxy
                     log.error("audit write failed: %s (%d lines lost)", type(exc).__name__, len(lines))
 
-    def done(self) -> None:
+    async def done(self) -> None:
         """Write what is buffered and close the sink. Runs once, at shutdown."""
+        task, self._task = self._task, None
+        if task is not None:
+            # Not cancelled: a batch being written in the worker thread is finished first.
+            self._stopping.set()
+            await task
         out, self._out = self._out, None
         if out is None:
             return
-        if self._task is not None:
-            self._task.cancel()
         lines, self._buffer = self._buffer, []
-        with contextlib.suppress(OSError):
-            out.write(lines)
-        out.close()
+        await asyncio.to_thread(self._close, out, lines)
+
+    @staticmethod
+    def _close(out: _FileSink | _StdoutSink, lines: list[str]) -> None:
+        try:
+            with contextlib.suppress(OSError):
+                out.write(lines)
+        finally:
+            out.close()
 
     def statistics(self) -> dict[str, Any]:
         return {"sink": self.sink, "queued": self._queued, "dropped": self._dropped, "pending": len(self._buffer)}

@@ -26,7 +26,9 @@ caller's version until the flow ends, so a replay sends what was asked.
 Writing is batched off the loop like ``addons.audit``: hooks append a
 finished line to a bounded buffer; a task writes the batch in a worker
 thread and fsyncs, at most once per ``flush_interval``. Files rotate by size
-(``path`` -> ``path.1`` -> ... -> ``path.N``), mode 0600.
+(``path`` -> ``path.1`` -> ... -> ``path.N``), mode 0600. ``done`` asks that
+task to stop and waits for it rather than cancel it: a cancel while the worker
+thread writes would leave lines in the file that ``written`` never counts.
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ class DeadLetters:
         self._buffer: list[str] = []
         self._pending_bytes = 0
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._originals: dict[str, tuple[CIMultiDict[str], Body]] = {}  # flow id -> request before failover
         self._written = 0
@@ -206,9 +209,10 @@ class DeadLetters:
         """Write what is buffered and close the file. Runs once, at shutdown."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Not cancelled: the loop finishes a write in progress (and counts it), then returns.
+            self._stopping.set()
+            self._wake.set()
+            await task
         sink, self._sink = self._sink, None
         if sink is None:
             return
@@ -281,19 +285,27 @@ class DeadLetters:
             log.error("dlq record failed for flow %s: %s", flow.id, type(exc).__name__)
 
     async def _flush_loop(self) -> None:
-        """Write as soon as there is something, then at most once per interval."""
+        """Write as soon as there is something, then at most once per interval,
+        until ``done`` sets ``_stopping``."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            lines, self._buffer, self._pending_bytes = self._buffer, [], 0
-            if lines and self._sink is not None:
-                try:
-                    await asyncio.to_thread(self._sink.write, lines)
-                    self._written += len(lines)
-                except OSError as exc:  # a full disk must not stop the proxy
-                    self._lost += len(lines)
-                    log.error("dlq write failed: %s (%d entries lost)", type(exc).__name__, len(lines))
-            await asyncio.sleep(self.flush_interval)
+            await self._flush()
+            if self._stopping.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
+
+    async def _flush(self) -> None:
+        lines, self._buffer, self._pending_bytes = self._buffer, [], 0
+        if not lines or self._sink is None:
+            return
+        try:
+            await asyncio.to_thread(self._sink.write, lines)
+            self._written += len(lines)
+        except OSError as exc:  # a full disk must not stop the proxy
+            self._lost += len(lines)
+            log.error("dlq write failed: %s (%d entries lost)", type(exc).__name__, len(lines))
 
     @staticmethod
     def _close(sink: _DurableSink, lines: list[str]) -> None:

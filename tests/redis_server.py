@@ -42,7 +42,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
+    def start(self, timeout: float = 60.0) -> RedisServer:
         """Start (again) on the same port and wait until PING answers."""
         if self.proc is not None:
             raise RuntimeError("redis-server is already running")

@@ -87,8 +87,9 @@ async def _abort(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is None:
         return
-    for _ in range(100):  # let what was written leave the TLS layer first
-        if transport.get_write_buffer_size() == 0:
+    deadline = asyncio.get_running_loop().time() + 30  # a loaded machine may take seconds
+    while transport.get_write_buffer_size():  # let what was written leave the TLS layer first
+        if asyncio.get_running_loop().time() > deadline:
             break
         await asyncio.sleep(0.01)
     # Close the TCP transport under TLS: it still flushes the bytes already written

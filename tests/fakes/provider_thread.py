@@ -43,7 +43,7 @@ class FakeProviderThread:
             self.call(lambda p: p.close())
         finally:
             loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=5)
+            thread.join(timeout=30)
             if not thread.is_alive():
                 loop.close()
             self._loop = self._thread = None
@@ -54,7 +54,7 @@ class FakeProviderThread:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def call(self, fn: Callable[[FakeProvider], Any], timeout: float = 10.0) -> Any:
+    def call(self, fn: Callable[[FakeProvider], Any], timeout: float = 60.0) -> Any:
         if self._loop is None:
             raise RuntimeError("FakeProviderThread is not running")
 

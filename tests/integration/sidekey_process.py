@@ -2,6 +2,11 @@
 
 The process listens on 127.0.0.1:0; we read the bound port from its log. All
 of its stderr (at DEBUG) is kept in a file so tests can sweep it for secrets.
+
+Start-up is waited for by polling that log for the "listening" lines, with a
+generous deadline: on a loaded machine (load average 20-50 on 2 cores) the
+interpreter start, imports and CA load alone took more than 20 s. A process
+that exits early is reported at once, not at the deadline.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(r"sidekey listening on 127\.0\.0\.1:(\d+)")
 _ADMIN = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
+START_TIMEOUT = 120.0  # seconds; loaded runs took over 20 s, an idle start takes a small part of that
 
 
 class SidekeyProcess:
@@ -47,7 +53,7 @@ class SidekeyProcess:
         self.port = 0
         self.admin_port = 0
 
-    def start(self, timeout: float = 20.0) -> SidekeyProcess:
+    def start(self, timeout: float = START_TIMEOUT) -> SidekeyProcess:
         cmd = [
             sys.executable, "-m", "proxy", "run",
             "--listen", "127.0.0.1:0",
@@ -71,7 +77,7 @@ class SidekeyProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sidekey exited {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.05)
-        raise RuntimeError(f"sidekey did not start:\n{self.log()}")
+        raise RuntimeError(f"sidekey did not start in {timeout:.0f} s:\n{self.log()}")
 
     @property
     def url(self) -> str:

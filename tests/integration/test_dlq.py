@@ -30,7 +30,7 @@ def sidekey_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def wait_for_entries(path: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+def wait_for_entries(path: Path, count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():

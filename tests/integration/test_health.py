@@ -12,7 +12,12 @@ import httpx
 import pytest
 
 from tests.fakes.provider import FakeProviderThread
-from tests.integration.conftest import OPENAI_KEY, SECRETS, curl, fake_provider, policy_for
+from tests.integration.conftest import OPENAI_KEY, SECRETS, fake_provider, policy_for
+from tests.integration.polling import fetch, first_after_the_cooldown
+
+# Long enough that the refusal checked right after the opening failure (one curl run later) still
+# falls inside it on a loaded machine, where a curl run can take seconds; the probe is then polled for.
+COOLDOWN = 5.0
 
 
 class Webhook:
@@ -59,7 +64,7 @@ def webhook() -> Iterator[Webhook]:
     hook.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -72,16 +77,18 @@ def test_circuit_changes_are_posted_to_the_webhook(
 ) -> None:
     webhook.fail_next = 1  # the first delivery fails: the alert is retried, not lost
     extra = fake_provider(fake, "fragile", "fragile.test", retry="{attempts: 1}",
-                          circuit="{failures: 1, cooldown: 1s}")  # fmt: skip
-    limits = f"alerts: {{webhook: {webhook.url}, attempts: 3, timeout: 2s}}"
+                          circuit=f"{{failures: 1, cooldown: {COOLDOWN}s}}")  # fmt: skip
+    limits = f"alerts: {{webhook: {webhook.url}, attempts: 3, timeout: 10s}}"
     proxy = start_sidekey(policy_for(fake, extra=extra, limits=limits))  # type: ignore[operator]
-    assert curl(proxy, "-s", "-o", "/dev/null", "-w", "%{http_code}", "https://fragile.test/flaky/w/1").stdout == "503"
+    url = "https://fragile.test/flaky/w/1"  # fails once, then answers 200
+    opened_after = time.monotonic()
+    assert fetch(proxy, url).status == 503
+    refused = fetch(proxy, url)  # open: answered at once, right after the failure (well inside the cooldown)
+    assert '"circuit_open"' in refused.body, f"{time.monotonic() - opened_after:.1f} s after the failure: {refused}"
     wait_for(lambda: len(webhook.alerts) >= 2)
     assert webhook.events() == [("circuit_open", "default"), ("unhealthy", "default")]
-    refused = curl(proxy, "-s", "https://fragile.test/flaky/w/1")  # open: answered at once
-    assert '"circuit_open"' in refused.stdout
-    time.sleep(1.1)  # the cooldown; the half-open probe succeeds (the fake fails once only)
-    assert curl(proxy, "-s", "-o", "/dev/null", "-w", "%{http_code}", "https://fragile.test/flaky/w/1").stdout == "200"
+    # Refused until the cooldown has passed; then the half-open probe succeeds and closes it.
+    assert first_after_the_cooldown(proxy, url, opened_after, COOLDOWN).status == 200
     wait_for(lambda: len(webhook.alerts) >= 4)
     assert webhook.events()[2:] == [("circuit_closed", "default"), ("healthy", "default")]
     first = webhook.alerts[0]

@@ -43,24 +43,31 @@ def test_sigterm_drains_an_open_stream(client_env: SidekeyProcess, fake: FakePro
 
     worker = threading.Thread(target=stream)
     worker.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not events and time.monotonic() < deadline:
         time.sleep(0.02)
     assert events, "first event did not arrive"
     os.kill(client_env.pid, signal.SIGTERM)
-    time.sleep(0.3)
-    # New connections are refused while the open stream is still being served.
-    try:
-        socket.create_connection(("127.0.0.1", client_env.port), timeout=1).close()
-        refused = False
-    except OSError:
-        refused = True
-    assert refused
+    # New connections are refused (once the signal is handled: polled, as a loaded machine may take
+    # seconds) while the open stream, held by the fake's gate, is still being served.
+    assert refuses_connections(client_env.port), "still accepting connections 60 s after SIGTERM"
     assert client_env.proc is not None and client_env.proc.poll() is None
+    assert not done.is_set()
     fake.release_gate()
-    assert done.wait(10)
+    assert done.wait(60)
     assert events[-1] == "[DONE]"  # the whole stream, with its clean end
-    assert client_env.terminate(wait=10) == 0
+    assert client_env.terminate(wait=60) == 0
+
+
+def refuses_connections(port: int, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_one_gib_each_way_with_flat_memory(start_sidekey: object, fake: FakeProviderThread) -> None:
@@ -203,7 +210,7 @@ def test_file_secret_rotates_without_restart(start_sidekey: object, fake: FakePr
     new = tmp_path / "openai-key.new"
     new.write_text("sk-second-ROTATE\n")
     os.replace(new, secret_file)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         curl(proxy, "https://api.openai.com/echo")
         if fake.headers_seen("authorization")[-1] == "Bearer sk-second-ROTATE":

@@ -37,13 +37,18 @@ def chat(proxy: SidekeyProcess, host: str = "limited.test") -> tuple[int, str]:
 
 
 def test_limit_answers_429_with_headers_then_recovers(start_sidekey: object, fake: FakeProviderThread) -> None:
-    extra = fake_provider(fake, "limited", "limited.test", limits="{requests_per_second: 2}", queue_wait="0")
+    # Two a minute: a unit comes back every 30 s, so the three requests below fall in one refill
+    # interval however slow the machine (with two a second, three curl runs had to fit in 0.5 s).
+    extra = fake_provider(fake, "limited", "limited.test", limits="{requests_per_minute: 2}", queue_wait="0")
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
     statuses = [chat(proxy) for _ in range(3)]
     assert [s for s, _ in statuses] == [200, 200, 429]
     ok, refused = statuses[0][1].lower(), statuses[2][1]
-    assert "x-ratelimit-limit-requests-second: 2" in ok and "x-ratelimit-remaining-requests-second: 1" in ok
-    assert '"rate_limited"' in refused and "retry-after: 1" in refused.lower()
+    assert "x-ratelimit-limit-requests-minute: 2" in ok and "x-ratelimit-remaining-requests-minute: 1" in ok
+    assert '"rate_limited"' in refused
+    # Retry-After: the rest of the 30 s interval, rounded up.
+    [retry_after] = [line.split(":")[1] for line in refused.lower().splitlines() if line.startswith("retry-after:")]
+    assert 1 <= int(retry_after) <= 30
     assert "x-sidekey-request-id" in refused.lower()
     assert len([r for r in fake.received if r.path == "/v1/chat/completions"]) == 2  # the third never left
     fake.provider.throttled_keys.add(OPENAI_KEY)  # now the provider refuses too
@@ -58,9 +63,10 @@ def test_limit_answers_429_with_headers_then_recovers(start_sidekey: object, fak
 def shared_policy(fake: FakeProviderThread, redis: RedisServer, limits: str, on_failure: str = "open") -> str:
     extra = fake_provider(fake, "limited", "limited.test", limits=limits, queue_wait="0")
     # A generous Redis timeout: on a loaded test machine a 0.5 s call can time out and fall back
-    # to local limits, which is the fail-open path, not what these tests measure.
-    timeout = "5s" if on_failure == "open" else "1s"
-    return policy_for(fake, extra=extra, limits=f"redis: {{url: '{redis.url}', on_failure: {on_failure}, timeout: {timeout}}}")
+    # to local limits (or, on_failure closed, refuse), which is not what these tests measure. A killed
+    # Redis refuses connections at once, so the timeout never slows the tests that kill it.
+    redis_config = f"redis: {{url: '{redis.url}', on_failure: {on_failure}, timeout: 10s}}"
+    return policy_for(fake, extra=extra, limits=redis_config)
 
 
 def test_three_sidecars_share_one_quota(start_sidekey: object, fake: FakeProviderThread, redis: RedisServer) -> None:
@@ -148,7 +154,8 @@ async def test_one_redis_round_trip_per_request(redis: RedisServer) -> None:
 
     rules = (Rule("requests", 100000, 60.0), Rule("tokens", 10**8, 60.0), Rule("concurrent", 64))
     provider = dataclasses.replace(make_provider(), limits=rules)
-    client = connect(redis.url, 1.0)
+    # Generous Redis timeouts: a timed-out call falls back to local limits and would change the count.
+    client = connect(redis.url, 10.0)
     addon = Limits()
 
     class Engine:  # what bind() reads
@@ -157,7 +164,7 @@ async def test_one_redis_round_trip_per_request(redis: RedisServer) -> None:
     engine = Engine()
     engine.redis = client  # type: ignore[attr-defined]
     addon.bind(engine)  # type: ignore[arg-type]
-    addon.configure(Policy(providers=(provider,), redis=RedisConfig(redis.url)))
+    addon.configure(Policy(providers=(provider,), redis=RedisConfig(redis.url, timeout=10.0)))
     addon.running()
     assert addon.shared is not None
 
@@ -176,11 +183,12 @@ async def test_one_redis_round_trip_per_request(redis: RedisServer) -> None:
             await one()
 
     await asyncio.gather(*(worker() for _ in range(20)))
-    for _ in range(100):  # let the settle task send what is pending
-        if not addon._pending:
-            break
+    # Let the settle task send what finished last: nothing pending, every lease back in Redis.
+    # (Polled: a fixed sleep could end with a release still in flight, which done() then cancels.)
+    deadline = time.monotonic() + 60
+    while addon._pending or await_in_flight(redis):
+        assert time.monotonic() < deadline, f"releases not settled: {addon._pending}"
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
     trips = addon.shared.round_trips
     await addon.done()
     await client.aclose()

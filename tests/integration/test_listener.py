@@ -36,7 +36,7 @@ def status_and_json(raw: bytes) -> tuple[int, dict[str, object]]:
 
 
 def connect_tls(proxy: SidekeyProcess, host: str, sni: str | None = None) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
     raw.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
     reply = raw.recv(4096)
     assert reply.startswith(b"HTTP/1.1 200"), reply
@@ -88,11 +88,12 @@ def test_chunked_body_over_the_limit_is_413(start_sidekey: object, fake: FakePro
 
 def test_slow_client_times_out(start_sidekey: object, fake: FakeProviderThread) -> None:
     proxy = start_sidekey(policy_for(fake, limits="limits: {header_timeout: 0.5, idle_timeout: 0.5}"))  # type: ignore[operator]
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as s:
         s.sendall(b"GET http://api.openai.com/v1/models HTTP/1.1\r\n")  # never finishes the head
         started = time.monotonic()
         assert s.recv(100) == b""  # closed by sidekey
-        assert time.monotonic() - started < 3
+        # The 0.5 s set here, not the 10 s default header_timeout: under that whatever the load.
+        assert time.monotonic() - started < 5
 
 
 def test_unmatched_deny_is_403_with_reason(start_sidekey: object, fake: FakeProviderThread) -> None:

@@ -36,7 +36,7 @@ Start = Callable[..., SidekeyProcess]
 
 
 def admin(proxy: SidekeyProcess, path: str) -> httpx.Response:
-    return httpx.get(proxy.admin_url + path, timeout=5, trust_env=False)
+    return httpx.get(proxy.admin_url + path, timeout=30, trust_env=False)
 
 
 def usage(proxy: SidekeyProcess, query: str = "") -> dict[str, Any]:
@@ -51,7 +51,7 @@ def by_model(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["provider"], r["model"]): r for r in report["by"]}
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

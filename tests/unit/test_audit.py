@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from addons import audit
 from addons.audit import AuditLog
 from proxy.errors import UpstreamProtocolError, UpstreamTimeout
 from proxy.flow import Flow, Response
+from proxy.hooks import AddonManager
 from proxy.policy import Auth, SecretRef
 from proxy.testing import make_flow, make_provider
 from proxy.usage import Usage
@@ -41,7 +44,7 @@ def make_log() -> Iterator[MakeLog]:
 
     yield factory
     for log in logs:
-        log.done()
+        asyncio.run(log.done())
 
 
 def finished(flow: Flow, status: int = 200) -> Flow:
@@ -237,7 +240,7 @@ def test_secret_everywhere_never_reaches_the_file(make_log: MakeLog, tmp_path: P
     log = make_log(str(path), log_bodies=True)
     log.response(flow)
     log.error(flow)
-    log.done()
+    asyncio.run(log.done())
     text = path.read_text(encoding="utf-8")
     assert SECRET not in text
     assert [r["error"] for r in read_lines(path)] == ["upstream_protocol_error"] * 2
@@ -251,7 +254,7 @@ def test_rotation_keeps_backups_and_mode_0600(make_log: MakeLog, tmp_path: Path)
         flows = [finished(make_flow()) for _ in range(20)]
         for flow in flows:
             log.response(flow)
-        log.done()
+        asyncio.run(log.done())
     finally:
         os.umask(old_umask)
     files = [path, path.with_name("audit.log.1"), path.with_name("audit.log.2")]
@@ -269,7 +272,7 @@ def test_existing_file_is_made_private(make_log: MakeLog, tmp_path: Path) -> Non
     path = tmp_path / "audit.log"
     path.write_text("old\n")
     path.chmod(0o644)
-    make_log(str(path)).done()
+    asyncio.run(make_log(str(path)).done())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text() == "old\n"  # appended to, never truncated
 
@@ -280,10 +283,42 @@ def test_stdout_sink_one_line_per_flow(make_log: MakeLog, capsys: pytest.Capture
     log.response(flows[0])
     log.error(flows[1])
     log.response(flows[2])
-    log.done()
+    asyncio.run(log.done())
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == [f.id for f in flows]
     assert lines[0].startswith('{"time":"2023-11-14T22:13:20.500Z",')  # compact separators
+
+
+@pytest.mark.asyncio
+async def test_a_batch_being_written_at_shutdown_reaches_the_file(make_log: MakeLog, tmp_path: Path) -> None:
+    """done() while the worker thread holds a batch not yet written: every line reaches
+    the file, in order. The batch is held in its thread until done() has started, which
+    on a loaded machine happens by itself: the flush task was cancelled, done() closed
+    the file, and the held batch then met a closed file and was lost."""
+    path = tmp_path / "audit.log"
+    log = make_log(str(path), flush_interval=0.01)
+    sink = log._out
+    assert isinstance(sink, audit._FileSink)
+    real_write = sink.write
+    in_thread, release = threading.Event(), threading.Event()
+
+    def held_write(lines: list[str]) -> None:
+        if not in_thread.is_set():  # the first batch only
+            in_thread.set()
+            release.wait(30)
+        real_write(lines)
+
+    sink.write = held_write  # type: ignore[method-assign]
+    log.running()
+    first, second = finished(make_flow()), finished(make_flow())
+    log.response(first)
+    assert await asyncio.to_thread(in_thread.wait, 30)
+    log.response(second)  # still in the buffer when shutdown starts
+    stopping = asyncio.create_task(AddonManager([log]).observe("done"))  # as the engine calls it
+    await asyncio.sleep(0)  # done() has started (and, before the fix, closed the file)
+    release.set()
+    await stopping
+    assert [r["request_id"] for r in read_lines(path)] == [first.id, second.id]
 
 
 def test_hooks_never_raise(make_log: MakeLog, caplog: pytest.LogCaptureFixture) -> None:
@@ -293,7 +328,7 @@ def test_hooks_never_raise(make_log: MakeLog, caplog: pytest.LogCaptureFixture) 
     with caplog.at_level(logging.ERROR, logger="sidekey.audit"):
         log.response(flow)
     assert "IndexError" in caplog.text and SECRET not in caplog.text
-    log.done()
+    asyncio.run(log.done())
     log.response(make_flow())  # after done(): silently nothing
 
 
@@ -347,4 +382,4 @@ def test_fast_line_is_byte_identical_to_the_record(
     try:
         assert log.line(flow) == json.dumps(log.record(flow), separators=(",", ":"), ensure_ascii=False)
     finally:
-        log.done()
+        asyncio.run(log.done())

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -297,6 +298,36 @@ async def test_written_soon_after_the_failure_not_only_at_shutdown(make_dlq: Mak
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     dlq.response(failed(make_flow()))  # after done(): ignored, not raised
     assert dlq.statistics()["pending"] == 0
+
+
+@pytest.mark.asyncio
+async def test_a_write_in_progress_at_shutdown_is_finished_and_counted(make_dlq: MakeDLQ, tmp_path: Path) -> None:
+    """done() while the worker thread is still writing a batch: the batch is counted.
+    The write is held in its thread (after the line reached the file) until done() has
+    started, which on a loaded machine happens by itself: cancelling the flush task then
+    lost the count while the line was in the file."""
+    path = tmp_path / "dlq.jsonl"
+    dlq = make_dlq(path)
+    assert dlq._sink is not None
+    real_write = dlq._sink.write
+    in_thread, release = threading.Event(), threading.Event()
+
+    def held_write(lines: list[str]) -> None:
+        real_write(lines)
+        in_thread.set()
+        release.wait(30)
+
+    dlq._sink.write = held_write  # type: ignore[method-assign]
+    dlq.running()
+    flow = failed(make_flow())
+    dlq.response(flow)
+    assert await asyncio.to_thread(in_thread.wait, 30)
+    stopping = asyncio.create_task(dlq.done())
+    await asyncio.sleep(0)  # done() has started (and, before the fix, cancelled the flush task)
+    release.set()
+    await stopping
+    assert [e["id"] for e in lines(path)] == [flow.id]
+    assert dlq.statistics() == {"path": str(path), "written": 1, "pending": 0, "dropped": 0, "lost": 0}
 
 
 @pytest.mark.asyncio
