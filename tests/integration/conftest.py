@@ -87,7 +87,13 @@ def fake() -> Iterator[FakeProviderThread]:
 
 
 @pytest.fixture
-def start_sidekey(tmp_path: Path) -> Iterator[object]:
+def start_sidekey(tmp_path: Path, fake: FakeProviderThread) -> Iterator[object]:
+    """Starts sidekey processes and stops them after the test. It asks for ``fake``
+    only so that pytest tears the processes down *before* the fake provider: a
+    sidekey still running when the fake closes may open a connection the fake
+    never sees finish its TLS handshake, and its socket is then reported
+    unclosed (a ResourceWarning, an error here) in whichever test runs next."""
+    del fake
     started: list[SidekeyProcess] = []
 
     def start(policy: str, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> SidekeyProcess:
