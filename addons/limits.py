@@ -20,9 +20,15 @@ next key is tried, so a pool spreads load by quota.
 the usage addon measured (``flow.metadata["usage"]``), and concurrency slots
 are returned. Redis leases of long streams are refreshed in the background.
 
-Redis down: ``on_failure: open`` falls back to this process's own limiter
-(logged once per outage, counted); ``closed`` answers 503
-``limits_unavailable``. The client reconnects on its own.
+Redis out of reach: a timeout while this process's event loop lags (a
+starved sidekey, not a dead Redis: ``proxy.looplag``) is retried once. Then
+``on_failure: open`` degrades to this process's share of each limit (the
+limit divided by the sidecars seen alive in Redis in the last minute, at
+least one per window: ``ratelimit.share``), so N sidecars together admit at
+most the limit plus one share each; ``closed`` answers 503
+``limits_unavailable``. Logged once per outage with why (timeout after N ms
+with loop lag M ms, connection refused, ...), timed as ``degraded_seconds``.
+The next acquire Redis answers counts shared again.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 from proxy import errors
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
+from proxy.looplag import LoopLag, blame
 from proxy.policy import Policy, Provider
-from proxy.ratelimit import Bound, Check, LocalLimiter, Rule, Verdict
+from proxy.ratelimit import Bound, Check, LocalLimiter, Rule, Verdict, share
 from proxy.redis_limits import LimiterUnavailable, RedisLimiter
 from proxy.usage import reservation
 
@@ -117,8 +124,12 @@ class Limits:
         self.shared: RedisLimiter | None = None
         self.on_failure = "open"
         self.engine: Sidekey | None = None
-        self.redis_down = False
-        self.counters = {"allowed": 0, "queued": 0, "refused": 0, "redis_fallbacks": 0, "unavailable": 0}
+        self.lag = LoopLag(clock=clock)
+        self.degraded_since: float | None = None  # clock() when Redis was declared out of reach
+        self.degraded_seconds = 0.0  # over the outages that ended
+        self._shares: dict[tuple[tuple[Check, ...], int], tuple[Check, ...]] = {}
+        self.counters = {"allowed": 0, "queued": 0, "refused": 0, "redis_fallbacks": 0, "unavailable": 0,
+                         "lag_retries": 0}  # fmt: skip
         self._queues: dict[str, list[_Waiter]] = {}
         self._seq = itertools.count()
         self._leases: dict[str, Taken] = {}
@@ -146,6 +157,7 @@ class Limits:
         self._tasks = [
             asyncio.create_task(self._refresh_leases(), name="sidekey-limit-leases"),
             asyncio.create_task(self._settle_loop(), name="sidekey-limit-settle"),
+            asyncio.create_task(self.lag.run(), name="sidekey-loop-lag"),
         ]
 
     async def done(self) -> None:
@@ -299,26 +311,67 @@ class Limits:
 
     async def _acquire(self, checks: Checks, tokens: int) -> tuple[Verdict, LocalLimiter | RedisLimiter]:
         shared = self.shared
-        if shared is not None:
-            settles, self._pending = self._pending, []  # ride along: no round trip of their own
+        if shared is None:
+            return self.local.acquire(checks.pairs, tokens, self.clock()), self.local
+        settles, self._pending = self._pending, []  # ride along: no round trip of their own
+        try:
+            verdict = await shared.acquire(checks.pairs, tokens, settles=settles)
+        except LimiterUnavailable as exc:
+            self._pending[:0] = settles  # try them again later (leases expire meanwhile anyway)
+            lag = self._lag(exc, shared)
+            if blame(exc.reason, lag, shared.timeout) == "redis":
+                return self._degrade(checks, tokens, shared, exc, lag)
+            self.counters["lag_retries"] += 1  # a starved loop, not evidence against Redis
             try:
-                verdict = await shared.acquire(checks.pairs, tokens, settles=settles)
-            except LimiterUnavailable:
-                self._pending[:0] = settles  # try them again later (leases expire meanwhile anyway)
-                if not self.redis_down:
-                    log.error("redis unreachable: limits %s", "fall back to this process" if self.on_failure == "open"
-                              else "refuse requests (on_failure: closed)")  # fmt: skip
-                self.redis_down = True
-                if self.on_failure == "closed":
-                    self.counters["unavailable"] += 1
-                    raise LimitsUnavailable() from None
-                self.counters["redis_fallbacks"] += 1
+                verdict = await shared.acquire(checks.pairs, tokens)
+            except LimiterUnavailable as again:
+                return self._degrade(checks, tokens, shared, again, max(lag, self._lag(again, shared)))
+        if self.degraded_since is not None:
+            self.degraded_seconds += self.clock() - self.degraded_since
+            self.degraded_since = None
+            log.warning("redis reachable again: limits are shared")
+        return verdict, shared
+
+    def _lag(self, exc: LimiterUnavailable, shared: RedisLimiter) -> float:
+        """The loop's recent lag, or how late the call's own timeout fired when that is more."""
+        late = exc.elapsed - shared.timeout if exc.reason == "timeout" else 0.0
+        return max(self.lag.current(self.clock()), late)
+
+    def _degrade(
+        self, checks: Checks, tokens: int, shared: RedisLimiter, exc: LimiterUnavailable, lag: float
+    ) -> tuple[Verdict, LocalLimiter]:
+        """Redis is out of reach: refuse (closed), or take this process's share locally (open)."""
+        now = self.clock()
+        sidecars = shared.sidecars
+        if self.degraded_since is None:
+            self.degraded_since = now
+            why = exc.reason
+            if why == "timeout":
+                why = f"timeout after {exc.elapsed * 1000:.0f} ms with loop lag {lag * 1000:.0f} ms"
+            if self.on_failure == "closed":
+                log.error("redis unreachable (%s): limits refuse requests (on_failure: closed)", why)
             else:
-                if self.redis_down:
-                    log.warning("redis reachable again: limits are shared")
-                    self.redis_down = False
-                return verdict, shared
-        return self.local.acquire(checks.pairs, tokens, self.clock()), self.local
+                log.error("redis unreachable (%s): limits fall back to this process's share, 1/%d of each limit "
+                          "(%d sidecars seen in the last minute)", why, sidecars, sidecars)  # fmt: skip
+        if self.on_failure == "closed":
+            self.counters["unavailable"] += 1
+            raise LimitsUnavailable() from None
+        self.counters["redis_fallbacks"] += 1
+        return self.local.acquire(self._share(checks.pairs, sidecars), tokens, now), self.local
+
+    def _share(self, pairs: tuple[Check, ...], sidecars: int) -> tuple[Check, ...]:
+        """``pairs`` with each rule cut to this process's share; made once per rule set and count,
+        so the local states keep one rule object (a new one is a reload to them)."""
+        got = self._shares.get((pairs, sidecars))
+        if got is None:
+            if len(self._shares) >= 4096:
+                self._shares.clear()
+            got = self._shares[(pairs, sidecars)] = tuple((scope, share(rule, sidecars)) for scope, rule in pairs)
+        return got
+
+    @property
+    def degraded(self) -> bool:
+        return self.degraded_since is not None
 
     def _settle(self, flow: Flow) -> None:
         meta = flow.metadata
@@ -371,8 +424,11 @@ class Limits:
                         await taken.limiter.refresh(taken.checks.pairs, taken.lease)
 
     def statistics(self) -> dict[str, Any]:
-        return {**self.counters, "shared": self.shared is not None and not self.redis_down,
-                "local": self.local.statistics()}  # fmt: skip
+        degraded = self.degraded_seconds
+        if self.degraded_since is not None:
+            degraded += self.clock() - self.degraded_since
+        return {**self.counters, "shared": self.shared is not None and self.degraded_since is None,
+                "degraded_seconds": degraded, "local": self.local.statistics()}  # fmt: skip
 
     def __repr__(self) -> str:
         return f"Limits(shared={self.shared is not None}, {self.counters})"

@@ -173,11 +173,35 @@ async def test_keys_are_prefixed_and_expire_when_idle(limiter: RedisLimiter, raw
     rule = Rule("requests", 4, 0.2, "requests-short")
     await take(limiter, [("caller:openai/10.0.0.5", rule)], 2)
     key = f"{PREFIX}caller:openai/10.0.0.5:requests-short"
-    assert await raw.keys("*") == [key]
+    presence = f"{PREFIX}sidecars"
+    assert sorted(await raw.keys("*")) == [key, presence]
     assert 0 < await raw.pttl(key) <= 102  # full again 100 ms after the last grant
     assert await raw.hget(key, "span") == "200000"
+    assert 60_000 < await raw.pttl(presence) <= 120_000  # a minute of presence, and a margin
     await asyncio.sleep(0.15)
-    assert await raw.keys("*") == []
+    assert await raw.keys("*") == [presence]
+
+
+@pytest.mark.asyncio
+async def test_each_acquire_counts_the_sidecars_seen_in_the_last_minute(redis_server: RedisServer, raw: Redis) -> None:
+    limiters = [RedisLimiter.from_url(redis_server.url, timeout=TIMEOUT) for _ in range(3)]
+    checks = [("provider:openai", Rule("requests", 100, 60))]
+    try:
+        assert [lim.sidecars for lim in limiters] == [1, 1, 1]  # none seen yet: a whole share
+        for lim in limiters:
+            await lim.acquire(checks, 0)
+        assert [lim.sidecars for lim in limiters] == [1, 2, 3]  # each saw those before it and itself
+        await limiters[0].acquire(checks, 0, settles=[(checks, None, 0)])  # the pipelined path too
+        assert limiters[0].sidecars == 3
+        ids = {lim.sidecar_id for lim in limiters}
+        assert set(await raw.zrange(f"{PREFIX}sidecars", 0, -1)) == ids
+        # A sidecar last seen more than a minute ago (Redis time) no longer counts.
+        await raw.zadd(f"{PREFIX}sidecars", {limiters[2].sidecar_id: 1})
+        await limiters[0].acquire(checks, 0)
+        assert limiters[0].sidecars == 2
+    finally:
+        for lim in limiters:
+            await lim.aclose()
 
 
 @pytest.mark.asyncio
@@ -188,13 +212,20 @@ async def test_redis_down_raises_limiter_unavailable_then_recovers(redis_server:
         assert (await limiter.acquire(checks, 0)).allowed
         redis_server.kill()
         started = time.monotonic()
-        with pytest.raises(LimiterUnavailable, match=r"redis unavailable \(\w+\)"):
-            await limiter.acquire(checks, 0)
-        assert time.monotonic() - started < TIMEOUT + 0.1
+        with pytest.raises(LimiterUnavailable, match=r"^redis unavailable \(connection error\)$"):
+            await limiter.acquire(checks, 0)  # the pooled connection was closed under it
+        with pytest.raises(LimiterUnavailable, match=r"^redis unavailable \(connection refused\)$") as caught:
+            await limiter.acquire(checks, 0)  # a new connection: nobody listens on the port
+        assert caught.value.reason == "connection refused" and 0 <= caught.value.elapsed < TIMEOUT + 0.1
+        assert time.monotonic() - started < 2 * TIMEOUT + 0.1
         redis_server.start()  # the same port, an empty Redis without the scripts
         assert (await limiter.acquire(checks, 0)).allowed  # the same object reconnects on its own
-        assert {k: v for k, v in limiter.statistics().items() if k != "round_trips"} == {"allowed": 2, "refused": 0, "unavailable": 1}
-        assert repr(limiter) == "RedisLimiter(prefix='sidekey:rl:', allowed=2, refused=0, unavailable=1)"
+        assert {k: v for k, v in limiter.statistics().items() if k != "round_trips"} == {
+            "allowed": 2,
+            "refused": 0,
+            "unavailable": 2,
+        }
+        assert repr(limiter) == "RedisLimiter(prefix='sidekey:rl:', allowed=2, refused=0, unavailable=2)"
     finally:
         await limiter.aclose()
 
@@ -206,8 +237,9 @@ async def test_a_redis_that_stops_answering_times_out(redis_server: RedisServer,
     redis_server.pause()
     try:
         started = time.monotonic()
-        with pytest.raises(LimiterUnavailable):
+        with pytest.raises(LimiterUnavailable, match=r"^redis unavailable \(timeout\)$") as caught:
             await limiter.acquire(checks, 0)
+        assert caught.value.reason == "timeout" and caught.value.elapsed >= TIMEOUT - 0.01
         assert TIMEOUT - 0.01 < time.monotonic() - started < TIMEOUT + 0.1
     finally:
         redis_server.resume()
