@@ -44,12 +44,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from addons.limits_degraded import Degraded
 from proxy import errors
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
-from proxy.looplag import LoopLag, blame
 from proxy.policy import Policy, Provider
-from proxy.ratelimit import Bound, Check, LocalLimiter, Rule, Verdict, share
+from proxy.ratelimit import Bound, Check, LocalLimiter, Rule, Verdict
 from proxy.redis_limits import LimiterUnavailable, RedisLimiter
 from proxy.usage import reservation
 
@@ -124,10 +124,7 @@ class Limits:
         self.shared: RedisLimiter | None = None
         self.on_failure = "open"
         self.engine: Sidekey | None = None
-        self.lag = LoopLag(clock=clock)
-        self.degraded_since: float | None = None  # clock() when Redis was declared out of reach
-        self.degraded_seconds = 0.0  # over the outages that ended
-        self._shares: dict[tuple[tuple[Check, ...], int], tuple[Check, ...]] = {}
+        self.degraded = Degraded(clock)  # Redis out of reach: why, since when, the shares
         self.counters = {"allowed": 0, "queued": 0, "refused": 0, "redis_fallbacks": 0, "unavailable": 0,
                          "lag_retries": 0}  # fmt: skip
         self._queues: dict[str, list[_Waiter]] = {}
@@ -157,7 +154,7 @@ class Limits:
         self._tasks = [
             asyncio.create_task(self._refresh_leases(), name="sidekey-limit-leases"),
             asyncio.create_task(self._settle_loop(), name="sidekey-limit-settle"),
-            asyncio.create_task(self.lag.run(), name="sidekey-loop-lag"),
+            asyncio.create_task(self.degraded.lag.run(), name="sidekey-loop-lag"),
         ]
 
     async def done(self) -> None:
@@ -318,60 +315,27 @@ class Limits:
             verdict = await shared.acquire(checks.pairs, tokens, settles=settles)
         except LimiterUnavailable as exc:
             self._pending[:0] = settles  # try them again later (leases expire meanwhile anyway)
-            lag = self._lag(exc, shared)
-            if blame(exc.reason, lag, shared.timeout) == "redis":
-                return self._degrade(checks, tokens, shared, exc, lag)
+            if self.degraded.active or not self.degraded.retry(exc, shared.timeout):  # degraded: one timeout per request, no retry
+                return self._degrade(checks, tokens, shared, exc)
             self.counters["lag_retries"] += 1  # a starved loop, not evidence against Redis
             try:
                 verdict = await shared.acquire(checks.pairs, tokens)
             except LimiterUnavailable as again:
-                return self._degrade(checks, tokens, shared, again, max(lag, self._lag(again, shared)))
-        if self.degraded_since is not None:
-            self.degraded_seconds += self.clock() - self.degraded_since
-            self.degraded_since = None
-            log.warning("redis reachable again: limits are shared")
+                return self._degrade(checks, tokens, shared, again)
+        self.degraded.recovered()
         return verdict, shared
 
-    def _lag(self, exc: LimiterUnavailable, shared: RedisLimiter) -> float:
-        """The loop's recent lag, or how late the call's own timeout fired when that is more."""
-        late = exc.elapsed - shared.timeout if exc.reason == "timeout" else 0.0
-        return max(self.lag.current(self.clock()), late)
-
     def _degrade(
-        self, checks: Checks, tokens: int, shared: RedisLimiter, exc: LimiterUnavailable, lag: float
+        self, checks: Checks, tokens: int, shared: RedisLimiter, exc: LimiterUnavailable
     ) -> tuple[Verdict, LocalLimiter]:
         """Redis is out of reach: refuse (closed), or take this process's share locally (open)."""
-        now = self.clock()
-        sidecars = shared.sidecars
-        if self.degraded_since is None:
-            self.degraded_since = now
-            why = exc.reason
-            if why == "timeout":
-                why = f"timeout after {exc.elapsed * 1000:.0f} ms with loop lag {lag * 1000:.0f} ms"
-            if self.on_failure == "closed":
-                log.error("redis unreachable (%s): limits refuse requests (on_failure: closed)", why)
-            else:
-                log.error("redis unreachable (%s): limits fall back to this process's share, 1/%d of each limit "
-                          "(%d sidecars seen in the last minute)", why, sidecars, sidecars)  # fmt: skip
+        self.degraded.enter(exc, shared.timeout, shared.sidecars, self.on_failure)
         if self.on_failure == "closed":
             self.counters["unavailable"] += 1
             raise LimitsUnavailable() from None
         self.counters["redis_fallbacks"] += 1
-        return self.local.acquire(self._share(checks.pairs, sidecars), tokens, now), self.local
-
-    def _share(self, pairs: tuple[Check, ...], sidecars: int) -> tuple[Check, ...]:
-        """``pairs`` with each rule cut to this process's share; made once per rule set and count,
-        so the local states keep one rule object (a new one is a reload to them)."""
-        got = self._shares.get((pairs, sidecars))
-        if got is None:
-            if len(self._shares) >= 4096:
-                self._shares.clear()
-            got = self._shares[(pairs, sidecars)] = tuple((scope, share(rule, sidecars)) for scope, rule in pairs)
-        return got
-
-    @property
-    def degraded(self) -> bool:
-        return self.degraded_since is not None
+        pairs = self.degraded.share(checks.pairs, shared.sidecars)
+        return self.local.acquire(pairs, tokens, self.clock()), self.local
 
     def _settle(self, flow: Flow) -> None:
         meta = flow.metadata
@@ -424,11 +388,8 @@ class Limits:
                         await taken.limiter.refresh(taken.checks.pairs, taken.lease)
 
     def statistics(self) -> dict[str, Any]:
-        degraded = self.degraded_seconds
-        if self.degraded_since is not None:
-            degraded += self.clock() - self.degraded_since
-        return {**self.counters, "shared": self.shared is not None and self.degraded_since is None,
-                "degraded_seconds": degraded, "local": self.local.statistics()}  # fmt: skip
+        return {**self.counters, "shared": self.shared is not None and not self.degraded.active,
+                "degraded_seconds": self.degraded.seconds(), "local": self.local.statistics()}  # fmt: skip
 
     def __repr__(self) -> str:
         return f"Limits(shared={self.shared is not None}, {self.counters})"

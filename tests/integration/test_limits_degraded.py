@@ -134,11 +134,11 @@ async def test_a_timeout_while_the_loop_lags_is_retried_not_an_outage(
 ) -> None:
     addon = shared_addon(limiter)
     checks = (("provider:openai", Rule("requests", 3, 60.0)),)
-    addon.lag.observe(0.4, addon.clock())  # the loop woke 400 ms late: 40% of the timeout
+    addon.degraded.lag.observe(0.4, addon.clock())  # the loop woke 400 ms late: 40% of the timeout
     with caplog.at_level(logging.ERROR, logger="sidekey.limits"):
         assert await acquire_while_paused(addon, redis, checks)
     assert addon.counters["lag_retries"] == 1 and addon.counters["redis_fallbacks"] == 0
-    assert not addon.degraded and "redis unreachable" not in caplog.text
+    assert not addon.degraded.active and "redis unreachable" not in caplog.text
     assert limiter.statistics()["allowed"] == 1  # counted in Redis, not locally
 
 
@@ -159,14 +159,14 @@ async def test_a_timeout_on_a_quiet_loop_falls_back_to_the_share_and_says_why(
     assert limiter.sidecars == 3
     with caplog.at_level(logging.ERROR, logger="sidekey.limits"):
         assert await acquire_while_paused(addon, redis, checks)  # alone: the share, 6 // 3 = 2
-    assert addon.counters["lag_retries"] == 0 and addon.counters["redis_fallbacks"] == 1 and addon.degraded
+    assert addon.counters["lag_retries"] == 0 and addon.counters["redis_fallbacks"] == 1 and addon.degraded.active
     assert re.search(r"redis unreachable \(timeout after \d+ ms with loop lag \d+ ms\): limits fall back to this "
                      r"process's share, 1/3 of each limit", caplog.text)  # fmt: skip
     verdict, limiter_used = await addon._acquire(Checks(checks), 0)
     assert verdict.allowed and limiter_used is limiter  # Redis answers: shared again at once
     # 2 others + 1 + the timed-out call, which Redis ran when it woke (never an over-grant) + this one
     assert verdict.states[0].remaining == 6 - 5
-    assert not addon.degraded and addon.statistics()["degraded_seconds"] > 0
+    assert not addon.degraded.active and addon.statistics()["degraded_seconds"] > 0
 
 
 @pytest.mark.asyncio
@@ -189,9 +189,9 @@ async def test_redis_down_admits_only_the_share_then_counts_shared_again(
     assert caplog.text.count("redis unreachable") == 1  # once per outage
     assert re.search(r"redis unreachable \(connection (error|refused)\): limits fall back to this process's share, "
                      r"1/2 of each limit \(2 sidecars seen in the last minute\)", caplog.text)  # fmt: skip
-    assert addon.degraded and addon.statistics()["shared"] is False
+    assert addon.degraded.active and addon.statistics()["shared"] is False
     redis.start()
     verdict, used = await addon._acquire(checks, 0)
     assert verdict.allowed and used is limiter  # counted in Redis again
     assert verdict.states[0].remaining == 7 - 1  # a restarted Redis forgot the counts: the first again
-    assert not addon.degraded and addon.statistics()["shared"] is True
+    assert not addon.degraded.active and addon.statistics()["shared"] is True
