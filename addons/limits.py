@@ -315,7 +315,8 @@ class Limits:
             verdict = await shared.acquire(checks.pairs, tokens, settles=settles)
         except LimiterUnavailable as exc:
             self._pending[:0] = settles  # try them again later (leases expire meanwhile anyway)
-            if self.degraded.active or not self.degraded.retry(exc, shared.timeout):  # degraded: one timeout per request, no retry
+            # Already degraded: no retry, so a request waits one timeout, not two.
+            if self.degraded.active or not self.degraded.retry(exc, shared.timeout):
                 return self._degrade(checks, tokens, shared, exc)
             self.counters["lag_retries"] += 1  # a starved loop, not evidence against Redis
             try:

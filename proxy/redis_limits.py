@@ -28,7 +28,8 @@ Keys: ``<prefix><scope>:<rule name>`` (the prefix is "sidekey:rl:"; rule names h
                  ``1/sidecars`` of each limit alone (addons/limits.py). No extra round trip.
 
 Errors: a connection failure, a timeout (``timeout`` bounds each whole call) or a read-only replica
-raises LimiterUnavailable, with its reason (never the error's text) and the call's wall time. Failing open or closed is the caller's policy. The client reconnects on
+raises LimiterUnavailable, with its reason (never the error's text) and the call's wall time.
+Failing open or closed is the caller's policy. The client reconnects on
 its own on the next call. A call that timed out may still have run (it then counts against the
 quota, and its lease expires): never an over-grant. A Redis restart forgets all counts.
 Not handled: Redis Cluster (a check's keys would need one hash slot).
