@@ -20,9 +20,15 @@ next key is tried, so a pool spreads load by quota.
 the usage addon measured (``flow.metadata["usage"]``), and concurrency slots
 are returned. Redis leases of long streams are refreshed in the background.
 
-Redis down: ``on_failure: open`` falls back to this process's own limiter
-(logged once per outage, counted); ``closed`` answers 503
-``limits_unavailable``. The client reconnects on its own.
+Redis out of reach: a timeout while this process's event loop lags (a
+starved sidekey, not a dead Redis: ``proxy.looplag``) is retried once. Then
+``on_failure: open`` degrades to this process's share of each limit (the
+limit divided by the sidecars seen alive in Redis in the last minute, at
+least one per window: ``ratelimit.share``), so N sidecars together admit at
+most the limit plus one share each; ``closed`` answers 503
+``limits_unavailable``. Logged once per outage with why (timeout after N ms
+with loop lag M ms, connection refused, ...), timed as ``degraded_seconds``.
+The next acquire Redis answers counts shared again.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from addons.limits_degraded import Degraded
 from proxy import errors
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
@@ -117,8 +124,9 @@ class Limits:
         self.shared: RedisLimiter | None = None
         self.on_failure = "open"
         self.engine: Sidekey | None = None
-        self.redis_down = False
-        self.counters = {"allowed": 0, "queued": 0, "refused": 0, "redis_fallbacks": 0, "unavailable": 0}
+        self.degraded = Degraded(clock)  # Redis out of reach: why, since when, the shares
+        self.counters = {"allowed": 0, "queued": 0, "refused": 0, "redis_fallbacks": 0, "unavailable": 0,
+                         "lag_retries": 0}  # fmt: skip
         self._queues: dict[str, list[_Waiter]] = {}
         self._seq = itertools.count()
         self._leases: dict[str, Taken] = {}
@@ -146,6 +154,7 @@ class Limits:
         self._tasks = [
             asyncio.create_task(self._refresh_leases(), name="sidekey-limit-leases"),
             asyncio.create_task(self._settle_loop(), name="sidekey-limit-settle"),
+            asyncio.create_task(self.degraded.lag.run(), name="sidekey-loop-lag"),
         ]
 
     async def done(self) -> None:
@@ -303,26 +312,35 @@ class Limits:
 
     async def _acquire(self, checks: Checks, tokens: int) -> tuple[Verdict, LocalLimiter | RedisLimiter]:
         shared = self.shared
-        if shared is not None:
-            settles, self._pending = self._pending, []  # ride along: no round trip of their own
+        if shared is None:
+            return self.local.acquire(checks.pairs, tokens, self.clock()), self.local
+        settles, self._pending = self._pending, []  # ride along: no round trip of their own
+        try:
+            verdict = await shared.acquire(checks.pairs, tokens, settles=settles)
+        except LimiterUnavailable as exc:
+            self._pending[:0] = settles  # try them again later (leases expire meanwhile anyway)
+            # Already degraded: no retry, so a request waits one timeout, not two.
+            if self.degraded.active or not self.degraded.retry(exc, shared.timeout):
+                return self._degrade(checks, tokens, shared, exc)
+            self.counters["lag_retries"] += 1  # a starved loop, not evidence against Redis
             try:
-                verdict = await shared.acquire(checks.pairs, tokens, settles=settles)
-            except LimiterUnavailable:
-                self._pending[:0] = settles  # try them again later (leases expire meanwhile anyway)
-                if not self.redis_down:
-                    log.error("redis unreachable: limits %s", "fall back to this process" if self.on_failure == "open"
-                              else "refuse requests (on_failure: closed)")  # fmt: skip
-                self.redis_down = True
-                if self.on_failure == "closed":
-                    self.counters["unavailable"] += 1
-                    raise LimitsUnavailable() from None
-                self.counters["redis_fallbacks"] += 1
-            else:
-                if self.redis_down:
-                    log.warning("redis reachable again: limits are shared")
-                    self.redis_down = False
-                return verdict, shared
-        return self.local.acquire(checks.pairs, tokens, self.clock()), self.local
+                verdict = await shared.acquire(checks.pairs, tokens)
+            except LimiterUnavailable as again:
+                return self._degrade(checks, tokens, shared, again)
+        self.degraded.recovered()
+        return verdict, shared
+
+    def _degrade(
+        self, checks: Checks, tokens: int, shared: RedisLimiter, exc: LimiterUnavailable
+    ) -> tuple[Verdict, LocalLimiter]:
+        """Redis is out of reach: refuse (closed), or take this process's share locally (open)."""
+        self.degraded.enter(exc, shared.timeout, shared.sidecars, self.on_failure)
+        if self.on_failure == "closed":
+            self.counters["unavailable"] += 1
+            raise LimitsUnavailable() from None
+        self.counters["redis_fallbacks"] += 1
+        pairs = self.degraded.share(checks.pairs, shared.sidecars)
+        return self.local.acquire(pairs, tokens, self.clock()), self.local
 
     def _settle(self, flow: Flow) -> None:
         meta = flow.metadata
@@ -375,8 +393,8 @@ class Limits:
                         await taken.limiter.refresh(taken.checks.pairs, taken.lease)
 
     def statistics(self) -> dict[str, Any]:
-        return {**self.counters, "shared": self.shared is not None and not self.redis_down,
-                "local": self.local.statistics()}  # fmt: skip
+        return {**self.counters, "shared": self.shared is not None and not self.degraded.active,
+                "degraded_seconds": self.degraded.seconds(), "local": self.local.statistics()}  # fmt: skip
 
     def __repr__(self) -> str:
         return f"Limits(shared={self.shared is not None}, {self.counters})"

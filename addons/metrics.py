@@ -244,6 +244,14 @@ class _EngineCollector(Collector):
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
         yield from (conns, flows, pool, reloads, *_upstream_families(stats.get("upstreams", [])))
+        limits = stats.get("limits")
+        if limits is not None:  # from the limits addon, when it runs (proxy/cli.py attaches it)
+            degraded = CounterMetricFamily(
+                "sidekey_limits_degraded_seconds",
+                "Seconds this process counted limits alone (its share) because Redis was out of reach",
+            )
+            degraded.add_metric([], limits.get("degraded_seconds", 0.0))
+            yield degraded
 
 
 def _upstream_families(states: list[dict[str, Any]]) -> Iterator[Metric]:

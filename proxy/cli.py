@@ -237,6 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def serve(policy: Policy, args: argparse.Namespace, location: locate.PolicyLocation, certs: Path) -> int:
     from addons import default_addons, load_addons
+    from addons.limits import Limits
     from addons.metrics import Metrics
     from proxy.admin import AdminConfigError, AdminServer
     from proxy.engine import Sidekey
@@ -266,7 +267,11 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons)
     metrics = next((a for a in addons if isinstance(a, Metrics)), None)
     if metrics is not None:
-        metrics.attach(engine.statistics)
+        limits = next((a for a in addons if isinstance(a, Limits)), None)
+        if limits is None:
+            metrics.attach(engine.statistics)
+        else:  # its degraded time is a metric too
+            metrics.attach(lambda: {**engine.statistics(), "limits": limits.statistics()})
     admin = None
     if args.admin != "off":
         try:

@@ -111,6 +111,15 @@ class Rule:
 Check = tuple[str, Rule]
 
 
+def share(rule: Rule, sidecars: int) -> Rule:
+    """One process's part of a rule that ``sidecars`` processes share, for while they cannot
+    count together (Redis out of reach): ``limit // sidecars``, at least one per window, so
+    all of them together admit at most the limit plus one unit each."""
+    if sidecars <= 1:
+        return rule
+    return Rule(rule.kind, max(1, rule.limit // sidecars), rule.period, rule.name)
+
+
 # The two results are built on every request: slotted but not frozen, because a frozen
 # dataclass's __init__ (object.__setattr__ per field) costs about 5x more. Treat them as read-only.
 

@@ -22,9 +22,14 @@ Keys: ``<prefix><scope>:<rule name>`` (the prefix is "sidekey:rl:"; rule names h
     concurrency  a sorted set, lease id -> expiry (ms, Redis time). Each acquire purges expired
                  leases, so a sidekey that dies mid-request holds its slots for at most
                  ``lease_ttl``; a holder refreshes longer requests. PEXPIRE at the last lease's expiry.
+    sidecars     ``<prefix>sidecars``, a sorted set, sidecar id -> its last acquire (ms, Redis
+                 time). Each acquire script adds its sidecar, drops those older than a minute and
+                 returns the count (``sidecars``): while Redis is out of reach, a sidecar takes
+                 ``1/sidecars`` of each limit alone (addons/limits.py). No extra round trip.
 
 Errors: a connection failure, a timeout (``timeout`` bounds each whole call) or a read-only replica
-raises LimiterUnavailable. Failing open or closed is the caller's policy. The client reconnects on
+raises LimiterUnavailable, with its reason (never the error's text) and the call's wall time.
+Failing open or closed is the caller's policy. The client reconnects on
 its own on the next call. A call that timed out may still have run (it then counts against the
 quota, and its lease expires): never an over-grant. A Redis restart forgets all counts.
 Not handled: Redis Cluster (a check's keys would need one hash slot).
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +52,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from proxy.ratelimit import Check, Verdict, cost_of, judge
 
 PREFIX = "sidekey:rl:"
+PRESENCE = "sidecars"  # <prefix>sidecars: a sorted set, sidecar id -> last acquire (ms, Redis time)
+PRESENCE_MS = 60_000  # a sidecar counts as alive this long after its last acquire
 
 # Shared by both scripts. Numbers go back to Redis through string.format('%.0f'): Lua's own
 # number-to-string keeps 14 digits, too few for a microsecond timestamp.
@@ -84,14 +92,17 @@ local function keep_until(key, ms)
 end
 """
 
-# ARGV: lease, lease ttl (ms), then five per rule: kind ('c' concurrency, 'r' rate), limit,
-# ticks per second, span, level units to add. Returns {allowed (1|0), level of each rule}:
-# a rate's level drained to now, or a concurrency's live leases, both before this acquire.
+# KEYS: one per rule, then the presence set. ARGV: lease, lease ttl (ms), then five per rule:
+# kind ('c' concurrency, 'r' rate), limit, ticks per second, span, level units to add; then
+# this sidecar's id. Returns {allowed (1|0), level of each rule, sidecars seen in the last
+# minute}: a rate's level drained to now, or a concurrency's live leases, both before this acquire.
 ACQUIRE = (
     _COMMON
     + """
+local rules = #KEYS - 1
 local out, ats, nows = {1}, {}, {}
-for i, key in ipairs(KEYS) do
+for i = 1, rules do
+  local key = KEYS[i]
   local a = 3 + (i - 1) * 5
   local limit = tonumber(ARGV[a + 1])
   if ARGV[a] == 'c' then
@@ -106,7 +117,8 @@ for i, key in ipairs(KEYS) do
   end
 end
 if out[1] == 1 then
-  for i, key in ipairs(KEYS) do
+  for i = 1, rules do
+    local key = KEYS[i]
     local a = 3 + (i - 1) * 5
     if ARGV[a] == 'c' then
       redis.call('ZADD', key, now_ms + ttl, lease)
@@ -117,6 +129,11 @@ if out[1] == 1 then
     end
   end
 end
+local presence = KEYS[rules + 1]
+redis.call('ZADD', presence, now_ms, ARGV[#ARGV])
+redis.call('ZREMRANGEBYSCORE', presence, '-inf', now_ms - 60000)  -- PRESENCE_MS
+redis.call('PEXPIRE', presence, 120000)
+out[rules + 2] = redis.call('ZCARD', presence)
 return out
 """
 )
@@ -159,15 +176,38 @@ Settle = tuple[Sequence[Check], "str | None", int]  # (checks, lease, token delt
 
 class LimiterUnavailable(Exception):
     """Redis did not answer in time (down, unreachable, timed out, or a read-only replica).
-    The message names the error class only: fail open or closed is the caller's decision."""
+    ``reason`` is one of REASONS, ``elapsed`` the call's wall time in seconds; the message
+    is made of these only. Fail open or closed is the caller's decision."""
+
+    def __init__(self, reason: str, elapsed: float) -> None:
+        super().__init__(f"redis unavailable ({reason})")
+        self.reason = reason
+        self.elapsed = elapsed
 
 
+REASONS = ("timeout", "connection refused", "connection error", "read-only replica")
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
 
+def _reason(exc: BaseException) -> str:
+    """Which of REASONS ``exc`` is: by type, never by its text (it may hold the URL)."""
+    if isinstance(exc, (TimeoutError, RedisTimeoutError)):  # asyncio.timeout raises TimeoutError
+        return "timeout"
+    if isinstance(exc, ReadOnlyError):
+        return "read-only replica"
+    seen: BaseException | None = exc
+    for _ in range(4):  # redis-py raises its ConnectionError inside `except OSError`
+        if seen is None:
+            break
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        seen = seen.__cause__ or seen.__context__
+    return "connection error"
+
+
 class RedisLimiter:
-    __slots__ = ("client", "prefix", "lease_ttl", "timeout", "_acquire", "_settle",
-                 "_allowed", "_refused", "_unavailable", "round_trips")  # fmt: skip
+    __slots__ = ("client", "prefix", "lease_ttl", "timeout", "_acquire", "_settle", "_presence",
+                 "_allowed", "_refused", "_unavailable", "round_trips", "sidecar_id", "sidecars")  # fmt: skip
 
     def __init__(self, client: Redis, *, prefix: str = PREFIX, lease_ttl: float = 60.0, timeout: float = 1.0) -> None:
         if lease_ttl < 0.001 or timeout <= 0:
@@ -180,6 +220,9 @@ class RedisLimiter:
         self._settle: AsyncScript = client.register_script(SETTLE)
         self._allowed = self._refused = self._unavailable = 0
         self.round_trips = 0  # network calls made (a pipeline is one)
+        self.sidecar_id = secrets.token_hex(8)  # this process in the presence set
+        self.sidecars = 1  # sidecars seen alive in the last minute, as of the last acquire
+        self._presence = f"{prefix}{PRESENCE}"
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.5, max_connections: int = 32, **options: Any) -> RedisLimiter:
@@ -209,13 +252,17 @@ class RedisLimiter:
                 args += ("c", rule.limit, 0, 0, 0)
             else:
                 args += ("r", rule.limit, rule.ticks, rule.span, cost_of(rule, tokens))
+        args.append(self.sidecar_id)
+        keys = [*_keys(self.prefix, checks), self._presence]
         if settles:
             calls = [c for item in settles if (c := self._settle_call(item[0], item[1], item[2], "r"))]
-            replies = await self._pipeline([*((self._settle, *c) for c in calls), (self._acquire, checks, args)])
+            settled = [(self._settle, _keys(self.prefix, c[0]), c[1]) for c in calls]
+            replies = await self._pipeline([*settled, (self._acquire, keys, args)])
             reply = replies[-1]
         else:
-            reply = await self._call(self._acquire, checks, args)
-        verdict = judge(checks, reply[1:], tokens, lease if concurrent else None)
+            reply = await self._call(self._acquire, keys, args)
+        self.sidecars = max(1, int(reply[-1]))
+        verdict = judge(checks, reply[1:-1], tokens, lease if concurrent else None)
         if verdict.allowed != (reply[0] == 1):  # the script and judge() run the same integer arithmetic
             raise RuntimeError("rate limit script and judge() disagree")
         if verdict.allowed:
@@ -241,15 +288,15 @@ class RedisLimiter:
         call = self._settle_call(checks, lease, token_delta, op)
         if call is None:
             return 0
-        return int(await self._call(self._settle, call[0], call[1]))
+        return int(await self._call(self._settle, _keys(self.prefix, call[0]), call[1]))
 
     async def release_many(self, items: Sequence[Settle]) -> None:
         """Release and reconcile many finished requests in one pipelined round trip."""
         calls = [c for checks, lease, delta in items if (c := self._settle_call(checks, lease, delta, "r"))]
         if calls:
-            await self._pipeline([(self._settle, *c) for c in calls])
+            await self._pipeline([(self._settle, _keys(self.prefix, c[0]), c[1]) for c in calls])
 
-    async def _pipeline(self, calls: Sequence[tuple[AsyncScript, Sequence[Check], list[str | int]]]) -> list[Any]:
+    async def _pipeline(self, calls: Sequence[tuple[AsyncScript, list[str], list[str | int]]]) -> list[Any]:
         """Several script calls in one round trip. EVALSHA by hand: redis-py's
         pipelined scripts ask SCRIPT EXISTS first (a round trip each time).
         A NOSCRIPT (Redis restarted, or a script not yet used there) fails that
@@ -257,14 +304,14 @@ class RedisLimiter:
         the scripts are loaded. Sending all again would count an acquire twice."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
+        start = time.monotonic()
         for attempt in (1, 2):
             try:
                 async with asyncio.timeout(self.timeout):
                     self.round_trips += 1
                     async with self.client.pipeline(transaction=False) as pipe:
                         for i in todo:
-                            script, checks, args = calls[i]
-                            keys = [f"{self.prefix}{scope}:{rule.name}" for scope, rule in checks]
+                            script, keys, args = calls[i]
                             pipe.evalsha(script.sha, len(keys), *keys, *args)
                         got = await pipe.execute(raise_on_error=False)
                     for i, reply in zip(todo, got, strict=True):
@@ -279,7 +326,7 @@ class RedisLimiter:
                             await self.client.script_load(script.script)
             except _UNAVAILABLE as exc:
                 self._unavailable += 1
-                raise LimiterUnavailable(f"redis unavailable ({type(exc).__name__})") from exc
+                raise LimiterUnavailable(_reason(exc), time.monotonic() - start) from exc
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
@@ -303,15 +350,15 @@ class RedisLimiter:
             picked.append(check)
         return (picked, args) if picked else None
 
-    async def _call(self, script: AsyncScript, checks: Sequence[Check], args: list[str | int]) -> Any:
-        keys = [f"{self.prefix}{scope}:{rule.name}" for scope, rule in checks]
+    async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        start = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout):
                 self.round_trips += 1
                 return await script(keys=keys, args=args)
         except _UNAVAILABLE as exc:  # builtin TimeoutError (asyncio.timeout) is an OSError
             self._unavailable += 1
-            raise LimiterUnavailable(f"redis unavailable ({type(exc).__name__})") from exc
+            raise LimiterUnavailable(_reason(exc), time.monotonic() - start) from exc
 
     def statistics(self) -> dict[str, int]:
         return {"allowed": self._allowed, "refused": self._refused, "unavailable": self._unavailable,
@@ -320,3 +367,7 @@ class RedisLimiter:
     def __repr__(self) -> str:  # never the URL: it may carry a password
         return (f"RedisLimiter(prefix={self.prefix!r}, allowed={self._allowed}, refused={self._refused}, "
                 f"unavailable={self._unavailable})")  # fmt: skip
+
+
+def _keys(prefix: str, checks: Sequence[Check]) -> list[str]:
+    return [f"{prefix}{scope}:{rule.name}" for scope, rule in checks]

@@ -4,6 +4,7 @@
         server.url                             # redis://127.0.0.1:<port>/0
         server.kill(); server.start()          # down hard, then back on the same port
         server.pause(); server.resume()        # SIGSTOP / SIGCONT: a server that stops answering
+        server.debug_sleep(2.0)                # DEBUG SLEEP: Redis itself busy (blocks the caller)
 
 Import the fixture into a test module: ``from tests.redis_server import redis_server_fixture``.
 """
@@ -30,6 +31,12 @@ def free_port() -> int:
         return port
 
 
+def _major_version(binary: str) -> int:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    version = out.split("v=", 1)[1].split(" ", 1)[0]  # "Redis server v=7.0.15 sha=..."
+    return int(version.split(".", 1)[0])
+
+
 class RedisServer:
     def __init__(self, workdir: Path, port: int = 0) -> None:
         self.workdir = workdir
@@ -53,6 +60,8 @@ class RedisServer:
             binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "",
         ]  # fmt: skip
+        if _major_version(binary) >= 7:  # DEBUG is off by default from Redis 7; 6 has no such option
+            cmd += ["--enable-debug-command", "local"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
@@ -90,6 +99,13 @@ class RedisServer:
         """The process stays and its port accepts connections, but nothing answers."""
         if self.proc is not None:
             self.proc.send_signal(signal.SIGSTOP)
+
+    def debug_sleep(self, seconds: float) -> None:
+        """``DEBUG SLEEP``: the server answers nothing for ``seconds``; returns when it is done."""
+        from redis import Redis
+
+        with Redis(host="127.0.0.1", port=self.port, socket_timeout=seconds + 10) as client:
+            client.execute_command("DEBUG", "SLEEP", f"{seconds:.3f}")
 
     def resume(self) -> None:
         if self.proc is not None:

@@ -202,13 +202,37 @@ async def test_keys_are_prefixed_and_expire_when_idle(limiter: RedisLimiter, raw
     rule = Rule("requests", 4, 4.0, "requests-short")
     await take(limiter, [("caller:openai/10.0.0.5", rule)], 2)
     key = f"{PREFIX}caller:openai/10.0.0.5:requests-short"
-    assert await raw.keys("*") == [key]
+    presence = f"{PREFIX}sidecars"
+    assert sorted(await raw.keys("*")) == [key, presence]
     assert 0 < await raw.pttl(key) <= 2002  # full again 2 s after the last grant
     assert await raw.hget(key, "span") == "4000000"
+    assert 60_000 < await raw.pttl(presence) <= 120_000  # a minute of presence, and a margin
     deadline = time.monotonic() + 60
-    while await raw.keys("*"):  # gone once full again (Redis expires keys lazily and every 100 ms)
+    while await raw.keys("*") != [presence]:  # gone once full again (Redis expires keys lazily and every 100 ms)
         assert time.monotonic() < deadline, "the idle key never expired"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.asyncio
+async def test_each_acquire_counts_the_sidecars_seen_in_the_last_minute(redis_server: RedisServer, raw: Redis) -> None:
+    limiters = [RedisLimiter.from_url(redis_server.url, timeout=GENEROUS) for _ in range(3)]
+    checks = [("provider:openai", Rule("requests", 100, 60))]
+    try:
+        assert [lim.sidecars for lim in limiters] == [1, 1, 1]  # none seen yet: a whole share
+        for lim in limiters:
+            await lim.acquire(checks, 0)
+        assert [lim.sidecars for lim in limiters] == [1, 2, 3]  # each saw those before it and itself
+        await limiters[0].acquire(checks, 0, settles=[(checks, None, 0)])  # the pipelined path too
+        assert limiters[0].sidecars == 3
+        ids = {lim.sidecar_id for lim in limiters}
+        assert set(await raw.zrange(f"{PREFIX}sidecars", 0, -1)) == ids
+        # A sidecar last seen more than a minute ago (Redis time) no longer counts.
+        await raw.zadd(f"{PREFIX}sidecars", {limiters[2].sidecar_id: 1})
+        await limiters[0].acquire(checks, 0)
+        assert limiters[0].sidecars == 2
+    finally:
+        for lim in limiters:
+            await lim.aclose()
 
 
 @pytest.mark.asyncio
@@ -219,13 +243,20 @@ async def test_redis_down_raises_limiter_unavailable_then_recovers(redis_server:
         assert (await limiter.acquire(checks, 0)).allowed
         redis_server.kill()
         started = time.monotonic()
-        with pytest.raises(LimiterUnavailable, match=r"redis unavailable \(\w+\)"):
-            await limiter.acquire(checks, 0)
+        with pytest.raises(LimiterUnavailable, match=r"^redis unavailable \(connection error\)$"):
+            await limiter.acquire(checks, 0)  # the pooled connection was closed under it
+        with pytest.raises(LimiterUnavailable, match=r"^redis unavailable \(connection refused\)$") as caught:
+            await limiter.acquire(checks, 0)  # a new connection: nobody listens on the port
+        assert caught.value.reason == "connection refused"
         assert time.monotonic() - started < GENEROUS / 2  # refused at once: not a wait for the timeout
         redis_server.start()  # the same port, an empty Redis without the scripts
         assert (await limiter.acquire(checks, 0)).allowed  # the same object reconnects on its own
-        assert {k: v for k, v in limiter.statistics().items() if k != "round_trips"} == {"allowed": 2, "refused": 0, "unavailable": 1}
-        assert repr(limiter) == "RedisLimiter(prefix='sidekey:rl:', allowed=2, refused=0, unavailable=1)"
+        assert {k: v for k, v in limiter.statistics().items() if k != "round_trips"} == {
+            "allowed": 2,
+            "refused": 0,
+            "unavailable": 2,
+        }
+        assert repr(limiter) == "RedisLimiter(prefix='sidekey:rl:', allowed=2, refused=0, unavailable=2)"
     finally:
         await limiter.aclose()
 
@@ -238,8 +269,9 @@ async def test_a_redis_that_stops_answering_times_out(redis_server: RedisServer,
     redis_server.pause()
     try:
         started = time.monotonic()
-        with pytest.raises(LimiterUnavailable):
+        with pytest.raises(LimiterUnavailable, match=r"^redis unavailable \(timeout\)$") as caught:
             await short.acquire(checks, 0)
+        assert caught.value.reason == "timeout" and caught.value.elapsed >= TIMEOUT - 0.01
         # Not before the timeout; and it did time out rather than hang (Redis stays paused until
         # resumed below), however late a loaded machine wakes the loop once the timeout fires.
         assert TIMEOUT - 0.01 < time.monotonic() - started < GENEROUS

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.ratelimit import CONCURRENT_RETRY_AFTER, LocalLimiter, Rule, RuleState, Verdict, judge
+from proxy.ratelimit import CONCURRENT_RETRY_AFTER, LocalLimiter, Rule, RuleState, Verdict, judge, share
 
 MINUTE60 = Rule("requests", 60, 60)
 
@@ -482,3 +482,25 @@ def test_bound_checks_follow_states_dropped_and_rules_reloaded() -> None:
     wider = [("provider:a", Rule("requests", 10, 60))]
     assert limiter.take(limiter.bind(wider), 0, 2000.0) == [7]
     assert limiter.take(bound, 0, 2000.0) is None  # the old rule again: 2/min, all in use
+
+
+@pytest.mark.parametrize(
+    ("rule", "sidecars", "limit"),
+    [
+        (Rule("requests", 30, 60.0), 1, 30),  # alone: the whole limit (the same rule)
+        (Rule("requests", 30, 60.0), 3, 10),
+        (Rule("requests", 30, 60.0), 4, 7),  # rounded down: together at most the limit
+        (Rule("requests", 2, 60.0), 3, 1),  # at least one per window, whatever the count
+        (Rule("tokens", 100_000, 60.0), 3, 33_333),
+        (Rule("concurrent", 8), 3, 2),
+        (Rule("requests", 30, 60.0), 0, 30),  # no count yet: as alone
+    ],
+)
+def test_a_sidecars_share_of_a_rule(rule: Rule, sidecars: int, limit: int) -> None:
+    part = share(rule, sidecars)
+    assert (part.kind, part.limit, part.period, part.name) == (rule.kind, limit, rule.period, rule.name)
+    if sidecars <= 1:
+        assert part is rule  # the local states keep their rule: no rescaling
+    limiter = LocalLimiter()  # the share is what one process then admits in a window
+    admitted = sum(limiter.acquire([("provider:p", part)], 1, 0.0).allowed for _ in range(limit + 5))
+    assert admitted == limit
