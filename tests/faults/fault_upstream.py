@@ -16,6 +16,7 @@ upstream request and did not reuse a connection that was left mid-answer.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import struct
@@ -170,9 +171,11 @@ class FaultUpstream:
             try:
                 while not self._stop.is_set():
                     sock.sendall(b"%x\r\n%s\r\n" % (len(SSE_EVENT), SSE_EVENT))
-                    time.sleep(0.1)
+                    if _peer_left(sock, 0.1):  # a real server notices close_notify or FIN
+                        break
             except OSError:
-                seen.peer_closed.set()
+                pass
+            seen.peer_closed.set()
         elif path.startswith("/trickle"):  # the head at once, then the body one byte a second
             body = b'{"a":1}'
             sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body))
@@ -190,6 +193,21 @@ def _reset(sock: socket.socket) -> None:
     """Close with SO_LINGER 0: the kernel sends RST, not FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def _peer_left(sock: ssl.SSLSocket, wait: float) -> bool:
+    """True once the peer closed (close_notify, FIN or reset) within ``wait``."""
+    if not select.select([sock], [], [], wait)[0]:
+        return False
+    sock.settimeout(0)
+    try:
+        return sock.recv(4096) == b""
+    except ssl.SSLWantReadError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(30)
 
 
 def _wait_for_peer_close(sock: socket.socket, stop: threading.Event) -> None:
