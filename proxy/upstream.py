@@ -13,6 +13,7 @@ once no request is using it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from proxy.netguard import BlockedAddressError, Guard, GuardedResolver, is_ip_li
 from proxy.policy import Policy, Provider
 
 log = logging.getLogger("sidekey.upstream")
+
+_CONNECTION_LOST = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 
 # aiohttp adds these unless told not to; a proxy must not invent them.
 SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
@@ -217,6 +220,10 @@ def map_error(exc: BaseException, provider: str | None) -> BaseException:
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
         return errors.UpstreamTimeout(provider)
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | ConnectionError):
+        return errors.UpstreamDisconnected(provider)
+    if isinstance(exc, aiohttp.ClientOSError) and exc.errno in _CONNECTION_LOST:
+        # aiohttp wraps a reset as ClientOSError, not ConnectionError: the
+        # upstream went away, it did not send something invalid.
         return errors.UpstreamDisconnected(provider)
     if isinstance(exc, aiohttp.ClientError | ValueError | OSError):
         return errors.UpstreamProtocolError(provider)

@@ -1,0 +1,90 @@
+"""Redis killed, and paused (SIGSTOP: the port accepts, nothing answers),
+under both ``on_failure`` modes.
+
+More requests are sent during the fault, and again after recovery, than the
+provider's ``concurrent: 4`` allows at once: a slot leaked on either path
+(the local fall-back limiter or the shared one) would turn a later request
+into a 429.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import StartProxy, assert_clean_after, curl_status, fault_policy
+from tests.faults.fault_upstream import FaultUpstream
+from tests.faults.leaks import assert_back_to, holdings
+from tests.integration.sidekey_process import SidekeyProcess
+from tests.redis_server import RedisServer
+
+CONCURRENT = 4
+REQUESTS = CONCURRENT + 2
+
+
+def kill(server: RedisServer) -> Callable[[], None]:
+    server.kill()
+    return server.start
+
+
+def pause(server: RedisServer) -> Callable[[], None]:
+    server.pause()
+    return server.resume
+
+
+FAULTS: dict[str, Callable[[RedisServer], Callable[[], None]]] = {"killed": kill, "paused": pause}
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    (tmp_path / "redis").mkdir()
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.mark.parametrize("on_failure", ["open", "closed"])
+@pytest.mark.parametrize("fault_name", list(FAULTS))
+def test_redis_fault_answers_by_failure_mode_and_leaks_no_slot(
+    start_proxy: StartProxy,
+    fault: FaultUpstream,
+    stalled: FaultUpstream,
+    redis: RedisServer,
+    fault_name: str,
+    on_failure: str,
+) -> None:
+    extra = f"redis: {{url: '{redis.url}', on_failure: {on_failure}, timeout: 1s}}"
+    policy = fault_policy(fault, stalled, extra=extra).replace(
+        "    circuit: {failures: 0}\n",
+        f"    circuit: {{failures: 0}}\n    limits: {{concurrent: {CONCURRENT}, requests_per_minute: 10000}}\n"
+        "    queue_wait: 0\n",
+        1,
+    )
+    proxy: SidekeyProcess = start_proxy(policy)
+    assert curl_status(proxy, "https://faulty.test/ok")[0] == "200"
+    baseline = assert_back_to(proxy, holdings(proxy))
+    recover = FAULTS[fault_name](redis)
+    try:
+        during = [curl_status(proxy, "https://faulty.test/ok") for _ in range(REQUESTS)]
+    finally:
+        recover()
+    if on_failure == "open":
+        assert [status for status, _, _ in during] == ["200"] * REQUESTS  # per-process limits serve on
+    else:
+        assert {(status, json.loads(body)["error"]["code"]) for status, body, _ in during} == {
+            ("503", "limits_unavailable")
+        }
+    deadline = time.monotonic() + 20  # reconnects on its own
+    while curl_status(proxy, "https://faulty.test/ok")[0] != "200":
+        assert time.monotonic() < deadline, "sidekey did not recover after Redis came back"
+        time.sleep(0.2)
+    after = [curl_status(proxy, "https://faulty.test/ok")[0] for _ in range(REQUESTS)]
+    assert after == ["200"] * REQUESTS  # no slot was lost on the way
+    outputs = [body + err for _, body, err in during]
+    assert_clean_after(proxy, baseline, *outputs)
+    # The outage is logged once, and its end once (not once per request).
+    assert proxy.log().count("sidekey.limits: redis unreachable") == 1
+    assert proxy.log().count("sidekey.limits: redis reachable again") == 1
