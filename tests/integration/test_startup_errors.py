@@ -203,3 +203,14 @@ def test_run_help_shows_defaults(tmp_path: Path) -> None:
         assert shown in text
     assert "default: ./policies.yaml, else <config dir>/policies.yaml" in text
     assert "(default: None)" not in text
+
+
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [("SIDEKEY_LOG_FORMAT", "--log-format (or $SIDEKEY_LOG_FORMAT): expected one of auto, text, json"),
+     ("SIDEKEY_ACCESS_LOG", "--access-log (or $SIDEKEY_ACCESS_LOG): expected one of on, off")],
+)  # fmt: skip
+def test_a_bad_log_setting_from_the_environment_is_one_line(tmp_path: Path, variable: str, expected: str) -> None:
+    result = run_sidekey(tmp_path, env={variable: "loud"})
+    assert one_line(result) == expected
+    assert result.returncode == 2
