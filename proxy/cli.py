@@ -25,6 +25,14 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _address(value: str, flag: str, example_port: int) -> tuple[str, int]:
+    """A listener option that may also be ``off`` (checked by the caller), or a one-line start-up error."""
+    try:
+        return _listen(value)
+    except argparse.ArgumentTypeError:
+        raise startup.BadAddress(flag=flag, alternative=" or off", port=example_port) from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, like every other start-up failure (argparse would add the usage).
@@ -274,10 +282,7 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
             metrics.attach(lambda: {**engine.statistics(), "limits": limits.statistics()})
     admin = None
     if args.admin != "off":
-        try:
-            host, port = _listen(args.admin)
-        except argparse.ArgumentTypeError:
-            raise startup.BadAddress(flag="--admin", alternative=" or off", port=9090) from None
+        host, port = _address(args.admin, "--admin", 9090)
         try:
             admin = AdminServer(
                 engine, metrics, host=host, port=port, token=os.environ.get("SIDEKEY_ADMIN_TOKEN") or None,
@@ -289,10 +294,7 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
             raise startup.AdminNeedsToken(host=host) from None
     scrape = None
     if args.metrics_listen != "off":
-        try:
-            metrics_host, metrics_port = _listen(args.metrics_listen)
-        except argparse.ArgumentTypeError:
-            raise startup.BadAddress(flag="--metrics-listen", alternative=" or off", port=9091) from None
+        metrics_host, metrics_port = _address(args.metrics_listen, "--metrics-listen", 9091)
         scrape = AdminServer.metrics_only(engine, metrics, host=metrics_host, port=metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
