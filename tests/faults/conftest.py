@@ -93,10 +93,12 @@ def baseline(proxy: SidekeyProcess) -> Holdings:
     return assert_back_to(proxy, holdings(proxy))
 
 
-def assert_clean_after(proxy: SidekeyProcess, baseline: Holdings, *client_output: str) -> None:
+def assert_clean_after(
+    proxy: SidekeyProcess, baseline: Holdings, *client_output: str, pooled_ports: frozenset[int] = frozenset()
+) -> None:
     """The common tail of every case: alive, nothing leaked, no secret anywhere."""
     assert_alive(proxy)
-    assert_back_to(proxy, baseline)
+    assert_back_to(proxy, baseline, pooled_ports=pooled_ports)
     for text in (*client_output, proxy.log()):
         for secret in SECRETS:
             assert secret not in text, "a secret leaked"

@@ -4,7 +4,9 @@ Open file descriptors come from /proc/<pid>/fd; client connections, requests
 in flight and upstream pool connections from the admin API (``/metrics`` and
 ``/providers``). Idle pooled connections are legitimate (keep-alive) and may
 come and go, so the fd count is compared net of them: every other fd must be
-given back.
+given back. The same holds for the Redis client's pool (up to 64 connections,
+kept for reuse): pass ``pooled_ports`` to count the process's sockets
+connected to those ports as pooled, not leaked.
 """
 
 from __future__ import annotations
@@ -25,10 +27,35 @@ class Holdings:
     in_flight: int
     upstream_in_use: int
     upstream_idle: int
+    pooled_other: int = 0  # sockets to ``pooled_ports`` (a Redis client's pool)
 
     @property
     def fds_net_of_idle(self) -> int:
-        return self.fds - self.upstream_idle
+        return self.fds - self.upstream_idle - self.pooled_other
+
+
+def _sockets_to(pid: int, ports: frozenset[int]) -> int:
+    """The process's TCP sockets whose remote port is one of ``ports``
+    (``/proc/<pid>/net/tcp*`` lines matched to its fds by inode)."""
+    if not ports:
+        return 0
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed while we looked
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) in ports and fields[9] in inodes:
+                    count += 1
+    return count
 
 
 def _get(proc: SidekeyProcess, path: str) -> str:
@@ -43,7 +70,7 @@ def _gauge(metrics: str, name: str) -> int:
     raise AssertionError(f"{name} missing from /metrics")
 
 
-def holdings(proc: SidekeyProcess) -> Holdings:
+def holdings(proc: SidekeyProcess, pooled_ports: frozenset[int] = frozenset()) -> Holdings:
     metrics = _get(proc, "/metrics")
     pools = json.loads(_get(proc, "/providers"))["pools"]["pools"]
     fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
@@ -53,15 +80,18 @@ def holdings(proc: SidekeyProcess) -> Holdings:
         in_flight=_gauge(metrics, "sidekey_requests_in_flight"),
         upstream_in_use=sum(p["in_use"] for p in pools),
         upstream_idle=sum(p["idle"] for p in pools),
+        pooled_other=_sockets_to(proc.pid, pooled_ports),
     )
 
 
-def assert_back_to(proc: SidekeyProcess, baseline: Holdings, *, deadline: float = 20.0) -> Holdings:
+def assert_back_to(
+    proc: SidekeyProcess, baseline: Holdings, *, deadline: float = 20.0, pooled_ports: frozenset[int] = frozenset()
+) -> Holdings:
     """Poll until nothing is held beyond ``baseline``; the deadline is generous
     because closes are asynchronous and the machine is loaded."""
     end = time.monotonic() + deadline
     while True:
-        now = holdings(proc)
+        now = holdings(proc, pooled_ports)
         settled = (
             now.client_connections == 0
             and now.in_flight == 0

@@ -65,7 +65,10 @@ def test_redis_fault_answers_by_failure_mode_and_leaks_no_slot(
     )
     proxy: SidekeyProcess = start_proxy(policy)
     assert curl_status(proxy, "https://faulty.test/ok")[0] == "200"
-    baseline = assert_back_to(proxy, holdings(proxy))
+    # The Redis client's pool may hold one more connection after an outage (a retry
+    # while the loop lags, a reconnect): pooled for reuse, so counted apart, not as a leak.
+    redis_port = frozenset({redis.port})
+    baseline = assert_back_to(proxy, holdings(proxy, redis_port), pooled_ports=redis_port)
     recover = FAULTS[fault_name](redis)
     try:
         during = [curl_status(proxy, "https://faulty.test/ok") for _ in range(REQUESTS)]
@@ -84,7 +87,7 @@ def test_redis_fault_answers_by_failure_mode_and_leaks_no_slot(
     after = [curl_status(proxy, "https://faulty.test/ok")[0] for _ in range(REQUESTS)]
     assert after == ["200"] * REQUESTS  # no slot was lost on the way
     outputs = [body + err for _, body, err in during]
-    assert_clean_after(proxy, baseline, *outputs)
+    assert_clean_after(proxy, baseline, *outputs, pooled_ports=redis_port)
     # The outage is logged once, and its end once (not once per request).
     assert proxy.log().count("sidekey.limits: redis unreachable") == 1
     assert proxy.log().count("sidekey.limits: redis reachable again") == 1
