@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from proxy import errors, exchange, netguard, routing, tunnel
 from proxy.balance import Groups, Transition, UpstreamState
+from proxy.ca_watch import CAFiles
 from proxy.certs import CertificateAuthority, LeafContexts
 from proxy.flow import Flow, new_request_id
 from proxy.hooks import AddonManager
@@ -87,6 +88,7 @@ class Sidekey:
         self.addons = AddonManager(addons)
         self.pools = UpstreamPools()
         self.ca: CertificateAuthority | None = None
+        self.ca_files: CAFiles | None = None
         self.leaves: LeafContexts | None = None
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] = listen
@@ -135,6 +137,7 @@ class Sidekey:
     async def prepare(self) -> None:
         """Load (or create) the CA, connect Redis, let addons configure the policy."""
         self.ca = await asyncio.to_thread(CertificateAuthority.load_or_create, self.certs_dir)
+        self.ca_files = CAFiles(self.ca.cert_path, self.ca.key_path, self.ca.fingerprints())
         self.leaves = LeafContexts(self.ca)
         await self._connect_redis(self.policy)
         await self.pools.maintain(self.policy)
@@ -177,6 +180,8 @@ class Sidekey:
             await asyncio.sleep(POOL_CHECK_INTERVAL)
             try:
                 await self.pools.maintain(self.policy)
+                if self.ca_files is not None:  # replaced on disk: said once; the loaded CA stays
+                    await self.ca_files.check()
             except Exception as exc:  # noqa: BLE001 - the pools keep serving what they have
                 log.error("upstream pool upkeep failed: %s", errors.describe(exc))
 
@@ -225,6 +230,9 @@ class Sidekey:
         self.policy = policy
         self.guard = netguard.Guard(policy.allow_networks, self.self_ports)
         self.policy_loaded_at = time.time()
+        retired = self.pools.retire_unreachable(policy, self.guard)
+        if retired:
+            log.debug("policy reload: %d upstream pools retired (closed once their requests finish)", retired)
 
     async def reload_from_file(self) -> Policy:
         """Re-read the policy file. Invalid or rejected: the old policy stays,
@@ -298,6 +306,7 @@ class Sidekey:
             "in_flight": self.in_flight,
             "pools": self.pools.statistics(),
             "leaf_certs": self.leaves.statistics() if self.leaves else {},
+            "tasks": _task_count(),
         }
 
     # -- connections -------------------------------------------------------
@@ -386,3 +395,11 @@ class Sidekey:
         self.counters["tunnels"] += 1
         conn.writer.write(CONNECTED)
         await tunnel.relay(conn.reader, conn.writer, up_reader, up_writer)
+
+
+def _task_count() -> int:
+    """asyncio tasks alive in this loop (0 off the loop): a leak shows as a count that only grows."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
