@@ -15,6 +15,7 @@ turns them into metric families at scrape time.
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -244,6 +245,11 @@ class _EngineCollector(Collector):
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
         yield from (conns, flows, pool, reloads, *_upstream_families(stats.get("upstreams", [])))
+        tasks = _asyncio_tasks()
+        if tasks is not None:
+            gauge = GaugeMetricFamily("sidekey_asyncio_tasks", "asyncio tasks alive on the event loop (leak checks)")
+            gauge.add_metric([], tasks)
+            yield gauge
         limits = stats.get("limits")
         if limits is not None:  # from the limits addon, when it runs (proxy/cli.py attaches it)
             degraded = CounterMetricFamily(
@@ -252,6 +258,15 @@ class _EngineCollector(Collector):
             )
             degraded.add_metric([], limits.get("degraded_seconds", 0.0))
             yield degraded
+
+
+def _asyncio_tasks() -> int | None:
+    """Tasks on the running loop; None when scraped off the loop's thread
+    (scrapes are served on the loop, so that is only a direct registry read)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop in this thread
+        return None
 
 
 def _upstream_families(states: list[dict[str, Any]]) -> Iterator[Metric]:
