@@ -20,11 +20,12 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Info
+from prometheus_client import CollectorRegistry, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.capabilities import METRICS
 from proxy.flow import Flow
 from proxy.policy import Policy
 from proxy.usage import Usage
@@ -82,6 +83,7 @@ HISTOGRAMS = (
 
 class Metrics:
     name = "metrics"
+    provides = (METRICS,)
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -102,6 +104,9 @@ class Metrics:
     def attach(self, statistics: Callable[[], dict[str, Any]]) -> None:
         """Let scrapes read the engine's live statistics."""
         self.registry.register(_EngineCollector(statistics))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
 
     def configure(self, policy: Policy) -> None:
         self._providers = frozenset(p.name for p in policy.providers)
