@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import ProxyError
-from proxy.flow import Flow, Response
+from proxy.flow import Flow, ObserverTee, Response
 from proxy.ledger import COUNTERS, Counts, Ledger, RedisLedger, over_budget, parse_since, previous_month_start
 from proxy.policy import Policy, Provider
 from proxy.prices import SHIPPED, PriceTable
@@ -306,6 +306,8 @@ class UsageMeter:
         self.ledger.record(self.clock(), (served, usage.model or "unknown", upstream, flow.caller), usage, cost)
 
     def _measure(self, flow: Flow, observer: Callable[[bytes], None] | None) -> Usage:
+        if isinstance(observer, ObserverTee):  # the cache's recorder: ours is inside
+            observer = observer.inner
         reader = getattr(observer, "__self__", observer)
         if isinstance(reader, _InflatingSSE):
             reader = reader.meter

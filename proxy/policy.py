@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from proxy.prices import Price
 from proxy.ratelimit import Rule
+
+if TYPE_CHECKING:
+    from addons.cache.config import CachePolicy
 
 AuthType = Literal["bearer", "header", "basic", "query", "none"]
 Balance = Literal["weighted", "least_in_flight", "latency"]
@@ -209,6 +212,7 @@ class Provider:
     queue_wait: float = 5.0  # a request over a limit waits this long for room, then 429
     budget: Budget | None = None  # the whole provider
     caller_budget: Budget | None = None  # each caller
+    cache: CachePolicy | None = None  # None: no response cache (addons/cache)
     line: int = 0  # where it is defined, for messages
 
     def __post_init__(self) -> None:
