@@ -12,12 +12,12 @@ import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import ClientResponse
 from yarl import URL
 
-from proxy import balance, errors, failover, retry, routing, upstream
+from proxy import balance, errors, failover, retry, routing, upstream, ws_upstream
 from proxy.balance import UpstreamState
 from proxy.bodies import BodyReader
 from proxy.flow import Flow
@@ -306,6 +306,8 @@ async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamSta
 
 
 async def _send(engine: Sidekey, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
+    if flow.websocket is not None:  # a dedicated connection; the answer reads like a ClientResponse here
+        return cast(ClientResponse, await ws_upstream.connect(engine, flow, provider, url))
     key = engine.pools.key(provider, url.scheme, url.raw_host or "", url.port or 443, engine.guard)
     session = engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
     server_name = provider.tls.server_name if provider else None

@@ -28,6 +28,7 @@ import yaml
 
 from proxy import policy_groups as groups
 from proxy import policy_limits as quotas
+from proxy import policy_websocket as websocket
 from proxy.policy import (
     CALLER_CREDENTIAL_HEADERS,
     SCHEMA_VERSION,
@@ -83,6 +84,7 @@ PROVIDER = frozenset(
         "queue_wait",
         "budget",
         "caller_budget",
+        *websocket.FIELDS,
     }
 )
 AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "none")
@@ -270,6 +272,7 @@ class _Builder:
         queue_wait = self.opt(f, field, "queue_wait", partial(quotas.queue_wait, self), 5.0)
         budget = self.opt(f, field, "budget", partial(quotas.budget, self), None, null_ok=True)
         caller_budget = self.opt(f, field, "caller_budget", partial(quotas.budget, self), None, null_ok=True)
+        ws = websocket.read(self, f, field, hosts)
         if auth is None:
             return None
         return Provider(
@@ -294,6 +297,7 @@ class _Builder:
             queue_wait=queue_wait,
             budget=budget,
             caller_budget=caller_budget,
+            websocket=ws,
             line=line_of(key_node),
         )
 
