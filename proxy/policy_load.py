@@ -29,6 +29,7 @@ import yaml
 from addons.cache import config as cache_config
 from proxy import policy_groups as groups
 from proxy import policy_limits as quotas
+from proxy import policy_websocket as websocket
 from proxy.policy import (
     CALLER_CREDENTIAL_HEADERS,
     SCHEMA_VERSION,
@@ -85,6 +86,7 @@ PROVIDER = frozenset(
         "budget",
         "caller_budget",
         "cache",
+        *websocket.FIELDS,
     }
 )
 AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "none")
@@ -276,6 +278,7 @@ class _Builder:
         budget = self.opt(f, field, "budget", partial(quotas.budget, self), None, null_ok=True)
         caller_budget = self.opt(f, field, "caller_budget", partial(quotas.budget, self), None, null_ok=True)
         cache = self.opt(f, field, "cache", partial(cache_config.read, self), None, null_ok=True)
+        ws = websocket.read(self, f, field, hosts)
         if auth is None:
             return None
         return Provider(
@@ -301,6 +304,7 @@ class _Builder:
             budget=budget,
             caller_budget=caller_budget,
             cache=cache,
+            websocket=ws,
             line=line_of(key_node),
         )
 
