@@ -40,6 +40,8 @@ class Credentials(Protocol):
 
     def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
 
+    async def reread(self, provider: Provider, target: Target) -> bool: ...
+
 
 class MemberLimits(Protocol):
     """What the forwarder needs from the limits addon: a key's own quota."""
