@@ -104,9 +104,18 @@ class StoreThread:
         self._run(self._start())
         return self
 
+    async def _close(self) -> None:
+        assert self._runner is not None
+        server = self._runner.server
+        transports = [h.transport for h in (server.connections if server is not None else []) if h.transport]
+        await self._runner.cleanup()
+        for transport in transports:  # idle TLS peers never answer close_notify
+            transport.abort()
+        await asyncio.sleep(0)
+
     def __exit__(self, *exc: object) -> None:
         if self._runner is not None:
-            self._run(self._runner.cleanup())
+            self._run(self._close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
         self._loop.close()

@@ -154,3 +154,4 @@ def test_upstream_401_rereads_the_key_once(start_sidekey: object, vault: FakeVau
         strict.provider.expected_key = "sk-something-else"
         assert fetch(proxy, "https://api.vaulted.test/v1/models").status == 401
         assert len(strict.provider.received) == 4, "a refused key is re-read once, never in a loop"
+        proxy.stop()  # before this fake closes (see the start_sidekey fixture)

@@ -11,7 +11,6 @@ from proxy.credentials.cache import CachedCredential
 from proxy.credentials.model import EXPIRY_MARGIN, Credential, Plan, SourceError, Timing, freshness, plan, retry_at
 
 
-
 @pytest.mark.parametrize(
     ("timing", "fetched", "cred", "expected"),
     [
