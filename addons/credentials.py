@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 from multidict import CIMultiDict
 
+from proxy.capabilities import SECRETS
 from proxy.credentials.registry import CredentialSet
 from proxy.errors import CredentialRefreshFailed, CredentialUnavailable, ProxyError
 from proxy.flow import Flow, Response
@@ -55,6 +56,7 @@ def strip_query_param(url: str, param: str) -> str:
 
 class CredentialInjector:
     name = "credentials"
+    provides = (SECRETS,)
 
     def __init__(self, store: SecretStore | None = None, *, refresh_interval: float = 1.0) -> None:
         self.store = store or SecretStore()
