@@ -29,6 +29,7 @@ import yaml
 
 from proxy import policy_groups as groups
 from proxy import policy_limits as quotas
+from proxy import policy_websocket as websocket
 from proxy.credentials import policy_read as creds
 from proxy.credentials.config import SecretStores
 from proxy.policy import (
@@ -88,6 +89,7 @@ PROVIDER = frozenset(
         "queue_wait",
         "budget",
         "caller_budget",
+        *websocket.FIELDS,
     }
 )
 AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "oauth2", "none")
@@ -283,6 +285,7 @@ class _Builder:
         queue_wait = self.opt(f, field, "queue_wait", partial(quotas.queue_wait, self), 5.0)
         budget = self.opt(f, field, "budget", partial(quotas.budget, self), None, null_ok=True)
         caller_budget = self.opt(f, field, "caller_budget", partial(quotas.budget, self), None, null_ok=True)
+        ws = websocket.read(self, f, field, hosts)
         if auth is None:
             return None
         return Provider(
@@ -307,6 +310,7 @@ class _Builder:
             queue_wait=queue_wait,
             budget=budget,
             caller_budget=caller_budget,
+            websocket=ws,
             line=line_of(key_node),
         )
 
