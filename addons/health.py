@@ -34,7 +34,7 @@ from yarl import URL
 from proxy import routing
 from proxy.balance import Transition, UpstreamState
 from proxy.policy import Alerts, Policy, Provider, SecretRef
-from proxy.shared import resolve_ref
+from proxy.secrets import resolve_ref
 
 if TYPE_CHECKING:
     from proxy.engine import Sidekey

@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from addons.usage.tokens import Usage
 from proxy import __version__
 from proxy.flow import Flow
 from proxy.policy import Policy
-from proxy.usage import Usage
 
 TOKEN_KINDS = ("input", "output", "cached_input", "reasoning", "cache_creation")  # Usage attributes
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.policy import SCHEMA_VERSION, Policy, Provider, Target
-from proxy.policy_load import PolicyError
+from proxy.policy.load import PolicyError
 
 if TYPE_CHECKING:
     from addons.metrics import Metrics

@@ -1,4 +1,4 @@
-"""The parsed policy: typed, frozen, validated once by ``proxy.policy_load``.
+"""The parsed policy: typed, frozen, validated once by ``proxy.policy.load``.
 
 Nothing here does I/O. Host matching is a pure function of the policy so it
 can be tested with a table and no sockets.
@@ -10,8 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.prices import Price
-from proxy.ratelimit import Rule
+from proxy.policy.rates import Price, Rule
 
 AuthType = Literal["bearer", "header", "basic", "query", "none"]
 Balance = Literal["weighted", "least_in_flight", "latency"]
