@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from proxy import __version__, check_cmd, dlq_cmd, inject_cli, locate, startup
+from proxy import __version__, check_cmd, dlq_cmd, fdlimit, inject_cli, locate, startup
 from proxy.policy import Policy
 
 log = logging.getLogger("sidekey")
@@ -230,6 +230,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.access_log not in ("on", "off"):
         raise startup.BadChoice(name="--access-log (or $SIDEKEY_ACCESS_LOG)", choices="on, off")
     logs.configure(startup.log_level(args.log_level), args.log_format, sys.stderr)
+    before, after = fdlimit.raise_fd_limit()
+    if after != before:
+        log.info("open-files limit raised from %d to %d (the hard limit)", before, after)
     env = os.environ
     location = locate.locate_policy(args.policies, env, locate.config_dir(env, Path.home()), Path.is_file)
     policy = startup.load_policy(str(location.path))

@@ -18,7 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +36,7 @@ class SidekeyProcess:
         env: Mapping[str, str] = (),  # type: ignore[assignment]
         args: tuple[str, ...] = (),
         log_level: str = "DEBUG",
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.workdir = workdir
         self.policy_path = workdir / "policies.yaml"
@@ -49,6 +50,7 @@ class SidekeyProcess:
         self.env.pop("https_proxy", None)
         self.args = args
         self.log_level = log_level
+        self.preexec = preexec  # runs in the child before exec (e.g. setrlimit)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.admin_port = 0
@@ -65,7 +67,9 @@ class SidekeyProcess:
             *self.args,
         ]  # fmt: skip
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(  # preexec only sets limits in the child
+            cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
