@@ -5,6 +5,7 @@
         server.kill(); server.start()          # down hard, then back on the same port
         server.pause(); server.resume()        # SIGSTOP / SIGCONT: a server that stops answering
         server.debug_sleep(2.0)                # DEBUG SLEEP: Redis itself busy (blocks the caller)
+        server.command("CONFIG", "SET", "maxmemory", "1")   # any other command, on its own connection
 
 Import the fixture into a test module: ``from tests.redis_server import redis_server_fixture``.
 """
@@ -106,6 +107,13 @@ class RedisServer:
 
         with Redis(host="127.0.0.1", port=self.port, socket_timeout=seconds + 10) as client:
             client.execute_command("DEBUG", "SLEEP", f"{seconds:.3f}")
+
+    def command(self, *args: str) -> object:
+        """One command on a connection of its own (CONFIG SET, ACL SETUSER, ...)."""
+        from redis import Redis
+
+        with Redis(host="127.0.0.1", port=self.port, socket_timeout=30) as client:
+            return client.execute_command(*args)
 
     def resume(self) -> None:
         if self.proc is not None:

@@ -27,8 +27,10 @@ Keys: ``<prefix><scope>:<rule name>`` (the prefix is "sidekey:rl:"; rule names h
                  returns the count (``sidecars``): while Redis is out of reach, a sidecar takes
                  ``1/sidecars`` of each limit alone (addons/limits/addon.py). No extra round trip.
 
-Errors: a connection failure, a timeout (``timeout`` bounds each whole call) or a read-only replica
-raises LimiterUnavailable, with its reason (never the error's text) and the call's wall time.
+Errors: a connection failure, a timeout (``timeout`` bounds each whole call), a read-only replica
+or an error reply (OOM under ``maxmemory``, NOPERM from an ACL, BUSY, ...: Redis is there but will
+not count) raises LimiterUnavailable, with its reason (never the error's text) and the call's wall
+time.
 Failing open or closed is the caller's policy. The client reconnects on
 its own on the next call. A call that timed out may still have run (it then counts against the
 quota, and its lease expires): never an over-grant. A Redis restart forgets all counts.
@@ -46,7 +48,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError
+from redis.exceptions import NoPermissionError, NoScriptError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from addons.limits.arithmetic import Check, Verdict, cost_of, judge
@@ -175,7 +177,7 @@ Settle = tuple[Sequence[Check], "str | None", int]  # (checks, lease, token delt
 
 
 class LimiterUnavailable(Exception):
-    """Redis did not answer in time (down, unreachable, timed out, or a read-only replica).
+    """Redis did not count (down, unreachable, timed out, a read-only replica, or an error reply).
     ``reason`` is one of REASONS, ``elapsed`` the call's wall time in seconds; the message
     is made of these only. Fail open or closed is the caller's decision."""
 
@@ -185,8 +187,12 @@ class LimiterUnavailable(Exception):
         self.elapsed = elapsed
 
 
-REASONS = ("timeout", "connection refused", "connection error", "read-only replica")
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+REASONS = ("timeout", "connection refused", "connection error", "read-only replica", "out of memory",
+           "no permission", "error reply")  # fmt: skip
+# An error reply (ResponseError) is Redis refusing to count, not a verdict: the policy's on_failure
+# decides, as for an outage (it was a 502 addon_failed). NoScriptError is a ResponseError too, but
+# never reaches here: the script is loaded and the call sent again first.
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ResponseError, OSError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -195,6 +201,12 @@ def _reason(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, ReadOnlyError):
         return "read-only replica"
+    if isinstance(exc, OutOfMemoryError):
+        return "out of memory"
+    if isinstance(exc, NoPermissionError):
+        return "no permission"
+    if isinstance(exc, ResponseError):
+        return "error reply"
     seen: BaseException | None = exc
     for _ in range(4):  # redis-py raises its ConnectionError inside `except OSError`
         if seen is None:
@@ -258,7 +270,7 @@ class RedisLimiter:
             calls = [c for item in settles if (c := self._settle_call(item[0], item[1], item[2], "r"))]
             settled = [(self._settle, _keys(self.prefix, c[0]), c[1]) for c in calls]
             replies = await self._pipeline([*settled, (self._acquire, keys, args)])
-            reply = replies[-1]
+            reply = self._answer(replies[-1])  # a refused settle is dropped (its lease expires)
         else:
             reply = await self._call(self._acquire, keys, args)
         self.sidecars = max(1, int(reply[-1]))
@@ -294,14 +306,16 @@ class RedisLimiter:
         """Release and reconcile many finished requests in one pipelined round trip."""
         calls = [c for checks, lease, delta in items if (c := self._settle_call(checks, lease, delta, "r"))]
         if calls:
-            await self._pipeline([(self._settle, _keys(self.prefix, c[0]), c[1]) for c in calls])
+            for reply in await self._pipeline([(self._settle, _keys(self.prefix, c[0]), c[1]) for c in calls]):
+                self._answer(reply)
 
     async def _pipeline(self, calls: Sequence[tuple[AsyncScript, list[str], list[str | int]]]) -> list[Any]:
         """Several script calls in one round trip. EVALSHA by hand: redis-py's
         pipelined scripts ask SCRIPT EXISTS first (a round trip each time).
         A NOSCRIPT (Redis restarted, or a script not yet used there) fails that
         call only, the others ran: the failed ones alone are sent again once
-        the scripts are loaded. Sending all again would count an acquire twice."""
+        the scripts are loaded. Sending all again would count an acquire twice.
+        A call Redis refused comes back as its ResponseError (``_answer``)."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         start = time.monotonic()
@@ -327,10 +341,16 @@ class RedisLimiter:
             except _UNAVAILABLE as exc:
                 self._unavailable += 1
                 raise LimiterUnavailable(_reason(exc), time.monotonic() - start) from exc
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
         return replies
+
+    def _answer(self, reply: Any) -> Any:
+        """One pipelined call's reply; an error reply raises LimiterUnavailable."""
+        if isinstance(reply, ResponseError):  # OOM, NOPERM, BUSY, ...: Redis is there but will not count
+            self._unavailable += 1
+            raise LimiterUnavailable(_reason(reply), 0.0) from reply
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def _settle_call(
         self, checks: Sequence[Check], lease: str | None, token_delta: int, op: str

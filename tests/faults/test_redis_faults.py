@@ -1,5 +1,8 @@
-"""Redis killed, and paused (SIGSTOP: the port accepts, nothing answers),
-under both ``on_failure`` modes.
+"""Redis killed, paused (SIGSTOP: the port accepts, nothing answers), busy
+(``DEBUG SLEEP``: Redis itself blocked), and answering errors (out of memory
+under ``maxmemory 1``; NOPERM from an ACL that takes scripts away), under
+both ``on_failure`` modes: an error reply means Redis will not count, so it
+is decided like an outage (it was a 502 ``addon_failed``).
 
 More requests are sent during the fault, and again after recovery, than the
 provider's ``concurrent: 4`` allows at once: a slot leaked on either path
@@ -10,6 +13,7 @@ into a 429.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +28,11 @@ from tests.redis_server import RedisServer
 
 CONCURRENT = 4
 REQUESTS = CONCURRENT + 2
+DEBUG_SLEEP = 20.0  # seconds; the requests during it take about REQUESTS x redis.timeout (1 s)
+# Redis 7 refuses a script under OOM only at a first write that may grow memory, and only if
+# nothing was written before: a concurrency rule's script starts with ZREMRANGEBYSCORE (a write),
+# so Redis goes on counting it over maxmemory. The OOM case is about a rate rule alone.
+LIMITS = {"out of memory": "{requests_per_minute: 10000}"}
 
 
 def kill(server: RedisServer) -> Callable[[], None]:
@@ -36,7 +45,36 @@ def pause(server: RedisServer) -> Callable[[], None]:
     return server.resume
 
 
-FAULTS: dict[str, Callable[[RedisServer], Callable[[], None]]] = {"killed": kill, "paused": pause}
+def busy(server: RedisServer) -> Callable[[], None]:
+    """DEBUG SLEEP from a thread (it blocks its caller): Redis itself stops answering, the way
+    a long script or a fork on a big dataset stalls it. Long enough for every request sent
+    meanwhile (each waits at most ``redis.timeout``); the recovery waits for its end."""
+    sleeper = threading.Thread(target=server.debug_sleep, args=(DEBUG_SLEEP,), daemon=True)
+    sleeper.start()
+    deadline = time.monotonic() + 10
+    while server.ping(timeout=0.2):  # asleep once a PING goes unanswered
+        assert time.monotonic() < deadline, "DEBUG SLEEP did not take"
+    return lambda: sleeper.join(DEBUG_SLEEP + 30)
+
+
+def out_of_memory(server: RedisServer) -> Callable[[], None]:
+    # A script's first write that may grow memory is refused with OOM (Redis 7, no eviction).
+    server.command("CONFIG", "SET", "maxmemory", "1")
+    return lambda: server.command("CONFIG", "SET", "maxmemory", "0")
+
+
+def no_permission(server: RedisServer) -> Callable[[], None]:
+    server.command("ACL", "SETUSER", "default", "-@scripting")  # the connected clients too, at once
+    return lambda: server.command("ACL", "SETUSER", "default", "+@all")
+
+
+FAULTS: dict[str, Callable[[RedisServer], Callable[[], None]]] = {
+    "killed": kill,
+    "paused": pause,
+    "busy (DEBUG SLEEP)": busy,
+    "out of memory": out_of_memory,
+    "no permission": no_permission,
+}
 
 
 @pytest.fixture
@@ -57,9 +95,10 @@ def test_redis_fault_answers_by_failure_mode_and_leaks_no_slot(
     on_failure: str,
 ) -> None:
     extra = f"redis: {{url: '{redis.url}', on_failure: {on_failure}, timeout: 1s}}"
+    limits = LIMITS.get(fault_name, f"{{concurrent: {CONCURRENT}, requests_per_minute: 10000}}")
     policy = fault_policy(fault, stalled, extra=extra).replace(
         "    circuit: {failures: 0}\n",
-        f"    circuit: {{failures: 0}}\n    limits: {{concurrent: {CONCURRENT}, requests_per_minute: 10000}}\n"
+        f"    circuit: {{failures: 0}}\n    limits: {limits}\n"
         "    queue_wait: 0\n",
         1,
     )
