@@ -1,7 +1,8 @@
 """Built-in addons and the loader for operators' own.
 
-An addon is one class in one file, with methods named after the hooks in
-``proxy.hooks.HOOKS``.
+An addon is one class in one file, with methods named after the hooks
+declared in ``proxy.hooks`` (``SPECS``); what it offers others it lists in
+``provides`` (``proxy.capabilities``).
 """
 
 from __future__ import annotations

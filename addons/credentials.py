@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 from multidict import CIMultiDict
 
+from proxy.capabilities import SECRETS
 from proxy.errors import CredentialUnavailable
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider, Target
@@ -42,6 +43,7 @@ def strip_query_param(url: str, param: str) -> str:
 
 class CredentialInjector:
     name = "credentials"
+    provides = (SECRETS,)
 
     def __init__(self, store: SecretStore | None = None, *, refresh_interval: float = 1.0) -> None:
         self.store = store or SecretStore()

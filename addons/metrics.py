@@ -15,16 +15,18 @@ turns them into metric families at scrape time.
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Info
+from prometheus_client import CollectorRegistry, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from addons.usage.tokens import Usage
 from proxy import __version__
+from proxy.capabilities import METRICS
 from proxy.flow import Flow
 from proxy.policy import Policy
 
@@ -81,6 +83,7 @@ HISTOGRAMS = (
 
 class Metrics:
     name = "metrics"
+    provides = (METRICS,)
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -101,6 +104,9 @@ class Metrics:
     def attach(self, statistics: Callable[[], dict[str, Any]]) -> None:
         """Let scrapes read the engine's live statistics."""
         self.registry.register(_EngineCollector(statistics))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
 
     def configure(self, policy: Policy) -> None:
         self._providers = frozenset(p.name for p in policy.providers)
@@ -244,6 +250,11 @@ class _EngineCollector(Collector):
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
         yield from (conns, flows, pool, reloads, *_upstream_families(stats.get("upstreams", [])))
+        tasks = _asyncio_tasks()
+        if tasks is not None:
+            gauge = GaugeMetricFamily("sidekey_asyncio_tasks", "asyncio tasks alive on the event loop (leak checks)")
+            gauge.add_metric([], tasks)
+            yield gauge
         limits = stats.get("limits")
         if limits is not None:  # from the limits addon, when it runs (proxy/cli.py attaches it)
             degraded = CounterMetricFamily(
@@ -252,6 +263,15 @@ class _EngineCollector(Collector):
             )
             degraded.add_metric([], limits.get("degraded_seconds", 0.0))
             yield degraded
+
+
+def _asyncio_tasks() -> int | None:
+    """Tasks on the running loop; None when scraped off the loop's thread
+    (scrapes are served on the loop, so that is only a direct registry read)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop in this thread
+        return None
 
 
 def _upstream_families(states: list[dict[str, Any]]) -> Iterator[Metric]:

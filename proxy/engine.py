@@ -13,17 +13,17 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from proxy import errors, exchange, netguard, routing, tunnel
+from proxy import errors, exchange, forward, netguard, routing, tunnel
 from proxy.balance import Groups, Transition, UpstreamState
+from proxy.capabilities import MEMBER_LIMITS, SECRETS
 from proxy.certs import CertificateAuthority, LeafContexts
-from proxy.flow import Flow, new_request_id
+from proxy.flow import new_request_id
 from proxy.hooks import AddonManager
-from proxy.policy import Policy, Provider, SecretRef, Target
+from proxy.policy import Policy, Provider, SecretRef
 
 log = logging.getLogger("sidekey")
 
@@ -31,20 +31,6 @@ CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 TUNNEL_CONNECT_TIMEOUT = 10.0
 POOL_CHECK_INTERVAL = 1.0  # CA files re-checked (a stat each), retired pools closed when drained
 PIPE_PIECE = 65536
-
-
-class Credentials(Protocol):
-    """What the forwarder needs from the credentials addon."""
-
-    def usable(self, provider: Provider, target: Target) -> bool: ...
-
-    def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
-
-
-class MemberLimits(Protocol):
-    """What the forwarder needs from the limits addon: a key's own quota."""
-
-    async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float: ...
 
 
 class ClientConn:
@@ -101,16 +87,8 @@ class Sidekey:
         # Who is told when a member turns unhealthy or its circuit opens or
         # closes (the alerts addon registers here); called on the loop, must not block.
         self.listeners: list[Callable[[UpstreamState, Transition], None]] = []
-        self.credentials: Credentials | None = next(
-            (a for a in self.addons.addons if callable(getattr(a, "inject", None))), None
-        )  # type: ignore[assignment]
-        self.member_limits: MemberLimits | None = next(
-            (a for a in self.addons.addons if callable(getattr(a, "admit_member", None))), None
-        )  # type: ignore[assignment]
-        for addon in self.addons.addons:  # addons that work beside the flows (health checks, alerts)
-            bind = getattr(addon, "bind", None)
-            if callable(bind):
-                bind(self)
+        self.secrets = self.addons.capability(SECRETS)
+        self.member_limits = self.addons.capability(MEMBER_LIMITS)
         self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0, "tls_to_plain_port": 0}
         self.reloads = {"ok": 0, "unchanged": 0, "failed": 0}
         self.policy_loaded_at = time.time()
@@ -119,6 +97,7 @@ class Sidekey:
         self.redis: Redis | None = None
         self._redis_id: tuple[str, float] | None = None
         self._pool_upkeep: asyncio.Task[None] | None = None
+        self.addons.setup(self)  # addons that work beside the flows (health checks, alerts, Redis users)
 
     @property
     def leaf_contexts(self) -> LeafContexts:
@@ -197,6 +176,14 @@ class Sidekey:
         if old is not None:
             await old.aclose()
 
+    clock = staticmethod(time.monotonic)
+
+    def on_state_change(self, listener: Callable[[UpstreamState, Transition], None]) -> None:
+        self.listeners.append(listener)
+
+    async def probe(self, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
+        return await forward.probe(self, provider, state, method, path)
+
     def notify(self, state: UpstreamState, changes: Sequence[Transition]) -> None:
         for change in changes:
             level = logging.WARNING if change in ("unhealthy", "circuit_open") else logging.INFO
@@ -251,12 +238,8 @@ class Sidekey:
             log.info("policy reloaded: digest %s, %d providers", policy.digest, len(policy.providers))
             return policy
 
-    def secret_available(self, provider: object) -> bool | None:
-        for addon in self.addons.addons:
-            check = getattr(addon, "secret_available", None)
-            if check is not None:
-                return bool(check(provider))
-        return None
+    def secret_available(self, provider: Provider) -> bool | None:
+        return self.secrets.secret_available(provider) if self.secrets is not None else None
 
     async def shutdown(self, grace: float = 30.0) -> None:
         """Stop accepting, close idle connections, let in-flight requests and

@@ -49,6 +49,7 @@ from addons.limits.degraded import Degraded
 from addons.limits.redis_limiter import LimiterUnavailable, RedisLimiter
 from addons.usage.tokens import reservation
 from proxy import errors
+from proxy.capabilities import MEMBER_LIMITS
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider, Rule
@@ -56,7 +57,7 @@ from proxy.policy import Policy, Provider, Rule
 if TYPE_CHECKING:
     from addons.usage.tokens import Usage
     from proxy.balance import UpstreamState
-    from proxy.engine import Sidekey
+    from proxy.runtime import Runtime
 
 log = logging.getLogger("sidekey.limits")
 
@@ -117,13 +118,14 @@ class _Waiter:
 
 class Limits:
     name = "limits"
+    provides = (MEMBER_LIMITS,)
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.local = LocalLimiter()
         self.shared: RedisLimiter | None = None
         self.on_failure = "open"
-        self.engine: Sidekey | None = None
+        self.runtime: Runtime | None = None
         self.degraded = Degraded(clock)  # Redis out of reach: why, since when, the shares
         self.counters = {"allowed": 0, "queued": 0, "refused": 0, "redis_fallbacks": 0, "unavailable": 0,
                          "lag_retries": 0}  # fmt: skip
@@ -137,12 +139,12 @@ class Limits:
         self._check_cache: dict[str | tuple[str, str], Checks] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
-    def bind(self, engine: Sidekey) -> None:
-        self.engine = engine
+    def setup(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
     def configure(self, policy: Policy) -> None:
         self._check_cache = {}  # rules may have changed
-        redis = self.engine.redis if self.engine is not None else None
+        redis = self.runtime.redis if self.runtime is not None else None
         if redis is None:
             self.shared = None
         elif self.shared is None or self.shared.client is not redis:

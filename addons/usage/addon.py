@@ -41,12 +41,13 @@ from typing import TYPE_CHECKING, Any
 from addons.usage.ledger import COUNTERS, Counts, Ledger, RedisLedger, over_budget, parse_since, previous_month_start
 from addons.usage.prices import SHIPPED, PriceTable
 from addons.usage.tokens import RequestEstimate, SSEUsageMeter, Usage, Wire, estimate_request, usage_from_json
+from proxy.capabilities import USAGE_REPORT
 from proxy.errors import ProxyError
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider
 
 if TYPE_CHECKING:
-    from proxy.engine import Sidekey
+    from proxy.runtime import Runtime
 
 log = logging.getLogger("sidekey.usage")
 
@@ -169,6 +170,7 @@ def _unreadable(_piece: bytes) -> None:
 
 class UsageMeter:
     name = "usage"
+    provides = (USAGE_REPORT,)
 
     def __init__(
         self,
@@ -181,7 +183,7 @@ class UsageMeter:
         self.sleep = sleep
         self.ledger = ledger or Ledger()
         self.table = PriceTable()
-        self.engine: Sidekey | None = None
+        self.runtime: Runtime | None = None
         self.store: RedisLedger | None = None
         self.counters = {"recorded": 0, "estimated": 0, "refused": 0, "redis_errors": 0}
         self._names: list[str] = []  # price table names, longest first
@@ -191,14 +193,14 @@ class UsageMeter:
         self._loaded = False
         self._redis_down = False
 
-    def bind(self, engine: Sidekey) -> None:
-        self.engine = engine
+    def setup(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
     def configure(self, policy: Policy) -> None:
         self.table = PriceTable(dict(policy.prices))
         names = {k.lower() for k in SHIPPED} | {k.strip().lower() for k, _ in policy.prices}
         self._names, self._labels = sorted(names, key=len, reverse=True), {}
-        client = self.engine.redis if self.engine is not None else None
+        client = self.runtime.redis if self.runtime is not None else None
         if client is None:
             self.store, self.ledger.persist = None, False
             self.ledger.pending.clear()

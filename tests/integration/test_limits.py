@@ -158,12 +158,12 @@ async def test_one_redis_round_trip_per_request(redis: RedisServer) -> None:
     client = connect(redis.url, 10.0)
     addon = Limits()
 
-    class Engine:  # what bind() reads
+    class Runtime:  # what setup() keeps and configure() reads
         pass
 
-    engine = Engine()
-    engine.redis = client  # type: ignore[attr-defined]
-    addon.bind(engine)  # type: ignore[arg-type]
+    runtime = Runtime()
+    runtime.redis = client  # type: ignore[attr-defined]
+    addon.setup(runtime)  # type: ignore[arg-type]
     addon.configure(Policy(providers=(provider,), redis=RedisConfig(redis.url, timeout=10.0)))
     addon.running()
     assert addon.shared is not None
