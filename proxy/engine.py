@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from proxy import errors, exchange, forward, netguard, routing, tunnel
+from proxy import errors, exchange, forward, netguard, routing, tunnel, ws_session
 from proxy.balance import Groups, Transition, UpstreamState
 from proxy.capabilities import MEMBER_LIMITS, SECRETS
 from proxy.certs import CertificateAuthority, LeafContexts
@@ -82,6 +82,7 @@ class Sidekey:
         self.random: Callable[[], float] = random.random
         self.in_flight = 0
         self.connections: set[ClientConn] = set()
+        self.websockets = ws_session.Sessions()  # open WebSocket sessions: limits, drain, metrics
         # Circuit, health and load of every upstream member, kept across reloads.
         self.groups = Groups()
         # Who is told when a member turns unhealthy or its circuit opens or
@@ -257,6 +258,7 @@ class Sidekey:
                 if conn.idle:
                     conn.writer.close()
             await asyncio.sleep(0.05)
+        await self.websockets.close_all()  # after the grace: 1001 to both sides of each session
         for conn in list(self.connections):
             if conn.task is not None:
                 conn.task.cancel()
@@ -279,6 +281,7 @@ class Sidekey:
             "upstreams": self.groups.statistics(),
             "open_connections": len(self.connections),
             "in_flight": self.in_flight,
+            "websockets": self.websockets.statistics(),
             "pools": self.pools.statistics(),
             "leaf_certs": self.leaves.statistics() if self.leaves else {},
         }

@@ -85,6 +85,11 @@ class MethodNotAllowed(ProxyError):
 
 
 # -- sidekey itself ---------------------------------------------------------
+class WebSocketNotAllowed(ProxyError):
+    status, code = 403, "websocket_not_allowed"
+    template = "provider {provider} does not allow WebSocket sessions (policy: websocket: false)"
+
+
 class CredentialUnavailable(ProxyError):
     status, code = 503, "credential_unavailable"
     template = "the credential for provider {provider} is not available"

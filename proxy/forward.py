@@ -12,13 +12,13 @@ import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import ClientResponse, ClientSession
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import balance, errors, failover, retry, routing, upstream
+from proxy import balance, errors, failover, retry, routing, upstream, ws_upstream
 from proxy.balance import UpstreamState
 from proxy.bodies import BodyReader
 from proxy.flow import Flow
@@ -316,6 +316,8 @@ def _session(engine: Sidekey, provider: Provider | None, url: URL) -> ClientSess
 
 
 async def _send(engine: Sidekey, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
+    if flow.websocket is not None:  # a dedicated connection; the answer reads like a ClientResponse here
+        return cast(ClientResponse, await ws_upstream.connect(engine, flow, provider, url))
     session = _session(engine, provider, url)
     server_name = provider.tls.server_name if provider else None
     return await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)

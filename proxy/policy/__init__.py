@@ -30,6 +30,7 @@ from proxy.policy.model import (
     UnmatchedMode,
     Upstream,
     UpstreamTLS,
+    WebSocketPolicy,
     normalize_host,
 )
 from proxy.policy.rates import Price, Rule
@@ -61,5 +62,6 @@ __all__ = [
     "UnmatchedMode",
     "Upstream",
     "UpstreamTLS",
+    "WebSocketPolicy",
     "normalize_host",
 ]

@@ -26,7 +26,7 @@ from typing import TypeVar, cast
 
 import yaml
 
-from proxy.policy import groups, quotas
+from proxy.policy import groups, quotas, websocket
 from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Reader, compose, join, line_of
 from proxy.policy.model import (
     CALLER_CREDENTIAL_HEADERS,
@@ -82,6 +82,7 @@ PROVIDER = frozenset(
         "queue_wait",
         "budget",
         "caller_budget",
+        *websocket.FIELDS,
     }
 )
 AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "none")
@@ -269,6 +270,7 @@ class _Builder:
         queue_wait = self.opt(f, field, "queue_wait", partial(quotas.queue_wait, self), 5.0)
         budget = self.opt(f, field, "budget", partial(quotas.budget, self), None, null_ok=True)
         caller_budget = self.opt(f, field, "caller_budget", partial(quotas.budget, self), None, null_ok=True)
+        ws = websocket.read(self, f, field, hosts)
         if auth is None:
             return None
         return Provider(
@@ -293,6 +295,7 @@ class _Builder:
             queue_wait=queue_wait,
             budget=budget,
             caller_budget=caller_budget,
+            websocket=ws,
             line=line_of(key_node),
         )
 

@@ -182,6 +182,19 @@ class Alerts:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketPolicy:
+    """WebSocket sessions to a provider (``proxy.ws_session``); read by
+    ``proxy.policy.websocket`` from ``websocket*`` fields and ``limits.concurrent_websockets``."""
+
+    allowed: bool = False  # default: true when a host of the provider is known to offer WebSocket
+    idle_timeout: float = 300.0  # no frame either way for this long: closed with 1001
+    max_duration: float = 3600.0  # a session longer than this: closed with 1001
+    usage: Literal["none", "openai-realtime"] = "none"  # read response.done usage from the frames
+    max_sessions: int = 0  # concurrent sessions per provider in this process; 0: no limit
+    caller_max_sessions: int = 0  # the same, per caller
+
+
+@dataclass(frozen=True, slots=True)
 class Provider:
     name: str
     hosts: tuple[str, ...]  # lower-case; "*.suffix" wildcards allowed
@@ -208,6 +221,7 @@ class Provider:
     queue_wait: float = 5.0  # a request over a limit waits this long for room, then 429
     budget: Budget | None = None  # the whole provider
     caller_budget: Budget | None = None  # each caller
+    websocket: WebSocketPolicy = field(default_factory=WebSocketPolicy)
     line: int = 0  # where it is defined, for messages
 
     def __post_init__(self) -> None:

@@ -32,6 +32,8 @@ RULES: dict[str, tuple[Literal["requests", "tokens", "concurrent"], float]] = {
     "tokens_per_day": ("tokens", 86400.0),
     "concurrent": ("concurrent", 0.0),
 }
+# concurrent_websockets is a session count, read by proxy.policy.websocket
+LIMIT_KEYS = frozenset(RULES) | {"concurrent_websockets"}
 BUDGET = frozenset({"daily_usd", "monthly_usd"})
 REDIS = frozenset({"url", "on_failure", "timeout"})
 PRICE = frozenset({"input", "output", "cached_input", "cache_write"})
@@ -39,7 +41,7 @@ _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}")
 
 
 def rules(b: _Builder, node: yaml.Node, field: str) -> tuple[Rule, ...]:
-    f = b.r.mapping(node, field, frozenset(RULES))
+    f = b.r.mapping(node, field, LIMIT_KEYS)
     out = []
     for key in RULES:  # a fixed order: the order of x-ratelimit-* headers
         if key in f:
