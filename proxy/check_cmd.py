@@ -26,7 +26,7 @@ def load_or_report(path: str) -> Policy | None:
 def cmd_check(path: str, against: str | None = None, *, strict: bool = False) -> int:
     """Exit 2: the file is invalid. Exit 1 (``strict``): a secret it names
     cannot be read here; without ``strict`` that is a warning and exit 0."""
-    from proxy.policy import SCHEMA_VERSION
+    from proxy.policy import SCHEMA_VERSION, STATIC_KINDS
     from proxy.secrets import read_secret, secret_uses
 
     policy = load_or_report(path)
@@ -47,7 +47,9 @@ def cmd_check(path: str, against: str | None = None, *, strict: bool = False) ->
             print(f"    fallbacks: {', '.join(fb.provider for fb in p.fallbacks)}")
     # The source and the problem only: the value, when there is one, stays here.
     level = "error" if strict else "warning"
-    unreadable = [(who, ref, problem) for who, ref in secret_uses(policy) if (problem := read_secret(ref)[1])]
+    # Secret stores and token endpoints are read by the running sidekey, not here.
+    static = [(who, ref) for who, ref in secret_uses(policy) if ref.kind in STATIC_KINDS]
+    unreadable = [(who, ref, problem) for who, ref in static if (problem := read_secret(ref)[1])]
     for who, ref, problem in unreadable:
         print(f"{path}: {level}: {who}: {ref.source} {problem}", file=sys.stderr)
     status = 1 if strict and unreadable else 0

@@ -1,67 +1,11 @@
 """The policy: its model (``model``, with ``rates``), how it is read (``load``, ``fields``,
-``groups``, ``quotas``), compared (``diff``) and watched for changes (``watch``).
+``groups``, ``quotas``, ``websocket``), compared (``diff``) and watched for changes (``watch``).
 
-``from proxy.policy import Policy``: the model is re-exported here; the loader is not
-(import ``proxy.policy.load``), so reading the model never pulls in YAML parsing.
+``from proxy.policy import Policy``: the model's public names are re-exported here (all
+of them, so a name added to the model needs no second edit); the loader is not (import
+``proxy.policy.load``), so reading the model never pulls in YAML parsing.
 """
 
-from proxy.policy.model import (
-    CALLER_CREDENTIAL_HEADERS,
-    SCHEMA_VERSION,
-    Alerts,
-    Auth,
-    AuthType,
-    Balance,
-    Budget,
-    CircuitPolicy,
-    Fallback,
-    HealthCheck,
-    HostMatcher,
-    IPNetwork,
-    ListenerLimits,
-    Policy,
-    PoolLimits,
-    Provider,
-    RedisConfig,
-    RetryPolicy,
-    SecretRef,
-    Target,
-    Timeouts,
-    UnmatchedMode,
-    Upstream,
-    UpstreamTLS,
-    WebSocketPolicy,
-    normalize_host,
-)
-from proxy.policy.rates import Price, Rule
-
-__all__ = [
-    "Alerts",
-    "Auth",
-    "AuthType",
-    "Balance",
-    "Budget",
-    "CALLER_CREDENTIAL_HEADERS",
-    "CircuitPolicy",
-    "Fallback",
-    "HealthCheck",
-    "HostMatcher",
-    "IPNetwork",
-    "ListenerLimits",
-    "Policy",
-    "PoolLimits",
-    "Price",
-    "Provider",
-    "RedisConfig",
-    "RetryPolicy",
-    "Rule",
-    "SCHEMA_VERSION",
-    "SecretRef",
-    "Target",
-    "Timeouts",
-    "UnmatchedMode",
-    "Upstream",
-    "UpstreamTLS",
-    "WebSocketPolicy",
-    "normalize_host",
-]
+from proxy.policy.model import *  # noqa: F403 - the package's face is the model
+from proxy.policy.rates import Price as Price
+from proxy.policy.rates import Rule as Rule

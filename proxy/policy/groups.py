@@ -70,7 +70,7 @@ def _target(b: _Builder, node: yaml.Node, field: str, *, need_secret: bool) -> T
     return Target(
         name=name,
         upstream=b.opt(f, field, "url", r.upstream, None),
-        secret=b.opt(f, field, "secret", r.secret, None),
+        secret=b.opt(f, field, "secret", b.credential, None),
         weight=b.opt(f, field, "weight", r.count, 1),
         priority=b.opt(f, field, "priority", r.integer, 0),
         limits=b.opt(f, field, "limits", partial(quotas.rules, b), quotas.NO_RULES, null_ok=True),

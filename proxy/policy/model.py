@@ -10,9 +10,14 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.credentials.config import OAuth2, SecretStores
 from proxy.policy.rates import Price, Rule
 
-AuthType = Literal["bearer", "header", "basic", "query", "none"]
+AuthType = Literal["bearer", "header", "basic", "query", "oauth2", "none"]
+SecretKind = Literal["env", "file", "vault", "aws-sm", "azure-kv", "oauth2"]
+# Read by proxy.secrets off the loop and looked up in a dict per request; the
+# other kinds are fetched and cached by proxy.credentials.
+STATIC_KINDS = frozenset({"env", "file"})
 Balance = Literal["weighted", "least_in_flight", "latency"]
 UnmatchedMode = Literal["tunnel", "deny"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -36,12 +41,13 @@ CALLER_CREDENTIAL_HEADERS: tuple[str, ...] = (
 class SecretRef:
     """Where a secret lives. Only ``source`` is ever shown (logs, admin API)."""
 
-    kind: Literal["env", "file"]
-    ref: str  # environment variable name, or file path
+    kind: SecretKind
+    ref: str  # variable name, file path, store path or secret name; an oauth2 provider's name
+    key: str = ""  # a field of a structured secret (vault: KV field; aws-sm: JSON key)
 
     @property
     def source(self) -> str:
-        return f"{self.kind}:{self.ref}"
+        return f"{self.kind}:{self.ref}#{self.key}" if self.key else f"{self.kind}:{self.ref}"
 
     def __repr__(self) -> str:
         return f"SecretRef({self.source!r})"
@@ -55,6 +61,8 @@ class Auth:
     header: ``<header>: <prefix><secret>`` (e.g. ``x-api-key``, ``xc-token``)
     basic:  ``Authorization: Basic base64(<username>:<secret>)``
     query:  ``?<param>=<secret>`` (the caller's value for ``param`` is removed)
+    oauth2: ``Authorization: Bearer <access token>`` from ``oauth2.token_url``
+            (``secret`` is then ``SecretRef("oauth2", <provider>)``)
     none:   nothing is injected; caller credentials are still stripped
     """
 
@@ -64,6 +72,7 @@ class Auth:
     prefix: str = ""
     username: str = ""
     param: str = ""
+    oauth2: OAuth2 | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +263,7 @@ class Policy:
     redis: RedisConfig | None = None
     caller_header: str | None = None  # names the caller (shared deployments); else Proxy-Authorization's user
     prices: tuple[tuple[str, Price], ...] = ()  # overrides of the shipped price table
+    secret_stores: SecretStores = field(default_factory=SecretStores)  # where vault:/aws-sm:/azure-kv: read
     source: str = "<memory>"
     # sha256 of the file's bytes, first 12 hex digits: tells one edit from another
     # (not the schema's ``version:``, which is always SCHEMA_VERSION)
