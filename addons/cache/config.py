@@ -1,6 +1,6 @@
 """The ``cache:`` block of a provider: what may be cached, for how long, where.
 
-Read by the policy loader (``proxy.policy_load``) with the same conventions as
+Read by the policy loader (``proxy.policy.load``) with the same conventions as
 every other block: each problem names file, line and field, and never repeats
 the value. Off unless the provider has a ``cache:`` block.
 
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Literal
 
 import yaml
 
-from proxy.policy_fields import join
+from proxy.policy.fields import join
 
 if TYPE_CHECKING:
-    from proxy.policy_load import _Builder
+    from proxy.policy.load import _Builder
 
 Backend = Literal["memory", "redis"]
 Scope = Literal["upstream", "caller"]

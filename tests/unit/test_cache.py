@@ -18,7 +18,7 @@ from addons.cache.flight import Flight, FlightFailed
 from addons.cache.key import Identities, cache_key, canonical_json
 from addons.cache.sse import StreamJudge
 from addons.cache.stores import Entry, MemoryStore
-from proxy.policy_load import PolicyError, parse_policy
+from proxy.policy.load import PolicyError, parse_policy
 
 VARY = ("accept", "anthropic-version")
 
