@@ -12,7 +12,7 @@ from proxy.policy import Policy
 
 def load_or_report(path: str) -> Policy | None:
     """The policy, or None after printing why not (file, line, field)."""
-    from proxy.policy_load import PolicyError, load_policy
+    from proxy.policy.load import PolicyError, load_policy
 
     try:
         return load_policy(path)
@@ -64,7 +64,7 @@ def print_diff(policy: Policy, admin_url: str) -> int:
     import urllib.request
 
     from proxy.admin import policy_view
-    from proxy.policy_diff import diff_providers
+    from proxy.policy.diff import diff_providers
 
     request = urllib.request.Request(admin_url.rstrip("/") + "/policy")
     token = os.environ.get("SIDEKEY_ADMIN_TOKEN")

@@ -8,7 +8,7 @@ other control characters is treated as unavailable (and said so by source,
 never by value).
 
 ``read_secret`` is the one reader of a secret's value: the store, the Redis
-URL and alerts webhook (``proxy.shared.resolve_ref``) and ``sidekey check``
+URL and alerts webhook (``resolve_ref``) and ``sidekey check``
 all go through it, so they agree on what "missing" and "unusable" mean.
 """
 
@@ -46,6 +46,14 @@ def read_secret(ref: SecretRef, environ: Mapping[str, str] | None = None) -> tup
     except (OSError, UnicodeDecodeError) as exc:
         return None, f"is unreadable ({type(exc).__name__})"
     return _clean(raw, "is empty")
+
+
+def resolve_ref(ref: str | SecretRef) -> str | None:
+    """A value given in the policy as is, or read from ``env:NAME`` / ``file:PATH``
+    (blocking for file:); None when missing, empty or unusable (see ``read_secret``)."""
+    if not isinstance(ref, SecretRef):
+        return ref
+    return read_secret(ref)[0]
 
 
 def check_value(raw: str) -> tuple[str | None, str | None]:

@@ -1,6 +1,6 @@
 """Policy readers for credentials: references to any source, the
 ``secret_stores:`` block and ``auth: {type: oauth2}``. Same conventions as
-``proxy.policy_load``: every problem names file, line and field, and no
+``proxy.policy.load``: every problem names file, line and field, and no
 message ever repeats a value.
 """
 
@@ -24,10 +24,10 @@ from proxy.credentials.config import (
 )
 from proxy.credentials.model import Timing
 from proxy.policy import SecretKind, SecretRef
-from proxy.policy_fields import check_host
+from proxy.policy.fields import check_host
 
 if TYPE_CHECKING:
-    from proxy.policy_load import _Builder
+    from proxy.policy.load import _Builder
 
 STORES = frozenset({"vault", "aws_sm", "azure_kv"})
 TIMING = frozenset({"ttl", "stale_for"})

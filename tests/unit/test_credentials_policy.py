@@ -7,7 +7,7 @@ import pytest
 
 from proxy.credentials.config import StaticRef, VaultAuth
 from proxy.policy import SecretRef
-from proxy.policy_load import PolicyError, parse_policy
+from proxy.policy.load import PolicyError, parse_policy
 
 STORES = """\
 version: 1

@@ -20,8 +20,8 @@ from proxy.policy import (
     Upstream,
     UpstreamTLS,
 )
-from proxy.policy_fields import parse_duration, parse_size
-from proxy.policy_load import PolicyError, PolicyProblem, load_policy, parse_policy
+from proxy.policy.fields import parse_duration, parse_size
+from proxy.policy.load import PolicyError, PolicyProblem, load_policy, parse_policy
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = Path("/base")

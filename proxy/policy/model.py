@@ -1,4 +1,4 @@
-"""The parsed policy: typed, frozen, validated once by ``proxy.policy_load``.
+"""The parsed policy: typed, frozen, validated once by ``proxy.policy.load``.
 
 Nothing here does I/O. Host matching is a pure function of the policy so it
 can be tested with a table and no sockets.
@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.credentials.config import OAuth2, SecretStores
-from proxy.prices import Price
-from proxy.ratelimit import Rule
+from proxy.policy.rates import Price, Rule
 
 AuthType = Literal["bearer", "header", "basic", "query", "oauth2", "none"]
 SecretKind = Literal["env", "file", "vault", "aws-sm", "azure-kv", "oauth2"]
@@ -194,7 +193,7 @@ class Alerts:
 @dataclass(frozen=True, slots=True)
 class WebSocketPolicy:
     """WebSocket sessions to a provider (``proxy.ws_session``); read by
-    ``proxy.policy_websocket`` from ``websocket*`` fields and ``limits.concurrent_websockets``."""
+    ``proxy.policy.websocket`` from ``websocket*`` fields and ``limits.concurrent_websockets``."""
 
     allowed: bool = False  # default: true when a host of the provider is known to offer WebSocket
     idle_timeout: float = 300.0  # no frame either way for this long: closed with 1001

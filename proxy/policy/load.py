@@ -11,7 +11,7 @@ YAML anchors are allowed but aliases (``*name``) are rejected: an aliased
 node lives in two places, so its problems would point at the anchor, and a
 provider borrowing another's ``auth`` hides what it sends.
 
-This module reads the structure; ``proxy.policy_fields`` reads single values.
+This module reads the structure; ``proxy.policy.fields`` reads single values.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ from typing import TypeVar, cast
 
 import yaml
 
-from proxy import policy_groups as groups
-from proxy import policy_limits as quotas
-from proxy import policy_websocket as websocket
 from proxy.credentials import policy_read as creds
 from proxy.credentials.config import SecretStores
-from proxy.policy import (
+from proxy.policy import groups, quotas, websocket
+from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Reader, compose, join, line_of
+from proxy.policy.model import (
     CALLER_CREDENTIAL_HEADERS,
     SCHEMA_VERSION,
     Auth,
@@ -52,7 +51,6 @@ from proxy.policy import (
     UnmatchedMode,
     UpstreamTLS,
 )
-from proxy.policy_fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Reader, compose, join, line_of
 
 __all__ = ["PolicyError", "PolicyProblem", "load_policy", "parse_policy"]
 
