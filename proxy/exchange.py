@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from aiohttp import ClientResponse
 from multidict import CIMultiDict
 
-from proxy import errors, http1, routing, upstream
+from proxy import errors, http1, routing, upstream, ws_frames, ws_session
 from proxy.bodies import BodyReader
 from proxy.flow import Flow, Request, Response, new_request_id
 from proxy.forward import forward
@@ -146,6 +146,10 @@ async def handle(engine: Sidekey, conn: ClientConn, head: http1.RequestHead, pol
     except errors.ProxyError as err:
         await send_error(conn, err, new_request_id())
         return False
+    # One lookup per request; the rest only for an upgrade to a matched provider.
+    upgrade = flow.provider is not None and "upgrade" in head.headers
+    if upgrade and ws_frames.is_websocket_upgrade(head.method, head.version, head.headers):
+        return await ws_session.serve(engine, conn, flow, kind)
     expect = head.headers.get("expect", "").lower() == "100-continue" and kind != "none"
     body = BodyReader(
         conn.reader,

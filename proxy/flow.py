@@ -18,6 +18,7 @@ from proxy.policy import Policy, Provider
 
 if TYPE_CHECKING:
     from proxy.balance import UpstreamState
+    from proxy.ws_session import WebSocketSession
 
 Body = bytes | AsyncIterator[bytes] | None
 
@@ -112,6 +113,7 @@ class Flow:
         "metadata",
         "bytes_to_client",
         "bytes_from_client",
+        "websocket",
     )
 
     def __init__(
@@ -150,6 +152,8 @@ class Flow:
         self.metadata: dict[str, Any] = {}
         self.bytes_to_client = 0  # response body bytes
         self.bytes_from_client = 0  # request body bytes
+        # A WebSocket upgrade's session (``proxy.ws_session``); None for every other request.
+        self.websocket: WebSocketSession | None = None
 
     @property
     def provider_name(self) -> str | None:
