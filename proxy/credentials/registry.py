@@ -31,16 +31,18 @@ from proxy.secrets import SecretStore
 
 log = logging.getLogger("sidekey.credentials")
 
-# Vendor SDKs that log request and response bodies (secret values) at DEBUG:
-# held at INFO whatever sidekey's own level is, so --log-level debug stays safe.
+# Vendor SDKs that log request and response bodies (secret values) at DEBUG,
+# and every request URL at INFO (azure-core): held at WARNING whatever
+# sidekey's own level is, so --log-level debug stays safe. Their failures
+# reach the log as ours, from fixed phrases (proxy.credentials.cache).
 VERBOSE_SDK_LOGGERS = ("botocore", "aiobotocore", "boto3", "urllib3", "azure", "msal", "hvac")
 
 
 def quiet_sdk_loggers() -> None:
     for name in VERBOSE_SDK_LOGGERS:
         logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET or logger.level < logging.INFO:
-            logger.setLevel(logging.INFO)
+        if logger.level < logging.WARNING:  # NOTSET (0) included: it would inherit our DEBUG
+            logger.setLevel(logging.WARNING)
 
 
 OAUTH2_TIMING = Timing(follow_expiry=True)
