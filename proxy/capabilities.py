@@ -43,6 +43,10 @@ class Secrets(Protocol):
 
     def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
 
+    async def reread(self, provider: Provider, target: Target) -> bool:
+        """The upstream refused the member's credential: re-read it; True when it changed."""
+        ...
+
 
 class UsageReport(Protocol):
     """Requests, tokens and cost counted so far; raises ValueError for a bad ``since``."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from proxy import errors, exchange, forward, netguard, routing, tunnel
+from proxy import errors, exchange, forward, netguard, routing, tunnel, ws_session
 from proxy.balance import Groups, Transition, UpstreamState
 from proxy.capabilities import MEMBER_LIMITS, SECRETS
 from proxy.certs import CertificateAuthority, LeafContexts
@@ -82,6 +82,7 @@ class Sidekey:
         self.random: Callable[[], float] = random.random
         self.in_flight = 0
         self.connections: set[ClientConn] = set()
+        self.websockets = ws_session.Sessions()  # open WebSocket sessions: limits, drain, metrics
         # Circuit, health and load of every upstream member, kept across reloads.
         self.groups = Groups()
         # Who is told when a member turns unhealthy or its circuit opens or
@@ -160,16 +161,16 @@ class Sidekey:
                 log.error("upstream pool upkeep failed: %s", errors.describe(exc))
 
     async def _connect_redis(self, policy: Policy) -> None:
-        from proxy import shared
+        from proxy import redis_client, secrets
 
         cfg = policy.redis
-        url = await asyncio.to_thread(shared.resolve_ref, cfg.url) if cfg is not None else None
+        url = await asyncio.to_thread(secrets.resolve_ref, cfg.url) if cfg is not None else None
         ident = (url, cfg.timeout) if url is not None and cfg is not None else None
         if ident == self._redis_id:
             return
         old, self.redis, self._redis_id = self.redis, None, ident
         if ident is not None:
-            self.redis = shared.connect(*ident)
+            self.redis = redis_client.connect(*ident)
         elif cfg is not None:
             log.warning("redis: %s is not set; limits and usage are per process",
                         cfg.url.source if isinstance(cfg.url, SecretRef) else "the policy's redis.url")  # fmt: skip
@@ -216,7 +217,7 @@ class Sidekey:
     async def reload_from_file(self) -> Policy:
         """Re-read the policy file. Invalid or rejected: the old policy stays,
         the error (file, line, field; never a value) is logged and counted."""
-        from proxy.policy_load import PolicyError, load_policy
+        from proxy.policy.load import PolicyError, load_policy
 
         async with self._reload_lock:
             try:
@@ -257,6 +258,7 @@ class Sidekey:
                 if conn.idle:
                     conn.writer.close()
             await asyncio.sleep(0.05)
+        await self.websockets.close_all()  # after the grace: 1001 to both sides of each session
         for conn in list(self.connections):
             if conn.task is not None:
                 conn.task.cancel()
@@ -279,6 +281,7 @@ class Sidekey:
             "upstreams": self.groups.statistics(),
             "open_connections": len(self.connections),
             "in_flight": self.in_flight,
+            "websockets": self.websockets.statistics(),
             "pools": self.pools.statistics(),
             "leaf_certs": self.leaves.statistics() if self.leaves else {},
         }

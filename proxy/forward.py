@@ -12,13 +12,13 @@ import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import ClientResponse, ClientSession
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import balance, errors, failover, retry, routing, upstream
+from proxy import balance, errors, failover, retry, routing, upstream, ws_upstream
 from proxy.balance import UpstreamState
 from proxy.bodies import BodyReader
 from proxy.flow import Flow
@@ -85,6 +85,7 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
     last: ClientResponse | errors.ProxyError | None = None
     unfit: list[UpstreamState] = []  # keys whose own limit is smaller than this one request
     over_limit: errors.RequestOverLimit | None = None
+    reread = False  # an upstream 401/403 re-reads the credential once per request, never more
     while True:
         members = engine.groups.members(route.provider, route.host, route.port)
         choices = [m for m in members if m not in unfit] if unfit else members
@@ -125,6 +126,13 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
             _failed(flow, state, error=err.code)
             outcome: ClientResponse | errors.ProxyError = err
         else:
+            if resp.status in (401, 403) and not reread and replayable and engine.secrets is not None:
+                reread = True
+                if await engine.secrets.reread(route.provider, state.target):  # a new value: try it once
+                    log.debug("flow %s: %s/%s refused the credential; sending again with the one re-read",
+                              flow.id, state.provider, state.name)  # fmt: skip
+                    resp.release()
+                    continue
             if resp.status < 400 or resp.status not in route.policy.statuses:
                 return _served(flow, state, attempts, resp)
             asked = retry.server_delay(resp.headers, time.time())
@@ -316,6 +324,8 @@ def _session(engine: Sidekey, provider: Provider | None, url: URL) -> ClientSess
 
 
 async def _send(engine: Sidekey, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
+    if flow.websocket is not None:  # a dedicated connection; the answer reads like a ClientResponse here
+        return cast(ClientResponse, await ws_upstream.connect(engine, flow, provider, url))
     session = _session(engine, provider, url)
     server_name = provider.tls.server_name if provider else None
     return await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)
