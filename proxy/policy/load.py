@@ -27,6 +27,7 @@ from typing import TypeVar, cast
 
 import yaml
 
+from addons.cache import config as cache_config
 from proxy.credentials import policy_read as creds
 from proxy.credentials.config import SecretStores
 from proxy.policy import groups, quotas, websocket
@@ -87,6 +88,7 @@ PROVIDER = frozenset(
         "queue_wait",
         "budget",
         "caller_budget",
+        "cache",
         *websocket.FIELDS,
     }
 )
@@ -211,6 +213,9 @@ class _Builder:
             digest=self.digest,
         )
         groups.check_references(self, policy)
+        for p in policy.providers:
+            if p.cache is not None and p.cache.backend == "redis" and policy.redis is None:
+                self.r.problem(p.line, f"providers.{p.name}.cache.backend", "redis needs the policy's redis: section")
         return policy
 
     def limits(self, node: yaml.Node, field: str) -> ListenerLimits:
@@ -283,6 +288,7 @@ class _Builder:
         queue_wait = self.opt(f, field, "queue_wait", partial(quotas.queue_wait, self), 5.0)
         budget = self.opt(f, field, "budget", partial(quotas.budget, self), None, null_ok=True)
         caller_budget = self.opt(f, field, "caller_budget", partial(quotas.budget, self), None, null_ok=True)
+        cache = self.opt(f, field, "cache", partial(cache_config.read, self), None, null_ok=True)
         ws = websocket.read(self, f, field, hosts)
         if auth is None:
             return None
@@ -308,6 +314,7 @@ class _Builder:
             queue_wait=queue_wait,
             budget=budget,
             caller_budget=caller_budget,
+            cache=cache,
             websocket=ws,
             line=line_of(key_node),
         )

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from proxy.credentials.config import OAuth2, SecretStores
 from proxy.policy.rates import Price, Rule
+
+if TYPE_CHECKING:
+    from addons.cache.config import CachePolicy
 
 AuthType = Literal["bearer", "header", "basic", "query", "oauth2", "none"]
 SecretKind = Literal["env", "file", "vault", "aws-sm", "azure-kv", "oauth2"]
@@ -230,6 +233,7 @@ class Provider:
     queue_wait: float = 5.0  # a request over a limit waits this long for room, then 429
     budget: Budget | None = None  # the whole provider
     caller_budget: Budget | None = None  # each caller
+    cache: CachePolicy | None = None  # None: no response cache (addons/cache)
     websocket: WebSocketPolicy = field(default_factory=WebSocketPolicy)
     line: int = 0  # where it is defined, for messages
 
