@@ -28,16 +28,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
 
-from proxy import routing
 from proxy.balance import Transition, UpstreamState
 from proxy.policy import Alerts, Policy, Provider, SecretRef
-from proxy.shared import resolve_ref
+from proxy.secrets import resolve_ref
 
 if TYPE_CHECKING:
-    from proxy.engine import Sidekey
+    from proxy.runtime import Runtime
 
 log = logging.getLogger("sidekey.health")
 
@@ -49,7 +46,7 @@ class HealthChecks:
     name = "health"
 
     def __init__(self, *, tick: float = TICK) -> None:
-        self.engine: Sidekey | None = None
+        self.runtime: Runtime | None = None
         self.policy: Policy | None = None
         self.tick = tick
         self.due: dict[tuple[str, str, str, int], float] = {}  # state key -> monotonic time of the next check
@@ -60,9 +57,9 @@ class HealthChecks:
         self._checks: set[asyncio.Task[None]] = set()
         self._reconfigured = asyncio.Event()
 
-    def bind(self, engine: Sidekey) -> None:
-        self.engine = engine
-        engine.listeners.append(self.on_change)
+    def setup(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        runtime.on_state_change(self.on_change)
 
     async def configure(self, policy: Policy) -> None:
         self.policy = policy
@@ -137,8 +134,8 @@ class HealthChecks:
     # -- active checks -----------------------------------------------------------
     async def _check_loop(self) -> None:
         while True:
-            engine, policy = self.engine, self.policy
-            if engine is None or policy is None or not any(p.health_check for p in policy.providers):
+            runtime, policy = self.runtime, self.policy
+            if runtime is None or policy is None or not any(p.health_check for p in policy.providers):
                 self._reconfigured.clear()  # nothing to check: sleep until a policy says otherwise
                 await self._reconfigured.wait()
                 continue
@@ -148,43 +145,30 @@ class HealthChecks:
                 check = provider.health_check
                 if check is None:
                     continue
-                for state in engine.groups.known(provider):
+                for state in runtime.groups.known(provider):
                     key = (state.provider, state.name, state.host, state.port)
                     due = self.due.get(key)
                     if due is None:  # first sight: spread the first checks over one interval
                         self.due[key] = now + check.interval * random.random()
                     elif now >= due:
                         self.due[key] = now + check.interval * (1 + 0.1 * random.random())
-                        task = asyncio.create_task(self._check(engine, provider, state))
+                        task = asyncio.create_task(self._check(runtime, provider, state))
                         self._checks.add(task)
                         task.add_done_callback(self._checks.discard)
 
-    async def _check(self, engine: Sidekey, provider: Provider, state: UpstreamState) -> None:
+    async def _check(self, runtime: Runtime, provider: Provider, state: UpstreamState) -> None:
         check = provider.health_check
         assert check is not None
-        up = state.target.upstream or provider.upstream
-        prefix = up.path_prefix if up is not None else ""
-        url = f"https://{routing.format_authority(state.host, state.port)}{prefix}{check.path}"
-        headers: dict[str, str] = dict(provider.set_headers)
         passed = False
         try:
-            ci: CIMultiDict[str] = CIMultiDict(headers)
-            if engine.credentials is not None:
-                url = engine.credentials.inject(ci, url, provider, state.target)
-            target = URL(url, encoded=True)
-            key = engine.pools.key(provider, "https", target.raw_host or "", target.port or 443, engine.guard)
-            session = engine.pools.session(key)
             async with asyncio.timeout(check.timeout):
-                async with session.request(check.method, target, headers=ci, allow_redirects=False,
-                                           server_hostname=provider.tls.server_name) as resp:  # fmt: skip
-                    await resp.read()
-                    passed = resp.status in check.expect
+                passed = await runtime.probe(provider, state, check.method, check.path) in check.expect
         except Exception as exc:  # noqa: BLE001 - any failure is a failed check; the type only is logged
             log.debug("health check %s/%s failed: %s", provider.name, state.name, type(exc).__name__)
         self.counters["checks"] += 1
         if not passed:
             self.counters["checks_failed"] += 1
-        engine.notify(state, state.record_check(passed, time.time(), check.healthy_after, check.unhealthy_after))
+        runtime.notify(state, state.record_check(passed, time.time(), check.healthy_after, check.unhealthy_after))
 
     def statistics(self) -> dict[str, int]:
         return dict(self.counters)

@@ -15,18 +15,20 @@ turns them into metric families at scrape time.
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Info
+from prometheus_client import CollectorRegistry, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from addons.usage.tokens import Usage
 from proxy import __version__
+from proxy.capabilities import METRICS
 from proxy.flow import Flow
 from proxy.policy import Policy
-from proxy.usage import Usage
 
 TOKEN_KINDS = ("input", "output", "cached_input", "reasoning", "cache_creation")  # Usage attributes
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -81,6 +83,7 @@ HISTOGRAMS = (
 
 class Metrics:
     name = "metrics"
+    provides = (METRICS,)
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -101,6 +104,9 @@ class Metrics:
     def attach(self, statistics: Callable[[], dict[str, Any]]) -> None:
         """Let scrapes read the engine's live statistics."""
         self.registry.register(_EngineCollector(statistics))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
 
     def configure(self, policy: Policy) -> None:
         self._providers = frozenset(p.name for p in policy.providers)
@@ -243,8 +249,6 @@ class _EngineCollector(Collector):
         reloads = CounterMetricFamily("sidekey_policy_reloads", "Policy reloads by result", labels=["result"])
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
-        tasks = GaugeMetricFamily("sidekey_asyncio_tasks", "asyncio tasks alive (connections, flows, background)")
-        tasks.add_metric([], stats.get("tasks", 0))
         pools = stats.get("pools", {})
         sessions = GaugeMetricFamily("sidekey_upstream_pools", "Upstream connection pools, by state", labels=["state"])
         sessions.add_metric(["active"], pools.get("sessions", 0))
@@ -254,8 +258,13 @@ class _EngineCollector(Collector):
         cached.add_metric([], leaves.get("entries", 0))
         minted = CounterMetricFamily("sidekey_leaf_certs_minted", "Leaf certificates minted (a cache miss each)")
         minted.add_metric([], leaves.get("mints", 0))
-        yield from (conns, flows, pool, reloads, tasks, sessions, cached, minted)
+        yield from (conns, flows, pool, reloads, sessions, cached, minted)
         yield from _upstream_families(stats.get("upstreams", []))
+        tasks = _asyncio_tasks()
+        if tasks is not None:
+            gauge = GaugeMetricFamily("sidekey_asyncio_tasks", "asyncio tasks alive on the event loop (leak checks)")
+            gauge.add_metric([], tasks)
+            yield gauge
         limits = stats.get("limits")
         if limits is not None:  # from the limits addon, when it runs (proxy/cli.py attaches it)
             degraded = CounterMetricFamily(
@@ -264,6 +273,15 @@ class _EngineCollector(Collector):
             )
             degraded.add_metric([], limits.get("degraded_seconds", 0.0))
             yield degraded
+
+
+def _asyncio_tasks() -> int | None:
+    """Tasks on the running loop; None when scraped off the loop's thread
+    (scrapes are served on the loop, so that is only a direct registry read)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop in this thread
+        return None
 
 
 def _upstream_families(states: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -20,13 +20,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.capabilities import METRICS, USAGE_REPORT
 from proxy.policy import SCHEMA_VERSION, Policy, Provider, Target
-from proxy.policy_load import PolicyError
+from proxy.policy.load import PolicyError
 
 if TYPE_CHECKING:
-    from addons.metrics import Metrics
     from proxy.engine import Sidekey
 
 
@@ -121,7 +121,7 @@ def policy_view(policy: Policy) -> dict[str, Any]:
 
 class AdminServer:
     def __init__(
-        self, engine: Sidekey, metrics: Metrics | None, *, host: str = "127.0.0.1", port: int = 9090,
+        self, engine: Sidekey, *, host: str = "127.0.0.1", port: int = 9090,
         token: str | None = None, require_token: bool = False, routes: tuple[tuple[str, str, str], ...] = ROUTES,
     ) -> None:  # fmt: skip
         if routes is not PUBLIC_ROUTES and not token:
@@ -131,7 +131,8 @@ class AdminServer:
                 )
             if not is_loopback(host):
                 raise AdminConfigError("the admin listener binds a non-loopback address only with an admin token")
-        self.engine, self.metrics, self.host, self.port, self._token = engine, metrics, host, port, token
+        self.engine, self.host, self.port, self._token = engine, host, port, token
+        self.metrics = engine.addons.capability(METRICS)
         self.loaded_at = time.time()
         self._runner: web.AppRunner | None = None
         app = web.Application(middlewares=[self._auth] if token else [])
@@ -140,10 +141,10 @@ class AdminServer:
         self.app = app
 
     @classmethod
-    def metrics_only(cls, engine: Sidekey, metrics: Metrics | None, *, host: str, port: int) -> AdminServer:
+    def metrics_only(cls, engine: Sidekey, *, host: str, port: int) -> AdminServer:
         """``/metrics``, ``/healthz`` and ``/readyz`` without a token, for Prometheus
         and the kubelet on the pod's address."""
-        return cls(engine, metrics, host=host, port=port, routes=PUBLIC_ROUTES)
+        return cls(engine, host=host, port=port, routes=PUBLIC_ROUTES)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -185,7 +186,7 @@ class AdminServer:
     async def prometheus(self, _request: web.Request) -> web.Response:
         if self.metrics is None:
             return web.json_response({"error": {"code": "metrics_disabled"}}, status=404)
-        body = generate_latest(self.metrics.registry)
+        body = self.metrics.exposition()
         return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def providers(self, _request: web.Request) -> web.Response:
@@ -202,12 +203,11 @@ class AdminServer:
 
     async def usage(self, request: web.Request) -> web.Response:
         """Requests, tokens and cost counted so far (every sidecar's when Redis backs the ledger)."""
-        addons = self.engine.addons.addons
-        report_of = next((f for a in addons if callable(f := getattr(a, "usage_report", None))), None)
-        if report_of is None:
+        usage = self.engine.addons.capability(USAGE_REPORT)
+        if usage is None:
             return web.json_response({"error": {"code": "usage_disabled"}}, status=404)
         try:
-            report = report_of(request.query.get("provider") or None, request.query.get("since"))
+            report = usage.usage_report(request.query.get("provider") or None, request.query.get("since"))
         except ValueError:  # never quote the value back
             reason = "since: expected YYYY-MM-DD, an RFC 3339 time with an offset, or unix seconds"
             return web.json_response({"error": {"code": "bad_request", "message": reason}}, status=400)

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from proxy.watch import Stamp, stamp
+from proxy.policy.watch import Stamp, stamp
 
 log = logging.getLogger("sidekey.certs")
 

@@ -252,7 +252,7 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     from addons.metrics import Metrics
     from proxy.admin import AdminConfigError, AdminServer
     from proxy.engine import Sidekey
-    from proxy.watch import PolicyWatcher
+    from proxy.policy.watch import PolicyWatcher
 
     extra: list[object] = []
     for spec in (*policy.addons, *args.addon):
@@ -288,7 +288,7 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
         host, port = _address(args.admin, "--admin", 9090)
         try:
             admin = AdminServer(
-                engine, metrics, host=host, port=port, token=os.environ.get("SIDEKEY_ADMIN_TOKEN") or None,
+                engine, host=host, port=port, token=os.environ.get("SIDEKEY_ADMIN_TOKEN") or None,
                 require_token=args.admin_require_token or in_pod(),
             )  # fmt: skip
         except AdminConfigError:
@@ -298,7 +298,7 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     scrape = None
     if args.metrics_listen != "off":
         metrics_host, metrics_port = _address(args.metrics_listen, "--metrics-listen", 9091)
-        scrape = AdminServer.metrics_only(engine, metrics, host=metrics_host, port=metrics_port)
+        scrape = AdminServer.metrics_only(engine, host=metrics_host, port=metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,18 +13,18 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from proxy import errors, exchange, netguard, routing, tunnel
+from proxy import errors, exchange, forward, netguard, routing, tunnel, ws_session
 from proxy.balance import Groups, Transition, UpstreamState
 from proxy.ca_watch import CAFiles
+from proxy.capabilities import MEMBER_LIMITS, SECRETS
 from proxy.certs import CertificateAuthority, LeafContexts
-from proxy.flow import Flow, new_request_id
+from proxy.flow import new_request_id
 from proxy.hooks import AddonManager
-from proxy.policy import Policy, Provider, SecretRef, Target
+from proxy.policy import Policy, Provider, SecretRef
 
 log = logging.getLogger("sidekey")
 
@@ -32,20 +32,6 @@ CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 TUNNEL_CONNECT_TIMEOUT = 10.0
 POOL_CHECK_INTERVAL = 1.0  # CA files re-checked (a stat each), retired pools closed when drained
 PIPE_PIECE = 65536
-
-
-class Credentials(Protocol):
-    """What the forwarder needs from the credentials addon."""
-
-    def usable(self, provider: Provider, target: Target) -> bool: ...
-
-    def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
-
-
-class MemberLimits(Protocol):
-    """What the forwarder needs from the limits addon: a key's own quota."""
-
-    async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float: ...
 
 
 class ClientConn:
@@ -98,21 +84,14 @@ class Sidekey:
         self.random: Callable[[], float] = random.random
         self.in_flight = 0
         self.connections: set[ClientConn] = set()
+        self.websockets = ws_session.Sessions()  # open WebSocket sessions: limits, drain, metrics
         # Circuit, health and load of every upstream member, kept across reloads.
         self.groups = Groups()
         # Who is told when a member turns unhealthy or its circuit opens or
         # closes (the alerts addon registers here); called on the loop, must not block.
         self.listeners: list[Callable[[UpstreamState, Transition], None]] = []
-        self.credentials: Credentials | None = next(
-            (a for a in self.addons.addons if callable(getattr(a, "inject", None))), None
-        )  # type: ignore[assignment]
-        self.member_limits: MemberLimits | None = next(
-            (a for a in self.addons.addons if callable(getattr(a, "admit_member", None))), None
-        )  # type: ignore[assignment]
-        for addon in self.addons.addons:  # addons that work beside the flows (health checks, alerts)
-            bind = getattr(addon, "bind", None)
-            if callable(bind):
-                bind(self)
+        self.secrets = self.addons.capability(SECRETS)
+        self.member_limits = self.addons.capability(MEMBER_LIMITS)
         self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0, "tls_to_plain_port": 0}
         self.reloads = {"ok": 0, "unchanged": 0, "failed": 0}
         self.policy_loaded_at = time.time()
@@ -121,6 +100,7 @@ class Sidekey:
         self.redis: Redis | None = None
         self._redis_id: tuple[str, float] | None = None
         self._pool_upkeep: asyncio.Task[None] | None = None
+        self.addons.setup(self)  # addons that work beside the flows (health checks, alerts, Redis users)
 
     @property
     def leaf_contexts(self) -> LeafContexts:
@@ -186,21 +166,29 @@ class Sidekey:
                 log.error("upstream pool upkeep failed: %s", errors.describe(exc))
 
     async def _connect_redis(self, policy: Policy) -> None:
-        from proxy import shared
+        from proxy import redis_client, secrets
 
         cfg = policy.redis
-        url = await asyncio.to_thread(shared.resolve_ref, cfg.url) if cfg is not None else None
+        url = await asyncio.to_thread(secrets.resolve_ref, cfg.url) if cfg is not None else None
         ident = (url, cfg.timeout) if url is not None and cfg is not None else None
         if ident == self._redis_id:
             return
         old, self.redis, self._redis_id = self.redis, None, ident
         if ident is not None:
-            self.redis = shared.connect(*ident)
+            self.redis = redis_client.connect(*ident)
         elif cfg is not None:
             log.warning("redis: %s is not set; limits and usage are per process",
                         cfg.url.source if isinstance(cfg.url, SecretRef) else "the policy's redis.url")  # fmt: skip
         if old is not None:
             await old.aclose()
+
+    clock = staticmethod(time.monotonic)
+
+    def on_state_change(self, listener: Callable[[UpstreamState, Transition], None]) -> None:
+        self.listeners.append(listener)
+
+    async def probe(self, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
+        return await forward.probe(self, provider, state, method, path)
 
     def notify(self, state: UpstreamState, changes: Sequence[Transition]) -> None:
         for change in changes:
@@ -237,7 +225,7 @@ class Sidekey:
     async def reload_from_file(self) -> Policy:
         """Re-read the policy file. Invalid or rejected: the old policy stays,
         the error (file, line, field; never a value) is logged and counted."""
-        from proxy.policy_load import PolicyError, load_policy
+        from proxy.policy.load import PolicyError, load_policy
 
         async with self._reload_lock:
             try:
@@ -259,12 +247,8 @@ class Sidekey:
             log.info("policy reloaded: digest %s, %d providers", policy.digest, len(policy.providers))
             return policy
 
-    def secret_available(self, provider: object) -> bool | None:
-        for addon in self.addons.addons:
-            check = getattr(addon, "secret_available", None)
-            if check is not None:
-                return bool(check(provider))
-        return None
+    def secret_available(self, provider: Provider) -> bool | None:
+        return self.secrets.secret_available(provider) if self.secrets is not None else None
 
     async def shutdown(self, grace: float = 30.0) -> None:
         """Stop accepting, close idle connections, let in-flight requests and
@@ -282,6 +266,7 @@ class Sidekey:
                 if conn.idle:
                     conn.writer.close()
             await asyncio.sleep(0.05)
+        await self.websockets.close_all()  # after the grace: 1001 to both sides of each session
         for conn in list(self.connections):
             if conn.task is not None:
                 conn.task.cancel()
@@ -304,9 +289,9 @@ class Sidekey:
             "upstreams": self.groups.statistics(),
             "open_connections": len(self.connections),
             "in_flight": self.in_flight,
+            "websockets": self.websockets.statistics(),
             "pools": self.pools.statistics(),
             "leaf_certs": self.leaves.statistics() if self.leaves else {},
-            "tasks": _task_count(),
         }
 
     # -- connections -------------------------------------------------------
@@ -395,11 +380,3 @@ class Sidekey:
         self.counters["tunnels"] += 1
         conn.writer.write(CONNECTED)
         await tunnel.relay(conn.reader, conn.writer, up_reader, up_writer)
-
-
-def _task_count() -> int:
-    """asyncio tasks alive in this loop (0 off the loop): a leak shows as a count that only grows."""
-    try:
-        return len(asyncio.all_tasks())
-    except RuntimeError:
-        return 0

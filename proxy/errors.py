@@ -85,9 +85,21 @@ class MethodNotAllowed(ProxyError):
 
 
 # -- sidekey itself ---------------------------------------------------------
+class WebSocketNotAllowed(ProxyError):
+    status, code = 403, "websocket_not_allowed"
+    template = "provider {provider} does not allow WebSocket sessions (policy: websocket: false)"
+
+
 class CredentialUnavailable(ProxyError):
     status, code = 503, "credential_unavailable"
     template = "the credential for provider {provider} is not available"
+
+
+class CredentialRefreshFailed(ProxyError):
+    """An OAuth2 token expired and the token endpoint did not give a new one."""
+
+    status, code, retryable = 503, "credential_refresh_failed", True
+    template = "the access token for provider {provider} could not be refreshed"
 
 
 class AddonFailed(ProxyError):

@@ -12,12 +12,13 @@ import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, ClientSession
+from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import balance, errors, failover, retry, routing, upstream
+from proxy import balance, errors, failover, retry, routing, upstream, ws_upstream
 from proxy.balance import UpstreamState
 from proxy.bodies import BodyReader
 from proxy.flow import Flow
@@ -84,6 +85,7 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
     last: ClientResponse | errors.ProxyError | None = None
     unfit: list[UpstreamState] = []  # keys whose own limit is smaller than this one request
     over_limit: errors.RequestOverLimit | None = None
+    reread = False  # an upstream 401/403 re-reads the credential once per request, never more
     while True:
         members = engine.groups.members(route.provider, route.host, route.port)
         choices = [m for m in members if m not in unfit] if unfit else members
@@ -124,6 +126,13 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
             _failed(flow, state, error=err.code)
             outcome: ClientResponse | errors.ProxyError = err
         else:
+            if resp.status in (401, 403) and not reread and replayable and engine.secrets is not None:
+                reread = True
+                if await engine.secrets.reread(route.provider, state.target):  # a new value: try it once
+                    log.debug("flow %s: %s/%s refused the credential; sending again with the one re-read",
+                              flow.id, state.provider, state.name)  # fmt: skip
+                    resp.release()
+                    continue
             if resp.status < 400 or resp.status not in route.policy.statuses:
                 return _served(flow, state, attempts, resp)
             asked = retry.server_delay(resp.headers, time.time())
@@ -164,7 +173,7 @@ def _choose(engine: Sidekey, route: Route, members: list[UpstreamState], tried: 
     if len(members) == 1 and first_route:  # the common case; the request hook checked the secret
         state = members[0]
         return state if state.available(now) else None
-    creds = engine.credentials
+    creds = engine.secrets
     usable = [s for s in members if creds is None or creds.usable(route.provider, s.target)]
     return balance.pick(usable, route.provider.balance, now, engine.random, tried)
 
@@ -258,17 +267,14 @@ def _note_attempts(flow: Flow, attempts: int) -> None:
 
 async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamState, body: BodyReader) -> ClientResponse:
     provider = route.provider
-    up = state.target.upstream
-    if up is None and route.url is not None:
+    if state.target.upstream is None and route.url is not None:
         url = route.url
     else:
-        up = up or provider.upstream
-        prefix = up.path_prefix if up is not None else ""
-        url = f"https://{routing.format_authority(state.host, state.port)}{prefix}{route.path or flow.request.path}"
+        url = member_url(provider, state, route.path or flow.request.path)
     flow.upstream_url = plain = url
     log.debug("flow %s: sending to %s/%s (%s:%d)", flow.id, state.provider, state.name, state.host, state.port)
-    if engine.credentials is not None:
-        url = engine.credentials.inject(flow.request.headers, url, provider, state.target)
+    if engine.secrets is not None:
+        url = engine.secrets.inject(flow.request.headers, url, provider, state.target)
     parsed = route.parsed if url is plain and url is route.url and route.parsed is not None else URL(url, encoded=True)
     now = time.monotonic()
     if not state.breaker.allow(now):
@@ -305,8 +311,36 @@ async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamSta
     return resp
 
 
-async def _send(engine: Sidekey, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
+def member_url(provider: Provider, state: UpstreamState, path: str) -> str:
+    """Where ``path`` goes on this member: its own URL's prefix, else the provider's."""
+    up = state.target.upstream or provider.upstream
+    prefix = up.path_prefix if up is not None else ""
+    return f"https://{routing.format_authority(state.host, state.port)}{prefix}{path}"
+
+
+def _session(engine: Sidekey, provider: Provider | None, url: URL) -> ClientSession:
     key = engine.pools.key(provider, url.scheme, url.raw_host or "", url.port or 443, engine.guard)
-    session = engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
+    return engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
+
+
+async def _send(engine: Sidekey, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
+    if flow.websocket is not None:  # a dedicated connection; the answer reads like a ClientResponse here
+        return cast(ClientResponse, await ws_upstream.connect(engine, flow, provider, url))
+    session = _session(engine, provider, url)
     server_name = provider.tls.server_name if provider else None
     return await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)
+
+
+async def probe(engine: Sidekey, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
+    """A health check: one request to the member as traffic reaches it (its
+    credential, the provider's headers, the same pools and guard); its status."""
+    headers: CIMultiDict[str] = CIMultiDict(provider.set_headers)
+    url = member_url(provider, state, path)
+    if engine.secrets is not None:
+        url = engine.secrets.inject(headers, url, provider, state.target)
+    target = URL(url, encoded=True)
+    session = _session(engine, provider, target)
+    async with session.request(method, target, headers=headers, allow_redirects=False,
+                               server_hostname=provider.tls.server_name) as resp:  # fmt: skip
+        await resp.read()
+        return resp.status

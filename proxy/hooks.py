@@ -1,18 +1,30 @@
-"""The addon pipeline: named hooks, called in addon order.
+"""The addon pipeline: typed hooks, called in addon order.
 
-An addon is any object with methods named after hooks; each may be a plain
-function or a coroutine function. A plain decision hook may also return an
-awaitable when (only sometimes) it has to wait: the common case then costs
-no coroutine. The manager builds one tuple of bound
-methods per hook when addons are registered, so a request pays for a tuple
-walk, not a ``getattr`` scan.
+Each hook is declared once below as a frozen dataclass (mitmproxy's
+``hooks.py`` is the model): its fields are the hook's arguments, its
+docstring says when it fires and what it may change. An addon is any object
+with methods named after these hooks; each may be a plain function or a
+coroutine function. A plain decision hook may also return an awaitable when
+(only sometimes) it has to wait: the common case then costs no coroutine.
+
+The manager builds one tuple of bound methods per hook when addons are
+registered, so a request pays for a tuple walk, never a ``getattr`` scan; and
+after each ``configure`` it drops the calls an addon declared idle under the
+new policy (``idle_hooks``), so e.g. per-key limits cost nothing on a policy
+without them. This table is the only place an addon attribute is looked up
+by name (a unit test holds the rest of the code to that).
+
+What an addon offers beyond hooks (secrets, a usage report, metrics) is a
+typed capability (``proxy.capabilities``), asked for with ``capability``.
 
 Failure rule (written down because it is the security property): an exception
-in a *decision* hook (``configure``, ``request``, ``responseheaders``) fails
-closed: the flow is answered with our 502 and nothing goes upstream; the log
-names the addon and the exception type, never the message (it may quote a
-header). Observer hooks (``response``, ``error``, ``running``, ``done``) log
-the same way and carry on.
+in a *decision* hook (``configure``, ``request``, ``upstream_attempt``,
+``responseheaders``) fails closed: the flow is answered with our 502 and
+nothing goes upstream; the log names the addon and the exception type, never
+the message (it may quote a header). A ``ProxyError`` from ``upstream_attempt``
+is the attempt's outcome (a missing credential, a key over its own limit) and
+reaches the forwarder as it is. Observer hooks (``response``, ``error``,
+``running``, ``done``) log the same way and carry on.
 """
 
 from __future__ import annotations
@@ -20,28 +32,142 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from proxy.errors import AddonFailed
+from proxy.errors import AddonFailed, ProxyError
 from proxy.flow import Flow
 from proxy.policy import Policy
 
+if TYPE_CHECKING:
+    from proxy.attempt import Attempt
+    from proxy.capabilities import Capability
+    from proxy.runtime import Runtime
+
 log = logging.getLogger("sidekey.addons")
 
-HOOKS: dict[str, str] = {
-    "configure": "(policy) A policy was loaded or reloaded, before it takes effect. "
-    "Raise to reject it (the old one stays active).",
-    "running": "() The listener is accepting connections. Start background tasks here.",
-    "request": "(flow) A request head was read and its provider matched. May rewrite "
-    "flow.request / flow.upstream_url, or set flow.response to answer locally "
-    "(nothing then goes upstream).",
-    "responseheaders": "(flow) Upstream response headers arrived; the body has not been "
-    "streamed yet. May change flow.response.status/headers, or replace flow.response "
-    "with a local one (then the upstream body is discarded).",
-    "response": "(flow) The response was fully sent to the caller. Observe only.",
-    "error": "(flow) The flow failed (flow.error is set): upstream failure, client gone, stream cut. Observe only.",
-    "done": "() sidekey is shutting down. Stop background tasks, flush.",
-}
+Kind = Literal["decision", "observer"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """A hook's specification; the fields are its arguments, in call order."""
+
+    name: ClassVar[str]
+    kind: ClassVar[Kind]
+
+    @classmethod
+    def arity(cls) -> int:
+        return len(fields(cls))
+
+
+@dataclass(frozen=True, slots=True)
+class SetupHook(Hook):
+    """Once, when the engine is built: what the addon may use beside the flows
+    (pools, groups, Redis, clock, state-change notices, health probes)."""
+
+    runtime: Runtime
+    name: ClassVar[str] = "setup"
+    kind: ClassVar[Kind] = "observer"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureHook(Hook):
+    """A policy was loaded or reloaded, before it takes effect. Raise to
+    reject it (the old one stays active)."""
+
+    policy: Policy
+    name: ClassVar[str] = "configure"
+    kind: ClassVar[Kind] = "decision"
+
+
+@dataclass(frozen=True, slots=True)
+class RunningHook(Hook):
+    """The listener is accepting connections. Start background tasks here."""
+
+    name: ClassVar[str] = "running"
+    kind: ClassVar[Kind] = "observer"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHook(Hook):
+    """A request head was read and its provider matched. May rewrite
+    flow.request / flow.upstream_url, or set flow.response to answer locally
+    (nothing then goes upstream)."""
+
+    flow: Flow
+    name: ClassVar[str] = "request"
+    kind: ClassVar[Kind] = "decision"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAttemptHook(Hook):
+    """One attempt is about to go to one member (of the matched provider or a
+    fallback): set what belongs to that member and provider on
+    ``attempt.headers`` / ``attempt.url`` (the credential, required headers),
+    take its own limits (``attempt.hold_off`` to have the forwarder try
+    another member). Runs again on every retry and failover."""
+
+    flow: Flow
+    attempt: Attempt
+    name: ClassVar[str] = "upstream_attempt"
+    kind: ClassVar[Kind] = "decision"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHeadersHook(Hook):
+    """Upstream response headers arrived; the body has not been streamed yet.
+    May change flow.response.status/headers, or replace flow.response with a
+    local one (then the upstream body is discarded)."""
+
+    flow: Flow
+    name: ClassVar[str] = "responseheaders"
+    kind: ClassVar[Kind] = "decision"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHook(Hook):
+    """The response was fully sent to the caller. Observe only."""
+
+    flow: Flow
+    name: ClassVar[str] = "response"
+    kind: ClassVar[Kind] = "observer"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorHook(Hook):
+    """The flow failed (flow.error is set): upstream failure, client gone,
+    stream cut. Observe only."""
+
+    flow: Flow
+    name: ClassVar[str] = "error"
+    kind: ClassVar[Kind] = "observer"
+
+
+@dataclass(frozen=True, slots=True)
+class DoneHook(Hook):
+    """sidekey is shutting down. Stop background tasks, flush."""
+
+    name: ClassVar[str] = "done"
+    kind: ClassVar[Kind] = "observer"
+
+
+@dataclass(frozen=True, slots=True)
+class IdleHooksHook(Hook):
+    """After ``configure``: the names of this addon's hooks that have nothing
+    to do under the policy it just accepted (they are then not called)."""
+
+    name: ClassVar[str] = "idle_hooks"
+    kind: ClassVar[Kind] = "observer"
+
+
+SPECS: tuple[type[Hook], ...] = (
+    SetupHook, ConfigureHook, RunningHook, RequestHook, UpstreamAttemptHook,
+    ResponseHeadersHook, ResponseHook, ErrorHook, DoneHook,
+)  # fmt: skip
+# name -> when it fires (the docs and ``addons/__init__`` point here)
+HOOKS: dict[str, str] = {spec.name: " ".join((spec.__doc__ or "").split()) for spec in SPECS}
 
 Call = tuple[str, Callable[..., Any], bool]  # (addon name, bound method, is async)
 
@@ -53,27 +179,55 @@ def addon_name(addon: object) -> str:
 class AddonManager:
     def __init__(self, addons: Sequence[object] = ()) -> None:
         self.addons: list[object] = []
-        self._hooks: dict[str, tuple[Call, ...]] = {h: () for h in HOOKS}
+        self._all: dict[str, tuple[Call, ...]] = {h: () for h in HOOKS}  # every addon's calls
+        self._hooks: dict[str, tuple[Call, ...]] = dict(self._all)  # without the idle ones
+        self._idle_of: list[tuple[str, Callable[[], Any]]] = []
+        self.attempt_calls: tuple[Call, ...] = ()  # the per-attempt hot path reads it directly
         for addon in addons:
             self.add(addon)
 
     def add(self, addon: object) -> None:
         self.addons.append(addon)
-        for hook in HOOKS:
-            method = getattr(addon, hook, None)
+        name = addon_name(addon)
+        for spec in SPECS:
+            method = getattr(addon, spec.name, None)
             if method is None:
                 continue
             if not callable(method):
-                raise TypeError(f"{addon_name(addon)}.{hook} is not callable")
-            call: Call = (addon_name(addon), method, inspect.iscoroutinefunction(method))
-            self._hooks[hook] = (*self._hooks[hook], call)
+                raise TypeError(f"{name}.{spec.name} is not callable")
+            call: Call = (name, method, inspect.iscoroutinefunction(method))
+            self._all[spec.name] = (*self._all[spec.name], call)
+        idle = getattr(addon, IdleHooksHook.name, None)
+        if callable(idle):
+            self._idle_of.append((name, idle))
+        self._drop_idle()
+
+    def capability(self, cap: Capability[T]) -> T | None:
+        """The first addon that offers ``cap`` (its ``provides``), typed as the capability says."""
+        for addon in self.addons:
+            if cap in getattr(addon, "provides", ()):
+                return cap.of(addon)
+        return None
+
+    def setup(self, runtime: Runtime) -> None:
+        """Raises the addon's exception: an addon that cannot set up must not start."""
+        for _name, method, _is_async in self._all["setup"]:
+            method(runtime)
 
     async def configure(self, policy: Policy) -> None:
         """Raises the addon's exception: the caller keeps the old policy."""
-        for _name, method, is_async in self._hooks["configure"]:
+        for _name, method, is_async in self._all["configure"]:
             result = method(policy)
             if is_async:
                 await result
+        self._drop_idle()
+
+    def _drop_idle(self) -> None:
+        idle: set[tuple[str, str]] = set()
+        for name, idle_hooks in self._idle_of:
+            idle.update((name, hook) for hook in idle_hooks())
+        self._hooks = {hook: tuple(c for c in calls if (c[0], hook) not in idle) for hook, calls in self._all.items()}
+        self.attempt_calls = self._hooks["upstream_attempt"]
 
     async def decide(self, hook: str, flow: Flow) -> None:
         """Run a decision hook; any exception becomes AddonFailed (fail closed)."""
@@ -87,6 +241,22 @@ class AddonManager:
                 raise AddonFailed(flow.provider_name) from None
             if hook == "request" and flow.response is not None:
                 return  # answered locally: later request addons do not run
+
+    async def upstream_attempt(self, flow: Flow, attempt: Attempt) -> None:
+        """Run ``upstream_attempt``: a ProxyError is the attempt's outcome and
+        passes; anything else fails closed like any decision hook."""
+        for name, method, is_async in self.attempt_calls:
+            try:
+                result = method(flow, attempt)
+                if is_async or result is not None:
+                    await result
+            except ProxyError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - fail closed on anything
+                log.error("addon %s failed in upstream_attempt: %s (flow %s)", name, type(exc).__name__, flow.id)
+                raise AddonFailed(flow.provider_name) from None
+            if attempt.hold_off:
+                return  # this member is not used: the others' hooks need not run
 
     async def observe(self, hook: str, *args: Any) -> None:
         """Run an observer hook; an exception is logged and the next addon runs."""

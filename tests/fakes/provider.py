@@ -27,7 +27,7 @@ import trustme
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import anthropic_wire, openai_wire
+from . import anthropic_wire, openai_wire, realtime_wire
 
 PIECE = 64 * 1024  # write / read granularity of the streaming endpoints
 JSON_LIMIT = 1024 * 1024  # bodies up to this size are kept for JSON parsing
@@ -107,9 +107,13 @@ class FakeProvider:
         self.expected_key = expected_key
         self.stream_delay: float = 0.0
         self.stream_gate: asyncio.Event | None = None
+        # When set, every request waits for it after its body is read (tests of
+        # requests in flight at the same time: coalescing).
+        self.hold: asyncio.Event | None = None
         self.openai_reply = openai_wire.OPENAI_REPLY
         self.anthropic_reply = anthropic_wire.ANTHROPIC_REPLY
         self.received: list[ReceivedRequest] = []
+        self.ws_sessions: list[realtime_wire.WSSession] = []  # WebSocket sessions (/v1/realtime)
         self._flaky_counts: dict[str, int] = {}
         # Keys answered 429 as OpenAI does when a key's quota is spent (set
         # from tests through FakeProviderThread.provider; a plain set is
@@ -149,6 +153,7 @@ class FakeProvider:
         r.add_post("/openai/v1/chat/completions", self._chat_completions)  # Groq's OpenAI-compatible path
         r.add_post("/v1/messages", self._messages)
         r.add_get("/v1/models", self._models)
+        r.add_get("/v1/realtime", self._realtime)
         r.add_route("*", "/echo", self._echo)
         r.add_route("*", "/echo/{tail:.*}", self._echo)
         r.add_get("/redirect", self._redirect)
@@ -242,6 +247,8 @@ class FakeProvider:
         denied = self._check_key(request) or self._throttle(request)
         if denied is not None:
             return denied
+        if self.hold is not None:
+            await self.hold.wait()
         try:
             return await handler(request)
         except ConnectionError:
@@ -329,6 +336,9 @@ class FakeProvider:
             return await self._sse(request, events, _anthropic_headers())
         answer = anthropic_wire.message(body, self.anthropic_reply)
         return web.json_response(answer, headers=_anthropic_headers())
+
+    async def _realtime(self, request: web.Request) -> web.StreamResponse:
+        return await realtime_wire.realtime(request, self.ws_sessions, _abort)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(openai_wire.models_list(), headers=_openai_headers())

@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 
 from proxy.netguard import Guard
-from proxy.policy_load import parse_policy
+from proxy.policy.load import parse_policy
 from proxy.upstream import PoolKey, pool_key, reachable
 
 BASE = """\

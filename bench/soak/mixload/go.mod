@@ -1,0 +1,3 @@
+module mixload
+
+go 1.19

@@ -1,0 +1,73 @@
+"""What an addon offers the engine and the admin API besides hooks, as typed
+capabilities: an addon lists the ones it offers in ``provides``, and
+``AddonManager.capability(SECRETS)`` hands back the first such addon typed as
+the capability's protocol (or None), so a caller is checked by mypy instead
+of probing attributes by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
+
+from multidict import CIMultiDict
+
+from proxy.policy import Provider, Target
+
+if TYPE_CHECKING:
+    from proxy.balance import UpstreamState
+    from proxy.flow import Flow
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Capability(Generic[T]):
+    """A named capability; ``T`` is the protocol its holder satisfies."""
+
+    name: str
+
+    def of(self, addon: object) -> T:
+        return cast(T, addon)
+
+    def __repr__(self) -> str:
+        return f"Capability({self.name})"
+
+
+class Secrets(Protocol):
+    """Provider credentials: whether they are there, and setting one on a request."""
+
+    def secret_available(self, provider: Provider) -> bool: ...
+
+    def usable(self, provider: Provider, target: Target) -> bool: ...
+
+    def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
+
+    async def reread(self, provider: Provider, target: Target) -> bool:
+        """The upstream refused the member's credential: re-read it; True when it changed."""
+        ...
+
+
+class UsageReport(Protocol):
+    """Requests, tokens and cost counted so far; raises ValueError for a bad ``since``."""
+
+    def usage_report(self, provider: str | None = None, since: str | None = None) -> dict[str, Any]: ...
+
+
+class MetricsExposition(Protocol):
+    """The Prometheus text exposition of everything counted."""
+
+    def exposition(self) -> bytes: ...
+
+
+class MemberLimits(Protocol):
+    """A key's own quota (``upstreams[].limits``): 0 when admitted, else the
+    seconds until it could be; raises RequestOverLimit when it never fits."""
+
+    async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float: ...
+
+
+SECRETS: Capability[Secrets] = Capability("secrets")
+USAGE_REPORT: Capability[UsageReport] = Capability("usage_report")
+METRICS: Capability[MetricsExposition] = Capability("metrics")
+MEMBER_LIMITS: Capability[MemberLimits] = Capability("member_limits")

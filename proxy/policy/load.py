@@ -1,0 +1,433 @@
+"""Load ``policies.yaml`` into the frozen ``proxy.policy.Policy``.
+
+Built on PyYAML's node API (compose, never load) so every problem names the
+file, the 1-based line and a dotted field path, e.g.
+``policies.yaml:14: providers.openai.auth.header: expected a header name``.
+A message says what was expected and never repeats the value: a value in the
+wrong place may be a secret. All problems are collected, then raised together
+in file order, so one ``sidekey check`` shows everything there is to fix.
+
+YAML anchors are allowed but aliases (``*name``) are rejected: an aliased
+node lives in two places, so its problems would point at the anchor, and a
+provider borrowing another's ``auth`` hides what it sends.
+
+This module reads the structure; ``proxy.policy.fields`` reads single values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import TypeVar, cast
+
+import yaml
+
+from addons.cache import config as cache_config
+from proxy.credentials import policy_read as creds
+from proxy.credentials.config import SecretStores
+from proxy.policy import groups, quotas, websocket
+from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Reader, compose, join, line_of
+from proxy.policy.model import (
+    CALLER_CREDENTIAL_HEADERS,
+    SCHEMA_VERSION,
+    Auth,
+    AuthType,
+    Balance,
+    CircuitPolicy,
+    Fallback,
+    IPNetwork,
+    ListenerLimits,
+    Policy,
+    PoolLimits,
+    Provider,
+    RetryPolicy,
+    SecretRef,
+    Target,
+    Timeouts,
+    UnmatchedMode,
+    UpstreamTLS,
+)
+
+__all__ = ["PolicyError", "PolicyProblem", "load_policy", "parse_policy"]
+
+T = TypeVar("T")
+Fields = dict[str, yaml.Node]
+Read = Callable[[yaml.Node, str], T]
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+TOP = frozenset(
+    {"version", "unmatched", "limits", "network", "addons", "alerts", "redis", "callers", "prices", "secret_stores",
+     "providers"}
+)
+LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
+PROVIDER = frozenset(
+    {
+        "hosts",
+        "upstream",
+        "auth",
+        "set_headers",
+        "strip_headers",
+        "timeouts",
+        "tls",
+        "pool",
+        "retry",
+        "circuit",
+        "sse_error_event",
+        "upstreams",
+        "balance",
+        "fallbacks",
+        "health_check",
+        "limits",
+        "caller_limits",
+        "queue_wait",
+        "budget",
+        "caller_budget",
+        "cache",
+        *websocket.FIELDS,
+    }
+)
+AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "oauth2", "none")
+# The fields each auth type reads; any other is a mistake (a `header:` on a
+# bearer provider would otherwise be silently ignored).
+AUTH_FIELDS: dict[str, frozenset[str]] = {
+    "bearer": frozenset({"type", "secret"}),
+    "header": frozenset({"type", "secret", "header", "prefix"}),
+    "basic": frozenset({"type", "secret", "username"}),
+    "query": frozenset({"type", "secret", "param"}),
+    "oauth2": creds.OAUTH2,
+    "none": frozenset({"type"}),
+}
+AUTH_ANY = frozenset().union(*AUTH_FIELDS.values())
+_NO_STRINGS: tuple[str, ...] = ()
+_NO_PAIRS: tuple[tuple[str, str], ...] = ()
+_NO_NETWORKS: tuple[IPNetwork, ...] = ()
+_NO_PROVIDERS: tuple[Provider, ...] = ()
+_NO_TARGETS: tuple[Target, ...] = ()
+_NO_FALLBACKS: tuple[Fallback, ...] = ()
+
+
+class PolicyError(Exception):
+    """Every problem found in one policy, in file order."""
+
+    def __init__(self, problems: Iterable[PolicyProblem]) -> None:
+        self.problems: tuple[PolicyProblem, ...] = tuple(sorted(problems, key=lambda p: p.line))
+        super().__init__("\n".join(f"{p.path}:{p.line}: {p.field}: {p.message}" for p in self.problems))
+
+    def __reduce__(self) -> tuple[type[PolicyError], tuple[tuple[PolicyProblem, ...]]]:
+        return (PolicyError, (self.problems,))  # args hold the text; rebuild from the problems
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and parse a policy file. Blocking: call it off the event loop."""
+    data = Path(path).read_bytes()
+    # abspath, not resolve(): see Reader.path (symlinked Kubernetes mounts).
+    return parse_policy(data, str(path), Path(os.path.abspath(path)).parent)
+
+
+def parse_policy(text: str | bytes, source: str = "<memory>", base_dir: Path | None = None) -> Policy:
+    """Parse policy text; relative paths resolve against ``base_dir`` (default: cwd).
+    ``Policy.digest`` is the first 12 hex digits of the sha256 of the bytes."""
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    reader = Reader(source, os.path.abspath(base_dir) if base_dir is not None else "")
+    root = compose(raw, reader)
+    policy = None
+    if root is not None:
+        policy = _Builder(reader, source, hashlib.sha256(raw).hexdigest()[:12]).policy(root)
+    if reader.problems or policy is None:
+        raise PolicyError(reader.problems)
+    return policy
+
+
+class _Builder:
+    """Walks the node tree; each method reads one mapping of the schema."""
+
+    def __init__(self, reader: Reader, source: str, digest: str) -> None:
+        self.r = reader
+        self.source = source
+        self.digest = digest
+        self.hosts_seen: dict[str, tuple[str, int]] = {}  # pattern -> (provider, line)
+        self.store_kinds = SecretStores().configured()  # reference kinds a credential may use
+
+    def opt(self, fields: Fields, prefix: str, key: str, read: Read[T], default: T, *, null_ok: bool = False) -> T:
+        """``fields[key]`` read if present; the default when absent or invalid
+        (the problem is recorded), so one bad field does not hide the next.
+        ``null_ok``: an empty value (``key:`` or ``null``) means "not set", for
+        optional sections whose entries may all be commented out."""
+        node = fields.get(key)
+        if node is None or (null_ok and self.r.is_null(node)):
+            return default
+        try:
+            return read(node, join(prefix, key))
+        except Invalid:
+            return default
+
+    def each(self, node: yaml.Node | None, field: str, read: Read[T]) -> tuple[T, ...]:
+        """Every item of a list (absent or null: none); bad items are recorded and skipped."""
+        if node is None or self.r.is_null(node):
+            return ()
+        try:
+            items = self.r.seq(node, field)
+        except Invalid:
+            return ()
+        out: list[T] = []
+        for i, item in enumerate(items):
+            try:
+                out.append(read(item, f"{field}[{i}]"))
+            except Invalid:
+                continue
+        return tuple(out)
+
+    def policy(self, root: yaml.Node) -> Policy | None:
+        r = self.r
+        if not isinstance(root, yaml.MappingNode):
+            r.problem(root, "(file)", "expected a mapping at the top level, starting with 'version: 1'")
+            return None
+        top = r.mapping(root, "", TOP)
+        if "version" not in top:
+            r.problem(root, "version", "required (version: 1)")
+        elif self.opt(top, "", "version", r.integer, SCHEMA_VERSION) != SCHEMA_VERSION:
+            r.problem(top["version"], "version", f"unsupported version (expected {SCHEMA_VERSION})")
+        choice = self.opt(top, "", "unmatched", lambda n, f: r.choice(n, f, ("tunnel", "deny")), "tunnel")
+        unmatched: UnmatchedMode = "deny" if choice == "deny" else "tunnel"
+        # Before the providers: their references are checked against the stores there are.
+        stores = self.opt(top, "", "secret_stores", partial(creds.secret_stores, self), SecretStores(), null_ok=True)
+        self.store_kinds = stores.configured()
+        policy = Policy(
+            providers=self.opt(top, "", "providers", self.providers, _NO_PROVIDERS),
+            unmatched=unmatched,
+            limits=self.opt(top, "", "limits", self.limits, ListenerLimits(), null_ok=True),
+            allow_networks=self.opt(top, "", "network", self.network, _NO_NETWORKS, null_ok=True),
+            addons=self.each(top.get("addons"), "addons", r.addon),
+            alerts=self.opt(top, "", "alerts", partial(groups.alerts, self), None, null_ok=True),
+            redis=self.opt(top, "", "redis", partial(quotas.redis, self), None, null_ok=True),
+            caller_header=self.opt(top, "", "callers", partial(quotas.callers, self), None, null_ok=True),
+            prices=self.opt(top, "", "prices", partial(quotas.prices, self), (), null_ok=True),
+            secret_stores=stores,
+            source=self.source,
+            digest=self.digest,
+        )
+        groups.check_references(self, policy)
+        for p in policy.providers:
+            if p.cache is not None and p.cache.backend == "redis" and policy.redis is None:
+                self.r.problem(p.line, f"providers.{p.name}.cache.backend", "redis needs the policy's redis: section")
+        return policy
+
+    def limits(self, node: yaml.Node, field: str) -> ListenerLimits:
+        r, d = self.r, ListenerLimits()
+        f = r.mapping(node, field, LIMITS)
+        return ListenerLimits(
+            max_header_bytes=self.opt(f, field, "max_header_bytes", r.size, d.max_header_bytes),
+            max_headers=self.opt(f, field, "max_headers", r.count, d.max_headers),
+            max_body_bytes=self.opt(f, field, "max_body_bytes", r.size, d.max_body_bytes),
+            header_timeout=self.opt(f, field, "header_timeout", r.duration, d.header_timeout),
+            idle_timeout=self.opt(f, field, "idle_timeout", r.duration, d.idle_timeout),
+            body_timeout=self.opt(f, field, "body_timeout", r.duration, d.body_timeout),
+        )
+
+    def network(self, node: yaml.Node, field: str) -> tuple[IPNetwork, ...]:
+        allow = self.r.mapping(node, field, frozenset({"allow"})).get("allow")
+        return self.each(allow, f"{field}.allow", self.r.ip_network)
+
+    # -- providers -----------------------------------------------------------
+    def providers(self, node: yaml.Node, field: str) -> tuple[Provider, ...]:
+        if self.r.is_null(node):  # `providers:` with every entry commented out
+            return ()
+        out: list[Provider] = []
+        for name, label, key_node, body in self.r.entries(node, field):
+            if not _NAME.fullmatch(name):
+                self.r.problem(key_node, join(field, label), "expected a name of a-z, 0-9, '-', '_' (at most 63)")
+            provider = self.provider(name, label, key_node, body)
+            if provider is not None:
+                out.append(provider)
+        return tuple(out)
+
+    def provider(self, name: str, label: str, key_node: yaml.Node, node: yaml.Node) -> Provider | None:
+        r, field = self.r, join("providers", label)
+        try:
+            f = r.mapping(node, field, PROVIDER)
+        except Invalid:
+            return None
+        if "hosts" not in f:
+            r.problem(key_node, f"{field}.hosts", "required: a list of host names or *.suffix wildcards")
+        if "auth" not in f:
+            r.problem(key_node, f"{field}.auth", "required (type: none injects nothing)")
+        hosts = self.opt(f, field, "hosts", lambda n, p: self.hosts(n, p, label), _NO_STRINGS)
+        auth = self.opt(f, field, "auth", self.auth, None)
+        # Every field is read even when auth is bad, so all problems show at once.
+        extra_strip = self.each(f.get("strip_headers"), f"{field}.strip_headers", r.strip_header)
+        auth_header = (auth.header,) if auth is not None and auth.type == "header" else ()
+        set_headers = self.opt(f, field, "set_headers", partial(self.set_headers, auth=auth), _NO_PAIRS, null_ok=True)
+        upstream = self.opt(f, field, "upstream", r.upstream, None, null_ok=True)
+        timeouts = self.opt(f, field, "timeouts", self.timeouts, Timeouts(), null_ok=True)
+        tls = self.opt(f, field, "tls", self.tls, UpstreamTLS(), null_ok=True)
+        pool = self.opt(f, field, "pool", self.pool, PoolLimits(), null_ok=True)
+        retry = self.opt(f, field, "retry", partial(groups.retry, self), RetryPolicy(), null_ok=True)
+        circuit = self.opt(f, field, "circuit", partial(groups.circuit, self), CircuitPolicy(), null_ok=True)
+        sse_error = self.opt(f, field, "sse_error_event", self.flag, False)
+        # auth.secret is the members' default: required unless every member names its own.
+        if auth is not None and auth.type == "oauth2":  # the token is this provider's own credential
+            auth = dataclasses.replace(auth, secret=SecretRef("oauth2", name))
+        no_default = auth is not None and auth.type != "none" and auth.secret is None
+        read_targets = partial(groups.targets, self, need_secret=no_default)
+        targets = self.opt(f, field, "upstreams", read_targets, _NO_TARGETS, null_ok=True)
+        if no_default and r.is_null(f.get("upstreams")):
+            r.problem(f["auth"], f"{field}.auth.secret", "required: env:NAME or file:PATH (or one on every upstream)")
+        if targets and auth is not None and auth.type in ("none", "oauth2") and any(t.secret for t in targets):
+            self.r.problem(f["upstreams"], f"{field}.upstreams", f"a member's own secret does not apply to {auth.type}")
+        balance: Balance = self.opt(f, field, "balance", partial(groups.balance, self), "weighted")
+        fallbacks = self.opt(f, field, "fallbacks", partial(groups.fallbacks, self), _NO_FALLBACKS, null_ok=True)
+        health = self.opt(f, field, "health_check", partial(groups.health_check, self), None, null_ok=True)
+        limits = self.opt(f, field, "limits", partial(quotas.rules, self), quotas.NO_RULES, null_ok=True)
+        caller_limits = self.opt(f, field, "caller_limits", partial(quotas.rules, self), quotas.NO_RULES, null_ok=True)
+        queue_wait = self.opt(f, field, "queue_wait", partial(quotas.queue_wait, self), 5.0)
+        budget = self.opt(f, field, "budget", partial(quotas.budget, self), None, null_ok=True)
+        caller_budget = self.opt(f, field, "caller_budget", partial(quotas.budget, self), None, null_ok=True)
+        cache = self.opt(f, field, "cache", partial(cache_config.read, self), None, null_ok=True)
+        ws = websocket.read(self, f, field, hosts)
+        if auth is None:
+            return None
+        return Provider(
+            name=name,
+            hosts=hosts,
+            upstream=upstream,
+            auth=auth,
+            set_headers=set_headers,
+            strip_headers=tuple(dict.fromkeys((*CALLER_CREDENTIAL_HEADERS, *extra_strip, *auth_header))),
+            timeouts=timeouts,
+            tls=tls,
+            pool=pool,
+            retry=retry,
+            circuit=circuit,
+            sse_error_event=sse_error,
+            targets=targets,
+            balance=balance,
+            fallbacks=fallbacks,
+            health_check=health,
+            limits=limits,
+            caller_limits=caller_limits,
+            queue_wait=queue_wait,
+            budget=budget,
+            caller_budget=caller_budget,
+            cache=cache,
+            websocket=ws,
+            line=line_of(key_node),
+        )
+
+    def hosts(self, node: yaml.Node, field: str, provider: str) -> tuple[str, ...]:
+        """Host patterns. Each may appear once in the whole policy: otherwise
+        which provider gets a host would depend on file order."""
+        out: list[str] = []
+        items = self.r.seq(node, field)
+        if not items:
+            self.r.problem(node, field, "expected at least one host")
+        for i, item in enumerate(items):
+            where = f"{field}[{i}]"
+            try:
+                host = self.r.host(item, where, wildcard=True)
+            except Invalid:
+                continue
+            seen = self.hosts_seen.get(host)
+            if seen is None:
+                self.hosts_seen[host] = (provider, line_of(item))
+                out.append(host)
+            elif seen[0] == provider:
+                self.r.problem(item, where, f"duplicate host pattern (first at line {seen[1]})")
+            else:
+                self.r.problem(item, where, f"host pattern is also used by provider {seen[0]} (line {seen[1]})")
+        return tuple(out)
+
+    def auth(self, node: yaml.Node, field: str) -> Auth:
+        r = self.r
+        f = r.mapping(node, field, AUTH_ANY)
+        if "type" not in f:
+            r.problem(node, f"{field}.type", f"required: one of {', '.join(AUTH_TYPES)}")
+            self.opt(f, field, "secret", self.credential, None)  # still catch a literal secret
+            raise Invalid()
+        try:
+            kind = cast(AuthType, r.choice(f["type"], f"{field}.type", AUTH_TYPES))
+        except Invalid:
+            self.opt(f, field, "secret", self.credential, None)
+            raise
+        for key in sorted(f.keys() - AUTH_FIELDS[kind], key=lambda k: line_of(f[k])):
+            r.problem(f[key], f"{field}.{key}", f"does not apply to type {kind}")
+        before = len(r.problems)
+
+        def need(key: str, read: Read[str], what: str) -> str:
+            if key not in f:
+                r.problem(node, f"{field}.{key}", f"required for type {kind}: {what}")
+            return self.opt(f, field, key, read, "")
+
+        # A missing secret is checked by the provider, which knows its upstreams.
+        secret = self.opt(f, field, "secret", self.credential, None) if kind not in ("none", "oauth2") else None
+        header, prefix, username, param = "authorization", "", "", ""
+        oauth2 = creds.oauth2(self, f, node, field) if kind == "oauth2" else None
+        if kind == "header":
+            header = need("header", r.credential_header, "a header name") or header
+            prefix = self.opt(f, field, "prefix", r.string, "", null_ok=True)
+        elif kind == "basic":
+            username = need("username", r.username, "the user name")
+        elif kind == "query":
+            param = need("param", r.param, "the query parameter name")
+        if len(r.problems) > before:
+            raise Invalid()
+        return Auth(kind, secret, header=header, prefix=prefix, username=username, param=param, oauth2=oauth2)
+
+    def credential(self, node: yaml.Node, field: str) -> SecretRef:
+        return creds.credential(self, node, field)
+
+    def set_headers(self, node: yaml.Node, field: str, auth: Auth | None) -> tuple[tuple[str, str], ...]:
+        """Header name -> value, in file order, names lower-cased."""
+        r = self.r
+        credential = {*CALLER_CREDENTIAL_HEADERS, *([auth.header] if auth is not None else [])}
+        out: dict[str, str] = {}
+        first_line: dict[str, int] = {}
+        for _key, label, key_node, value_node in r.entries(node, field):
+            where = join(field, label)
+            try:
+                name = r.token(key_node, where)
+                value = r.string(value_node, where)  # numbers arrive as their text
+            except Invalid:
+                continue
+            if name in credential:  # else a literal secret would sit in the policy
+                r.problem(key_node, where, "credentials belong in auth.secret, not set_headers")
+            elif name in FRAMING or name in HOP_BY_HOP:
+                r.problem(key_node, where, "is managed by the proxy and cannot be set")
+            elif name in out:  # Content-Type and content-type are one header
+                r.problem(key_node, where, f"duplicate header (first at line {first_line[name]})")
+            else:
+                out[name] = value
+                first_line[name] = line_of(key_node)
+        return tuple(out.items())
+
+    def timeouts(self, node: yaml.Node, field: str) -> Timeouts:
+        r, d = self.r, Timeouts()
+        f = r.mapping(node, field, frozenset({"connect", "read"}))
+        return Timeouts(
+            connect=self.opt(f, field, "connect", r.duration, d.connect),
+            read=self.opt(f, field, "read", r.duration, d.read),
+        )
+
+    def tls(self, node: yaml.Node, field: str) -> UpstreamTLS:
+        r = self.r
+        f = r.mapping(node, field, frozenset({"ca_bundle", "server_name"}))
+        return UpstreamTLS(
+            ca_bundle=self.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
+            server_name=self.opt(f, field, "server_name", r.host, None, null_ok=True),
+        )
+
+    def flag(self, node: yaml.Node, field: str) -> bool:
+        return self.r.choice(node, field, ("true", "false")) == "true"
+
+    def pool(self, node: yaml.Node, field: str) -> PoolLimits:
+        r, d = self.r, PoolLimits()
+        f = r.mapping(node, field, frozenset({"max_connections", "keepalive_timeout"}))
+        return PoolLimits(
+            max_connections=self.opt(f, field, "max_connections", r.count, d.max_connections),
+            keepalive_timeout=self.opt(f, field, "keepalive_timeout", r.duration, d.keepalive_timeout),
+        )
