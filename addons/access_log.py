@@ -34,6 +34,19 @@ def path_without_values(path: str) -> str:
     return base + "?" + "&".join(part.partition("=")[0] + "=" for part in query.split("&") if "=" in part)
 
 
+_WS_FIELDS = ("event", "ended_by", "close_code", "bytes_up", "bytes_down", "frames_up", "frames_down")
+
+
+def websocket_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """``ws_event=open``, or at close how it ended, bytes and frames each way, and tokens when metered."""
+    session = meta["websocket"]
+    out: dict[str, Any] = {f"ws_{k}": session[k] for k in _WS_FIELDS if k in session}
+    usage = meta.get("usage")
+    if usage is not None:
+        out["tokens"] = usage.input + usage.output
+    return out
+
+
 class AccessLog:
     name = "access_log"
 
@@ -51,6 +64,10 @@ class AccessLog:
         if self.log.isEnabledFor(INFO):
             self._emit(flow)
 
+    def websocket_start(self, flow: Flow) -> None:
+        if self.log.isEnabledFor(INFO):
+            self._emit(flow)
+
     def _emit(self, flow: Flow) -> None:
         record = _new_record(logging.LogRecord)
         attrs = record.__dict__
@@ -65,7 +82,7 @@ class AccessLog:
     def fields(flow: Flow) -> dict[str, Any]:
         """The line's fields, plain values only, in the order they are shown."""
         state, meta, err = flow.upstream_state, flow.metadata, flow.error
-        return {
+        out = {
             "request_id": flow.id,
             "caller": flow.caller,
             "method": flow.request.method,
@@ -79,6 +96,9 @@ class AccessLog:
             "attempts": meta.get("attempts", 1) if meta else 1,
             "error": err.code if err is not None else None,
         }
+        if meta and "websocket" in meta:  # a WebSocket session's line at open or at close
+            out.update(websocket_fields(meta))
+        return out
 
     def __repr__(self) -> str:
         return f"AccessLog({self.log.name}, enabled={self.log.isEnabledFor(INFO)})"
