@@ -96,6 +96,8 @@ class AccessLog:
             "attempts": meta.get("attempts", 1) if meta else 1,
             "error": err.code if err is not None else None,
         }
+        if meta and "cache" in meta:  # providers with a cache: hit, miss, stale, coalesced, bypass
+            out["cache"] = meta["cache"]
         if meta and "websocket" in meta:  # a WebSocket session's line at open or at close
             out.update(websocket_fields(meta))
         return out

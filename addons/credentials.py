@@ -8,8 +8,14 @@ with its own key. The caller's Authorization, x-api-key,
 api-key, Proxy-Authorization (and the provider's own header or query
 parameter) are removed from every request to a matched provider, whether or
 not a secret is available, so a placeholder never reaches the upstream. A
-provider whose secret is missing answers 503 ``credential_unavailable``;
+provider whose secret is missing answers 503 ``credential_unavailable``
+(an OAuth2 provider whose token could not be had: ``credential_refresh_failed``);
 other providers keep working.
+
+Where a value comes from is ``proxy.credentials``: a static env:/file: key is
+a dict read, as it always was; a secret store's value or an OAuth2 token is
+cached there and refreshed in the background. A request that finds a
+dynamic credential not fetched yet waits for the one fetch in flight.
 """
 
 from __future__ import annotations
@@ -18,15 +24,22 @@ import asyncio
 import base64
 import contextlib
 import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from multidict import CIMultiDict
 
 from proxy.capabilities import SECRETS
-from proxy.errors import CredentialUnavailable
+from proxy.credentials.registry import CredentialSet
+from proxy.errors import CredentialRefreshFailed, CredentialUnavailable, ProxyError
 from proxy.flow import Flow, Response
-from proxy.policy import Policy, Provider, Target
+from proxy.netguard import Guard
+from proxy.policy import STATIC_KINDS, Policy, Provider, SecretRef, Target
 from proxy.secrets import SecretStore
+
+if TYPE_CHECKING:
+    from proxy.engine import Sidekey
 
 log = logging.getLogger("sidekey.credentials")
 
@@ -47,21 +60,40 @@ class CredentialInjector:
 
     def __init__(self, store: SecretStore | None = None, *, refresh_interval: float = 1.0) -> None:
         self.store = store or SecretStore()
+        self.creds = CredentialSet(self.store)
         self.refresh_interval = refresh_interval
         self._task: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._engine: Sidekey | None = None
+
+    def bind(self, engine: Sidekey) -> None:
+        self._engine = engine
 
     async def configure(self, policy: Policy) -> None:
         refs = {(p, t): ref for p in policy.providers for t in p.targets if (ref := p.secret_of(t)) is not None}
-        self.store.watch(list(dict.fromkeys(refs.values())))
+        static = [r for r in refs.values() if r.kind in STATIC_KINDS]
+        static += [r for p in policy.providers if p.auth.oauth2 is not None
+                   for r in (p.auth.oauth2.client_secret, p.auth.oauth2.refresh_token)
+                   if r is not None and r.kind in STATIC_KINDS]  # fmt: skip
+        self.store.watch(list(dict.fromkeys(static)))
         await asyncio.to_thread(self.store.refresh)
+        self_ports = self._engine.self_ports if self._engine is not None else frozenset()
+        fresh = self.creds.configure(policy, Guard(policy.allow_networks, self_ports))
+        # Store secrets are read now, so a start or reload reports what is missing;
+        # OAuth2 tokens are fetched on first use.
+        await self.creds.ensure(r for r in refs.values() if r.kind not in STATIC_KINDS and r.kind != "oauth2"
+                                and any(e is self.creds.entries.get(r) for e in fresh))  # fmt: skip
         for (p, t), ref in refs.items():
-            if p.auth.type != "none" and self.store.get(ref) is None:
+            if p.auth.type not in ("none", "oauth2") and self.creds.value(ref) is None:
                 # Reported at start; requests for it get a clear 503.
                 name = p.name if len(p.targets) == 1 else f"{p.name}/{t.name}"
-                log.warning("provider %s: credential source %s %s", name, ref.source, self.store.problem(ref))
+                entry = self.creds.entries.get(ref)
+                problem = entry.problem if entry is not None else self.store.problem(ref)
+                log.warning("provider %s: credential source %s %s", name, ref.source, problem)
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._refresh_loop(), name="sidekey-secret-refresh")
+        self._refresher = asyncio.create_task(self.creds.run(), name="sidekey-credential-refresh")
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -72,10 +104,12 @@ class CredentialInjector:
                 log.error("secret refresh failed: %s", type(exc).__name__)
 
     async def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.creds.close()
 
     def secret_available(self, provider: Provider) -> bool:
         """Whether at least one upstream of the provider can be served."""
@@ -88,12 +122,31 @@ class CredentialInjector:
         if provider.auth.type == "none":
             return True
         ref = provider.secret_of(target)  # None only if built around the loader: no key, not served
-        return ref is not None and self.store.get(ref) is not None
+        if ref is None:
+            return False
+        # A static key is one dict read, as before; only a miss asks the credential set.
+        return self.store.get(ref) is not None or (ref.kind not in STATIC_KINDS and self.creds.value(ref) is not None)
 
-    def request(self, flow: Flow) -> None:
+    def value(self, provider: Provider, target: Target) -> str | None:
+        """The member's current credential, from whichever source it names."""
+        ref = provider.secret_of(target)
+        if ref is None:
+            return None
+        secret = self.store.get(ref)
+        if secret is None and ref.kind not in STATIC_KINDS:
+            secret = self.creds.value(ref)
+        return secret
+
+    async def reread(self, provider: Provider, target: Target) -> bool:
+        """The upstream refused this member's credential (401/403): re-read it
+        (a rotated key, a revoked token). True when there is a new value."""
+        ref = provider.secret_of(target) if provider.auth.type != "none" else None
+        return ref is not None and await self.creds.reread(ref)
+
+    def request(self, flow: Flow) -> Awaitable[None] | None:
         provider = flow.provider
         if provider is None:
-            return  # unmatched passthrough: not ours to touch
+            return None  # unmatched passthrough: not ours to touch
         headers = flow.request.headers
         for name in provider.strip_headers:
             headers.popall(name, None)
@@ -103,7 +156,22 @@ class CredentialInjector:
             flow.upstream_url = strip_query_param(flow.upstream_url, auth.param)
             flow.request.path = strip_query_param(flow.request.path, auth.param)
         if auth.type != "none" and not self.secret_available(provider):
-            flow.response = Response.from_error(CredentialUnavailable(provider.name))
+            waits = [r for t in provider.targets if (r := provider.secret_of(t)) is not None and self.creds.waiting(r)]
+            if waits:  # a dynamic credential not fetched yet: wait for its one fetch
+                return self._first_use(flow, provider, waits)
+            flow.response = Response.from_error(self.unavailable(provider))
+        return None
+
+    async def _first_use(self, flow: Flow, provider: Provider, refs: list[SecretRef]) -> None:
+        await self.creds.ensure(refs)
+        if not self.secret_available(provider):
+            flow.response = Response.from_error(self.unavailable(provider))
+
+    @staticmethod
+    def unavailable(provider: Provider) -> ProxyError:
+        if provider.auth.type == "oauth2":
+            return CredentialRefreshFailed(provider.name)
+        return CredentialUnavailable(provider.name)
 
     def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str:
         """Set the target's credential on one attempt; returns the URL (a query
@@ -113,9 +181,11 @@ class CredentialInjector:
             return url
         ref = provider.secret_of(target)
         secret = self.store.get(ref) if ref is not None else None
+        if secret is None and ref is not None and ref.kind not in STATIC_KINDS:
+            secret = self.creds.value(ref)
         if secret is None:
-            raise CredentialUnavailable(provider.name)
-        if auth.type == "bearer":
+            raise self.unavailable(provider)
+        if auth.type == "bearer" or auth.type == "oauth2":
             headers["Authorization"] = "Bearer " + secret
         elif auth.type == "header":
             headers[auth.header] = auth.prefix + secret

@@ -31,7 +31,7 @@ import aiohttp
 
 from proxy.balance import Transition, UpstreamState
 from proxy.policy import Alerts, Policy, Provider, SecretRef
-from proxy.shared import resolve_ref
+from proxy.secrets import resolve_ref
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime

@@ -24,11 +24,11 @@ from prometheus_client import CollectorRegistry, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from addons.usage.tokens import Usage
 from proxy import __version__
 from proxy.capabilities import METRICS
 from proxy.flow import Flow
 from proxy.policy import Policy
-from proxy.usage import Usage
 
 TOKEN_KINDS = ("input", "output", "cached_input", "reasoning", "cache_creation")  # Usage attributes
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})

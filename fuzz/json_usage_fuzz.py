@@ -1,4 +1,4 @@
-"""Fuzz the JSON usage reader and the request estimate (proxy/usage.py): bytes in,
+"""Fuzz the JSON usage reader and the request estimate (addons/usage/tokens.py): bytes in,
 numbers out, never an exception. Counts are never negative and the parts stay within
 their totals (cached within input, reasoning within output).
 
@@ -14,7 +14,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from proxy.usage import Usage, Wire, estimate_request, reservation, usage_from_json
+    from addons.usage.tokens import Usage, Wire, estimate_request, reservation, usage_from_json
 
 
 def check(usage: Usage) -> None:

@@ -21,7 +21,7 @@ import atheris
 # ~3x slower and start-up ~10 s longer, and what matters here is how the loader
 # handles what YAML hands it (PyYAML's own errors end in one except clause).
 with atheris.instrument_imports(include=["proxy"]):
-    from proxy.policy_load import PolicyError, parse_policy
+    from proxy.policy.load import PolicyError, parse_policy
 
 _BASE = Path(tempfile.mkdtemp(prefix="sidekey-policy-fuzz-"))
 

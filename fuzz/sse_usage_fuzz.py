@@ -1,4 +1,4 @@
-"""Fuzz the SSE usage meter (proxy/usage_stream.py): it never raises, and the totals
+"""Fuzz the SSE usage meter (addons/usage/stream.py): it never raises, and the totals
 are the same however the stream is cut into chunks.
 
 The first two bytes pick the wire and a split seed; the rest is the stream. It is fed
@@ -18,8 +18,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from proxy.usage import RequestEstimate, Wire
-    from proxy.usage_stream import SSEUsageMeter
+    from addons.usage.stream import SSEUsageMeter
+    from addons.usage.tokens import RequestEstimate, Wire
 
 MAX_LINE = 256
 ESTIMATE = RequestEstimate(prompt_tokens=7, max_output=100, model="fallback-model")

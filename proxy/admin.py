@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.capabilities import METRICS, USAGE_REPORT
 from proxy.policy import SCHEMA_VERSION, Policy, Provider, Target
-from proxy.policy_load import PolicyError
+from proxy.policy.load import PolicyError
 
 if TYPE_CHECKING:
     from proxy.engine import Sidekey

@@ -15,9 +15,9 @@ from multidict import CIMultiDict
 from proxy.policy import Provider, Target
 
 if TYPE_CHECKING:
+    from addons.usage.tokens import Usage
     from proxy.balance import UpstreamState
     from proxy.flow import Flow
-    from proxy.usage import Usage
 
 T = TypeVar("T")
 
@@ -43,6 +43,10 @@ class Secrets(Protocol):
     def usable(self, provider: Provider, target: Target) -> bool: ...
 
     def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
+
+    async def reread(self, provider: Provider, target: Target) -> bool:
+        """The upstream refused the member's credential: re-read it; True when it changed."""
+        ...
 
 
 class UsageReport(Protocol):

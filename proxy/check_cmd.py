@@ -12,7 +12,7 @@ from proxy.policy import Policy
 
 def load_or_report(path: str) -> Policy | None:
     """The policy, or None after printing why not (file, line, field)."""
-    from proxy.policy_load import PolicyError, load_policy
+    from proxy.policy.load import PolicyError, load_policy
 
     try:
         return load_policy(path)
@@ -26,7 +26,7 @@ def load_or_report(path: str) -> Policy | None:
 def cmd_check(path: str, against: str | None = None, *, strict: bool = False) -> int:
     """Exit 2: the file is invalid. Exit 1 (``strict``): a secret it names
     cannot be read here; without ``strict`` that is a warning and exit 0."""
-    from proxy.policy import SCHEMA_VERSION
+    from proxy.policy import SCHEMA_VERSION, STATIC_KINDS
     from proxy.secrets import read_secret, secret_uses
 
     policy = load_or_report(path)
@@ -47,7 +47,9 @@ def cmd_check(path: str, against: str | None = None, *, strict: bool = False) ->
             print(f"    fallbacks: {', '.join(fb.provider for fb in p.fallbacks)}")
     # The source and the problem only: the value, when there is one, stays here.
     level = "error" if strict else "warning"
-    unreadable = [(who, ref, problem) for who, ref in secret_uses(policy) if (problem := read_secret(ref)[1])]
+    # Secret stores and token endpoints are read by the running sidekey, not here.
+    static = [(who, ref) for who, ref in secret_uses(policy) if ref.kind in STATIC_KINDS]
+    unreadable = [(who, ref, problem) for who, ref in static if (problem := read_secret(ref)[1])]
     for who, ref, problem in unreadable:
         print(f"{path}: {level}: {who}: {ref.source} {problem}", file=sys.stderr)
     status = 1 if strict and unreadable else 0
@@ -62,7 +64,7 @@ def print_diff(policy: Policy, admin_url: str) -> int:
     import urllib.request
 
     from proxy.admin import policy_view
-    from proxy.policy_diff import diff_providers
+    from proxy.policy.diff import diff_providers
 
     request = urllib.request.Request(admin_url.rstrip("/") + "/policy")
     token = os.environ.get("SIDEKEY_ADMIN_TOKEN")

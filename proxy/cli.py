@@ -252,7 +252,7 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     from addons.metrics import Metrics
     from proxy.admin import AdminConfigError, AdminServer
     from proxy.engine import Sidekey
-    from proxy.watch import PolicyWatcher
+    from proxy.policy.watch import PolicyWatcher
 
     extra: list[object] = []
     for spec in (*policy.addons, *args.addon):

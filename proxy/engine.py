@@ -161,16 +161,16 @@ class Sidekey:
                 log.error("upstream pool upkeep failed: %s", errors.describe(exc))
 
     async def _connect_redis(self, policy: Policy) -> None:
-        from proxy import shared
+        from proxy import redis_client, secrets
 
         cfg = policy.redis
-        url = await asyncio.to_thread(shared.resolve_ref, cfg.url) if cfg is not None else None
+        url = await asyncio.to_thread(secrets.resolve_ref, cfg.url) if cfg is not None else None
         ident = (url, cfg.timeout) if url is not None and cfg is not None else None
         if ident == self._redis_id:
             return
         old, self.redis, self._redis_id = self.redis, None, ident
         if ident is not None:
-            self.redis = shared.connect(*ident)
+            self.redis = redis_client.connect(*ident)
         elif cfg is not None:
             log.warning("redis: %s is not set; limits and usage are per process",
                         cfg.url.source if isinstance(cfg.url, SecretRef) else "the policy's redis.url")  # fmt: skip
@@ -217,7 +217,7 @@ class Sidekey:
     async def reload_from_file(self) -> Policy:
         """Re-read the policy file. Invalid or rejected: the old policy stays,
         the error (file, line, field; never a value) is logged and counted."""
-        from proxy.policy_load import PolicyError, load_policy
+        from proxy.policy.load import PolicyError, load_policy
 
         async with self._reload_lock:
             try:

@@ -95,6 +95,13 @@ class CredentialUnavailable(ProxyError):
     template = "the credential for provider {provider} is not available"
 
 
+class CredentialRefreshFailed(ProxyError):
+    """An OAuth2 token expired and the token endpoint did not give a new one."""
+
+    status, code, retryable = 503, "credential_refresh_failed", True
+    template = "the access token for provider {provider} could not be refreshed"
+
+
 class AddonFailed(ProxyError):
     status, code = 502, "addon_failed"
     template = "a sidekey addon failed while handling the request"

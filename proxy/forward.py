@@ -85,6 +85,7 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
     last: ClientResponse | errors.ProxyError | None = None
     unfit: list[UpstreamState] = []  # keys whose own limit is smaller than this one request
     over_limit: errors.RequestOverLimit | None = None
+    reread = False  # an upstream 401/403 re-reads the credential once per request, never more
     while True:
         members = engine.groups.members(route.provider, route.host, route.port)
         choices = [m for m in members if m not in unfit] if unfit else members
@@ -125,6 +126,13 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
             _failed(flow, state, error=err.code)
             outcome: ClientResponse | errors.ProxyError = err
         else:
+            if resp.status in (401, 403) and not reread and replayable and engine.secrets is not None:
+                reread = True
+                if await engine.secrets.reread(route.provider, state.target):  # a new value: try it once
+                    log.debug("flow %s: %s/%s refused the credential; sending again with the one re-read",
+                              flow.id, state.provider, state.name)  # fmt: skip
+                    resp.release()
+                    continue
             if resp.status < 400 or resp.status not in route.policy.statuses:
                 return _served(flow, state, attempts, resp)
             asked = retry.server_delay(resp.headers, time.time())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from proxy.certs import CA_CERT_NAME, CA_KEY_NAME, CertificateAuthority
 from proxy.locate import CERTS_NAME, POLICY_NAME, config_dir
-from proxy.policy_load import parse_policy
+from proxy.policy.load import parse_policy
 from proxy.startup import CannotWrite, InitRefused
 
 STARTER = "starter_policy.yaml"

@@ -8,7 +8,7 @@ other control characters is treated as unavailable (and said so by source,
 never by value).
 
 ``read_secret`` is the one reader of a secret's value: the store, the Redis
-URL and alerts webhook (``proxy.shared.resolve_ref``) and ``sidekey check``
+URL and alerts webhook (``resolve_ref``) and ``sidekey check``
 all go through it, so they agree on what "missing" and "unusable" mean.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 
 from proxy.policy import Policy, SecretRef
@@ -31,6 +32,8 @@ def read_secret(ref: SecretRef, environ: Mapping[str, str] | None = None) -> tup
     """``(value, None)``, or ``(None, problem)`` where the problem reads after
     the source (``env:KEY`` "is not set", ``file:/x`` "is missing"); never
     the value. Blocking for ``file:``: call it off the event loop."""
+    if ref.kind not in ("env", "file"):
+        return None, "is read from its store by the running sidekey"
     if ref.kind == "env":
         return _clean((os.environ if environ is None else environ).get(ref.ref), "is not set")
     try:
@@ -42,6 +45,20 @@ def read_secret(ref: SecretRef, environ: Mapping[str, str] | None = None) -> tup
         return None, "is missing"
     except (OSError, UnicodeDecodeError) as exc:
         return None, f"is unreadable ({type(exc).__name__})"
+    return _clean(raw, "is empty")
+
+
+def resolve_ref(ref: str | SecretRef) -> str | None:
+    """A value given in the policy as is, or read from ``env:NAME`` / ``file:PATH``
+    (blocking for file:); None when missing, empty or unusable (see ``read_secret``)."""
+    if not isinstance(ref, SecretRef):
+        return ref
+    return read_secret(ref)[0]
+
+
+def check_value(raw: str) -> tuple[str | None, str | None]:
+    """A fetched value (a secret store's, a token endpoint's) as ``read_secret``
+    would give it: stripped, and refused if it could not go in a header."""
     return _clean(raw, "is empty")
 
 
@@ -88,6 +105,8 @@ class SecretStore:
         self._file_stamp: dict[str, tuple[int, int, int]] = {}
         self._problems: dict[SecretRef, str] = {}
         self.refs: tuple[SecretRef, ...] = ()
+        # The refresher and an on-demand re-read (an upstream 401) may run in two threads.
+        self._refreshing = threading.Lock()
 
     def watch(self, refs: Iterable[SecretRef]) -> None:
         self.refs = tuple(dict.fromkeys(refs))
@@ -102,6 +121,10 @@ class SecretStore:
     def refresh(self) -> list[SecretRef]:
         """Re-read every watched secret (blocking: run in a thread).
         Returns the refs whose availability or value changed."""
+        with self._refreshing:
+            return self._refresh()
+
+    def _refresh(self) -> list[SecretRef]:
         changed: list[SecretRef] = []
         for ref in self.refs:
             before = self._values.get(ref)

@@ -133,7 +133,7 @@ def log_level(value: str) -> int:
 
 def load_policy(path: str) -> Policy:
     """The policy ``run`` starts with, or a StartupError naming the file."""
-    from proxy.policy_load import PolicyError, load_policy
+    from proxy.policy.load import PolicyError, load_policy
 
     try:
         return load_policy(path)

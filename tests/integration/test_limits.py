@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.usage import reservation
+from addons.usage.tokens import reservation
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import OPENAI_KEY, curl, fake_provider, policy_for
 from tests.integration.sidekey_process import SidekeyProcess
@@ -145,12 +145,12 @@ async def test_one_redis_round_trip_per_request(redis: RedisServer) -> None:
     import dataclasses
 
     from addons.limits import Limits
+    from addons.usage.tokens import Usage
     from proxy.flow import Response
     from proxy.policy import Policy, RedisConfig
-    from proxy.ratelimit import Rule
-    from proxy.shared import connect
+    from proxy.policy.rates import Rule
+    from proxy.redis_client import connect
     from proxy.testing import make_flow, make_provider
-    from proxy.usage import Usage
 
     rules = (Rule("requests", 100000, 60.0), Rule("tokens", 10**8, 60.0), Rule("concurrent", 64))
     provider = dataclasses.replace(make_provider(), limits=rules)

@@ -19,9 +19,9 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from addons.limits import Checks, Limits
-from proxy.ratelimit import Rule
-from proxy.redis_limits import RedisLimiter
+from addons.limits.addon import Checks, Limits
+from addons.limits.redis_limiter import RedisLimiter
+from proxy.policy.rates import Rule
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import fake_provider, policy_for
 from tests.integration.sidekey_process import SidekeyProcess

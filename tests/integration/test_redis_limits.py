@@ -1,4 +1,4 @@
-"""RedisLimiter (proxy/redis_limits.py) against a real redis-server.
+"""RedisLimiter (addons/limits/redis_limiter.py) against a real redis-server.
 
 The clock is Redis's own, so edges are checked through the waits the limiter reports (short
 periods, sleeping exactly the reported Retry-After) instead of long sleeps.
@@ -19,8 +19,9 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from proxy.ratelimit import CONCURRENT_RETRY_AFTER, Rule
-from proxy.redis_limits import PREFIX, LimiterUnavailable, RedisLimiter
+from addons.limits.arithmetic import CONCURRENT_RETRY_AFTER
+from addons.limits.redis_limiter import PREFIX, LimiterUnavailable, RedisLimiter
+from proxy.policy.rates import Rule
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the redis_server fixture
 
 TIMEOUT = 0.25  # the client's whole-call timeout, where the timeout is what is tested

@@ -20,8 +20,8 @@ from redis.asyncio import Redis
 
 from addons import default_addons
 from addons.usage import UsageMeter
-from proxy.ledger import PREFIX, Ledger, RedisLedger
-from proxy.usage import Usage
+from addons.usage.ledger import PREFIX, Ledger, RedisLedger
+from addons.usage.tokens import Usage
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import PLACEHOLDER, assert_no_secret, curl, fake_provider, policy_for
 from tests.integration.sidekey_process import SidekeyProcess

@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 
 from addons import audit
 from addons.audit import AuditLog
+from addons.usage.tokens import Usage
 from proxy.errors import UpstreamProtocolError, UpstreamTimeout
 from proxy.flow import Flow, Response
 from proxy.hooks import AddonManager
 from proxy.policy import Auth, SecretRef
 from proxy.testing import make_flow, make_provider
-from proxy.usage import Usage
 
 SECRET = "sk-live-AUDIT-SECRET-0123456789"
 T0 = 1_700_000_000.5  # 2023-11-14T22:13:20.500Z

@@ -8,7 +8,7 @@ import pytest
 
 from proxy.failover import rewrite
 from proxy.policy import Fallback
-from proxy.policy_load import PolicyError, parse_policy
+from proxy.policy.load import PolicyError, parse_policy
 
 GROQ = Fallback(
     "groq",

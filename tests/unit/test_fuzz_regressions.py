@@ -9,7 +9,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy import errors, http1, routing
-from proxy.policy_load import PolicyError, parse_policy
+from proxy.policy.load import PolicyError, parse_policy
 
 
 def framing(*fields: tuple[str, str]) -> tuple[str, int]:

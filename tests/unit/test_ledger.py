@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import ledger as ledger_module
-from proxy.ledger import (
+from addons.usage import ledger as ledger_module
+from addons.usage.ledger import (
     COUNTERS,
     OTHER,
     Ledger,
@@ -20,8 +20,8 @@ from proxy.ledger import (
     parse_since,
     previous_month_start,
 )
+from addons.usage.tokens import Usage
 from proxy.policy import Budget
-from proxy.usage import Usage
 
 
 def at(text: str) -> float:

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from addons.limits import Limits
+from addons.usage.tokens import DEFAULT_MAX_OUTPUT, Usage, reservation
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider
-from proxy.ratelimit import Rule
+from proxy.policy.rates import Rule
 from proxy.testing import make_flow, make_provider
-from proxy.usage import DEFAULT_MAX_OUTPUT, Usage, reservation
 
 
 class Clock:

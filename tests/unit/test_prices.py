@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from proxy.prices import PRICES_COMPILED, SHIPPED, Price, PriceTable
-from proxy.usage import Usage
+from addons.usage.prices import PRICES_COMPILED, SHIPPED, PriceTable
+from addons.usage.tokens import Usage
+from proxy.policy.rates import Price
 
 T = PriceTable()
 

@@ -1,4 +1,4 @@
-"""The limiter arithmetic (proxy/ratelimit.py): exact edges, all-or-nothing, reconcile,
+"""The limiter arithmetic (addons/limits/arithmetic.py): exact edges, all-or-nothing, reconcile,
 concurrency, bounded state, and hypothesis properties against a textbook GCRA in Fractions."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.ratelimit import CONCURRENT_RETRY_AFTER, LocalLimiter, Rule, RuleState, Verdict, judge, share
+from addons.limits.arithmetic import CONCURRENT_RETRY_AFTER, LocalLimiter, RuleState, Verdict, judge, share
+from proxy.policy.rates import Rule
 
 MINUTE60 = Rule("requests", 60, 60)
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from proxy.policy import SecretRef
-from proxy.policy_load import parse_policy
-from proxy.secrets import MAX_SECRET_BYTES, SecretStore, read_secret, secret_uses
-from proxy.shared import resolve_ref
+from proxy.policy.load import parse_policy
+from proxy.secrets import MAX_SECRET_BYTES, SecretStore, read_secret, resolve_ref, secret_uses
 
 SECRET = "sk-live-SECRET-4242"
 

@@ -13,7 +13,7 @@ import pytest
 
 from proxy import init_cmd, locate, startup
 from proxy.certs import CAError
-from proxy.policy_load import parse_policy
+from proxy.policy.load import parse_policy
 
 HOME = Path("/home/u")
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.usage import (
+from addons.usage.tokens import (
     DEFAULT_MAX_OUTPUT,
     IMAGE_TOKENS,
     MAX_OUTPUT,

@@ -17,14 +17,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from addons.metrics import Metrics
-from addons.usage import BudgetExceeded, UsageMeter, json_usage
+from addons.usage.addon import BudgetExceeded, UsageMeter, json_usage
+from addons.usage.tokens import RequestEstimate, Usage, usage_from_json
 from proxy.balance import UpstreamState
 from proxy.errors import ProxyError, UpstreamDisconnected, UpstreamTimeout
 from proxy.flow import Flow, Response
 from proxy.policy import Budget, Policy, Provider
-from proxy.prices import Price
+from proxy.policy.rates import Price
 from proxy.testing import make_flow, make_provider
-from proxy.usage import RequestEstimate, Usage, usage_from_json
 from tests.fakes import anthropic_wire, openai_wire
 
 

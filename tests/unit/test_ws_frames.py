@@ -1,5 +1,5 @@
 """WebSocket decisions without I/O (proxy.ws_frames, proxy.ws_relay.expiry,
-proxy.policy_websocket): tables, and hypothesis properties for the frame
+proxy.policy.websocket): tables, and hypothesis properties for the frame
 tracker (the same answer for every way the bytes are split)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from multidict import CIMultiDict
 from websockets.frames import Close, Frame, Opcode
 
 from proxy import ws_frames
-from proxy.policy_load import PolicyError, parse_policy
-from proxy.policy_websocket import offers_websocket
+from proxy.policy.load import PolicyError, parse_policy
+from proxy.policy.websocket import offers_websocket
 from proxy.ws_frames import BadResponse, FrameTracker, close_label, parse_response_head, strip_deflate, upgrade_accepted
 from proxy.ws_relay import expiry
 

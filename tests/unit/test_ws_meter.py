@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from websockets.frames import Close, Frame, Opcode
 
-from proxy.usage import Usage
+from addons.usage.tokens import Usage
 from proxy.ws_meter import DEFAULT_RESERVE, MessageReader, RealtimeMeter, realtime_usage
 
 USAGE = {"total_tokens": 57, "input_tokens": 12, "output_tokens": 45, "input_token_details": {"cached_tokens": 4}}

@@ -1,5 +1,5 @@
-"""The Redis client shared by the limits and usage addons (state shared
-between sidecars). One client per engine, made from the policy's ``redis``
+"""The Redis client factory: state the limits and usage addons share between
+sidecars. One client per engine, made from the policy's ``redis``
 section and remade only when its URL or timeout changes on reload.
 
 The URL may carry a password, so it is never logged or shown; only its
@@ -11,17 +11,6 @@ from __future__ import annotations
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-
-from proxy.policy import SecretRef
-from proxy.secrets import read_secret
-
-
-def resolve_ref(ref: str | SecretRef) -> str | None:
-    """A value given in the policy as is, or read from ``env:NAME`` / ``file:PATH``
-    (blocking for file:); None when missing, empty or unusable (see ``read_secret``)."""
-    if not isinstance(ref, SecretRef):
-        return ref
-    return read_secret(ref)[0]
 
 
 def connect(url: str, timeout: float, max_connections: int = 64) -> Redis:

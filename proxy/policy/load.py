@@ -11,11 +11,12 @@ YAML anchors are allowed but aliases (``*name``) are rejected: an aliased
 node lives in two places, so its problems would point at the anchor, and a
 provider borrowing another's ``auth`` hides what it sends.
 
-This module reads the structure; ``proxy.policy_fields`` reads single values.
+This module reads the structure; ``proxy.policy.fields`` reads single values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -26,10 +27,12 @@ from typing import TypeVar, cast
 
 import yaml
 
-from proxy import policy_groups as groups
-from proxy import policy_limits as quotas
-from proxy import policy_websocket as websocket
-from proxy.policy import (
+from addons.cache import config as cache_config
+from proxy.credentials import policy_read as creds
+from proxy.credentials.config import SecretStores
+from proxy.policy import groups, quotas, websocket
+from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Reader, compose, join, line_of
+from proxy.policy.model import (
     CALLER_CREDENTIAL_HEADERS,
     SCHEMA_VERSION,
     Auth,
@@ -43,12 +46,12 @@ from proxy.policy import (
     PoolLimits,
     Provider,
     RetryPolicy,
+    SecretRef,
     Target,
     Timeouts,
     UnmatchedMode,
     UpstreamTLS,
 )
-from proxy.policy_fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Reader, compose, join, line_of
 
 __all__ = ["PolicyError", "PolicyProblem", "load_policy", "parse_policy"]
 
@@ -59,7 +62,8 @@ Read = Callable[[yaml.Node, str], T]
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 TOP = frozenset(
-    {"version", "unmatched", "limits", "network", "addons", "alerts", "redis", "callers", "prices", "providers"}
+    {"version", "unmatched", "limits", "network", "addons", "alerts", "redis", "callers", "prices", "secret_stores",
+     "providers"}
 )
 LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
 PROVIDER = frozenset(
@@ -84,10 +88,11 @@ PROVIDER = frozenset(
         "queue_wait",
         "budget",
         "caller_budget",
+        "cache",
         *websocket.FIELDS,
     }
 )
-AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "none")
+AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "oauth2", "none")
 # The fields each auth type reads; any other is a mistake (a `header:` on a
 # bearer provider would otherwise be silently ignored).
 AUTH_FIELDS: dict[str, frozenset[str]] = {
@@ -95,6 +100,7 @@ AUTH_FIELDS: dict[str, frozenset[str]] = {
     "header": frozenset({"type", "secret", "header", "prefix"}),
     "basic": frozenset({"type", "secret", "username"}),
     "query": frozenset({"type", "secret", "param"}),
+    "oauth2": creds.OAUTH2,
     "none": frozenset({"type"}),
 }
 AUTH_ANY = frozenset().union(*AUTH_FIELDS.values())
@@ -146,6 +152,7 @@ class _Builder:
         self.source = source
         self.digest = digest
         self.hosts_seen: dict[str, tuple[str, int]] = {}  # pattern -> (provider, line)
+        self.store_kinds = SecretStores().configured()  # reference kinds a credential may use
 
     def opt(self, fields: Fields, prefix: str, key: str, read: Read[T], default: T, *, null_ok: bool = False) -> T:
         """``fields[key]`` read if present; the default when absent or invalid
@@ -188,6 +195,9 @@ class _Builder:
             r.problem(top["version"], "version", f"unsupported version (expected {SCHEMA_VERSION})")
         choice = self.opt(top, "", "unmatched", lambda n, f: r.choice(n, f, ("tunnel", "deny")), "tunnel")
         unmatched: UnmatchedMode = "deny" if choice == "deny" else "tunnel"
+        # Before the providers: their references are checked against the stores there are.
+        stores = self.opt(top, "", "secret_stores", partial(creds.secret_stores, self), SecretStores(), null_ok=True)
+        self.store_kinds = stores.configured()
         policy = Policy(
             providers=self.opt(top, "", "providers", self.providers, _NO_PROVIDERS),
             unmatched=unmatched,
@@ -198,10 +208,14 @@ class _Builder:
             redis=self.opt(top, "", "redis", partial(quotas.redis, self), None, null_ok=True),
             caller_header=self.opt(top, "", "callers", partial(quotas.callers, self), None, null_ok=True),
             prices=self.opt(top, "", "prices", partial(quotas.prices, self), (), null_ok=True),
+            secret_stores=stores,
             source=self.source,
             digest=self.digest,
         )
         groups.check_references(self, policy)
+        for p in policy.providers:
+            if p.cache is not None and p.cache.backend == "redis" and policy.redis is None:
+                self.r.problem(p.line, f"providers.{p.name}.cache.backend", "redis needs the policy's redis: section")
         return policy
 
     def limits(self, node: yaml.Node, field: str) -> ListenerLimits:
@@ -257,13 +271,15 @@ class _Builder:
         circuit = self.opt(f, field, "circuit", partial(groups.circuit, self), CircuitPolicy(), null_ok=True)
         sse_error = self.opt(f, field, "sse_error_event", self.flag, False)
         # auth.secret is the members' default: required unless every member names its own.
+        if auth is not None and auth.type == "oauth2":  # the token is this provider's own credential
+            auth = dataclasses.replace(auth, secret=SecretRef("oauth2", name))
         no_default = auth is not None and auth.type != "none" and auth.secret is None
         read_targets = partial(groups.targets, self, need_secret=no_default)
         targets = self.opt(f, field, "upstreams", read_targets, _NO_TARGETS, null_ok=True)
         if no_default and r.is_null(f.get("upstreams")):
             r.problem(f["auth"], f"{field}.auth.secret", "required: env:NAME or file:PATH (or one on every upstream)")
-        if targets and auth is not None and auth.type == "none" and any(t.secret for t in targets):
-            self.r.problem(f["upstreams"], f"{field}.upstreams", "a secret needs an auth type other than none")
+        if targets and auth is not None and auth.type in ("none", "oauth2") and any(t.secret for t in targets):
+            self.r.problem(f["upstreams"], f"{field}.upstreams", f"a member's own secret does not apply to {auth.type}")
         balance: Balance = self.opt(f, field, "balance", partial(groups.balance, self), "weighted")
         fallbacks = self.opt(f, field, "fallbacks", partial(groups.fallbacks, self), _NO_FALLBACKS, null_ok=True)
         health = self.opt(f, field, "health_check", partial(groups.health_check, self), None, null_ok=True)
@@ -272,6 +288,7 @@ class _Builder:
         queue_wait = self.opt(f, field, "queue_wait", partial(quotas.queue_wait, self), 5.0)
         budget = self.opt(f, field, "budget", partial(quotas.budget, self), None, null_ok=True)
         caller_budget = self.opt(f, field, "caller_budget", partial(quotas.budget, self), None, null_ok=True)
+        cache = self.opt(f, field, "cache", partial(cache_config.read, self), None, null_ok=True)
         ws = websocket.read(self, f, field, hosts)
         if auth is None:
             return None
@@ -297,6 +314,7 @@ class _Builder:
             queue_wait=queue_wait,
             budget=budget,
             caller_budget=caller_budget,
+            cache=cache,
             websocket=ws,
             line=line_of(key_node),
         )
@@ -329,12 +347,12 @@ class _Builder:
         f = r.mapping(node, field, AUTH_ANY)
         if "type" not in f:
             r.problem(node, f"{field}.type", f"required: one of {', '.join(AUTH_TYPES)}")
-            self.opt(f, field, "secret", r.secret, None)  # still catch a literal secret
+            self.opt(f, field, "secret", self.credential, None)  # still catch a literal secret
             raise Invalid()
         try:
             kind = cast(AuthType, r.choice(f["type"], f"{field}.type", AUTH_TYPES))
         except Invalid:
-            self.opt(f, field, "secret", r.secret, None)
+            self.opt(f, field, "secret", self.credential, None)
             raise
         for key in sorted(f.keys() - AUTH_FIELDS[kind], key=lambda k: line_of(f[k])):
             r.problem(f[key], f"{field}.{key}", f"does not apply to type {kind}")
@@ -346,8 +364,9 @@ class _Builder:
             return self.opt(f, field, key, read, "")
 
         # A missing secret is checked by the provider, which knows its upstreams.
-        secret = self.opt(f, field, "secret", r.secret, None) if kind != "none" else None
+        secret = self.opt(f, field, "secret", self.credential, None) if kind not in ("none", "oauth2") else None
         header, prefix, username, param = "authorization", "", "", ""
+        oauth2 = creds.oauth2(self, f, node, field) if kind == "oauth2" else None
         if kind == "header":
             header = need("header", r.credential_header, "a header name") or header
             prefix = self.opt(f, field, "prefix", r.string, "", null_ok=True)
@@ -357,7 +376,10 @@ class _Builder:
             param = need("param", r.param, "the query parameter name")
         if len(r.problems) > before:
             raise Invalid()
-        return Auth(kind, secret, header=header, prefix=prefix, username=username, param=param)
+        return Auth(kind, secret, header=header, prefix=prefix, username=username, param=param, oauth2=oauth2)
+
+    def credential(self, node: yaml.Node, field: str) -> SecretRef:
+        return creds.credential(self, node, field)
 
     def set_headers(self, node: yaml.Node, field: str, auth: Auth | None) -> tuple[tuple[str, str], ...]:
         """Header name -> value, in file order, names lower-cased."""

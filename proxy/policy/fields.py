@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.policy import IPNetwork, SecretRef, Upstream, normalize_host
+from proxy.policy.model import IPNetwork, SecretRef, Upstream, normalize_host
 
 # Tag the loader gives an alias (``*name``) instead of resolving it: an alias
 # puts one node in two places, so its problems would be reported at the line

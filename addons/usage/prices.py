@@ -1,4 +1,4 @@
-"""What a :class:`~proxy.usage.Usage` cost in USD. Pure: a shipped price table
+"""What a :class:`~addons.usage.tokens.Usage` cost in USD. Pure: a shipped price table
 plus overrides from the policy.
 
 Prices are USD per million tokens at the standard (not batch, flex or
@@ -17,12 +17,11 @@ billed as its nearest relative.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from proxy.usage import Usage
+from addons.usage.tokens import Usage
+from proxy.policy.rates import Price
 
 PRICES_COMPILED = "2026-11-27"
 # Sources, read on that date:
@@ -36,29 +35,6 @@ PRICES_COMPILED = "2026-11-27"
 # A suffix that names a snapshot of the same model: a date, an MMDD revision, "-latest", Anthropic's "-0" alias.
 _SNAPSHOT = re.compile(r"-20\d\d-\d\d-\d\d|-20\d{6}|-(?:0[1-9]|1[0-2])\d\d|-latest|-0")
 MEMO_MAX = 1024  # distinct model names remembered; names come from clients, so the memo is bounded
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """USD per million tokens. ``cached_input`` / ``cache_write`` None: billed as input."""
-
-    input: float
-    output: float
-    cached_input: float | None = None
-    cache_write: float | None = None
-
-    def __post_init__(self) -> None:
-        for rate in (self.input, self.output, self.cached_input, self.cache_write):
-            if rate is not None and not (isinstance(rate, int | float) and math.isfinite(rate) and rate >= 0):
-                raise ValueError("a price must be a finite, non-negative number")
-
-    def cost(self, usage: Usage) -> float:
-        cached, written = usage.cached_input, usage.cache_creation
-        fresh = max(0, usage.input - cached - written)
-        cached_rate = self.input if self.cached_input is None else self.cached_input
-        write_rate = self.input if self.cache_write is None else self.cache_write
-        per_million = fresh * self.input + cached * cached_rate + written * write_rate + usage.output * self.output
-        return per_million / 1_000_000
 
 
 def _anthropic(inp: float, output: float) -> Price:

@@ -1,5 +1,5 @@
 """Policy readers for resilience: retries, circuit breakers, upstream groups, fallbacks, active health
-checks and alerts. Split from ``proxy.policy_load`` (same conventions: every
+checks and alerts. Split from ``proxy.policy.load`` (same conventions: every
 problem names file, line and field; values are never echoed).
 """
 
@@ -11,12 +11,22 @@ from typing import TYPE_CHECKING, cast
 
 import yaml
 
-from proxy import policy_limits as quotas
-from proxy.policy import Alerts, Balance, CircuitPolicy, Fallback, HealthCheck, Policy, RetryPolicy, SecretRef, Target
-from proxy.policy_fields import join, line_of
+from proxy.policy import quotas
+from proxy.policy.fields import join, line_of
+from proxy.policy.model import (
+    Alerts,
+    Balance,
+    CircuitPolicy,
+    Fallback,
+    HealthCheck,
+    Policy,
+    RetryPolicy,
+    SecretRef,
+    Target,
+)
 
 if TYPE_CHECKING:
-    from proxy.policy_load import _Builder
+    from proxy.policy.load import _Builder
 
 TARGET = frozenset({"name", "url", "secret", "weight", "priority", "limits"})
 FALLBACK = frozenset({"provider", "paths", "rewrite_path", "models"})
@@ -60,7 +70,7 @@ def _target(b: _Builder, node: yaml.Node, field: str, *, need_secret: bool) -> T
     return Target(
         name=name,
         upstream=b.opt(f, field, "url", r.upstream, None),
-        secret=b.opt(f, field, "secret", r.secret, None),
+        secret=b.opt(f, field, "secret", b.credential, None),
         weight=b.opt(f, field, "weight", r.count, 1),
         priority=b.opt(f, field, "priority", r.integer, 0),
         limits=b.opt(f, field, "limits", partial(quotas.rules, b), quotas.NO_RULES, null_ok=True),

@@ -1,4 +1,4 @@
-"""Policy reader for WebSocket sessions. Split from ``proxy.policy_load``
+"""Policy reader for WebSocket sessions. Split from ``proxy.policy.load``
 (same conventions: every problem names file, line and field; values are
 never echoed).
 
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Literal, cast
 
 import yaml
 
-from proxy.policy import WebSocketPolicy
-from proxy.policy_fields import Invalid, join
+from proxy.policy.fields import Invalid, join
+from proxy.policy.model import WebSocketPolicy
 
 if TYPE_CHECKING:
-    from proxy.policy_load import _Builder
+    from proxy.policy.load import _Builder
 
 FIELDS = frozenset({"websocket", "websocket_idle_timeout", "websocket_max_duration", "websocket_usage"})
 LIMIT_KEY = "concurrent_websockets"  # read here, allowed in ``limits`` and ``caller_limits``

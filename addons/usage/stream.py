@@ -1,12 +1,12 @@
 """Reading usage out of a streamed (SSE) answer as it passes. Pure: bytes in,
-numbers out; split from ``proxy.usage`` (the request estimate and JSON usage).
+numbers out; split from ``addons.usage.tokens`` (the request estimate and JSON usage).
 """
 
 from __future__ import annotations
 
 import json
 
-from proxy.usage import (
+from addons.usage.tokens import (
     _BOM,
     _MODEL_RE,
     _TEXT_RE,

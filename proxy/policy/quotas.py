@@ -1,5 +1,5 @@
 """Policy readers for limits, budgets, prices and shared state (Redis).
-Split from ``proxy.policy_load`` (same conventions: every problem names
+Split from ``proxy.policy.load`` (same conventions: every problem names
 file, line and field; values are never echoed).
 
     limits:          # on a provider (all keys, all callers), in caller_limits (each caller)
@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, Literal, cast
 
 import yaml
 
-from proxy.policy import Budget, RedisConfig
-from proxy.policy_fields import Invalid, join
-from proxy.prices import Price
-from proxy.ratelimit import Rule
+from proxy.policy.fields import Invalid, join
+from proxy.policy.model import Budget, RedisConfig
+from proxy.policy.rates import Price, Rule
 
 if TYPE_CHECKING:
-    from proxy.policy_load import _Builder
+    from proxy.policy.load import _Builder
 
 NO_RULES: tuple[Rule, ...] = ()
 PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
@@ -33,7 +32,7 @@ RULES: dict[str, tuple[Literal["requests", "tokens", "concurrent"], float]] = {
     "tokens_per_day": ("tokens", 86400.0),
     "concurrent": ("concurrent", 0.0),
 }
-# concurrent_websockets is a session count, read by proxy.policy_websocket
+# concurrent_websockets is a session count, read by proxy.policy.websocket
 LIMIT_KEYS = frozenset(RULES) | {"concurrent_websockets"}
 BUDGET = frozenset({"daily_usd", "monthly_usd"})
 REDIS = frozenset({"url", "on_failure", "timeout"})

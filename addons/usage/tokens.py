@@ -267,6 +267,6 @@ def usage_from_json(body: bytes, wire: Wire) -> Usage | None:
 
 
 # The streaming meter lives in its own module; re-exported here (its users import it from either).
-from proxy.usage_stream import SSEUsageMeter  # noqa: E402
+from addons.usage.stream import SSEUsageMeter  # noqa: E402
 
 __all__ = ["RequestEstimate", "SSEUsageMeter", "Usage", "Wire", "estimate_request", "usage_from_json"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from addons.limits.arithmetic import Check, share
+from addons.limits.redis_limiter import LimiterUnavailable
 from proxy.looplag import LoopLag, blame
-from proxy.ratelimit import Check, share
-from proxy.redis_limits import LimiterUnavailable
 
 log = logging.getLogger("sidekey.limits")
 

@@ -1,4 +1,4 @@
-"""The parsed policy: typed, frozen, validated once by ``proxy.policy_load``.
+"""The parsed policy: typed, frozen, validated once by ``proxy.policy.load``.
 
 Nothing here does I/O. Host matching is a pure function of the policy so it
 can be tested with a table and no sockets.
@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from proxy.prices import Price
-from proxy.ratelimit import Rule
+from proxy.credentials.config import OAuth2, SecretStores
+from proxy.policy.rates import Price, Rule
 
-AuthType = Literal["bearer", "header", "basic", "query", "none"]
+if TYPE_CHECKING:
+    from addons.cache.config import CachePolicy
+
+AuthType = Literal["bearer", "header", "basic", "query", "oauth2", "none"]
+SecretKind = Literal["env", "file", "vault", "aws-sm", "azure-kv", "oauth2"]
+# Read by proxy.secrets off the loop and looked up in a dict per request; the
+# other kinds are fetched and cached by proxy.credentials.
+STATIC_KINDS = frozenset({"env", "file"})
 Balance = Literal["weighted", "least_in_flight", "latency"]
 UnmatchedMode = Literal["tunnel", "deny"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -37,12 +44,13 @@ CALLER_CREDENTIAL_HEADERS: tuple[str, ...] = (
 class SecretRef:
     """Where a secret lives. Only ``source`` is ever shown (logs, admin API)."""
 
-    kind: Literal["env", "file"]
-    ref: str  # environment variable name, or file path
+    kind: SecretKind
+    ref: str  # variable name, file path, store path or secret name; an oauth2 provider's name
+    key: str = ""  # a field of a structured secret (vault: KV field; aws-sm: JSON key)
 
     @property
     def source(self) -> str:
-        return f"{self.kind}:{self.ref}"
+        return f"{self.kind}:{self.ref}#{self.key}" if self.key else f"{self.kind}:{self.ref}"
 
     def __repr__(self) -> str:
         return f"SecretRef({self.source!r})"
@@ -56,6 +64,8 @@ class Auth:
     header: ``<header>: <prefix><secret>`` (e.g. ``x-api-key``, ``xc-token``)
     basic:  ``Authorization: Basic base64(<username>:<secret>)``
     query:  ``?<param>=<secret>`` (the caller's value for ``param`` is removed)
+    oauth2: ``Authorization: Bearer <access token>`` from ``oauth2.token_url``
+            (``secret`` is then ``SecretRef("oauth2", <provider>)``)
     none:   nothing is injected; caller credentials are still stripped
     """
 
@@ -65,6 +75,7 @@ class Auth:
     prefix: str = ""
     username: str = ""
     param: str = ""
+    oauth2: OAuth2 | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +196,7 @@ class Alerts:
 @dataclass(frozen=True, slots=True)
 class WebSocketPolicy:
     """WebSocket sessions to a provider (``proxy.ws_session``); read by
-    ``proxy.policy_websocket`` from ``websocket*`` fields and ``limits.concurrent_websockets``."""
+    ``proxy.policy.websocket`` from ``websocket*`` fields and ``limits.concurrent_websockets``."""
 
     allowed: bool = False  # default: true when a host of the provider is known to offer WebSocket
     idle_timeout: float = 300.0  # no frame either way for this long: closed with 1001
@@ -222,6 +233,7 @@ class Provider:
     queue_wait: float = 5.0  # a request over a limit waits this long for room, then 429
     budget: Budget | None = None  # the whole provider
     caller_budget: Budget | None = None  # each caller
+    cache: CachePolicy | None = None  # None: no response cache (addons/cache)
     websocket: WebSocketPolicy = field(default_factory=WebSocketPolicy)
     line: int = 0  # where it is defined, for messages
 
@@ -255,6 +267,7 @@ class Policy:
     redis: RedisConfig | None = None
     caller_header: str | None = None  # names the caller (shared deployments); else Proxy-Authorization's user
     prices: tuple[tuple[str, Price], ...] = ()  # overrides of the shipped price table
+    secret_stores: SecretStores = field(default_factory=SecretStores)  # where vault:/aws-sm:/azure-kv: read
     source: str = "<memory>"
     # sha256 of the file's bytes, first 12 hex digits: tells one edit from another
     # (not the schema's ``version:``, which is always SCHEMA_VERSION)

@@ -2,7 +2,7 @@
 upstream key, local or shared between sidecars through Redis.
 
 ``request``: the provider's and the caller's rules are taken all-or-nothing
-(``proxy.ratelimit`` arithmetic; one Redis script call when the policy has
+(``addons.limits.arithmetic`` arithmetic; one Redis script call when the policy has
 ``redis``). Token rules reserve the request's estimate (prompt + its output
 cap). Over a limit, the request waits in a priority queue up to the
 provider's ``queue_wait`` (``x-sidekey-priority: high|normal|low``, higher
@@ -24,7 +24,7 @@ Redis out of reach: a timeout while this process's event loop lags (a
 starved sidekey, not a dead Redis: ``proxy.looplag``) is retried once. Then
 ``on_failure: open`` degrades to this process's share of each limit (the
 limit divided by the sidecars seen alive in Redis in the last minute, at
-least one per window: ``ratelimit.share``), so N sidecars together admit at
+least one per window: ``arithmetic.share``), so N sidecars together admit at
 most the limit plus one share each; ``closed`` answers 503
 ``limits_unavailable``. Logged once per outage with why (timeout after N ms
 with loop lag M ms, connection refused, ...), timed as ``degraded_seconds``.
@@ -44,20 +44,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from addons.limits_degraded import Degraded
+from addons.limits.arithmetic import Bound, Check, LocalLimiter, Verdict
+from addons.limits.degraded import Degraded
+from addons.limits.redis_limiter import LimiterUnavailable, RedisLimiter
+from addons.usage.tokens import reservation
 from proxy import errors
 from proxy.capabilities import MEMBER_LIMITS, SESSION_TOKENS
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
-from proxy.policy import Policy, Provider
-from proxy.ratelimit import Bound, Check, LocalLimiter, Rule, Verdict
-from proxy.redis_limits import LimiterUnavailable, RedisLimiter
-from proxy.usage import reservation
+from proxy.policy import Policy, Provider, Rule
 
 if TYPE_CHECKING:
+    from addons.usage.tokens import Usage
     from proxy.balance import UpstreamState
     from proxy.runtime import Runtime
-    from proxy.usage import Usage
 
 log = logging.getLogger("sidekey.limits")
 
@@ -277,7 +277,7 @@ class Limits:
 
     # -- internals ------------------------------------------------------------------
     def _tokens(self, flow: Flow) -> int:
-        """Tokens to reserve (``proxy.usage.reservation``), once per request."""
+        """Tokens to reserve (``addons.usage.tokens.reservation``), once per request."""
         reserved = flow.metadata.get("reserve")
         if reserved is None:
             reserved = flow.metadata["reserve"] = reservation(flow.request.body, flow.request.content_length)

@@ -1,4 +1,4 @@
-"""The limits of proxy/ratelimit.py, enforced atomically on Redis and shared by every sidekey.
+"""The limits of addons/limits/arithmetic.py, enforced atomically on Redis and shared by every sidekey.
 
 API (async; the same checks, rules and Verdict as LocalLimiter, minus ``now``)::
 
@@ -12,8 +12,8 @@ API (async; the same checks, rules and Verdict as LocalLimiter, minus ``now``)::
 Every call is one script call: EVALSHA (redis-py ``register_script`` loads the script again after
 a NOSCRIPT, e.g. once after Redis restarts). The time is Redis's ``TIME``, read inside the script,
 so the sidecars' clocks do not matter (Redis 7 replicates a script's effects, so a script may read
-the time before writing). The Lua repeats ratelimit's integer arithmetic, exact below 2**53, and
-returns each rule's level; ``ratelimit.judge`` turns those into the Verdict, so the two limiters
+the time before writing). The Lua repeats the arithmetic module's integer arithmetic, exact below 2**53, and
+returns each rule's level; ``arithmetic.judge`` turns those into the Verdict, so the two limiters
 answer alike.
 
 Keys: ``<prefix><scope>:<rule name>`` (the prefix is "sidekey:rl:"; rule names hold no ":").
@@ -25,7 +25,7 @@ Keys: ``<prefix><scope>:<rule name>`` (the prefix is "sidekey:rl:"; rule names h
     sidecars     ``<prefix>sidecars``, a sorted set, sidecar id -> its last acquire (ms, Redis
                  time). Each acquire script adds its sidecar, drops those older than a minute and
                  returns the count (``sidecars``): while Redis is out of reach, a sidecar takes
-                 ``1/sidecars`` of each limit alone (addons/limits.py). No extra round trip.
+                 ``1/sidecars`` of each limit alone (addons/limits/addon.py). No extra round trip.
 
 Errors: a connection failure, a timeout (``timeout`` bounds each whole call), a read-only replica
 or an error reply (OOM under ``maxmemory``, NOPERM from an ACL, BUSY, ...: Redis is there but will
@@ -51,7 +51,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, NoScriptError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.ratelimit import Check, Verdict, cost_of, judge
+from addons.limits.arithmetic import Check, Verdict, cost_of, judge
 
 PREFIX = "sidekey:rl:"
 PRESENCE = "sidecars"  # <prefix>sidecars: a sorted set, sidecar id -> last acquire (ms, Redis time)
@@ -238,9 +238,9 @@ class RedisLimiter:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.5, max_connections: int = 32, **options: Any) -> RedisLimiter:
-        """A client of its own (``proxy.shared.connect``: a bounded pool, connect and read
+        """A client of its own (``proxy.redis_client.connect``: a bounded pool, connect and read
         timeouts, no retries: a retried acquire could count twice)."""
-        from proxy.shared import connect
+        from proxy.redis_client import connect
 
         return cls(connect(url, timeout, max_connections), timeout=timeout, **options)
 

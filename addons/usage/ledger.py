@@ -33,8 +33,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from addons.usage.tokens import Usage
 from proxy.policy import Budget
-from proxy.usage import Usage
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -1,6 +1,6 @@
 """Usage and cost: requests, tokens (input, output, cached, reasoning, cache
 writes) and USD per provider, model, upstream and caller, per UTC day in
-``proxy.ledger`` (shared through Redis when the policy has ``redis``), and
+``addons.usage.ledger`` (shared through Redis when the policy has ``redis``), and
 spend budgets per provider and per caller.
 
 ``request``: when the provider's ``budget`` (or the caller's ``caller_budget``)
@@ -38,13 +38,13 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from addons.usage.ledger import COUNTERS, Counts, Ledger, RedisLedger, over_budget, parse_since, previous_month_start
+from addons.usage.prices import SHIPPED, PriceTable
+from addons.usage.tokens import RequestEstimate, SSEUsageMeter, Usage, Wire, estimate_request, usage_from_json
 from proxy.capabilities import SESSION_USAGE, USAGE_REPORT
 from proxy.errors import ProxyError
-from proxy.flow import Flow, Response
-from proxy.ledger import COUNTERS, Counts, Ledger, RedisLedger, over_budget, parse_since, previous_month_start
+from proxy.flow import Flow, ObserverTee, Response
 from proxy.policy import Policy, Provider
-from proxy.prices import SHIPPED, PriceTable
-from proxy.usage import RequestEstimate, SSEUsageMeter, Usage, Wire, estimate_request, usage_from_json
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -319,6 +319,8 @@ class UsageMeter:
         self.ledger.record(self.clock(), (served, usage.model or "unknown", upstream, flow.caller), usage, cost)
 
     def _measure(self, flow: Flow, observer: Callable[[bytes], None] | None) -> Usage:
+        if isinstance(observer, ObserverTee):  # the cache's recorder: ours is inside
+            observer = observer.inner
         reader = getattr(observer, "__self__", observer)
         if isinstance(reader, _InflatingSSE):
             reader = reader.meter

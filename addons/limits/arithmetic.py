@@ -3,7 +3,7 @@
 A scope (``"provider:openai"``, ``"upstream:openai/key-a"``, ``"caller:openai/10.0.0.5"``)
 has rules; a *check* is a sequence of ``(scope, Rule)`` pairs, judged all-or-nothing::
 
-    limiter = LocalLimiter()                        # or RedisLimiter (proxy/redis_limits.py), same calls
+    limiter = LocalLimiter()                        # or RedisLimiter (addons/limits/redis_limiter.py), same calls
     verdict = limiter.acquire(checks, tokens=estimate, now=clock())
     if not verdict.allowed:                         # nothing was consumed from any rule
         ... 429, Retry-After: ceil(verdict.retry_after); inf means the cost can never fit (413)
@@ -53,59 +53,12 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
-Kind = Literal["requests", "tokens", "concurrent"]
-KINDS = ("requests", "tokens", "concurrent")
-PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
-TICKS = (1_000_000, 1_000, 1)  # candidate resolutions, ticks per second, finest first
-MAX_CAP = 2**50  # limit * span; levels stay under 3 * MAX_CAP < 2**53, exact as Lua doubles
+from proxy.policy.rates import Rule
+
 CONCURRENT_RETRY_AFTER = 1.0  # seconds; a concurrency slot frees at no predictable time
-_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")  # goes into header names: x-ratelimit-limit-<name>
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    kind: Kind
-    limit: int
-    period: float = 0.0  # seconds; 0 for "concurrent"
-    name: str = ""
-    ticks: int = field(init=False, repr=False, compare=False)  # time resolution, ticks per second
-    span: int = field(init=False, repr=False, compare=False)  # the period in ticks
-    cap: int = field(init=False, repr=False, compare=False)  # limit * span: the level when all is used
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"rule kind must be one of {', '.join(KINDS)}")
-        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
-            raise ValueError("rule limit must be a positive integer")
-        name = self.name
-        if self.kind == "concurrent":
-            if self.period:
-                raise ValueError("a concurrent rule has no period")
-            name = name or "concurrent"
-            ticks = span = 0
-        else:
-            if not (0 < self.period < math.inf):
-                raise ValueError("rule period must be a positive number of seconds")
-            if not name:
-                if self.period not in PERIOD_NAMES:
-                    raise ValueError("a rule with an unusual period needs a name")
-                name = f"{self.kind}-{PERIOD_NAMES[self.period]}"
-            fits = [t for t in TICKS if self.limit * round(self.period * t) <= MAX_CAP]
-            if not fits or round(self.period * fits[0]) < 1:
-                raise ValueError("rule limit * period is too large (or the period too short) to count exactly")
-            ticks = fits[0]
-            span = round(self.period * ticks)
-        if not _NAME.match(name):
-            raise ValueError("rule name must be lowercase letters, digits and '-'")
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "ticks", ticks)
-        object.__setattr__(self, "span", span)
-        object.__setattr__(self, "cap", self.limit * span)
 
 
 Check = tuple[str, Rule]

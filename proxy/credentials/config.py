@@ -1,0 +1,102 @@
+"""The parsed ``secret_stores:`` block and ``auth: {type: oauth2}``: frozen
+dataclasses, no I/O (read by ``proxy.credentials.policy_read``).
+
+A reference names its store by kind (``vault:``, ``aws-sm:``, ``azure-kv:``);
+each kind has one store here, with its address, its own authentication
+(itself a static reference: ``env:`` or ``file:``) and its timing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from proxy.credentials.model import Timing
+
+if TYPE_CHECKING:
+    from proxy.policy import SecretRef
+
+VaultMethod = Literal["token", "approle", "kubernetes"]
+
+
+@dataclass(frozen=True, slots=True)
+class StaticRef:
+    """An ``env:`` or ``file:`` reference used to reach a store (the store's
+    own token, AppRole secret_id, service-account JWT)."""
+
+    kind: Literal["env", "file"]
+    ref: str
+
+    @property
+    def source(self) -> str:
+        return f"{self.kind}:{self.ref}"
+
+
+@dataclass(frozen=True, slots=True)
+class VaultAuth:
+    method: VaultMethod
+    token: StaticRef | None = None  # method token
+    role_id: str = ""  # method approle (not a secret: it names the role)
+    secret_id: StaticRef | None = None  # method approle
+    role: str = ""  # method kubernetes
+    jwt: StaticRef | None = None  # method kubernetes (default: the pod's service-account token)
+    mount: str = ""  # the auth method's mount path ("approle", "kubernetes" by default)
+
+
+@dataclass(frozen=True, slots=True)
+class VaultStore:
+    address: str  # https://host:port, no path
+    auth: VaultAuth
+    namespace: str = ""  # Vault Enterprise / HCP namespace (X-Vault-Namespace)
+    ca_bundle: str | None = None  # extra CA file, added to the system store
+    timing: Timing = field(default_factory=Timing)
+
+
+@dataclass(frozen=True, slots=True)
+class AwsSmStore:
+    region: str | None = None  # None: from the standard chain (AWS_REGION, profile)
+    endpoint_url: str | None = None  # a VPC endpoint; None: the region's public one
+    ca_bundle: str | None = None
+    timing: Timing = field(default_factory=Timing)
+
+
+@dataclass(frozen=True, slots=True)
+class AzureKvStore:
+    vault_url: str  # https://NAME.vault.azure.net
+    ca_bundle: str | None = None
+    timing: Timing = field(default_factory=Timing)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretStores:
+    vault: VaultStore | None = None
+    aws_sm: AwsSmStore | None = None
+    azure_kv: AzureKvStore | None = None
+
+    def configured(self) -> frozenset[str]:
+        """The reference kinds these stores serve."""
+        kinds = {"env", "file", "oauth2"}
+        if self.vault is not None:
+            kinds.add("vault")
+        if self.aws_sm is not None:
+            kinds.add("aws-sm")
+        if self.azure_kv is not None:
+            kinds.add("azure-kv")
+        return frozenset(kinds)
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2:
+    """``auth: {type: oauth2}``: an access token from ``token_url``, sent as
+    ``Authorization: Bearer``. ``client_secret`` and ``refresh_token`` are
+    references of any source."""
+
+    token_url: str
+    client_id: str
+    client_secret: SecretRef | None  # None: a public client (refresh_token grant)
+    grant: Literal["client_credentials", "refresh_token"] = "client_credentials"
+    refresh_token: SecretRef | None = None  # grant refresh_token
+    scope: str = ""
+    audience: str = ""
+    auth_method: Literal["basic", "post"] = "basic"  # client_secret_basic / client_secret_post (RFC 6749 2.3.1)
+    ca_bundle: str | None = None  # for the token endpoint; else the provider's tls.ca_bundle

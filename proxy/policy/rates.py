@@ -1,0 +1,98 @@
+"""What a policy counts and charges: a limit ``Rule`` and a model's ``Price``.
+
+Part of the policy model (the loader builds them, the policy holds them), so the
+policy never imports the addons that act on them: the limiter arithmetic
+(``addons.limits.arithmetic``) and the usage meter (``addons.usage``) import from here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+class TokenCounts(Protocol):
+    """What a price needs of a usage record (``addons.usage.tokens.Usage`` is one)."""
+
+    @property
+    def input(self) -> int: ...
+    @property
+    def output(self) -> int: ...
+    @property
+    def cached_input(self) -> int: ...
+    @property
+    def cache_creation(self) -> int: ...
+
+
+Kind = Literal["requests", "tokens", "concurrent"]
+KINDS = ("requests", "tokens", "concurrent")
+PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+TICKS = (1_000_000, 1_000, 1)  # candidate resolutions, ticks per second, finest first
+MAX_CAP = 2**50  # limit * span; levels stay under 3 * MAX_CAP < 2**53, exact as Lua doubles
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")  # goes into header names: x-ratelimit-limit-<name>
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    kind: Kind
+    limit: int
+    period: float = 0.0  # seconds; 0 for "concurrent"
+    name: str = ""
+    ticks: int = field(init=False, repr=False, compare=False)  # time resolution, ticks per second
+    span: int = field(init=False, repr=False, compare=False)  # the period in ticks
+    cap: int = field(init=False, repr=False, compare=False)  # limit * span: the level when all is used
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"rule kind must be one of {', '.join(KINDS)}")
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ValueError("rule limit must be a positive integer")
+        name = self.name
+        if self.kind == "concurrent":
+            if self.period:
+                raise ValueError("a concurrent rule has no period")
+            name = name or "concurrent"
+            ticks = span = 0
+        else:
+            if not (0 < self.period < math.inf):
+                raise ValueError("rule period must be a positive number of seconds")
+            if not name:
+                if self.period not in PERIOD_NAMES:
+                    raise ValueError("a rule with an unusual period needs a name")
+                name = f"{self.kind}-{PERIOD_NAMES[self.period]}"
+            fits = [t for t in TICKS if self.limit * round(self.period * t) <= MAX_CAP]
+            if not fits or round(self.period * fits[0]) < 1:
+                raise ValueError("rule limit * period is too large (or the period too short) to count exactly")
+            ticks = fits[0]
+            span = round(self.period * ticks)
+        if not _NAME.match(name):
+            raise ValueError("rule name must be lowercase letters, digits and '-'")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "ticks", ticks)
+        object.__setattr__(self, "span", span)
+        object.__setattr__(self, "cap", self.limit * span)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens. ``cached_input`` / ``cache_write`` None: billed as input."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+    cache_write: float | None = None
+
+    def __post_init__(self) -> None:
+        for rate in (self.input, self.output, self.cached_input, self.cache_write):
+            if rate is not None and not (isinstance(rate, int | float) and math.isfinite(rate) and rate >= 0):
+                raise ValueError("a price must be a finite, non-negative number")
+
+    def cost(self, usage: TokenCounts) -> float:
+        cached, written = usage.cached_input, usage.cache_creation
+        fresh = max(0, usage.input - cached - written)
+        cached_rate = self.input if self.cached_input is None else self.cached_input
+        write_rate = self.input if self.cache_write is None else self.cache_write
+        per_million = fresh * self.input + cached * cached_rate + written * write_rate + usage.output * self.output
+        return per_million / 1_000_000
