@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from addons.access_log import AccessLog
+from addons.cache.addon import Cache
 from addons.credentials import CredentialInjector
 from addons.health import HealthChecks
 from addons.limits import Limits
@@ -32,6 +33,10 @@ def default_addons(*, access_log: bool = True) -> list[object]:
         # puts them in flow.metadata before the limits, metrics and audit
         # observers (later in this list) read them.
         UsageMeter(),
+        # After the usage meter (a miss's recorder wraps its body observer,
+        # and a stored entry keeps the cost it measured), before limits: a
+        # hit or a coalesced follower never takes tokens or requests.
+        Cache(),
         # Before anything upstream: over a limit, the request waits or gets 429
         # here. Its response/error hooks reconcile tokens from flow.metadata["usage"].
         Limits(),

@@ -65,7 +65,7 @@ class AccessLog:
     def fields(flow: Flow) -> dict[str, Any]:
         """The line's fields, plain values only, in the order they are shown."""
         state, meta, err = flow.upstream_state, flow.metadata, flow.error
-        return {
+        out = {
             "request_id": flow.id,
             "caller": flow.caller,
             "method": flow.request.method,
@@ -79,6 +79,9 @@ class AccessLog:
             "attempts": meta.get("attempts", 1) if meta else 1,
             "error": err.code if err is not None else None,
         }
+        if meta and "cache" in meta:  # providers with a cache: hit, miss, stale, coalesced, bypass
+            out["cache"] = meta["cache"]
+        return out
 
     def __repr__(self) -> str:
         return f"AccessLog({self.log.name}, enabled={self.log.isEnabledFor(INFO)})"

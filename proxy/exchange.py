@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import ClientResponse
@@ -186,10 +187,21 @@ async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyRead
                 req.headers["content-length"] = str(req.content_length)
         await engine.addons.decide("request", flow)
         if flow.response is None:
-            resp = await forward(engine, flow, body)
-            flow.response = Response(resp.status, http1.end_to_end(resp.headers))
-            await engine.addons.decide("responseheaders", flow)
-        if flow.response.body is not None or resp is None:  # a local answer
+            try:
+                resp = await forward(engine, flow, body)
+            except errors.ProxyError as failed:
+                # An addon may have left an answer for when the upstream fails
+                # (the cache's stale entry); the caller's own broken body is no such case.
+                if not flow.metadata or body.error is not None or "error_answer" not in flow.metadata:
+                    raise
+                flow.response = flow.metadata.pop("error_answer")
+                flow.metadata["error_answered"] = failed.code
+            else:
+                flow.response = Response(resp.status, http1.end_to_end(resp.headers))
+                await engine.addons.decide("responseheaders", flow)
+        if resp is None and flow.response.stream is not None:  # a local answer made while sent
+            keep = await stream_local(conn, flow, flow.response.stream, keep and body.complete)
+        elif flow.response.body is not None or resp is None:  # a local answer
             keep = keep and body.complete
             await send_local(conn, flow, keep)
         else:
@@ -323,6 +335,41 @@ async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: C
         writer.write(b"0\r\n\r\n")
         await writer.drain()
     flow.bytes_to_client += sent
+    return keep
+
+
+async def stream_local(conn: ClientConn, flow: Flow, pieces: AsyncIterator[bytes], keep: bool) -> bool:
+    """A local answer whose body arrives while it is sent; framed by its
+    content-length when it has one, else chunked (HTTP/1.0: by the close)."""
+    out = flow.response
+    assert out is not None
+    headers, writer = out.headers, conn.writer
+    length = headers.get("content-length")
+    chunked = length is None and flow.request.http_version == "HTTP/1.1"
+    if chunked:
+        headers["transfer-encoding"] = "chunked"
+    elif length is None:
+        keep = False
+    no_body = http1.status_has_no_body(flow.request.method, out.status)
+    _finish_headers(conn, flow, headers, keep)
+    writer.write(http1.response_head(out.status, headers.items(), out.reason))
+    sent = 0
+    try:
+        async for piece in pieces:
+            if not no_body and piece:
+                sent += len(piece)
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                await writer.drain()
+    except errors.ProxyError as err:
+        if chunked and _wants_sse_error(flow, headers):
+            event = sse_error_event(err)
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        raise
+    finally:
+        flow.bytes_to_client += sent
+    if chunked and not no_body:
+        writer.write(b"0\r\n\r\n")
+    await writer.drain()
     return keep
 
 

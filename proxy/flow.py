@@ -56,11 +56,13 @@ class Request:
 class Response:
     """The response as it will be sent to the caller.
 
-    For a local reply (an addon answering, an error) ``body`` holds the bytes.
-    For an upstream response the engine streams the body; ``body`` is None.
+    For a local reply (an addon answering, an error) ``body`` holds the bytes,
+    or ``stream`` yields them (an answer produced while it is sent: a cache
+    follower). For an upstream response the engine streams the body; both
+    are None.
     """
 
-    __slots__ = ("status", "headers", "body", "reason")
+    __slots__ = ("status", "headers", "body", "reason", "stream")
 
     def __init__(
         self,
@@ -68,11 +70,13 @@ class Response:
         headers: CIMultiDict[str] | None = None,
         body: bytes | None = None,
         reason: bytes | None = None,
+        stream: AsyncIterator[bytes] | None = None,
     ) -> None:
         self.status = status
         self.headers = headers if headers is not None else CIMultiDict()
         self.body = body
         self.reason = reason  # None: the standard phrase for the status
+        self.stream = stream  # a local body sent as it comes: chunked, or framed by its content-length
 
     @classmethod
     def make(cls, status: int, body: bytes = b"", content_type: str = "application/json") -> Response:
@@ -89,6 +93,16 @@ class Response:
 
     def __repr__(self) -> str:
         return f"Response({self.status})"
+
+
+class ObserverTee:
+    """A ``body_observer`` that records the pieces and passes them on to the
+    observer it replaced (``inner``); readers of an observer unwrap it."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Callable[[bytes], None] | None) -> None:
+        self.inner = inner
 
 
 def new_request_id() -> str:

@@ -43,7 +43,7 @@ from addons.usage.stream import SSEUsageMeter
 from addons.usage.tokens import RequestEstimate, Usage, estimate_request, usage_from_json
 from proxy.capabilities import USAGE_REPORT
 from proxy.errors import ProxyError
-from proxy.flow import Flow, Response
+from proxy.flow import Flow, ObserverTee, Response
 from proxy.policy import Policy, Provider
 
 if TYPE_CHECKING:
@@ -205,6 +205,8 @@ class UsageMeter:
         self.ledger.record(self.clock(), (served, usage.model or "unknown", upstream, flow.caller), usage, cost)
 
     def _measure(self, flow: Flow, observer: Callable[[bytes], None] | None) -> Usage:
+        if isinstance(observer, ObserverTee):  # the cache's recorder: ours is inside
+            observer = observer.inner
         reader = getattr(observer, "__self__", observer)
         if isinstance(reader, InflatingSSE):
             reader = reader.meter

@@ -31,16 +31,18 @@ from proxy.secrets import SecretStore
 
 log = logging.getLogger("sidekey.credentials")
 
-# Vendor SDKs that log request and response bodies (secret values) at DEBUG:
-# held at INFO whatever sidekey's own level is, so --log-level debug stays safe.
+# Vendor SDKs that log request and response bodies (secret values) at DEBUG,
+# and every request URL at INFO (azure-core): held at WARNING whatever
+# sidekey's own level is, so --log-level debug stays safe. Their failures
+# reach the log as ours, from fixed phrases (proxy.credentials.cache).
 VERBOSE_SDK_LOGGERS = ("botocore", "aiobotocore", "boto3", "urllib3", "azure", "msal", "hvac")
 
 
 def quiet_sdk_loggers() -> None:
     for name in VERBOSE_SDK_LOGGERS:
         logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET or logger.level < logging.INFO:
-            logger.setLevel(logging.INFO)
+        if logger.level < logging.WARNING:  # NOTSET (0) included: it would inherit our DEBUG
+            logger.setLevel(logging.WARNING)
 
 
 OAUTH2_TIMING = Timing(follow_expiry=True)
@@ -121,6 +123,7 @@ class CredentialSet:
             entry = self.entries.get(ref)
             if entry is None or self._keys.get(ref) != key:
                 entry = CachedCredential(*self._source(ref, provider), clock=self.clock)
+                entry.lazy = ref.kind == "oauth2"
                 fresh.append(entry)
             entries[ref], keys[ref] = entry, key
         self.entries, self._keys = entries, keys
@@ -153,7 +156,7 @@ class CredentialSet:
             self._wake.clear()
             now = self.clock()
             for entry in self.entries.values():
-                started = entry.plan is not None or entry.failures > 0 or entry.source.source[:7] != "oauth2:"
+                started = not entry.lazy or entry.plan is not None or entry.failures > 0
                 if started and entry.due(now) and not entry.busy:
                     task = asyncio.create_task(entry.refresh(), name=f"sidekey-credential {entry.source.source}")
                     self._tasks.add(task)

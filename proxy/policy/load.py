@@ -31,6 +31,7 @@ import yaml
 
 from proxy.credentials import policy_read as creds
 from proxy.credentials.config import SecretStores
+from proxy.policy import cache as cache_config
 from proxy.policy import groups, quotas, websocket
 from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Read, Reader, join, line_of
 from proxy.policy.model import (
@@ -87,6 +88,7 @@ PROVIDER = frozenset(
         "queue_wait",
         "budget",
         "caller_budget",
+        "cache",
         *websocket.FIELDS,
     }
 )
@@ -181,6 +183,9 @@ class _Builder:
             digest=self.digest,
         )
         groups.check_references(r, policy)
+        for p in policy.providers:
+            if p.cache is not None and p.cache.backend == "redis" and policy.redis is None:
+                r.problem(p.line, f"providers.{p.name}.cache.backend", "redis needs the policy's redis: section")
         return policy
 
     def limits(self, node: yaml.Node, field: str) -> ListenerLimits:
@@ -253,6 +258,7 @@ class _Builder:
         queue_wait = r.opt(f, field, "queue_wait", partial(quotas.queue_wait, r), 5.0)
         budget = r.opt(f, field, "budget", partial(quotas.budget, r), None, null_ok=True)
         caller_budget = r.opt(f, field, "caller_budget", partial(quotas.budget, r), None, null_ok=True)
+        cache = r.opt(f, field, "cache", partial(cache_config.read, r), None, null_ok=True)
         ws = websocket.read(r, f, field, hosts)
         if auth is None:
             return None
@@ -278,6 +284,7 @@ class _Builder:
             queue_wait=queue_wait,
             budget=budget,
             caller_budget=caller_budget,
+            cache=cache,
             websocket=ws,
             line=line_of(key_node),
         )

@@ -107,6 +107,9 @@ class FakeProvider:
         self.expected_key = expected_key
         self.stream_delay: float = 0.0
         self.stream_gate: asyncio.Event | None = None
+        # When set, every request waits for it after its body is read (tests of
+        # requests in flight at the same time: coalescing).
+        self.hold: asyncio.Event | None = None
         self.openai_reply = openai_wire.OPENAI_REPLY
         self.anthropic_reply = anthropic_wire.ANTHROPIC_REPLY
         self.received: list[ReceivedRequest] = []
@@ -244,6 +247,8 @@ class FakeProvider:
         denied = self._check_key(request) or self._throttle(request)
         if denied is not None:
             return denied
+        if self.hold is not None:
+            await self.hold.wait()
         try:
             return await handler(request)
         except ConnectionError:

@@ -119,5 +119,17 @@ class FakeProviderThread:
     def release_gate(self) -> None:
         self.call(lambda p: p.release_gate())
 
+    def hold_requests(self) -> None:
+        """Every request waits (after its body) until ``release_requests``."""
+        self.call(lambda p: setattr(p, "hold", asyncio.Event()))
+
+    def release_requests(self) -> None:
+        def release(p: FakeProvider) -> None:
+            if p.hold is not None:
+                p.hold.set()
+            p.hold = None
+
+        self.call(release)
+
     def disarm_gate(self) -> None:
         self.call(lambda p: setattr(p, "stream_gate", None))

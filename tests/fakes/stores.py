@@ -201,6 +201,125 @@ class FakeVault(StoreThread):
         })  # fmt: skip
 
 
+class FakeAzureKeyVault(StoreThread):
+    """Key Vault's ``GET /secrets/{name}[/{version}]`` (API 7.x) behind its
+    bearer challenge, and the App Service managed identity endpoint at
+    ``/msi/token`` that azure-identity's default chain finds through
+    ``IDENTITY_ENDPOINT`` and ``IDENTITY_HEADER`` (``identity_env``).
+
+    Key Vault's challenge names a resource whose domain the vault's host
+    ends with (``vault.azure.net`` for ``NAME.vault.azure.net``), and the
+    SDK checks that. The vault here is ``127.0.0.1``, so the resource named
+    is ``0.0.1``: the check runs as it does against Azure, unmodified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: dict[str, list[tuple[str, str]]] = {}  # name -> [(version, value)], newest last
+        self.identity_header = secrets.token_hex(16)
+        self.tokens: set[str] = set()
+        self.token_requests = 0
+        self.reads = 0
+
+    @property
+    def vault_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def identity_env(self) -> dict[str, str]:
+        return {"IDENTITY_ENDPOINT": f"{self.vault_url}/msi/token", "IDENTITY_HEADER": self.identity_header}
+
+    def put(self, name: str, value: str) -> str:
+        version = uuid.uuid4().hex
+        self.secrets.setdefault(name, []).append((version, value))
+        return version
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/msi/token", self._msi_token)
+        app.router.add_get("/secrets/{name}", self._secret)
+        app.router.add_get("/secrets/{name}/", self._secret)  # the SDK asks for the latest as NAME/ + empty version
+        app.router.add_get("/secrets/{name}/{version}", self._secret)
+
+    def _resource(self) -> str:
+        return f"https://0.0.1:{self.port}"
+
+    async def _msi_token(self, request: web.Request) -> web.Response:
+        if request.headers.get("X-IDENTITY-HEADER") != self.identity_header:
+            return web.json_response({"error": "invalid_request"}, status=400)
+        if request.query.get("api-version") != "2019-08-01" or not request.query.get("resource"):
+            return web.json_response({"error": "invalid_request"}, status=400)
+        self.token_requests += 1
+        token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.MI-" + secrets.token_urlsafe(16)
+        self.tokens.add(token)
+        return web.json_response({"access_token": token, "expires_on": str(int(time.time()) + 3600),
+                                  "resource": request.query["resource"], "token_type": "Bearer",
+                                  "client_id": str(uuid.uuid4())})  # fmt: skip
+
+    async def _secret(self, request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
+            challenge = f'Bearer authorization="https://login.microsoftonline.com/{uuid.UUID(int=7)}", resource="{self._resource()}"'
+            return web.json_response({"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}},
+                                     status=401, headers={"WWW-Authenticate": challenge})  # fmt: skip
+        name, version = request.match_info["name"], request.match_info.get("version")
+        versions = self.secrets.get(name, [])
+        found = [v for v in versions if v[0] == version] if version else versions[-1:]
+        if not found:
+            return web.json_response({"error": {"code": "SecretNotFound", "message": f"A secret with (name/id) {name} was not found in this key vault."}},
+                                     status=404)  # fmt: skip
+        self.reads += 1
+        ver, value = found[0]
+        now = int(time.time())
+        return web.json_response({
+            "value": value, "id": f"{self.vault_url}/secrets/{name}/{ver}",
+            "attributes": {"enabled": True, "created": now, "updated": now, "recoveryLevel": "Recoverable+Purgeable",
+                           "recoverableDays": 90},
+            "tags": {},
+        })  # fmt: skip
+
+
+class MotoTLSServer:
+    """moto's server (the AWS APIs it implements, over their real HTTP
+    wire) behind TLS with its own trustme CA, as ``moto_server`` runs it."""
+
+    def __init__(self) -> None:
+        self._tmp = Path(tempfile.mkdtemp(prefix="fake-aws-"))
+        ca = trustme.CA()
+        self.ca_pem_path = self._tmp / "ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_pem_path))
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        self._cert, self._key = self._tmp / "cert.pem", self._tmp / "key.pem"
+        cert.cert_chain_pems[0].write_to_path(str(self._cert))
+        cert.private_key_pem.write_to_path(str(self._key))
+        self.port = 0
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    def __enter__(self) -> MotoTLSServer:
+        from moto.moto_server.threaded_moto_server import MotoRequestHandler
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(self._cert), str(self._key))
+        self._server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler,
+                                   ssl_context=ctx)  # fmt: skip
+        self.port = self._server.socket.getsockname()[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="moto", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
 class FakeTokenEndpoint(StoreThread):
     """An OAuth 2.0 token endpoint at ``/oauth/token``: client_credentials
     with client_secret_basic or client_secret_post, and refresh_token

@@ -13,6 +13,7 @@ from multidict import CIMultiDict
 
 from addons import default_addons, load_addons
 from addons.access_log import AccessLog
+from addons.cache.addon import Cache
 from addons.credentials import CredentialInjector, strip_query_param
 from addons.health import HealthChecks
 from addons.limits import Limits
@@ -248,7 +249,7 @@ async def test_observer_failure_is_logged_and_the_next_addon_runs(caplog: pytest
 
 def test_default_addons_order() -> None:
     assert [type(a) for a in default_addons()] == [
-        CredentialInjector, ProviderHeaders, UsageMeter, Limits, Metrics, HealthChecks, AccessLog
+        CredentialInjector, ProviderHeaders, UsageMeter, Cache, Limits, Metrics, HealthChecks, AccessLog
     ]  # fmt: skip
     assert AccessLog not in [type(a) for a in default_addons(access_log=False)]
 

@@ -1,0 +1,414 @@
+"""The response cache and request coalescing, as an addon (``cache:`` per provider).
+
+Hooks, and why each sits where it does (after credentials, provider headers
+and the usage meter; before limits):
+- ``request``: reads and removes the caller's cache headers, builds the key,
+  answers a fresh entry locally (so limits never see a hit), or waits for an
+  identical request in flight and answers with its pieces (a follower), or
+  leads (a miss). An expired entry still within ``stale_if_error`` is left
+  as the flow's ``error_answer`` for when every upstream fails.
+- ``responseheaders``: an upstream error with a stale entry at hand answers
+  the stale entry; a storable head starts recording the body (the recorder
+  wraps the usage meter's observer, which it feeds on) and tells followers.
+- ``response`` / ``error``: store the recording when it ended cleanly; end
+  the flight either way.
+
+A flow of a provider without ``cache:`` pays one attribute test per hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any
+
+from multidict import CIMultiDict
+
+from addons.cache import rules
+from addons.cache.flight import Flight, FlightFailed
+from addons.cache.key import Identities, cache_key
+from addons.cache.sse import StreamJudge
+from addons.cache.stats import CacheStats
+from addons.cache.stores import Entry, MemoryStore, RedisStore
+from proxy import errors
+from proxy.flow import Flow, ObserverTee, Response
+from proxy.policy import CachePolicy, Policy, Provider
+
+if TYPE_CHECKING:
+    from proxy.engine import Sidekey
+
+log = logging.getLogger("sidekey.cache")
+
+
+class Pending:
+    """A flow's cache state between its hooks (``flow.metadata["cache_state"]``)."""
+
+    __slots__ = ("key", "policy", "directives", "stale", "flight", "recorder")
+
+    def __init__(self, key: str, policy: CachePolicy, directives: rules.Directives, stale: Entry | None,
+                 flight: Flight | None) -> None:  # fmt: skip
+        self.key, self.policy, self.directives, self.stale, self.flight = key, policy, directives, stale, flight
+        self.recorder: Recorder | None = None
+
+
+class Recorder(ObserverTee):
+    """The body observer of a miss: keeps the pieces (up to the entry limit),
+    judges a stream, feeds followers, then the observer it wrapped."""
+
+    __slots__ = ("pieces", "size", "limit", "judge", "flight")
+
+    def __init__(self, inner: Any, limit: int, judge: StreamJudge | None, flight: Flight | None) -> None:
+        super().__init__(inner)
+        self.pieces: list[bytes] | None = []  # None: past the limit, not stored
+        self.size = 0
+        self.limit = limit
+        self.judge = judge
+        self.flight = flight
+
+    def __call__(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.pieces is not None:
+            if self.size > self.limit:
+                self.pieces = None
+            else:
+                self.pieces.append(piece)
+                if self.judge is not None:
+                    self.judge.feed(piece)
+        if self.flight is not None:
+            self.flight.publish(piece)
+        if self.inner is not None:
+            self.inner(piece)
+
+
+class Cache:
+    name = "cache"
+
+    def __init__(self, *, clock: Any = time.time) -> None:
+        self.clock = clock
+        self.engine: Sidekey | None = None
+        self.memory: dict[str, MemoryStore] = {}  # per provider, each with its own max_bytes
+        self.redis: RedisStore | None = None
+        self.identities = Identities(os.urandom(32))  # this process's; the Redis-shared one replaces it
+        self.flights: dict[str, Flight] = {}
+        self.stats = CacheStats()
+        self._secrets: Any = None  # the credentials addon's SecretStore
+        self._writes: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def bind(self, engine: Sidekey) -> None:
+        self.engine = engine
+        for addon in engine.addons.addons:
+            if type(addon).__name__ == "CredentialInjector":
+                self._secrets = addon.store  # type: ignore[attr-defined]
+            registry = getattr(addon, "registry", None)
+            if registry is not None and type(addon).__name__ == "Metrics":
+                registry.register(self.stats.collector(self))
+
+    def configure(self, policy: Policy) -> None:
+        kept: dict[str, MemoryStore] = {}
+        for p in policy.providers:
+            c = p.cache
+            if c is None or c.backend != "memory":
+                continue
+            store = self.memory.get(p.name) or MemoryStore(c.max_bytes, clock=self.clock)
+            store.max_bytes = c.max_bytes
+            kept[p.name] = store
+        self.memory = kept
+        client = self.engine.redis if self.engine is not None else None
+        wants_redis = any(p.cache is not None and p.cache.backend == "redis" for p in policy.providers)
+        if client is None or not wants_redis:
+            self.redis = None
+        elif self.redis is None or self.redis.client is not client:
+            timeout = policy.redis.timeout if policy.redis is not None else 0.5
+            self.redis = RedisStore(client, timeout=timeout, clock=self.clock)
+
+    async def running(self) -> None:
+        if self.redis is not None:
+            try:
+                self.identities = Identities(await self.redis.hmac_key(os.urandom(32)))
+            except Exception as exc:  # noqa: BLE001 - a down Redis: entries of this process only
+                log.warning("cache: cannot read the shared identity key from Redis (%s)", type(exc).__name__)
+
+    async def done(self) -> None:
+        for task in list(self._writes):
+            with contextlib.suppress(Exception):
+                await task
+
+    # -- hooks ---------------------------------------------------------------------------
+    def request(self, flow: Flow) -> Awaitable[None] | None:
+        provider = flow.provider
+        if provider is None or provider.cache is None:
+            return None
+        policy = provider.cache
+        req = flow.request
+        directives = rules.directives(req.headers, policy)
+        body = req.body
+        if not policy.method_cached(req.method, req.path) or not (body is None or type(body) is bytes):
+            flow.metadata["cache"] = "bypass"
+            return None
+        key = cache_key(
+            provider=provider.name, identity=self._identity(provider),
+            caller=flow.caller if policy.scope == "caller" else None, method=req.method, target=req.path,
+            headers=req.headers, vary=policy.vary, body=body or b"",
+        )  # fmt: skip
+        if self.redis is not None and policy.backend == "redis":
+            return self._lookup_redis(flow, provider, policy, directives, key)
+        store = self.memory.get(provider.name)
+        entry = store.get(key) if store is not None else None
+        return self._decide(flow, provider, policy, directives, key, entry)
+
+    def responseheaders(self, flow: Flow) -> None:
+        meta = flow.metadata
+        pending: Pending | None = meta.get("cache_state") if meta else None
+        if pending is None:
+            if meta and meta.get("cache") == "bypass" and flow.response is not None:
+                flow.response.headers[rules.CACHE_HEADER] = "bypass"
+            return
+        resp = flow.response
+        assert resp is not None and flow.provider is not None
+        policy, flight = pending.policy, pending.flight
+        if pending.stale is not None and (resp.status >= 500 or resp.status == 429):
+            flow.response = self._answer(pending.stale, "stale")
+            meta["cache"] = "stale"
+            return
+        headers = resp.headers
+        state = flow.upstream_state
+        length = headers.get("content-length")
+        storable = (
+            pending.directives.store
+            and rules.storable_head(resp.status, headers, policy)
+            and (state is None or state.provider == flow.provider.name)  # never a fallback's answer
+            and (length is None or (length.isdigit() and int(length) <= policy.max_entry_bytes))
+        )
+        sse = headers.get("content-type", "").startswith("text/event-stream")
+        if sse and headers.get("content-encoding", "identity").strip().lower() != "identity":
+            storable = False  # a compressed stream cannot be judged
+        if flight is not None:
+            if storable:
+                flight.head(resp.status, CIMultiDict(headers))
+            else:
+                self._end_flight(flight, ok=False)
+                flight = pending.flight = None
+        if storable or flight is not None:
+            recorder = Recorder(flow.body_observer, policy.max_entry_bytes if storable else -1,
+                                StreamJudge() if sse else None, flight)  # fmt: skip
+            if not storable:
+                recorder.pieces = None
+            flow.body_observer = pending.recorder = recorder
+        headers[rules.CACHE_HEADER] = meta.get("cache", "miss")
+        headers["age"] = "0"
+
+    def response(self, flow: Flow) -> None:
+        meta = flow.metadata
+        if not meta:
+            return
+        pending: Pending | None = meta.pop("cache_state", None)
+        if "error_answered" in meta:  # every upstream failed: the stale entry answered
+            meta["cache"] = "stale"
+        result = meta.get("cache")
+        if result is not None and flow.provider is not None:
+            self.stats.count(flow.provider.name, result)
+        if pending is None:
+            return
+        recorder = pending.recorder
+        entry = None
+        if recorder is not None and recorder.pieces is not None and meta.get("cache") == "miss":
+            judge = recorder.judge
+            if judge is None or judge.clean:
+                entry = self._entry(flow, pending, b"".join(recorder.pieces))
+        if entry is not None:
+            self._store(pending.key, entry, pending.policy)
+        if pending.flight is not None:
+            self._end_flight(pending.flight, ok=entry is not None or recorder is not None)
+
+    def error(self, flow: Flow) -> None:
+        meta = flow.metadata
+        if not meta:
+            return
+        pending: Pending | None = meta.pop("cache_state", None)
+        if flow.provider is not None and "cache" in meta:
+            self.stats.count(flow.provider.name, "error")
+        if pending is not None and pending.flight is not None:
+            self._end_flight(pending.flight, ok=False)
+
+    # -- internals -----------------------------------------------------------------------
+    def _identity(self, provider: Provider) -> str:
+        """Whose answer it is: the keyed hash of the group's credentials. Every
+        member of one provider's group may answer any of its requests, so the
+        group's identities together name the entry; a changed key, another
+        provider or another tenant never shares it."""
+        if provider.auth.type == "none" or self._secrets is None:
+            return "none"
+        secrets = self._secrets
+        parts = []
+        for target in provider.targets:
+            ref = provider.secret_of(target)
+            secret = secrets.get(ref) if ref is not None else None
+            parts.append(self.identities.of(secret) if secret is not None else "-")
+        return parts[0] if len(parts) == 1 else ",".join(sorted(parts))
+
+    async def _lookup_redis(self, flow: Flow, provider: Provider, policy: CachePolicy, directives: rules.Directives,
+                            key: str) -> None:  # fmt: skip
+        assert self.redis is not None
+        entry = None
+        if directives.lookup:
+            try:
+                async with asyncio.timeout(self.redis.timeout):
+                    entry = await self.redis.get(provider.name, key)
+            except Exception as exc:  # noqa: BLE001 - a down Redis is a miss, never a failed request
+                self.redis.errors += 1
+                log.debug("cache: redis read failed (%s)", type(exc).__name__)
+        waited = self._decide(flow, provider, policy, directives, key, entry)
+        if waited is not None:
+            await waited
+
+    def _decide(self, flow: Flow, provider: Provider, policy: CachePolicy, directives: rules.Directives, key: str,
+                entry: Entry | None) -> Awaitable[None] | None:  # fmt: skip
+        now = self.clock()
+        if entry is not None and directives.lookup and entry.fresh(now):
+            flow.response = self._answer(entry, "hit", now)
+            flow.metadata["cache"] = "hit"
+            self.stats.saved(provider.name, entry.saved_usd)
+            return None
+        stale = entry if entry is not None and policy.stale_if_error and entry.usable_stale(now) else None
+        if stale is not None:
+            flow.metadata["error_answer"] = self._answer(stale, "stale", now)
+        flight = None
+        if policy.coalesce and directives.lookup:
+            flight = self.flights.get(key)
+            if flight is not None and flight.open:
+                return self._follow(flow, provider, policy, directives, key, flight, stale)
+            flight = self.flights[key] = Flight(key, policy.max_entry_bytes)
+        flow.metadata["cache"] = "miss" if directives.lookup else "bypass"
+        flow.metadata["cache_state"] = Pending(key, policy, directives, stale, flight)
+        return None
+
+    async def _follow(self, flow: Flow, provider: Provider, policy: CachePolicy, directives: rules.Directives,
+                      key: str, flight: Flight, stale: Entry | None) -> None:  # fmt: skip
+        """Wait for the leader; if it fails before we saw a byte, look again
+        (an entry may be there now), then follow or lead the next flight."""
+        while True:
+            flight.followers += 1
+            self.stats.count(provider.name, "coalesced_wait")
+            sse = "text/event-stream" in flow.request.headers.get("accept", "") or b'"stream":true' in (
+                flow.request.body if type(flow.request.body) is bytes else b"").replace(b" ", b"")
+            started = await flight.wait_start(sse)
+            if started:
+                assert flight.status is not None and flight.headers is not None
+                headers = CIMultiDict(flight.headers)
+                headers[rules.CACHE_HEADER] = "coalesced"
+                headers["age"] = "0"
+                for name in ("x-sidekey-request-id", "x-sidekey-attempts", "x-sidekey-provider", "x-sidekey-upstream"):
+                    headers.popall(name, None)
+                whole = flight.body() if flight.done else None
+                if whole is not None:
+                    flow.response = Response(flight.status, headers, whole)
+                else:
+                    flow.response = Response(flight.status, headers, stream=_pieces(flight, provider.name))
+                flow.metadata["cache"] = "coalesced"
+                return
+            store = self.memory.get(provider.name)
+            entry = store.get(key) if store is not None and policy.backend == "memory" else None
+            waited = self._decide(flow, provider, policy, directives, key, entry)
+            if waited is None:
+                return  # a hit, or we lead now
+            nxt = self.flights.get(key)
+            if nxt is None:
+                return
+            flight = nxt
+
+    def _answer(self, entry: Entry, result: str, now: float | None = None) -> Response:
+        headers: CIMultiDict[str] = CIMultiDict(entry.headers)
+        headers[rules.CACHE_HEADER] = result
+        headers["age"] = str(int(entry.age(self.clock() if now is None else now)))
+        return Response(entry.status, headers, entry.body)
+
+    def _entry(self, flow: Flow, pending: Pending, body: bytes) -> Entry:
+        resp = flow.response
+        assert resp is not None and flow.provider is not None
+        meta = flow.metadata
+        cost = meta.get("cost")
+        usage = meta.get("usage")
+        tokens = (usage.input + usage.output) if usage is not None else 0
+        return Entry(flow.provider.name, flow.request.path.split("?", 1)[0], resp.status,
+                     rules.replayed_headers(resp.headers), body, self.clock(), pending.directives.ttl,
+                     pending.policy.stale_if_error, float(cost) if isinstance(cost, float | int) else 0.0,
+                     tokens)  # fmt: skip
+
+    def _store(self, key: str, entry: Entry, policy: CachePolicy) -> None:
+        if policy.backend == "memory":
+            store = self.memory.get(entry.provider)
+            if store is not None:
+                store.put(key, entry)
+            return
+        if self.redis is not None:
+            task = asyncio.create_task(self._redis_put(key, entry), name="sidekey-cache-write")
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _redis_put(self, key: str, entry: Entry) -> None:
+        assert self.redis is not None
+        try:
+            async with asyncio.timeout(self.redis.timeout * 4):
+                await self.redis.put(key, entry)
+        except Exception as exc:  # noqa: BLE001 - an entry not written is a later miss
+            self.redis.errors += 1
+            log.debug("cache: redis write failed (%s)", type(exc).__name__)
+
+    def _end_flight(self, flight: Flight, *, ok: bool) -> None:
+        if self.flights.get(flight.key) is flight:
+            del self.flights[flight.key]
+        if ok:
+            flight.finish()
+        else:
+            flight.fail()
+
+    # -- operations ----------------------------------------------------------------------
+    async def delete(self, provider: str | None, pattern: str) -> int:
+        removed = 0
+        for name, store in self.memory.items():
+            if provider is None or provider == name:
+                removed += store.delete(None, pattern)
+        if self.redis is not None and self.engine is not None:
+            names = [p.name for p in self.engine.policy.providers
+                     if p.cache is not None and p.cache.backend == "redis" and provider in (None, p.name)]  # fmt: skip
+            removed += await self.redis.delete(names, pattern)
+        return removed
+
+    async def report(self) -> dict[str, Any]:
+        providers: dict[str, Any] = {}
+        policy = self.engine.policy if self.engine is not None else None
+        for p in policy.providers if policy is not None else ():
+            if p.cache is None:
+                continue
+            view = self.stats.view(p.name)
+            store = self.memory.get(p.name)
+            if store is not None:
+                view.update(store.statistics())
+            elif self.redis is not None:
+                try:
+                    view["entries"] = await self.redis.count(p.name)
+                except Exception:  # noqa: BLE001 - stats still answer without Redis
+                    view["entries"] = None
+                view["bytes"] = None
+            view["backend"] = p.cache.backend
+            providers[p.name] = view
+        return {"providers": providers, "in_flight": len(self.flights)}
+
+    def statistics(self) -> dict[str, Any]:
+        return {"flights": len(self.flights), "stores": {k: v.statistics() for k, v in self.memory.items()}}
+
+    def __repr__(self) -> str:
+        return f"Cache({len(self.memory)} memory stores, redis={self.redis is not None}, {len(self.flights)} flights)"
+
+
+async def _pieces(flight: Flight, provider: str) -> AsyncIterator[bytes]:
+    try:
+        async for piece in flight.follow():
+            yield piece
+    except FlightFailed:
+        raise errors.UpstreamDisconnected(provider) from None

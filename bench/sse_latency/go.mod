@@ -1,0 +1,3 @@
+module sselatency
+
+go 1.19

@@ -1,0 +1,87 @@
+"""The ``cache:`` block of a provider: what may be cached, for how long, where
+(``proxy.policy.model.CachePolicy``; the cache itself is ``addons/cache``).
+
+Read by the policy loader (``proxy.policy.load``) with the same conventions as
+every other block: each problem names file, line and field, and never repeats
+the value. Off unless the provider has a ``cache:`` block.
+
+    cache:
+      ttl: 10m                      # the longest an entry is fresh
+      paths: [/v1/chat/completions] # POST paths that may be cached (GET/HEAD always)
+      max_entry_bytes: 1MiB         # larger answers stream through, uncached
+      max_bytes: 64MiB              # the memory backend's bound (LRU by bytes)
+      backend: memory               # or redis (the policy's ``redis:``)
+      stale_if_error: 1h            # an expired entry still serves when every upstream failed
+      coalesce: true                # identical requests in flight wait for the first
+      scope: upstream               # or caller: each caller has its own entries
+      vary: [anthropic-version]     # replaces the default list of answer-changing headers
+      statuses: [200]
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from proxy.policy.fields import Reader, join
+from proxy.policy.model import CachePolicy
+
+FIELDS = frozenset(
+    {"ttl", "methods", "paths", "max_entry_bytes", "max_bytes", "backend", "stale_if_error", "coalesce", "scope",
+     "vary", "statuses"}
+)  # fmt: skip
+_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
+_METHOD = re.compile(r"[A-Z]{1,16}")
+
+
+def read(r: Reader, node: yaml.Node, field: str) -> CachePolicy:
+    """``providers.NAME.cache``."""
+    d = CachePolicy()
+    f = r.mapping(node, field, FIELDS)
+
+    def method(n: yaml.Node, where: str) -> str:
+        value = r.scalar(n, where, "an HTTP method")
+        if not _METHOD.fullmatch(value) or value not in ("GET", "HEAD", "POST", "QUERY"):
+            raise r.problem(n, where, "expected GET, HEAD, POST or QUERY")
+        return value
+
+    def path(n: yaml.Node, where: str) -> str:
+        value = r.scalar(n, where, "a path")
+        if not _PATH.fullmatch(value):
+            raise r.problem(n, where, "expected an absolute path such as /v1/chat/completions")
+        return value
+
+    def status(n: yaml.Node, where: str) -> int:
+        code = r.integer(n, where, minimum=200)
+        if code > 499:
+            raise r.problem(n, where, "expected a status from 200 to 499 (errors of the upstream are never cached)")
+        return code
+
+    def coalesce(n: yaml.Node, where: str) -> bool:
+        if isinstance(n, yaml.ScalarNode) and n.tag.endswith(":bool"):
+            return r.flag(n, where)
+        return r.choice(n, where, ("cluster",)) == "cluster"  # cluster: local, and across sidecars when built
+
+    ttl = r.opt(f, field, "ttl", r.duration, d.ttl)
+    max_entry = r.opt(f, field, "max_entry_bytes", r.size, d.max_entry_bytes)
+    max_bytes = r.opt(f, field, "max_bytes", r.size, d.max_bytes)
+    if max_entry > max_bytes and "max_entry_bytes" in f:
+        r.problem(f["max_entry_bytes"], join(field, "max_entry_bytes"), "must not exceed max_bytes")
+    backend = r.opt(f, field, "backend", lambda n, w: r.choice(n, w, ("memory", "redis")), "memory")
+    scope = r.opt(f, field, "scope", lambda n, w: r.choice(n, w, ("upstream", "caller")), "upstream")
+    methods = r.each(f.get("methods"), join(field, "methods"), method) if "methods" in f else d.methods
+    return CachePolicy(
+        ttl=ttl,
+        methods=methods,
+        paths=r.each(f.get("paths"), join(field, "paths"), path) if "paths" in f else d.paths,
+        max_entry_bytes=max_entry,
+        max_bytes=max_bytes,
+        backend="redis" if backend == "redis" else "memory",
+        stale_if_error=r.opt(f, field, "stale_if_error", lambda n, w: r.duration(n, w, zero_ok=True), 0.0),
+        coalesce=r.opt(f, field, "coalesce", coalesce, d.coalesce),
+        scope="caller" if scope == "caller" else "upstream",
+        vary=r.each(f.get("vary"), join(field, "vary"), r.token) if "vary" in f else d.vary,
+        statuses=r.each(f.get("statuses"), join(field, "statuses"), status) if "statuses" in f else d.statuses,
+    )
+

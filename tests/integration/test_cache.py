@@ -1,0 +1,194 @@
+"""The response cache and coalescing through a real sidekey process: the
+official SDKs, curl and httpx against the fake provider over TLS (#12)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.fakes.provider import FakeProviderThread
+from tests.integration.conftest import (
+    OPENAI_KEY,
+    PLACEHOLDER,
+    SECRET_ENV,
+    assert_no_secret,
+    curl,
+    fake_provider,
+    policy_for,
+)
+from tests.integration.sidekey_process import SidekeyProcess
+
+Start = Callable[..., SidekeyProcess]
+CACHE = "{ttl: 5m, stale_if_error: 1h}"
+MESSAGES = [{"role": "user", "content": "say hello to me"}]
+
+
+def cached_policy(fake: FakeProviderThread, cache: str = CACHE, extra: str = "") -> str:
+    """openai and anthropic with a cache; 'other' the same upstream under a second key."""
+    text = policy_for(fake, extra=extra + fake_provider(fake, "other", "other.test",
+                      auth="{type: bearer, secret: env:OTHER_KEY}", cache=cache))  # fmt: skip
+    text = text.replace("    retry: {attempts: 1}  # failure", f"    cache: {cache}\n    retry: {{attempts: 1}}  # failure")
+    return text.replace("    set_headers: {anthropic-version", f"    cache: {cache}\n    set_headers: {{anthropic-version")
+
+
+@pytest.fixture
+def proxy(start_sidekey: Start, fake: FakeProviderThread, monkeypatch: pytest.MonkeyPatch) -> SidekeyProcess:
+    started = start_sidekey(cached_policy(fake), env={**SECRET_ENV, "OTHER_KEY": "sk-other-REALKEY-77"})
+    client_env(monkeypatch, started)
+    return started
+
+
+def client_env(monkeypatch: pytest.MonkeyPatch, proxy: SidekeyProcess) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_path))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+
+def upstream_calls(fake: FakeProviderThread, path: str = "/v1/chat/completions") -> int:
+    return sum(1 for r in fake.received if r.path == path)
+
+
+def chat_raw(client: openai.OpenAI, **extra: Any) -> Any:
+    return client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES, **extra)
+
+
+def post(proxy: SidekeyProcess, body: str, *headers: str, host: str = "api.openai.com") -> tuple[dict[str, str], str]:
+    args = ["-s", "-D", "-", "-H", "content-type: application/json"]
+    for h in headers:
+        args += ["-H", h]
+    result = curl(proxy, *args, "-d", body, f"https://{host}/v1/chat/completions")
+    head, _, text = result.stdout.partition("\n\n")  # text mode: CRLF read as LF
+    assert head.startswith("HTTP/1.1 "), result.stdout + result.stderr
+    fields = dict(line.split(": ", 1) for line in head.split("\n")[1:] if ": " in line)
+    return {k.lower(): v for k, v in fields.items()}, text
+
+
+def test_miss_then_hit_calls_the_upstream_once(proxy: SidekeyProcess, fake: FakeProviderThread) -> None:
+    client = openai.OpenAI(api_key=PLACEHOLDER)
+    first = chat_raw(client)
+    second = chat_raw(client)
+    assert first.headers["x-sidekey-cache"] == "miss" and second.headers["x-sidekey-cache"] == "hit"
+    assert int(second.headers["age"]) >= 0
+    assert first.parse().model_dump() == second.parse().model_dump()  # the same answer, id included
+    assert upstream_calls(fake) == 1
+    other = chat_raw(client, temperature=0.3)  # a parameter that changes the answer
+    tools = chat_raw(client, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert other.headers["x-sidekey-cache"] == "miss" and tools.headers["x-sidekey-cache"] == "miss"
+    assert upstream_calls(fake) == 3
+
+
+def test_reordered_json_keys_share_and_other_keys_never(proxy: SidekeyProcess, fake: FakeProviderThread) -> None:
+    a = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 0})
+    b = json.dumps({"temperature": 0, "messages": MESSAGES, "model": "gpt-4o-mini"}, indent=2)
+    assert post(proxy, a)[0]["x-sidekey-cache"] == "miss"
+    head, body = post(proxy, b)
+    assert head["x-sidekey-cache"] == "hit" and json.loads(body)["object"] == "chat.completion"
+    # The same request to a provider holding another API key: its own entry.
+    assert post(proxy, a, host="other.test")[0]["x-sidekey-cache"] == "miss"
+    assert post(proxy, a, host="other.test")[0]["x-sidekey-cache"] == "hit"
+    assert upstream_calls(fake) == 2
+    assert set(fake.headers_seen("authorization")) == {"Bearer sk-other-REALKEY-77", f"Bearer {OPENAI_KEY}"}
+
+
+def test_caller_directives_are_honoured_and_never_forwarded(proxy: SidekeyProcess, fake: FakeProviderThread) -> None:
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
+    assert post(proxy, body, "x-sidekey-cache: no-store")[0]["x-sidekey-cache"] == "bypass"
+    assert post(proxy, body)[0]["x-sidekey-cache"] == "miss"  # no-store wrote nothing
+    assert post(proxy, body, "cache-control: no-cache")[0]["x-sidekey-cache"] == "bypass"  # revalidate
+    assert post(proxy, body, "x-sidekey-cache-ttl: 60")[0]["x-sidekey-cache"] == "hit"
+    assert upstream_calls(fake) == 3
+    for request in fake.received:
+        names = {k.lower() for k, _ in request.headers}
+        assert not names & {"x-sidekey-cache", "x-sidekey-cache-ttl", "cache-control"}
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_a_streamed_hit_is_the_streamed_miss(proxy: SidekeyProcess, fake: FakeProviderThread, sdk: str) -> None:
+    def run() -> tuple[Any, list[Any]]:
+        if sdk == "openai":
+            client = openai.OpenAI(api_key=PLACEHOLDER)
+            with client.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES,
+                                                stream_options={"include_usage": True}) as stream:  # type: ignore[arg-type]
+                events = [e.model_dump() for e in stream]
+                return stream.get_final_completion().model_dump(), events
+        aclient = anthropic.Anthropic(api_key=PLACEHOLDER)
+        with aclient.messages.stream(model="claude-sonnet-4-5", max_tokens=64, messages=MESSAGES) as astream:
+            events = [e.model_dump() for e in astream]
+            return astream.get_final_message().model_dump(), events
+
+    miss, miss_events = run()
+    hit, hit_events = run()
+    assert hit == miss and hit_events == miss_events and len(miss_events) > 2
+    assert "usage" in json.dumps(miss)
+    path = "/v1/chat/completions" if sdk == "openai" else "/v1/messages"
+    assert upstream_calls(fake, path) == 1
+
+
+def test_a_cut_stream_is_never_stored(proxy: SidekeyProcess, fake: FakeProviderThread) -> None:
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True})
+    post(proxy, body, "x-fake-cut-after: 2")
+    head, text = post(proxy, body)
+    assert head["x-sidekey-cache"] == "miss" and "[DONE]" in text
+    assert post(proxy, body)[0]["x-sidekey-cache"] == "hit"
+    assert upstream_calls(fake) == 2
+
+
+async def _concurrent(proxy: SidekeyProcess, body: dict[str, Any], n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(proxy=proxy.url, verify=ssl.create_default_context(cafile=str(proxy.ca_path)), timeout=60,
+                                 limits=httpx.Limits(max_connections=n)) as client:  # fmt: skip
+        calls = [client.post("https://api.openai.com/v1/chat/completions", json=body) for _ in range(n)]
+        return await asyncio.gather(*calls)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_fifty_identical_requests_reach_the_upstream_once(proxy: SidekeyProcess, fake: FakeProviderThread,
+                                                          stream: bool) -> None:  # fmt: skip
+    fake.hold_requests()
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": stream}
+
+    async def run() -> list[httpx.Response]:
+        task = asyncio.create_task(_concurrent(proxy, body, 50))
+        deadline = time.monotonic() + 60
+        while upstream_calls(fake) < 1 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another thread
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the others arrive meanwhile; any that do not are hits later
+        fake.release_requests()
+        return await task
+
+    responses = asyncio.run(run())
+    assert upstream_calls(fake) == 1
+    results = [r.headers["x-sidekey-cache"] for r in responses]
+    assert results.count("miss") == 1 and set(results) <= {"miss", "coalesced", "hit"}
+    assert results.count("coalesced") >= 1
+    texts = {r.text for r in responses}
+    assert len(texts) == 1 and all(r.status_code == 200 for r in responses)
+    if stream:
+        assert next(iter(texts)).rstrip().endswith("data: [DONE]")
+
+
+def test_stale_is_served_only_when_the_upstream_fails(start_sidekey: Start, fake: FakeProviderThread,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    proxy = start_sidekey(cached_policy(fake, "{ttl: 1, stale_if_error: 1h}"), env={**SECRET_ENV, "OTHER_KEY": "k"})
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
+    first = post(proxy, body)
+    fake.call(lambda p: setattr(p, "down", True))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # hits until the entry is no longer fresh (ttl 1 s)
+        head, text = post(proxy, body)
+        if head["x-sidekey-cache"] != "hit":
+            break
+    assert head["x-sidekey-cache"] == "stale" and json.loads(text)["object"] == "chat.completion"
+    fake.call(lambda p: setattr(p, "down", False))
+    assert post(proxy, body)[0]["x-sidekey-cache"] in ("miss", "hit")
+    assert first[0]["x-sidekey-cache"] == "miss"
+    assert_no_secret(proxy.log())
