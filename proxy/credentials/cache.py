@@ -39,6 +39,8 @@ class CachedCredential:
         self.next_attempt = 0.0  # when the refresher tries again (0: now)
         self.fetched_at: float | None = None  # last good read
         self.counts = {"ok": 0, "error": 0, "shared": 0}
+        self.lazy = False  # fetched on first use (OAuth2), not by the refresher before
+        self.refreshed_at: float | None = None  # the last fetch that ended, good or not (admin)
         self._inflight: asyncio.Future[Outcome] | None = None
 
     def value(self) -> str | None:
@@ -94,6 +96,12 @@ class CachedCredential:
 
     async def _fetch(self) -> Outcome:
         try:
+            return await self._fetch_once()
+        finally:
+            self.refreshed_at = self.clock()
+
+    async def _fetch_once(self) -> Outcome:
+        try:
             cred = await self.source.fetch()
         except SourceError as exc:
             return self._failed(str(exc))
@@ -105,11 +113,14 @@ class CachedCredential:
         if value != cred.value:
             cred = Credential(value, cred.expires_at)
         now = self.clock()
+        new_plan = plan(self.timing, now, cred)
+        if now >= new_plan.usable_until:  # expired on arrival (clock skew, expires_in 0): not a success
+            return self._failed("value arrived already expired")
         changed = self.cred is None or self.cred.value != cred.value
         if self.failures or self.cred is None:
             log.info("credential %s is available", self.source.source)
         self.cred, self.fetched_at = cred, now
-        self.plan = plan(self.timing, now, cred)
+        self.plan = new_plan
         self.failures, self.problem, self.next_attempt = 0, None, 0.0
         self.counts["ok"] += 1
         return Outcome("ok", changed)

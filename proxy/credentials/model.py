@@ -13,8 +13,10 @@ from typing import Literal, Protocol
 
 Freshness = Literal["fresh", "stale", "failing"]
 
-# Refresh an expiring credential no later than this before it expires (an
-# OAuth2 token refreshed at the last second may expire on the wire).
+# An expiring credential is refreshed at half its lifetime, which is at least
+# this long before it expires for any token living twice as long (a token
+# refreshed at the last second may expire on the wire). A shorter-lived one
+# still refreshes at half: earlier would be a fetch loop.
 EXPIRY_MARGIN = 60.0
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 30.0
@@ -52,7 +54,7 @@ class Timing:
     ttl: re-read this long after the last good read (stores).
     stale_for: serve the last good value this much longer while re-reads fail.
     follow_expiry: the value carries its own lifetime (OAuth2): refresh at half
-    of it, no later than EXPIRY_MARGIN before expiry, and serve it until expiry.
+    of it (see EXPIRY_MARGIN), and serve it until expiry.
     """
 
     ttl: float = 300.0
@@ -72,9 +74,7 @@ def plan(timing: Timing, fetched_at: float, cred: Credential) -> Plan:
     inf = float("inf")
     expires = cred.expires_at if cred.expires_at is not None else inf
     if timing.follow_expiry and expires != inf:
-        lifetime = max(expires - fetched_at, 0.0)
-        refresh = fetched_at + min(lifetime / 2, max(lifetime - EXPIRY_MARGIN, 0.0))
-        return Plan(refresh, expires)
+        return Plan(fetched_at + max(expires - fetched_at, 0.0) / 2, expires)
     refresh = min(fetched_at + timing.ttl, expires)
     return Plan(refresh, min(fetched_at + timing.ttl + timing.stale_for, expires))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import quote
+from urllib.parse import quote_plus
 
 from proxy.credentials.config import OAuth2
 from proxy.credentials.http import StoreClient
@@ -46,7 +46,7 @@ def token_request(
     elif cfg.auth_method == "post":
         form["client_id"], form["client_secret"] = cfg.client_id, client_secret
     else:
-        pair = f"{quote(cfg.client_id, safe='')}:{quote(client_secret, safe='')}"
+        pair = f"{quote_plus(cfg.client_id, safe='')}:{quote_plus(client_secret, safe='')}"
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
     return form, headers
 

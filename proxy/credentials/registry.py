@@ -123,6 +123,7 @@ class CredentialSet:
             entry = self.entries.get(ref)
             if entry is None or self._keys.get(ref) != key:
                 entry = CachedCredential(*self._source(ref, provider), clock=self.clock)
+                entry.lazy = ref.kind == "oauth2"
                 fresh.append(entry)
             entries[ref], keys[ref] = entry, key
         self.entries, self._keys = entries, keys
@@ -155,7 +156,7 @@ class CredentialSet:
             self._wake.clear()
             now = self.clock()
             for entry in self.entries.values():
-                started = entry.plan is not None or entry.failures > 0 or entry.source.source[:7] != "oauth2:"
+                started = not entry.lazy or entry.plan is not None or entry.failures > 0
                 if started and entry.due(now) and not entry.busy:
                     task = asyncio.create_task(entry.refresh(), name=f"sidekey-credential {entry.source.source}")
                     self._tasks.add(task)

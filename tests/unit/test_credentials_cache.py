@@ -18,12 +18,12 @@ from proxy.credentials.model import EXPIRY_MARGIN, Credential, Plan, SourceError
         # a store value that expires sooner than ttl + stale_for is served until it expires, no longer
         (Timing(ttl=300, stale_for=3600), 1000, Credential("k", 1200), Plan(1200, 1200)),
         (Timing(ttl=300, stale_for=0), 1000, Credential("k"), Plan(1300, 1300)),
-        # OAuth2: at half the lifetime ...
+        # OAuth2: at half the lifetime, at least EXPIRY_MARGIN before expiry for a 2-minute token ...
         (Timing(follow_expiry=True), 1000, Credential("t", 4600), Plan(2800, 4600)),
-        # ... but no later than the margin before expiry (lifetime 100 s: half is 50, margin leaves 40)
-        (Timing(follow_expiry=True), 1000, Credential("t", 1100), Plan(1000 + 100 - EXPIRY_MARGIN, 1100)),
-        # a lifetime shorter than the margin: refresh at once, serve until it expires
-        (Timing(follow_expiry=True), 1000, Credential("t", 1030), Plan(1000, 1030)),
+        (Timing(follow_expiry=True), 1000, Credential("t", 1000 + 2 * EXPIRY_MARGIN), Plan(1000 + EXPIRY_MARGIN, 1120)),
+        # ... and at half for a shorter one too (earlier would be a fetch loop)
+        (Timing(follow_expiry=True), 1000, Credential("t", 1030), Plan(1015, 1030)),
+        (Timing(follow_expiry=True), 1000, Credential("t", 990), Plan(1000, 990)),  # expired on arrival
         # a token without expiry follows ttl like a store value
         (Timing(ttl=60, stale_for=0, follow_expiry=True), 1000, Credential("t"), Plan(1060, 1060)),
     ],
