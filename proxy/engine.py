@@ -63,6 +63,7 @@ class Sidekey:
         certs_dir: Path,
         listen: tuple[str, int] = ("127.0.0.1", 8080),
         addons: Sequence[object] = (),
+        reuse_port: bool = False,  # one of --workers N processes on a shared port
     ) -> None:
         from proxy.upstream import UpstreamPools
 
@@ -71,6 +72,7 @@ class Sidekey:
         self.guard = netguard.Guard(policy.allow_networks)
         self.certs_dir = certs_dir
         self.listen = listen
+        self.reuse_port = reuse_port
         self.addons = AddonManager(addons)
         self.pools = UpstreamPools()
         self.ca: CertificateAuthority | None = None
@@ -131,6 +133,7 @@ class Sidekey:
             limit=self.policy.limits.max_header_bytes,
             backlog=1024,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
         )
         sock = self.server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])

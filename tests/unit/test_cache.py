@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from addons.cache import rules
-from addons.cache.config import CachePolicy
 from addons.cache.flight import Flight, FlightFailed
 from addons.cache.key import cache_key, canonical_json
 from addons.cache.sse import StreamJudge
 from addons.cache.stores import Entry, MemoryStore
 from addons.credentials import CredentialInjector
+from proxy.policy import CachePolicy
 from proxy.policy.load import PolicyError, parse_policy
 from proxy.secrets import SecretStore
 
