@@ -77,11 +77,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def start_sidekey(work: Path, up_port: int, up_ca: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_sidekey(
+    work: Path, up_port: int, up_ca: Path, hosts: str = "localhost"
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     policy = work / "policies.yaml"
     policy.write_text(
-        "version: 1\nunmatched: deny\nproviders:\n  bench:\n    hosts: [localhost]\n"
+        f"version: 1\nunmatched: deny\nproviders:\n  bench:\n    hosts: [{hosts}]\n"
         f"    upstream: https://localhost:{up_port}\n    auth: {{type: bearer, secret: env:BENCH_API_KEY}}\n"
         f"    tls: {{ca_bundle: {up_ca}}}\n    pool: {{max_connections: 1024}}\n"
     )

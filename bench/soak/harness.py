@@ -102,7 +102,8 @@ class Soak:
         log = (self.run / "sidekey.log").open("wb")
         cmd = [sys.executable, "-m", "proxy", "run", "--listen", "127.0.0.1:0", "--policies", str(self.policy_path),
                "--certs", str(self.run / "certs"), "--log-level", "INFO", "--log-format", "text",
-               "--admin", "127.0.0.1:0", "--audit", str(self.run / "audit.jsonl")]  # fmt: skip
+               "--admin", "127.0.0.1:0", "--audit", str(self.run / "audit.jsonl"),
+               *os.environ.get("SOAK_SIDEKEY_ARGS", "").split()]  # fmt: skip  # e.g. a diagnostic --addon
         env = {**os.environ, "SOAK_API_KEY": "soak-test-key"}
         self.sidekey = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)  # fmt: skip
@@ -254,6 +255,9 @@ def main() -> int:
     parser.add_argument("--mixload", default=os.environ.get("SOAK_MIXLOAD", "/tmp/sidekey-soak-bin/mixload"))
     args = parser.parse_args()
     args.seconds = duration(args.duration)
+    # SIGTERM (or a test's timeout) must still stop nginx, sidekey and mixload: they run in
+    # their own sessions, so only the finally below reaches them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     soak = Soak(args)
     try:
         soak.start()

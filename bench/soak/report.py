@@ -1,5 +1,7 @@
 """After the run: judge (criteria.py), draw soak.png (matplotlib), write
-summary.md and summary.json. Returns the harness's exit status."""
+summary.md and summary.json. Returns the harness's exit status.
+
+Redraw a plot from a CSV: ``python bench/soak/report.py samples.csv soak.png``."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ PANELS = [  # (columns, title, unit, scale)
     (("fds",), "open file descriptors", "", 1),
     (("tasks",), "asyncio tasks", "", 1),
     (("upstream_conns", "client_conns"), "connections (upstream pool, client)", "", 1),
-    (("p50_ms", "p99_ms"), "latency per window (all kinds)", "ms", 1),
+    (("p50_ms", "p99_ms"), "latency per window (all kinds; p99 is the longest SSE streams, ~6 s by design)", "ms", 1),
     (("requests", "expected_errors", "unexpected_errors"), "requests per window", "", 1),
 ]
 
@@ -39,7 +41,10 @@ def plot(path: Path, samples: list[criteria.Sample], title: str) -> None:
             ax.axvspan(load[0] - (load[1] - load[0] if len(load) > 1 else 0), load[-1], color="0.92", zorder=0)
         ax.set_ylabel(unit or "count")
         ax.set_title(name, fontsize=9, loc="left")
-        ax.set_ylim(bottom=0)
+        if unit == "ms":  # p50 is milliseconds, p99 the slow streams' seconds: one scale hides p50
+            ax.set_yscale("symlog", linthresh=1)
+        else:
+            ax.set_ylim(bottom=0)
         if len(columns) > 1:
             ax.legend(fontsize=7, loc="upper right")
         ax.grid(alpha=0.3)
@@ -111,3 +116,10 @@ def markdown(s: dict[str, Any], verdicts: list[criteria.Verdict], title: str) ->
         lines += ["", "Unexpected answers:", ""]
         lines += [f"- {n} × `{reason}`" for reason, n in sorted(s["unexpected"].items(), key=lambda kv: -kv[1])]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    rows = criteria.read_csv(Path(sys.argv[1]))
+    plot(Path(sys.argv[2]), rows, sys.argv[3] if len(sys.argv) > 3 else f"sidekey soak: {sys.argv[1]}")

@@ -52,9 +52,17 @@ func main() {
 	warm := flag.Int("warm", 1, "client: unmeasured streams per worker first (connection set-up, leaf mint)")
 	hdr := flag.String("auth", "Bearer placeholder", "client: Authorization header")
 	stagger := flag.Duration("stagger", 0, "client: spread the workers' first measured streams evenly over this")
+	dur := flag.Duration("d", 5*time.Second, "conns: how long to run")
+	resume := flag.Bool("resume", false, "conns: keep a TLS session cache per worker (tickets)")
+	keep := flag.Bool("keepalive", false, "conns: reuse one connection per worker instead (the baseline)")
+	hosts := flag.Int("hosts", 0, "conns: a new host name per request (hN.bench.test), N = request number")
 	flag.Parse()
 	if *mode == "server" {
 		server(*listen, *caOut)
+		return
+	}
+	if *mode == "conns" {
+		conns(*target, *proxy, *cacert, *conc, *dur, *resume, *hosts, *keep)
 		return
 	}
 	client(*target, *proxy, *cacert, *conc, *warm, *rounds, *hdr, *stagger)
@@ -101,6 +109,10 @@ func server(addr, caOut string) {
 			fl.Flush()
 		}
 		fmt.Fprint(w, "data: [DONE]\n\n")
+	})
+	mux.HandleFunc("/small", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"id":"small","object":"test","ok":true}`)
 	})
 	srv := &http.Server{Handler: mux, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}}
 	must(srv.ServeTLS(ln, "", ""))
