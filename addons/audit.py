@@ -202,6 +202,9 @@ class AuditLog:
     def error(self, flow: Flow) -> None:
         self._write(flow)
 
+    def websocket_start(self, flow: Flow) -> None:
+        self._write(flow)  # the session's first line; its end is written by response/error
+
     def running(self) -> None:
         self._task = asyncio.create_task(self._flush_loop(), name="sidekey-audit-flush")
 
@@ -270,6 +273,8 @@ class AuditLog:
             "bytes_out": flow.bytes_to_client,
             "intercepted": flow.intercepted,
         }
+        if meta and "websocket" in meta:  # a WebSocket session: open, or its summary at close
+            entry["websocket"] = _plain(meta["websocket"])
         if self.log_bodies:
             entry["request_body"] = self._body(req.body)
         return entry

@@ -264,6 +264,32 @@ class _EngineCollector(Collector):
             )
             degraded.add_metric([], limits.get("degraded_seconds", 0.0))
             yield degraded
+        websockets = stats.get("websockets")
+        if websockets is not None:
+            yield from _websocket_families(websockets)
+
+
+def _websocket_families(ws: dict[str, Any]) -> Iterator[Metric]:
+    """WebSocket sessions (``proxy.ws_session.Sessions``); labels are policy
+    provider names and close-code classes (``ws_frames.close_label``): bounded."""
+    sessions = GaugeMetricFamily("sidekey_websocket_sessions_open", "WebSocket sessions open", labels=["provider"])
+    for provider, count in ws["open_by_provider"].items():
+        sessions.add_metric([provider], count)
+    opened = CounterMetricFamily("sidekey_websocket_sessions_opened", "WebSocket sessions opened (101 relayed)")
+    opened.add_metric([], ws["opened"])
+    refused = CounterMetricFamily("sidekey_websocket_sessions_refused", "Upgrades refused by concurrent_websockets")
+    refused.add_metric([], ws["refused"])
+    moved = CounterMetricFamily("sidekey_websocket_bytes", "WebSocket bytes relayed", labels=["direction"])
+    moved.add_metric(["client_to_upstream"], ws["bytes_up"])
+    moved.add_metric(["upstream_to_client"], ws["bytes_down"])
+    closes = CounterMetricFamily("sidekey_websocket_closes", "Sessions ended, by the close code the client saw",
+                                 labels=["provider", "code"])  # fmt: skip
+    for row in ws["closes"]:
+        closes.add_metric([row["provider"], row["code"]], row["count"])
+    buckets = [(repr(bound), count) for bound, count in ws["duration_buckets"]] + [("+Inf", ws["duration_count"])]
+    duration = HistogramMetricFamily("sidekey_websocket_session_seconds", "WebSocket session length",
+                                     buckets=buckets, sum_value=ws["duration_sum"])  # fmt: skip
+    yield from (sessions, opened, refused, moved, closes, duration)
 
 
 def _asyncio_tasks() -> int | None:

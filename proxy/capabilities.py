@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 from proxy.policy import Provider, Target
 
 if TYPE_CHECKING:
+    from addons.usage.tokens import Usage
     from proxy.balance import UpstreamState
     from proxy.flow import Flow
 
@@ -75,7 +76,25 @@ class MemberLimits(Protocol):
     async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float: ...
 
 
+class SessionTokens(Protocol):
+    """Token reservations of a long-lived session's responses (a WebSocket's
+    ``response.create`` / ``response.done``) in the flow's token rules."""
+
+    def reserve_tokens(self, flow: Flow, tokens: int) -> None: ...
+
+    def settle_tokens(self, flow: Flow, reserved: int, used: int) -> None: ...
+
+
+class SessionUsage(Protocol):
+    """One response of a long-lived session, recorded in the usage ledger as a request of its own;
+    its cost in USD (None: unpriced)."""
+
+    def record_usage(self, flow: Flow, usage: Usage) -> float | None: ...
+
+
 SECRETS: Capability[Secrets] = Capability("secrets")
 USAGE_REPORT: Capability[UsageReport] = Capability("usage_report")
 METRICS: Capability[MetricsExposition] = Capability("metrics")
 MEMBER_LIMITS: Capability[MemberLimits] = Capability("member_limits")
+SESSION_TOKENS: Capability[SessionTokens] = Capability("session_tokens")
+SESSION_USAGE: Capability[SessionUsage] = Capability("session_usage")

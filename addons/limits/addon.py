@@ -49,7 +49,7 @@ from addons.limits.degraded import Degraded
 from addons.limits.redis_limiter import LimiterUnavailable, RedisLimiter
 from addons.usage.tokens import reservation
 from proxy import errors
-from proxy.capabilities import MEMBER_LIMITS
+from proxy.capabilities import MEMBER_LIMITS, SESSION_TOKENS
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider, Rule
@@ -118,7 +118,7 @@ class _Waiter:
 
 class Limits:
     name = "limits"
-    provides = (MEMBER_LIMITS,)
+    provides = (MEMBER_LIMITS, SESSION_TOKENS)
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -250,6 +250,30 @@ class Limits:
             return max(verdict.retry_after, 0.001)
         flow.metadata.setdefault("member_limits", []).append(self._held(Taken(checks, tokens, limiter, verdict.lease)))
         return 0.0
+
+    # -- sessions (a WebSocket's responses: proxy.ws_session) ----------------------------
+    def reserve_tokens(self, flow: Flow, tokens: int) -> None:
+        """Count a response's reservation in the flow's token rules now. Never
+        refused: the event asking for it is already on its way upstream; the
+        window it fills makes new requests and sessions wait."""
+        self._correct_tokens(flow, tokens)
+
+    def settle_tokens(self, flow: Flow, reserved: int, used: int) -> None:
+        self._correct_tokens(flow, used - reserved)
+
+    def _correct_tokens(self, flow: Flow, delta: int) -> None:
+        provider = flow.provider
+        if not delta or provider is None or not (provider.limits or provider.caller_limits):
+            return
+        key = provider.name if not provider.caller_limits else (provider.name, flow.caller)
+        checks = self._check_cache.get(key) or self._new_checks(key, provider, flow.caller)
+        if not checks.token_pairs:
+            return
+        if self.shared is not None:  # batched with the releases (a lease of None: tokens only)
+            self._pending.append((checks.token_pairs, None, delta))
+            self._wake.set()
+        else:
+            self.local.reconcile(checks.token_pairs, delta, self.clock())
 
     # -- internals ------------------------------------------------------------------
     def _tokens(self, flow: Flow) -> int:

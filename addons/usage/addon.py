@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from addons.usage.ledger import COUNTERS, Counts, Ledger, RedisLedger, over_budget, parse_since, previous_month_start
 from addons.usage.prices import SHIPPED, PriceTable
 from addons.usage.tokens import RequestEstimate, SSEUsageMeter, Usage, Wire, estimate_request, usage_from_json
-from proxy.capabilities import USAGE_REPORT
+from proxy.capabilities import SESSION_USAGE, USAGE_REPORT
 from proxy.errors import ProxyError
 from proxy.flow import Flow, ObserverTee, Response
 from proxy.policy import Policy, Provider
@@ -170,7 +170,7 @@ def _unreadable(_piece: bytes) -> None:
 
 class UsageMeter:
     name = "usage"
-    provides = (USAGE_REPORT,)
+    provides = (USAGE_REPORT, SESSION_USAGE)
 
     def __init__(
         self,
@@ -261,6 +261,17 @@ class UsageMeter:
 
     def error(self, flow: Flow) -> None:
         self._settle(flow)
+
+    def record_usage(self, flow: Flow, usage: Usage) -> float | None:
+        """One response of a session (a WebSocket's response.done), as a request of its own."""
+        provider, state = flow.provider, flow.upstream_state
+        if provider is None:
+            return None
+        served, upstream = (state.provider, state.name) if state is not None else (provider.name, "-")
+        cost = self.table.cost(usage) if usage.input or usage.output else 0.0
+        self.counters["recorded"] += 1
+        self.ledger.record(self.clock(), (served, usage.model or "unknown", upstream, flow.caller), usage, cost)
+        return cost
 
     # -- internals --------------------------------------------------------------------
     def _refuse(self, flow: Flow, provider: Provider) -> bool:
