@@ -62,6 +62,7 @@ class Sidekey:
         certs_dir: Path,
         listen: tuple[str, int] = ("127.0.0.1", 8080),
         addons: Sequence[object] = (),
+        reuse_port: bool = False,  # one of --workers N processes on a shared port
     ) -> None:
         from proxy.upstream import UpstreamPools
 
@@ -70,6 +71,7 @@ class Sidekey:
         self.guard = netguard.Guard(policy.allow_networks)
         self.certs_dir = certs_dir
         self.listen = listen
+        self.reuse_port = reuse_port
         self.addons = AddonManager(addons)
         self.pools = UpstreamPools()
         self.ca: CertificateAuthority | None = None
@@ -130,6 +132,7 @@ class Sidekey:
             limit=self.policy.limits.max_header_bytes,
             backlog=1024,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
         )
         sock = self.server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from multidict import CIMultiDict
 
 from addons.cache import rules
-from addons.cache.config import CachePolicy
 from addons.cache.flight import Flight, FlightFailed
 from addons.cache.key import Identities, cache_key
 from addons.cache.sse import StreamJudge
@@ -37,7 +36,7 @@ from addons.cache.stats import CacheStats
 from addons.cache.stores import Entry, MemoryStore, RedisStore
 from proxy import errors
 from proxy.flow import Flow, ObserverTee, Response
-from proxy.policy import Policy, Provider
+from proxy.policy import CachePolicy, Policy, Provider
 
 if TYPE_CHECKING:
     from proxy.engine import Sidekey

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
-from addons.cache.config import CachePolicy
+from proxy.policy import CachePolicy
 
 CACHE_HEADER = "x-sidekey-cache"
 TTL_HEADER = "x-sidekey-cache-ttl"

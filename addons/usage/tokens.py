@@ -266,7 +266,4 @@ def usage_from_json(body: bytes, wire: Wire) -> Usage | None:
     return _usage(fields, estimated=False, model=_str(doc.get("model")))
 
 
-# The streaming meter lives in its own module; re-exported here (its users import it from either).
-from addons.usage.stream import SSEUsageMeter  # noqa: E402
-
-__all__ = ["RequestEstimate", "SSEUsageMeter", "Usage", "Wire", "estimate_request", "usage_from_json"]
+__all__ = ["RequestEstimate", "Usage", "Wire", "estimate_request", "reservation", "usage_from_json"]

@@ -20,7 +20,8 @@ from redis.asyncio import Redis
 
 from addons import default_addons
 from addons.usage import UsageMeter
-from addons.usage.ledger import PREFIX, Ledger, RedisLedger
+from addons.usage.ledger import Ledger
+from addons.usage.redis_ledger import PREFIX, RedisLedger
 from addons.usage.tokens import Usage
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import PLACEHOLDER, assert_no_secret, curl, fake_provider, policy_for

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from addons.cache import rules
-from addons.cache.config import CachePolicy
 from addons.cache.flight import Flight, FlightFailed
 from addons.cache.key import Identities, cache_key, canonical_json
 from addons.cache.sse import StreamJudge
 from addons.cache.stores import Entry, MemoryStore
+from proxy.policy import CachePolicy
 from proxy.policy.load import PolicyError, parse_policy
 
 VARY = ("accept", "anthropic-version")
