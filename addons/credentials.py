@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import hmac
 import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -178,6 +180,12 @@ class CredentialInjector:
             for source, result, state in await self.creds.refresh(list(self._refs(p))):
                 out.append({"provider": p.name, "source": source, "result": result, "state": state})
         return out
+
+    def credential_digest(self, provider: Provider, target: Target, key: bytes) -> str | None:
+        """HMAC-SHA256 (hex) of the member's credential under ``key`` (the
+        response cache names entries by it); the secret stays here."""
+        secret = self.value(provider, target) if provider.auth.type != "none" else None
+        return hmac.new(key, secret.encode(), hashlib.sha256).hexdigest() if secret is not None else None
 
     async def reread(self, provider: Provider, target: Target) -> bool:
         """The upstream refused this member's credential (401/403): re-read it

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.capabilities import METRICS, USAGE_REPORT
+from proxy.capabilities import CACHE_ADMIN, METRICS, USAGE_REPORT
 from proxy.policy import SCHEMA_VERSION, Policy, Provider, Target
 from proxy.policy.load import PolicyError
 
@@ -40,6 +40,8 @@ ROUTES = (
     ("POST", "/policy/reload", "reload"),
     ("GET", "/usage", "usage"),
     ("POST", "/credentials/refresh", "refresh_credentials"),
+    ("GET", "/cache/stats", "cache_stats"),
+    ("DELETE", "/cache", "cache_delete"),
 )
 # What the metrics listener serves: nothing that changes state or shows the policy.
 PUBLIC_ROUTES = tuple(r for r in ROUTES if r[1] in ("/healthz", "/readyz", "/metrics"))
@@ -227,6 +229,27 @@ class AdminServer:
             body = {"error": {"code": "not_found", "message": "no provider of that name"}}
             return web.json_response(body, status=404)
         return web.json_response({"refreshed": await secrets.refresh_credentials(provider)})
+
+    async def cache_stats(self, _request: web.Request) -> web.Response:
+        """Per provider with a ``cache:``: entries, bytes, results, hit ratio, evictions."""
+        cache = self.engine.addons.capability(CACHE_ADMIN)
+        report = await cache.report() if cache is not None else {"providers": {}, "in_flight": 0}
+        return web.json_response(report)
+
+    async def cache_delete(self, request: web.Request) -> web.Response:
+        """``?provider=NAME&pattern=/v1/chat/*``: entries whose path matches the glob."""
+        provider = request.query.get("provider") or None
+        pattern = request.query.get("pattern", "*")
+        if len(pattern) > 512 or not (pattern.startswith("/") or pattern.startswith("*")):
+            reason = "pattern: expected a path glob such as /v1/chat/* (at most 512 characters)"
+            return web.json_response({"error": {"code": "bad_request", "message": reason}}, status=400)
+        known = self.engine.policy.provider(provider) if provider is not None else None
+        if provider is not None and (known is None or known.cache is None):  # never quote the value back
+            reason = "provider: no provider of that name has a cache"
+            return web.json_response({"error": {"code": "not_found", "message": reason}}, status=404)
+        cache = self.engine.addons.capability(CACHE_ADMIN)
+        deleted = await cache.delete(provider, pattern) if cache is not None else 0
+        return web.json_response({"deleted": deleted})
 
     async def reload(self, _request: web.Request) -> web.Response:
         before = self.engine.policy.digest

@@ -44,6 +44,11 @@ class Secrets(Protocol):
 
     def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
 
+    def credential_digest(self, provider: Provider, target: Target, key: bytes) -> str | None:
+        """HMAC-SHA256 (hex) of the member's credential under ``key``: whose answer
+        it is, without the secret leaving the credentials addon. None: none there."""
+        ...
+
     async def reread(self, provider: Provider, target: Target) -> bool:
         """The upstream refused the member's credential: re-read it; True when it changed."""
         ...
@@ -76,6 +81,16 @@ class MemberLimits(Protocol):
     async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float: ...
 
 
+class CacheAdmin(Protocol):
+    """The response cache's operations: what it holds, and removing entries."""
+
+    async def report(self) -> dict[str, Any]: ...
+
+    async def delete(self, provider: str | None, pattern: str) -> int:
+        """Entries of ``provider`` (None: every provider) whose path matches the glob; how many went."""
+        ...
+
+
 class SessionTokens(Protocol):
     """Token reservations of a long-lived session's responses (a WebSocket's
     ``response.create`` / ``response.done``) in the flow's token rules."""
@@ -93,6 +108,7 @@ class SessionUsage(Protocol):
 
 
 SECRETS: Capability[Secrets] = Capability("secrets")
+CACHE_ADMIN: Capability[CacheAdmin] = Capability("cache_admin")
 USAGE_REPORT: Capability[UsageReport] = Capability("usage_report")
 METRICS: Capability[MetricsExposition] = Capability("metrics")
 MEMBER_LIMITS: Capability[MemberLimits] = Capability("member_limits")

@@ -284,6 +284,7 @@ def _supervise(args: argparse.Namespace, policy: Policy, certs: Path) -> int:
 
 async def serve(policy: Policy, args: argparse.Namespace, location: locate.PolicyLocation, certs: Path) -> int:
     from addons import default_addons, load_addons
+    from addons.cache.addon import Cache
     from addons.limits import Limits
     from addons.metrics import Metrics
     from proxy.admin import AdminConfigError, AdminServer
@@ -313,6 +314,9 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     addons = [*default_addons(access_log=args.access_log == "on"), *extra]
     engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons, reuse_port=args.reuse_port)
     metrics = next((a for a in addons if isinstance(a, Metrics)), None)
+    cache = next((a for a in addons if isinstance(a, Cache)), None)
+    if metrics is not None and cache is not None:
+        metrics.registry.register(cache.stats.collector(cache))
     if metrics is not None:
         limits = next((a for a in addons if isinstance(a, Limits)), None)
         if limits is None:

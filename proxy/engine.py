@@ -13,18 +13,19 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
 from proxy import errors, exchange, forward, netguard, routing, tunnel, ws_session
 from proxy.balance import Groups, Transition, UpstreamState
-from proxy.capabilities import MEMBER_LIMITS, SECRETS
+from proxy.capabilities import MEMBER_LIMITS, SECRETS, Capability
 from proxy.certs import CertificateAuthority, LeafContexts
 from proxy.flow import new_request_id
 from proxy.hooks import AddonManager
 from proxy.policy import Policy, Provider, SecretRef
 
+T = TypeVar("T")
 log = logging.getLogger("sidekey")
 
 CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
@@ -181,6 +182,9 @@ class Sidekey:
             await old.aclose()
 
     clock = staticmethod(time.monotonic)
+
+    def capability(self, cap: Capability[T]) -> T | None:
+        return self.addons.capability(cap)
 
     def on_state_change(self, listener: Callable[[UpstreamState, Transition], None]) -> None:
         self.listeners.append(listener)

@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from tests.fakes.provider import FakeProviderThread
-from tests.integration.conftest import SECRET_ENV, SECRETS, policy_for
+from tests.integration.conftest import SECRET_ENV, SECRETS, fake_provider, policy_for
 from tests.integration.sidekey_process import REPO, SidekeyProcess
 
 schema = schemathesis.openapi.from_path(REPO / "docs" / "admin-openapi.yaml")
@@ -22,7 +22,8 @@ schema = schemathesis.openapi.from_path(REPO / "docs" / "admin-openapi.yaml")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidekeyProcess]:
     with FakeProviderThread() as fake:
         workdir: Path = tmp_path_factory.mktemp("admin-openapi")
-        proxy = SidekeyProcess(workdir, policy_for(fake), env=SECRET_ENV).start()
+        cached = fake_provider(fake, "cached", "cached.test", cache="{ttl: 1m}")  # /cache/stats has a row
+        proxy = SidekeyProcess(workdir, policy_for(fake, extra=cached), env=SECRET_ENV).start()
         try:
             yield proxy
         finally:

@@ -25,6 +25,7 @@ from addons.usage.redis_ledger import PREFIX, RedisLedger
 from addons.usage.tokens import Usage
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import PLACEHOLDER, assert_no_secret, curl, fake_provider, policy_for
+from tests.integration.polling import wait_for
 from tests.integration.sidekey_process import SidekeyProcess
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the redis_server fixture
 
@@ -50,15 +51,6 @@ def usage(proxy: SidekeyProcess, query: str = "") -> dict[str, Any]:
 
 def by_model(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["provider"], r["model"]): r for r in report["by"]}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def chat(proxy: SidekeyProcess, host: str = "api.openai.com") -> tuple[int, str]:

@@ -117,13 +117,29 @@ async def test_fragmented_message(ws_sidekey: SidekeyProcess) -> None:
         assert await ws.recv() == "fragmented message"
 
 
-async def test_ping_pong_through_the_relay(ws_sidekey: SidekeyProcess) -> None:
+async def test_ping_pong_under_load(ws_sidekey: SidekeyProcess) -> None:
+    """Pings answered while 1 MiB messages stream both ways through the relay."""
+    payload = bytes(range(256)) * 4096
     async with ws_connect(ws_sidekey) as ws:
-        for _ in range(20):
-            latency = await asyncio.wait_for(await ws.ping(), 60)
-            assert latency >= 0
-        await ws.send("still open")
-        assert await ws.recv() == "still open"
+
+        async def send() -> None:
+            for _ in range(16):
+                await ws.send(payload)
+
+        async def receive() -> int:
+            got = 0
+            for _ in range(16):
+                got += await ws.recv() == payload
+            return got
+
+        async def ping() -> int:
+            for _ in range(20):
+                await asyncio.wait_for(await ws.ping(), 60)
+            return 20
+
+        async with asyncio.timeout(120):
+            _, echoed, pongs = await asyncio.gather(send(), receive(), ping())
+        assert (echoed, pongs) == (16, 20)
 
 
 async def test_permessage_deflate_negotiated_end_to_end_when_not_metering(ws_sidekey: SidekeyProcess,

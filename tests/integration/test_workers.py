@@ -8,7 +8,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import SECRET_ENV, policy_for
+from tests.integration.polling import wait_for
 from tests.integration.sidekey_process import REPO, SidekeyProcess
 
 StartSidekey = Callable[..., SidekeyProcess]
@@ -24,18 +24,9 @@ _ADMIN = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 _WORKER = re.compile(r"worker (\d+), pid (\d+)")
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _workers_up(proc: SidekeyProcess, n: int) -> tuple[list[int], list[int]]:
     """Every worker's admin port and pid, once each has logged both (polled)."""
-    assert _wait(lambda: len(set(_ADMIN.findall(proc.log()))) >= n and len(_WORKER.findall(proc.log())) >= n)
+    assert wait_for(lambda: len(set(_ADMIN.findall(proc.log()))) >= n and len(_WORKER.findall(proc.log())) >= n)
     log = proc.log()
     return sorted({int(p) for p in _ADMIN.findall(log)}), [int(pid) for _i, pid in _WORKER.findall(log)]
 
@@ -77,7 +68,7 @@ def test_sigterm_to_the_supervisor_stops_every_worker(start_sidekey: StartSideke
     proc = start_sidekey(policy_for(fake), args=("--workers", "2"))
     _ports, pids = _workers_up(proc, 2)
     assert proc.terminate(wait=60) == 0
-    assert _wait(lambda: not any(_alive(pid) for pid in pids))
+    assert wait_for(lambda: not any(_alive(pid) for pid in pids))
 
 
 def test_a_worker_that_dies_stops_the_set(start_sidekey: StartSidekey, fake: FakeProviderThread) -> None:
@@ -86,13 +77,15 @@ def test_a_worker_that_dies_stops_the_set(start_sidekey: StartSidekey, fake: Fak
     os.kill(pids[0], signal.SIGKILL)
     assert proc.proc is not None
     assert proc.proc.wait(60) == 1
-    assert _wait(lambda: not _alive(pids[1]))
+    assert wait_for(lambda: not _alive(pids[1]))
     assert re.search(rf"worker pid {pids[0]} exited with -9; stopping the others", proc.log())
 
 
 def test_local_only_limits_refuse_more_than_one_worker(tmp_path: Path, fake: FakeProviderThread) -> None:
     policy = policy_for(fake).replace(
-        "    retry: {attempts: 1}  # failure tests", "    limits: {requests_per_minute: 60}\n    retry: {attempts: 1}  #", 1
+        "    retry: {attempts: 1}  # failure tests",
+        "    limits: {requests_per_minute: 60}\n    retry: {attempts: 1}  #",
+        1,
     )
     (tmp_path / "policies.yaml").write_text(policy)
     out = subprocess.run(
