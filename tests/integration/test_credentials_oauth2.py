@@ -128,7 +128,12 @@ def test_refresh_with_requests_flowing_then_endpoint_down_then_back(
         assert answer.status == 200 or credential_state(proxy) == "failing", "served while stale"
         # ... until it expires; then refused, never served again before the endpoint is back.
         statuses = []
-        wait_until(lambda: statuses.append(fetch(proxy, url).status) or statuses[-1] == 503, "the refusal")
+
+        def refused_now() -> bool:
+            statuses.append(fetch(proxy, url).status)
+            return statuses[-1] == 503
+
+        wait_until(refused_now, "the refusal")
         assert set(statuses[:-1]) <= {200}, "the old token until the refusal, nothing else"
         assert credential_state(proxy) == "failing"
         assert fetch(proxy, url).status == 503
