@@ -299,6 +299,11 @@ class Sidekey:
             "websockets": self.websockets.statistics(),
             "pools": self.pools.statistics(),
             "leaf_certs": self.leaves.statistics() if self.leaves else {},
+            "credentials": [
+                {"provider": p.name, **view} for p in self.policy.providers for view in self.secrets.credential_views(p)
+            ]
+            if self.secrets is not None
+            else [],
         }
 
     # -- connections -------------------------------------------------------
