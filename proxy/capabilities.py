@@ -15,9 +15,9 @@ from multidict import CIMultiDict
 from proxy.policy import Provider, Target
 
 if TYPE_CHECKING:
-    from addons.usage.tokens import Usage
     from proxy.balance import UpstreamState
     from proxy.flow import Flow
+    from proxy.policy.rates import Usage
 
 T = TypeVar("T")
 

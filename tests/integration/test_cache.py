@@ -32,7 +32,7 @@ from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 -
 
 Start = Callable[..., SidekeyProcess]
 CACHE = "{ttl: 5m, stale_if_error: 1h}"
-MESSAGES = [{"role": "user", "content": "say hello to me"}]
+MESSAGES: list[Any] = [{"role": "user", "content": "say hello to me"}]  # each SDK types them as its own TypedDicts
 
 
 def cached_policy(fake: FakeProviderThread, cache: str = CACHE, extra: str = "") -> str:
@@ -121,7 +121,7 @@ def test_a_streamed_hit_is_the_streamed_miss(proxy: SidekeyProcess, fake: FakePr
         if sdk == "openai":
             client = openai.OpenAI(api_key=PLACEHOLDER)
             with client.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES,
-                                                stream_options={"include_usage": True}) as stream:  # type: ignore[arg-type]
+                                                stream_options={"include_usage": True}) as stream:
                 events = [e.model_dump() for e in stream]
                 return stream.get_final_completion().model_dump(), events
         aclient = anthropic.Anthropic(api_key=PLACEHOLDER)
