@@ -53,6 +53,14 @@ class Secrets(Protocol):
         """The upstream refused the member's credential: re-read it; True when it changed."""
         ...
 
+    def credential_views(self, provider: Provider) -> list[dict[str, Any]]:
+        """Each credential the provider injects: source, state, expiry, refreshes; never a value."""
+        ...
+
+    async def refresh_credentials(self, provider: Provider | None) -> list[dict[str, Any]]:
+        """Re-read now (one provider's, or every one's); what each re-read gave."""
+        ...
+
 
 class UsageReport(Protocol):
     """Requests, tokens and cost counted so far; raises ValueError for a bad ``since``."""
