@@ -34,6 +34,19 @@ def path_without_values(path: str) -> str:
     return base + "?" + "&".join(part.partition("=")[0] + "=" for part in query.split("&") if "=" in part)
 
 
+_WS_FIELDS = ("event", "ended_by", "close_code", "bytes_up", "bytes_down", "frames_up", "frames_down")
+
+
+def websocket_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """``ws_event=open``, or at close how it ended, bytes and frames each way, and tokens when metered."""
+    session = meta["websocket"]
+    out: dict[str, Any] = {f"ws_{k}": session[k] for k in _WS_FIELDS if k in session}
+    usage = meta.get("usage")
+    if usage is not None:
+        out["tokens"] = usage.input + usage.output
+    return out
+
+
 class AccessLog:
     name = "access_log"
 
@@ -48,6 +61,10 @@ class AccessLog:
             self._emit(flow)
 
     def error(self, flow: Flow) -> None:
+        if self.log.isEnabledFor(INFO):
+            self._emit(flow)
+
+    def websocket_start(self, flow: Flow) -> None:
         if self.log.isEnabledFor(INFO):
             self._emit(flow)
 
@@ -81,6 +98,8 @@ class AccessLog:
         }
         if meta and "cache" in meta:  # providers with a cache: hit, miss, stale, coalesced, bypass
             out["cache"] = meta["cache"]
+        if meta and "websocket" in meta:  # a WebSocket session's line at open or at close
+            out.update(websocket_fields(meta))
         return out
 
     def __repr__(self) -> str:

@@ -24,14 +24,12 @@ import contextlib
 import json
 import logging
 import math
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import urlsplit
 
+from addons.record_sink import SECRET_QUERY_PARAMS, FileSink, StdoutSink, normalize_name
 from proxy.flow import Flow
 from proxy.logs import UtcTime
 
@@ -39,10 +37,6 @@ log = logging.getLogger("sidekey.audit")
 
 REDACTED = "REDACTED"
 TRUNCATED = "…(truncated)"
-# Compared after unquoting, lower-casing and "-" -> "_", so "API-Key" matches too.
-SECRET_QUERY_PARAMS = frozenset(
-    {"key", "api_key", "apikey", "token", "access_token", "secret", "password", "signature", "sig"}
-)
 SECRET_BODY_KEYS = frozenset(
     {
         "api_key", "apikey", "key", "token", "secret", "password", "authorization",
@@ -50,10 +44,6 @@ SECRET_BODY_KEYS = frozenset(
     }
 )  # fmt: skip
 MAX_QUEUED = 10_000  # lines waiting for the writer; past this, drop and count
-
-
-def _norm(name: str) -> str:
-    return unquote_plus(name).lower().replace("-", "_")
 
 
 def _plain(value: Any) -> Any:
@@ -72,65 +62,10 @@ def _plain(value: Any) -> Any:
 def _redact_json(value: Any) -> Any:
     """Replace values under credential-like keys, at any depth (lists too)."""
     if isinstance(value, dict):
-        return {k: REDACTED if _norm(k) in SECRET_BODY_KEYS else _redact_json(v) for k, v in value.items()}
+        return {k: REDACTED if normalize_name(k) in SECRET_BODY_KEYS else _redact_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact_json(v) for v in value]
     return value
-
-
-class _FileSink:
-    """Appends batches of lines to a file (0600), rotating by size like
-    RotatingFileHandler: ``path`` -> ``path.1`` -> ... -> ``path.N``."""
-
-    def __init__(self, path: str, max_bytes: int, backups: int) -> None:
-        self.path, self.max_bytes, self.backups = path, max_bytes, backups
-        self._lock = threading.Lock()  # a flush thread and done() may overlap
-        self._file = self._open()
-
-    def _open(self) -> Any:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.fchmod(fd, 0o600)  # the umask can neither widen nor narrow it
-        f = os.fdopen(fd, "ab")
-        self._size = f.tell()
-        return f
-
-    def write(self, lines: list[str]) -> None:
-        with self._lock:
-            chunk: list[bytes] = []
-            size = self._size
-            for line in lines:
-                data = line.encode("utf-8") + b"\n"
-                if self.max_bytes and size and size + len(data) > self.max_bytes:
-                    self._file.write(b"".join(chunk))
-                    self._rotate()
-                    chunk, size = [], 0
-                chunk.append(data)
-                size += len(data)
-            self._file.write(b"".join(chunk))
-            self._file.flush()
-            self._size = size
-
-    def _rotate(self) -> None:
-        self._file.close()
-        for n in range(self.backups - 1, 0, -1):
-            older = f"{self.path}.{n}"
-            if os.path.exists(older):
-                os.replace(older, f"{self.path}.{n + 1}")
-        os.replace(self.path, f"{self.path}.1")
-        self._file = self._open()
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
-
-
-class _StdoutSink:
-    def write(self, lines: list[str]) -> None:
-        sys.stdout.write("".join(line + "\n" for line in lines))
-        sys.stdout.flush()
-
-    def close(self) -> None:
-        sys.stdout.flush()
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
@@ -187,8 +122,8 @@ class AuditLog:
         self._queued = 0
         self._dropped = 0
         self._buffer: list[str] = []
-        self._out: _FileSink | _StdoutSink | None = (
-            _StdoutSink() if sink == "-" else _FileSink(sink, max_bytes, backups)
+        self._out: FileSink | StdoutSink | None = (
+            StdoutSink() if sink == "-" else FileSink(sink, max_bytes, backups)
         )
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -201,6 +136,9 @@ class AuditLog:
 
     def error(self, flow: Flow) -> None:
         self._write(flow)
+
+    def websocket_start(self, flow: Flow) -> None:
+        self._write(flow)  # the session's first line; its end is written by response/error
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._flush_loop(), name="sidekey-audit-flush")
@@ -232,7 +170,7 @@ class AuditLog:
         await asyncio.to_thread(self._close, out, lines)
 
     @staticmethod
-    def _close(out: _FileSink | _StdoutSink, lines: list[str]) -> None:
+    def _close(out: FileSink | StdoutSink, lines: list[str]) -> None:
         try:
             with contextlib.suppress(OSError):
                 out.write(lines)
@@ -270,6 +208,8 @@ class AuditLog:
             "bytes_out": flow.bytes_to_client,
             "intercepted": flow.intercepted,
         }
+        if meta and "websocket" in meta:  # a WebSocket session: open, or its summary at close
+            entry["websocket"] = _plain(meta["websocket"])
         if self.log_bodies:
             entry["request_body"] = self._body(req.body)
         return entry
@@ -327,11 +267,11 @@ class AuditLog:
         secret_names = set(SECRET_QUERY_PARAMS)
         auth = flow.provider.auth if flow.provider else None
         if auth is not None and auth.type == "query" and auth.param:
-            secret_names.add(_norm(auth.param))
+            secret_names.add(normalize_name(auth.param))
         parts = []
         for part in query.split("&"):
             name, eq, _value = part.partition("=")
-            parts.append(f"{name}={REDACTED}" if eq and _norm(name) in secret_names else part)
+            parts.append(f"{name}={REDACTED}" if eq and normalize_name(name) in secret_names else part)
         return f"{path}?{'&'.join(parts)}"
 
     @staticmethod

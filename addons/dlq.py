@@ -38,7 +38,6 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from addons.audit import SECRET_QUERY_PARAMS, _FileSink, _norm
+from addons.record_sink import SECRET_QUERY_PARAMS, FileSink, normalize_name
 from proxy.flow import Body, Flow
 from proxy.policy import CALLER_CREDENTIAL_HEADERS
 from proxy.routing import format_authority
@@ -56,7 +55,7 @@ log = logging.getLogger("sidekey.dlq")
 
 # A header whose name contains one of these is never stored, whatever its value.
 SECRET_HEADER_WORDS = ("auth", "token", "key", "secret", "password", "signature", "cookie")
-# Query names (normalised as audit does) ending like these are removed too:
+# Query names (normalised by record_sink.normalize_name) ending like these are removed too:
 # refresh_token, client_secret, x_amz_signature, ...
 SECRET_QUERY_SUFFIXES = ("_key", "_token", "_secret", "signature", "password")
 # Values allowed in an attempt record: fixed codes and names, never a message.
@@ -85,10 +84,12 @@ def safe_url(flow: Flow) -> str:
     scheme = "https" if flow.intercepted else "http"
     path, sep, query = req.path.partition("?")
     secret_names = set(SECRET_QUERY_PARAMS)
-    secret_names.update(_norm(p.auth.param) for p in flow.policy.providers if p.auth.type == "query" and p.auth.param)
+    secret_names.update(
+        normalize_name(p.auth.param) for p in flow.policy.providers if p.auth.type == "query" and p.auth.param
+    )
     kept = []
     for part in query.split("&") if sep else ():
-        name = _norm(part.partition("=")[0])
+        name = normalize_name(part.partition("=")[0])
         if part and name not in secret_names and not name.endswith(SECRET_QUERY_SUFFIXES):
             kept.append(part)
     url = f"{scheme}://{format_authority(req.host, req.port, scheme)}{path}"
@@ -136,21 +137,6 @@ def attempts(flow: Flow, status: int | None) -> list[dict[str, Any]]:
     return [outcome]
 
 
-class _DurableSink(_FileSink):
-    """audit's rotating sink, plus fsync after each batch and before rotating."""
-
-    def write(self, lines: list[str]) -> None:
-        super().write(lines)
-        with self._lock:
-            if not self._file.closed:
-                os.fsync(self._file.fileno())
-
-    def _rotate(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        super()._rotate()
-
-
 class DeadLetters:
     name = "dlq"
 
@@ -172,7 +158,7 @@ class DeadLetters:
         self.max_body_bytes = max_body_bytes
         self.flush_interval = flush_interval
         self.clock = clock
-        self._sink: _DurableSink | None = _DurableSink(path, max_bytes, backups)
+        self._sink: FileSink | None = FileSink(path, max_bytes, backups, durable=True)
         self._buffer: list[str] = []
         self._pending_bytes = 0
         self._wake = asyncio.Event()
@@ -308,7 +294,7 @@ class DeadLetters:
             log.error("dlq write failed: %s (%d entries lost)", type(exc).__name__, len(lines))
 
     @staticmethod
-    def _close(sink: _DurableSink, lines: list[str]) -> None:
+    def _close(sink: FileSink, lines: list[str]) -> None:
         try:
             if lines:
                 sink.write(lines)

@@ -250,6 +250,7 @@ class _EngineCollector(Collector):
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
         yield from (conns, flows, pool, reloads, *_upstream_families(stats.get("upstreams", [])))
+        yield from _credential_families(stats.get("credentials", []))
         tasks = _asyncio_tasks()
         if tasks is not None:
             gauge = GaugeMetricFamily("sidekey_asyncio_tasks", "asyncio tasks alive on the event loop (leak checks)")
@@ -263,6 +264,32 @@ class _EngineCollector(Collector):
             )
             degraded.add_metric([], limits.get("degraded_seconds", 0.0))
             yield degraded
+        websockets = stats.get("websockets")
+        if websockets is not None:
+            yield from _websocket_families(websockets)
+
+
+def _websocket_families(ws: dict[str, Any]) -> Iterator[Metric]:
+    """WebSocket sessions (``proxy.ws_session.Sessions``); labels are policy
+    provider names and close-code classes (``ws_frames.close_label``): bounded."""
+    sessions = GaugeMetricFamily("sidekey_websocket_sessions_open", "WebSocket sessions open", labels=["provider"])
+    for provider, count in ws["open_by_provider"].items():
+        sessions.add_metric([provider], count)
+    opened = CounterMetricFamily("sidekey_websocket_sessions_opened", "WebSocket sessions opened (101 relayed)")
+    opened.add_metric([], ws["opened"])
+    refused = CounterMetricFamily("sidekey_websocket_sessions_refused", "Upgrades refused by concurrent_websockets")
+    refused.add_metric([], ws["refused"])
+    moved = CounterMetricFamily("sidekey_websocket_bytes", "WebSocket bytes relayed", labels=["direction"])
+    moved.add_metric(["client_to_upstream"], ws["bytes_up"])
+    moved.add_metric(["upstream_to_client"], ws["bytes_down"])
+    closes = CounterMetricFamily("sidekey_websocket_closes", "Sessions ended, by the close code the client saw",
+                                 labels=["provider", "code"])  # fmt: skip
+    for row in ws["closes"]:
+        closes.add_metric([row["provider"], row["code"]], row["count"])
+    buckets = [(repr(bound), count) for bound, count in ws["duration_buckets"]] + [("+Inf", ws["duration_count"])]
+    duration = HistogramMetricFamily("sidekey_websocket_session_seconds", "WebSocket session length",
+                                     buckets=buckets, sum_value=ws["duration_sum"])  # fmt: skip
+    yield from (sessions, opened, refused, moved, closes, duration)
 
 
 def _asyncio_tasks() -> int | None:
@@ -272,6 +299,35 @@ def _asyncio_tasks() -> int | None:
         return len(asyncio.all_tasks())
     except RuntimeError:  # no running loop in this thread
         return None
+
+
+def _credential_families(views: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Refreshes of dynamic credentials (secret stores, OAuth2 tokens) by
+    result, and when each provider's credential stops being served: the
+    earliest of its members' (a token's expiry; a store value's last good
+    read + ttl + stale_for). Static keys have neither."""
+    refreshes = CounterMetricFamily(
+        "sidekey_credential_refresh", "Credential fetches by result (ok, error)", labels=["provider", "result"]
+    )
+    expiry = GaugeMetricFamily(
+        "sidekey_credential_expiry_seconds",
+        "Unix time when the provider's current credential stops being served (absent: it does not expire)",
+        labels=["provider"],
+    )
+    counts: dict[tuple[str, str], int] = {}
+    earliest: dict[str, float] = {}
+    for v in views:
+        for result, count in v.get("refreshes", {}).items():
+            counts[(v["provider"], result)] = counts.get((v["provider"], result), 0) + count
+        until = v.get("serve_until")
+        if until is not None:
+            earliest[v["provider"]] = min(until, earliest.get(v["provider"], until))
+    for labels, count in counts.items():
+        refreshes.add_metric(list(labels), count)
+    for provider, until in earliest.items():
+        expiry.add_metric([provider], until)
+    yield refreshes
+    yield expiry
 
 
 def _upstream_families(states: list[dict[str, Any]]) -> Iterator[Metric]:

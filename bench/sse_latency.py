@@ -132,6 +132,7 @@ def table(results: dict[int, dict[str, list[dict[str, object]]]]) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         med: dict[str, dict[str, float]] = {}
         for name, runs in by_proxy.items():
+
             def m(kind: str, p: str, runs: list[dict[str, object]] = runs) -> float:
                 return statistics.median(float(r[kind][p]) for r in runs)  # type: ignore[index]
 

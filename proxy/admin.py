@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.capabilities import METRICS, USAGE_REPORT
+from proxy.capabilities import CACHE_ADMIN, METRICS, USAGE_REPORT
 from proxy.policy import SCHEMA_VERSION, Policy, Provider, Target
 from proxy.policy.load import PolicyError
 
@@ -39,6 +39,9 @@ ROUTES = (
     ("GET", "/policy", "policy"),
     ("POST", "/policy/reload", "reload"),
     ("GET", "/usage", "usage"),
+    ("POST", "/credentials/refresh", "refresh_credentials"),
+    ("GET", "/cache/stats", "cache_stats"),
+    ("DELETE", "/cache", "cache_delete"),
 )
 # What the metrics listener serves: nothing that changes state or shows the policy.
 PUBLIC_ROUTES = tuple(r for r in ROUTES if r[1] in ("/healthz", "/readyz", "/metrics"))
@@ -195,6 +198,7 @@ class AdminServer:
         for p in engine.policy.providers:
             view = provider_view(p, engine.secret_available(p))
             view["upstreams"] = upstream_views(engine, p)
+            view["credentials"] = engine.secrets.credential_views(p) if engine.secrets is not None else []
             views.append(view)
         return web.json_response({"providers": views, "pools": engine.pools.statistics()})
 
@@ -212,6 +216,40 @@ class AdminServer:
             reason = "since: expected YYYY-MM-DD, an RFC 3339 time with an offset, or unix seconds"
             return web.json_response({"error": {"code": "bad_request", "message": reason}}, status=400)
         return web.json_response(report)
+
+    async def refresh_credentials(self, request: web.Request) -> web.Response:
+        """Re-read credentials now (``?provider=NAME``: that provider's only):
+        after rotating a secret, without waiting for its ttl."""
+        secrets = self.engine.secrets
+        if secrets is None:
+            return web.json_response({"error": {"code": "credentials_disabled"}}, status=404)
+        name = request.query.get("provider")
+        provider = self.engine.policy.provider(name) if name else None
+        if name and provider is None:  # never quote the value back
+            body = {"error": {"code": "not_found", "message": "no provider of that name"}}
+            return web.json_response(body, status=404)
+        return web.json_response({"refreshed": await secrets.refresh_credentials(provider)})
+
+    async def cache_stats(self, _request: web.Request) -> web.Response:
+        """Per provider with a ``cache:``: entries, bytes, results, hit ratio, evictions."""
+        cache = self.engine.addons.capability(CACHE_ADMIN)
+        report = await cache.report() if cache is not None else {"providers": {}, "in_flight": 0}
+        return web.json_response(report)
+
+    async def cache_delete(self, request: web.Request) -> web.Response:
+        """``?provider=NAME&pattern=/v1/chat/*``: entries whose path matches the glob."""
+        provider = request.query.get("provider") or None
+        pattern = request.query.get("pattern", "*")
+        if len(pattern) > 512 or not (pattern.startswith("/") or pattern.startswith("*")):
+            reason = "pattern: expected a path glob such as /v1/chat/* (at most 512 characters)"
+            return web.json_response({"error": {"code": "bad_request", "message": reason}}, status=400)
+        known = self.engine.policy.provider(provider) if provider is not None else None
+        if provider is not None and (known is None or known.cache is None):  # never quote the value back
+            reason = "provider: no provider of that name has a cache"
+            return web.json_response({"error": {"code": "not_found", "message": reason}}, status=404)
+        cache = self.engine.addons.capability(CACHE_ADMIN)
+        deleted = await cache.delete(provider, pattern) if cache is not None else 0
+        return web.json_response({"deleted": deleted})
 
     async def reload(self, _request: web.Request) -> web.Response:
         before = self.engine.policy.digest

@@ -17,6 +17,7 @@ from proxy.policy import Provider, Target
 if TYPE_CHECKING:
     from proxy.balance import UpstreamState
     from proxy.flow import Flow
+    from proxy.policy.rates import Usage
 
 T = TypeVar("T")
 
@@ -43,8 +44,21 @@ class Secrets(Protocol):
 
     def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str: ...
 
+    def credential_digest(self, provider: Provider, target: Target, key: bytes) -> str | None:
+        """HMAC-SHA256 (hex) of the member's credential under ``key``: whose answer
+        it is, without the secret leaving the credentials addon. None: none there."""
+        ...
+
     async def reread(self, provider: Provider, target: Target) -> bool:
         """The upstream refused the member's credential: re-read it; True when it changed."""
+        ...
+
+    def credential_views(self, provider: Provider) -> list[dict[str, Any]]:
+        """Each credential the provider injects: source, state, expiry, refreshes; never a value."""
+        ...
+
+    async def refresh_credentials(self, provider: Provider | None) -> list[dict[str, Any]]:
+        """Re-read now (one provider's, or every one's); what each re-read gave."""
         ...
 
 
@@ -67,7 +81,36 @@ class MemberLimits(Protocol):
     async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float: ...
 
 
+class CacheAdmin(Protocol):
+    """The response cache's operations: what it holds, and removing entries."""
+
+    async def report(self) -> dict[str, Any]: ...
+
+    async def delete(self, provider: str | None, pattern: str) -> int:
+        """Entries of ``provider`` (None: every provider) whose path matches the glob; how many went."""
+        ...
+
+
+class SessionTokens(Protocol):
+    """Token reservations of a long-lived session's responses (a WebSocket's
+    ``response.create`` / ``response.done``) in the flow's token rules."""
+
+    def reserve_tokens(self, flow: Flow, tokens: int) -> None: ...
+
+    def settle_tokens(self, flow: Flow, reserved: int, used: int) -> None: ...
+
+
+class SessionUsage(Protocol):
+    """One response of a long-lived session, recorded in the usage ledger as a request of its own;
+    its cost in USD (None: unpriced)."""
+
+    def record_usage(self, flow: Flow, usage: Usage) -> float | None: ...
+
+
 SECRETS: Capability[Secrets] = Capability("secrets")
+CACHE_ADMIN: Capability[CacheAdmin] = Capability("cache_admin")
 USAGE_REPORT: Capability[UsageReport] = Capability("usage_report")
 METRICS: Capability[MetricsExposition] = Capability("metrics")
 MEMBER_LIMITS: Capability[MemberLimits] = Capability("member_limits")
+SESSION_TOKENS: Capability[SessionTokens] = Capability("session_tokens")
+SESSION_USAGE: Capability[SessionUsage] = Capability("session_usage")

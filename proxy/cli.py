@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument("--debug-tracebacks", action="store_true", help=_DEBUG_HELP)
     run.add_argument(
+        "--workers", type=_workers, default=env("SIDEKEY_WORKERS", "1"), metavar="N",
+        help="N processes on one listener (SO_REUSEPORT); limits, budgets and WebSocket caps then need redis:;"
+        " admin/metrics per worker on PORT+i [$SIDEKEY_WORKERS]",
+    )  # fmt: skip
+    run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
+    run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument(
         "--log-format", choices=("auto", "text", "json"), default=env("SIDEKEY_LOG_FORMAT", "auto"),
         help="text, or JSON lines; auto: text on a terminal, else JSON [$SIDEKEY_LOG_FORMAT]",
     )  # fmt: skip
@@ -170,8 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= 64:
+        raise argparse.ArgumentTypeError("expected a number of processes from 1 to 64")
+    return number
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # --workers starts children with the same run arguments
     try:
         return dispatch(args)
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers are installed
@@ -230,6 +249,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.access_log not in ("on", "off"):
         raise startup.BadChoice(name="--access-log (or $SIDEKEY_ACCESS_LOG)", choices="on, off")
     logs.configure(startup.log_level(args.log_level), args.log_format, sys.stderr)
+    if args.worker_index is not None:
+        log.info("worker %d, pid %d", args.worker_index, os.getpid())
     before, after = fdlimit.raise_fd_limit()
     if after != before:
         log.info("open-files limit raised from %d to %d (the hard limit)", before, after)
@@ -237,6 +258,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     location = locate.locate_policy(args.policies, env, locate.config_dir(env, Path.home()), Path.is_file)
     policy = startup.load_policy(str(location.path))
     certs = locate.certs_dir(args.certs, env, location)
+    if args.workers > 1:
+        return _supervise(args, policy, certs)
     try:
         import uvloop
     except ImportError:
@@ -246,8 +269,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return runner(serve(policy, args, location, certs))
 
 
+def _supervise(args: argparse.Namespace, policy: Policy, certs: Path) -> int:
+    from proxy import workers
+    from proxy.certs import CertificateAuthority
+
+    shared_nothing = workers.local_only_state(policy)
+    if shared_nothing:
+        raise workers.WorkersNeedRedis(workers=args.workers, what=", ".join(shared_nothing))
+    CertificateAuthority.load_or_create(certs)  # once, here: N workers must not race to create it
+    run_argv = args.argv[args.argv.index("run") + 1 :]
+    host, port = args.listen
+    return workers.supervise(run_argv, args.workers, host, port, args.admin, args.metrics_listen)
+
+
 async def serve(policy: Policy, args: argparse.Namespace, location: locate.PolicyLocation, certs: Path) -> int:
     from addons import default_addons, load_addons
+    from addons.cache.addon import Cache
     from addons.limits import Limits
     from addons.metrics import Metrics
     from proxy.admin import AdminConfigError, AdminServer
@@ -275,8 +312,11 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
         except ValueError as err:  # our own fixed texts (negative sizes)
             raise startup.DeadLetterFileUnusable(path=args.dlq, reason=str(err)) from None
     addons = [*default_addons(access_log=args.access_log == "on"), *extra]
-    engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons)
+    engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons, reuse_port=args.reuse_port)
     metrics = next((a for a in addons if isinstance(a, Metrics)), None)
+    cache = next((a for a in addons if isinstance(a, Cache)), None)
+    if metrics is not None and cache is not None:
+        metrics.registry.register(cache.stats.collector(cache))
     if metrics is not None:
         limits = next((a for a in addons if isinstance(a, Limits)), None)
         if limits is None:

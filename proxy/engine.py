@@ -13,18 +13,19 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
 from proxy import errors, exchange, forward, netguard, routing, tunnel, ws_session
 from proxy.balance import Groups, Transition, UpstreamState
-from proxy.capabilities import MEMBER_LIMITS, SECRETS
+from proxy.capabilities import MEMBER_LIMITS, SECRETS, Capability
 from proxy.certs import CertificateAuthority, LeafContexts
 from proxy.flow import new_request_id
 from proxy.hooks import AddonManager
 from proxy.policy import Policy, Provider, SecretRef
 
+T = TypeVar("T")
 log = logging.getLogger("sidekey")
 
 CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
@@ -62,6 +63,7 @@ class Sidekey:
         certs_dir: Path,
         listen: tuple[str, int] = ("127.0.0.1", 8080),
         addons: Sequence[object] = (),
+        reuse_port: bool = False,  # one of --workers N processes on a shared port
     ) -> None:
         from proxy.upstream import UpstreamPools
 
@@ -70,6 +72,7 @@ class Sidekey:
         self.guard = netguard.Guard(policy.allow_networks)
         self.certs_dir = certs_dir
         self.listen = listen
+        self.reuse_port = reuse_port
         self.addons = AddonManager(addons)
         self.pools = UpstreamPools()
         self.ca: CertificateAuthority | None = None
@@ -130,6 +133,7 @@ class Sidekey:
             limit=self.policy.limits.max_header_bytes,
             backlog=1024,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
         )
         sock = self.server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
@@ -178,6 +182,9 @@ class Sidekey:
             await old.aclose()
 
     clock = staticmethod(time.monotonic)
+
+    def capability(self, cap: Capability[T]) -> T | None:
+        return self.addons.capability(cap)
 
     def on_state_change(self, listener: Callable[[UpstreamState, Transition], None]) -> None:
         self.listeners.append(listener)
@@ -284,6 +291,11 @@ class Sidekey:
             "websockets": self.websockets.statistics(),
             "pools": self.pools.statistics(),
             "leaf_certs": self.leaves.statistics() if self.leaves else {},
+            "credentials": [
+                {"provider": p.name, **view} for p in self.policy.providers for view in self.secrets.credential_views(p)
+            ]
+            if self.secrets is not None
+            else [],
         }
 
     # -- connections -------------------------------------------------------

@@ -146,6 +146,18 @@ class ErrorHook(Hook):
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketStartHook(Hook):
+    """A WebSocket upgrade was answered 101 and the session starts
+    (``flow.metadata["websocket"]`` is ``{"event": "open"}``). Observe only; the
+    session's end is the ``response`` (or ``error``) hook, with the summary in
+    ``flow.metadata["websocket"]``."""
+
+    flow: Flow
+    name: ClassVar[str] = "websocket_start"
+    kind: ClassVar[Kind] = "observer"
+
+
+@dataclass(frozen=True, slots=True)
 class DoneHook(Hook):
     """sidekey is shutting down. Stop background tasks, flush."""
 
@@ -164,7 +176,7 @@ class IdleHooksHook(Hook):
 
 SPECS: tuple[type[Hook], ...] = (
     SetupHook, ConfigureHook, RunningHook, RequestHook, UpstreamAttemptHook,
-    ResponseHeadersHook, ResponseHook, ErrorHook, DoneHook,
+    ResponseHeadersHook, ResponseHook, ErrorHook, WebSocketStartHook, DoneHook,
 )  # fmt: skip
 # name -> when it fires (the docs and ``addons/__init__`` point here)
 HOOKS: dict[str, str] = {spec.name: " ".join((spec.__doc__ or "").split()) for spec in SPECS}

@@ -9,16 +9,18 @@ is reconnected on a reload before ``configure`` runs, so read it there).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from proxy.balance import Groups, Transition, UpstreamState
+    from proxy.capabilities import Capability
     from proxy.netguard import Guard
     from proxy.policy import Provider
     from proxy.upstream import UpstreamPools
 
+T = TypeVar("T")
 StateListener = Callable[["UpstreamState", "Transition"], None]
 
 
@@ -36,6 +38,10 @@ class Runtime(Protocol):
 
     def notify(self, state: UpstreamState, changes: Sequence[Transition]) -> None:
         """Log a member's state changes and tell the listeners."""
+        ...
+
+    def capability(self, cap: Capability[T]) -> T | None:
+        """The first addon offering ``cap`` (``AddonManager.capability``)."""
         ...
 
     def on_state_change(self, listener: StateListener) -> None:

@@ -89,6 +89,7 @@ class Relay:
         self.started = self.last = clock()
         self.sent_code: int | None = None  # the close code sidekey sent the client
         self.client_cut = False
+        self._first_close: EndedBy | None = None  # whose close frame came first: the other's is the reply
         self._stop = asyncio.Event()
         self._stop_reason: EndedBy = "drain"
 
@@ -98,8 +99,10 @@ class Relay:
         self._stop.set()
 
     async def run(self) -> Outcome:
-        to_up = asyncio.create_task(self._pump(self.client_reader, self.up_writer, self.up, self.observe_up))
-        to_down = asyncio.create_task(self._pump(self.up_reader, self.client_writer, self.down, self.observe_down))
+        to_up = asyncio.create_task(self._pump(self.client_reader, self.up_writer, self.up, self.observe_up, "client"))
+        to_down = asyncio.create_task(
+            self._pump(self.up_reader, self.client_writer, self.down, self.observe_down, "upstream")
+        )
         stopped = asyncio.create_task(self._stop.wait())
         tasks = (to_up, to_down, stopped)
         try:
@@ -132,7 +135,7 @@ class Relay:
     async def _down_ended(self, end: PumpEnd, to_up: asyncio.Task[PumpEnd]) -> EndedBy:
         if end == "closed":  # the upstream's close frame went to the client: its reply goes back
             await _bounded(to_up)
-            return "upstream"
+            return self._first_close or "upstream"
         if end == "dst_lost":
             self._cut_upstream()
             return "client_lost"
@@ -146,7 +149,7 @@ class Relay:
     async def _up_ended(self, end: PumpEnd, to_down: asyncio.Task[PumpEnd]) -> EndedBy:
         if end == "closed":  # the client's close frame went upstream: the upstream's reply comes back
             await _bounded(to_down)
-            return "client"
+            return self._first_close or "client"
         if end == "dst_lost":  # writing upstream failed: the upstream is gone
             to_down.cancel()
             await asyncio.gather(to_down, return_exceptions=True)
@@ -191,7 +194,7 @@ class Relay:
             await _discard_until_close(self.up_reader, self.down)
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, tracker: FrameTracker,
-                    observe: Observer | None) -> PumpEnd:  # fmt: skip
+                    observe: Observer | None, side: EndedBy) -> PumpEnd:  # fmt: skip
         while True:
             try:
                 data = await src.read(PIECE)
@@ -200,6 +203,8 @@ class Relay:
             if not data:
                 return "eof"
             tracker.feed(data)
+            if tracker.close_seen and self._first_close is None:
+                self._first_close = side
             if observe is not None:
                 observe(data)
             self.last = self.clock()

@@ -23,10 +23,14 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, cast
 
+from yarl import URL
+
 from proxy import errors, http1, ws_frames
 from proxy.bodies import BodyReader
+from proxy.capabilities import SESSION_TOKENS, SESSION_USAGE
 from proxy.flow import Flow, Response
 from proxy.forward import forward
+from proxy.ws_meter import SessionMeter
 from proxy.ws_relay import CLOSE_WAIT, Outcome, Relay
 from proxy.ws_upstream import UpgradeResponse
 
@@ -229,6 +233,11 @@ async def _run_session(engine: Sidekey, conn: ClientConn, flow: Flow, session: W
     assert out is not None
     headers = out.headers
     exchange_headers(flow, headers)
+    meter = None
+    if provider.websocket.usage == "openai-realtime":
+        model = URL(flow.request.path, encoded=True).query.get("model")
+        meter = SessionMeter(flow, engine.addons.capability(SESSION_TOKENS),
+                             engine.addons.capability(SESSION_USAGE), model)  # fmt: skip
     conn.head_sent = True
     conn.writer.write(http1.response_head(101, headers.items()))
     relay = session.relay = Relay(
@@ -236,13 +245,21 @@ async def _run_session(engine: Sidekey, conn: ClientConn, flow: Flow, session: W
         (resp.reader, resp.writer),
         idle_timeout=provider.websocket.idle_timeout,
         max_duration=provider.websocket.max_duration,
+        observe_up=meter.observe_up if meter is not None else None,
+        observe_down=meter.observe_down if meter is not None else None,
     )
     engine.websockets.opened += 1
-    log.debug("flow %s: WebSocket session open to %s", flow.id, provider.name)
-    outcome = await relay.run()
+    flow.metadata["websocket"] = {"event": "open"}
+    await engine.addons.observe("websocket_start", flow)
+    try:
+        outcome = await relay.run()
+    finally:
+        if meter is not None:
+            meter.finish()
     end = flow.timings["end"] = time.monotonic()
     flow.bytes_to_client, flow.bytes_from_client = relay.down.bytes, relay.up.bytes
     flow.metadata["websocket"] = {
+        "event": "close",
         "ended_by": outcome.ended_by,
         "close_code": outcome.close_code,
         "client_close_code": outcome.client_code,

@@ -13,7 +13,8 @@ and the usage meter; before limits):
 - ``response`` / ``error``: store the recording when it ended cleanly; end
   the flight either way.
 
-A flow of a provider without ``cache:`` pays one attribute test per hook.
+A flow of a provider without ``cache:`` pays one attribute test per hook;
+with no ``cache:`` anywhere the hooks are idle (not called).
 """
 
 from __future__ import annotations
@@ -29,18 +30,19 @@ from typing import TYPE_CHECKING, Any
 from multidict import CIMultiDict
 
 from addons.cache import rules
-from addons.cache.config import CachePolicy
 from addons.cache.flight import Flight, FlightFailed
-from addons.cache.key import Identities, cache_key
+from addons.cache.key import cache_key
 from addons.cache.sse import StreamJudge
 from addons.cache.stats import CacheStats
 from addons.cache.stores import Entry, MemoryStore, RedisStore
 from proxy import errors
+from proxy.capabilities import CACHE_ADMIN, SECRETS
 from proxy.flow import Flow, ObserverTee, Response
-from proxy.policy import Policy, Provider
+from proxy.policy import CachePolicy, Policy, Provider
 
 if TYPE_CHECKING:
-    from proxy.engine import Sidekey
+    from proxy.capabilities import Secrets
+    from proxy.runtime import Runtime
 
 log = logging.getLogger("sidekey.cache")
 
@@ -87,29 +89,28 @@ class Recorder(ObserverTee):
 
 class Cache:
     name = "cache"
+    provides = (CACHE_ADMIN,)
 
     def __init__(self, *, clock: Any = time.time) -> None:
         self.clock = clock
-        self.engine: Sidekey | None = None
+        self.runtime: Runtime | None = None
+        self.policy: Policy | None = None
         self.memory: dict[str, MemoryStore] = {}  # per provider, each with its own max_bytes
         self.redis: RedisStore | None = None
-        self.identities = Identities(os.urandom(32))  # this process's; the Redis-shared one replaces it
         self.flights: dict[str, Flight] = {}
         self.stats = CacheStats()
-        self._secrets: Any = None  # the credentials addon's SecretStore
+        self._secrets: Secrets | None = None
+        self._identity_key = os.urandom(32)  # this process's; the Redis-shared one replaces it
+        self._identities: dict[tuple[str, str], str] = {}  # (provider, member) -> digest, per credential seen
         self._writes: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
-    def bind(self, engine: Sidekey) -> None:
-        self.engine = engine
-        for addon in engine.addons.addons:
-            if type(addon).__name__ == "CredentialInjector":
-                self._secrets = addon.store  # type: ignore[attr-defined]
-            registry = getattr(addon, "registry", None)
-            if registry is not None and type(addon).__name__ == "Metrics":
-                registry.register(self.stats.collector(self))
+    def setup(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._secrets = runtime.capability(SECRETS)
 
     def configure(self, policy: Policy) -> None:
+        self.policy = policy
         kept: dict[str, MemoryStore] = {}
         for p in policy.providers:
             c = p.cache
@@ -119,7 +120,7 @@ class Cache:
             store.max_bytes = c.max_bytes
             kept[p.name] = store
         self.memory = kept
-        client = self.engine.redis if self.engine is not None else None
+        client = self.runtime.redis if self.runtime is not None else None
         wants_redis = any(p.cache is not None and p.cache.backend == "redis" for p in policy.providers)
         if client is None or not wants_redis:
             self.redis = None
@@ -127,10 +128,16 @@ class Cache:
             timeout = policy.redis.timeout if policy.redis is not None else 0.5
             self.redis = RedisStore(client, timeout=timeout, clock=self.clock)
 
+    def idle_hooks(self) -> tuple[str, ...]:
+        """No provider has a cache: the flow hooks are not called at all."""
+        if self.policy is not None and any(p.cache is not None for p in self.policy.providers):
+            return ()
+        return ("request", "responseheaders", "response", "error")
+
     async def running(self) -> None:
         if self.redis is not None:
             try:
-                self.identities = Identities(await self.redis.hmac_key(os.urandom(32)))
+                self._identity_key = await self.redis.hmac_key(self._identity_key)
             except Exception as exc:  # noqa: BLE001 - a down Redis: entries of this process only
                 log.warning("cache: cannot read the shared identity key from Redis (%s)", type(exc).__name__)
 
@@ -238,18 +245,18 @@ class Cache:
 
     # -- internals -----------------------------------------------------------------------
     def _identity(self, provider: Provider) -> str:
-        """Whose answer it is: the keyed hash of the group's credentials. Every
-        member of one provider's group may answer any of its requests, so the
-        group's identities together name the entry; a changed key, another
-        provider or another tenant never shares it."""
-        if provider.auth.type == "none" or self._secrets is None:
-            return "none"
+        """Whose answer it is: the keyed hashes of the group's credentials.
+
+        Looked up per request, not per attempt, on purpose: a hit must answer
+        before the limits and the forwarder run, and every member of one
+        provider's group may answer any of its requests, so the group is the
+        tenant. Another key (a rotation included), provider or tenant gives
+        another identity; a fallback provider's answer is never stored."""
         secrets = self._secrets
-        parts = []
-        for target in provider.targets:
-            ref = provider.secret_of(target)
-            secret = secrets.get(ref) if ref is not None else None
-            parts.append(self.identities.of(secret) if secret is not None else "-")
+        if provider.auth.type == "none" or secrets is None:
+            return "none"
+        key = self._identity_key
+        parts = [secrets.credential_digest(provider, t, key) or "-" for t in provider.targets]
         return parts[0] if len(parts) == 1 else ",".join(sorted(parts))
 
     async def _lookup_redis(self, flow: Flow, provider: Provider, policy: CachePolicy, directives: rules.Directives,
@@ -374,15 +381,15 @@ class Cache:
         for name, store in self.memory.items():
             if provider is None or provider == name:
                 removed += store.delete(None, pattern)
-        if self.redis is not None and self.engine is not None:
-            names = [p.name for p in self.engine.policy.providers
+        if self.redis is not None and self.policy is not None:
+            names = [p.name for p in self.policy.providers
                      if p.cache is not None and p.cache.backend == "redis" and provider in (None, p.name)]  # fmt: skip
             removed += await self.redis.delete(names, pattern)
         return removed
 
     async def report(self) -> dict[str, Any]:
         providers: dict[str, Any] = {}
-        policy = self.engine.policy if self.engine is not None else None
+        policy = self.policy
         for p in policy.providers if policy is not None else ():
             if p.cache is None:
                 continue

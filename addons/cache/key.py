@@ -1,8 +1,8 @@
 """The cache key: a digest of everything that can change an answer, and nothing else.
 
 Parts, each length-framed so no two different part lists hash alike:
-provider, the upstream credential's identity (a keyed hash of the secret,
-never the secret), the caller (``scope: caller``), method, path, the query
+provider, the upstream credentials' identity (keyed hashes of the secrets,
+never a secret: ``CredentialInjector.credential_digest``), the caller (``scope: caller``), method, path, the query
 with its parameters sorted, the provider-listed headers that change the
 answer, and the body. A JSON body is canonicalised: sorted keys, no
 insignificant whitespace, numbers as parsed (``1`` and ``1.0`` stay apart,
@@ -16,7 +16,6 @@ Pure code: no I/O, no clock.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -24,7 +23,6 @@ from typing import Any
 from multidict import CIMultiDict
 
 _SEP = b"\x00"
-_MAX_IDENTITIES = 1024  # secrets seen (rotations included); bounded all the same
 
 
 class _NotCanonical(ValueError):
@@ -65,31 +63,6 @@ def sorted_query(target: str) -> tuple[str, str]:
     """(path, query with its ``&``-separated parameters sorted), raw encoding kept."""
     path, _, query = target.partition("?")
     return path, "&".join(sorted(p for p in query.split("&") if p))
-
-
-class Identities:
-    """A credential's identity: HMAC-SHA256 of the secret under a key that is
-    this process's own (memory backend) or shared by every sidecar of one
-    Redis (so they share entries). The secret itself is never kept in an
-    entry, a key, a log line or a metric."""
-
-    __slots__ = ("_key", "_seen")
-
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-        self._seen: dict[str, str] = {}
-
-    def of(self, secret: str) -> str:
-        found = self._seen.get(secret)
-        if found is None:
-            found = hmac.new(self._key, secret.encode(), hashlib.sha256).hexdigest()[:32]
-            if len(self._seen) >= _MAX_IDENTITIES:
-                self._seen.clear()
-            self._seen[secret] = found
-        return found
-
-    def __repr__(self) -> str:  # never the key, never a secret
-        return f"Identities({len(self._seen)} seen)"
 
 
 def cache_key(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
-from addons.cache.config import CachePolicy
+from proxy.policy import CachePolicy
 
 CACHE_HEADER = "x-sidekey-cache"
 TTL_HEADER = "x-sidekey-cache-ttl"
@@ -87,5 +87,11 @@ NOT_REPLAYED = frozenset({"date", "age", "connection", "keep-alive", "transfer-e
                           "x-sidekey-request-id", "x-sidekey-attempts", "x-sidekey-cache", "set-cookie"})  # fmt: skip
 
 
+# Quota headers (the upstream's and our limits'): they describe the moment of
+# the miss; a hit takes nothing from any quota, so it reports none.
+NOT_REPLAYED_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "retry-after")
+
+
 def replayed_headers(headers: CIMultiDict[str]) -> tuple[tuple[str, str], ...]:
-    return tuple((k, v) for k, v in headers.items() if k.lower() not in NOT_REPLAYED)
+    return tuple((k, v) for k, v in headers.items()
+                 if k.lower() not in NOT_REPLAYED and not k.lower().startswith(NOT_REPLAYED_PREFIXES))  # fmt: skip

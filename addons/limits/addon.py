@@ -44,12 +44,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from addons.limits.arithmetic import Bound, Check, LocalLimiter, Verdict
+from addons.limits.arithmetic import Check, LocalLimiter, Verdict
+from addons.limits.checks import Checks, Taken, by_concurrency, over_limit, remaining_of
 from addons.limits.degraded import Degraded
 from addons.limits.redis_limiter import LimiterUnavailable, RedisLimiter
 from addons.usage.tokens import reservation
 from proxy import errors
-from proxy.capabilities import MEMBER_LIMITS
+from proxy.capabilities import MEMBER_LIMITS, SESSION_TOKENS
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider, Rule
@@ -68,47 +69,6 @@ LEASE_TTL = 60.0  # seconds a Redis concurrency lease lives unless refreshed
 REFRESH_EVERY = 20.0
 
 
-@dataclass(frozen=True, slots=True)
-class Checks:
-    """A request's (scope, rule) pairs and what the request path derives from them, made once
-    per provider and caller: each answer then costs no string formatting and no rule scans."""
-
-    pairs: tuple[Check, ...]
-    headers: tuple[tuple[str, str, str], ...] = ()  # per pair: limit header, its value, remaining header
-    local: LocalLimiter | None = None  # given: the pairs are bound to its states
-    token_pairs: tuple[Check, ...] = field(init=False)  # what a reconcile corrects
-    has_slots: bool = field(init=False)  # a concurrency rule: a lease to hand back
-    bound: Bound | None = field(init=False)
-    tokenless: Checks | None = field(init=False, default=None)  # the others, for bodyless requests
-
-    def __post_init__(self) -> None:
-        tokens = tuple(c for c in self.pairs if c[1].kind == "tokens")
-        object.__setattr__(self, "token_pairs", tokens)
-        object.__setattr__(self, "has_slots", any(rule.kind == "concurrent" for _, rule in self.pairs))
-        object.__setattr__(self, "bound", self.local.bind(self.pairs) if self.local else None)
-
-    @classmethod
-    def for_requests(cls, pairs: tuple[Check, ...], local: LocalLimiter) -> Checks:
-        headers = tuple((f"x-ratelimit-limit-{r.name}", str(r.limit), f"x-ratelimit-remaining-{r.name}")
-                        for _, r in pairs)  # fmt: skip
-        checks = cls(pairs, headers, local)
-        rest = tuple(pair for pair in pairs if pair[1].kind != "tokens")
-        if checks.token_pairs and rest:
-            object.__setattr__(checks, "tokenless", cls.for_requests(rest, local))
-        return checks
-
-
-@dataclass(slots=True)
-class Taken:
-    """What one flow holds: released or reconciled when it ends."""
-
-    checks: Checks
-    tokens: int
-    limiter: LocalLimiter | RedisLimiter
-    lease: str | None = None
-    remaining: Sequence[int] = ()  # per check, for the x-ratelimit-* headers
-
-
 @dataclass(order=True, slots=True)
 class _Waiter:
     priority: int
@@ -118,7 +78,7 @@ class _Waiter:
 
 class Limits:
     name = "limits"
-    provides = (MEMBER_LIMITS,)
+    provides = (MEMBER_LIMITS, SESSION_TOKENS)
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -246,10 +206,34 @@ class Limits:
             return 1.0
         if not verdict.allowed:
             if math.isinf(verdict.retry_after):  # this key can never take it; another key may
-                raise _over_limit(provider, verdict, tokens)
+                raise over_limit(provider, verdict, tokens)
             return max(verdict.retry_after, 0.001)
         flow.metadata.setdefault("member_limits", []).append(self._held(Taken(checks, tokens, limiter, verdict.lease)))
         return 0.0
+
+    # -- sessions (a WebSocket's responses: proxy.ws_session) ----------------------------
+    def reserve_tokens(self, flow: Flow, tokens: int) -> None:
+        """Count a response's reservation in the flow's token rules now. Never
+        refused: the event asking for it is already on its way upstream; the
+        window it fills makes new requests and sessions wait."""
+        self._correct_tokens(flow, tokens)
+
+    def settle_tokens(self, flow: Flow, reserved: int, used: int) -> None:
+        self._correct_tokens(flow, used - reserved)
+
+    def _correct_tokens(self, flow: Flow, delta: int) -> None:
+        provider = flow.provider
+        if not delta or provider is None or not (provider.limits or provider.caller_limits):
+            return
+        key = provider.name if not provider.caller_limits else (provider.name, flow.caller)
+        checks = self._check_cache.get(key) or self._new_checks(key, provider, flow.caller)
+        if not checks.token_pairs:
+            return
+        if self.shared is not None:  # batched with the releases (a lease of None: tokens only)
+            self._pending.append((checks.token_pairs, None, delta))
+            self._wake.set()
+        else:
+            self.local.reconcile(checks.token_pairs, delta, self.clock())
 
     # -- internals ------------------------------------------------------------------
     def _tokens(self, flow: Flow) -> int:
@@ -264,12 +248,12 @@ class Limits:
         verdict, limiter = await self._acquire(checks, tokens)
         if verdict.allowed:
             self.counters["allowed"] += 1
-            return self._held(Taken(checks, tokens, limiter, verdict.lease, _remaining(verdict)))
+            return self._held(Taken(checks, tokens, limiter, verdict.lease, remaining_of(verdict)))
         if math.isinf(verdict.retry_after):  # more than a whole window: waiting cannot help
             self.counters["refused"] += 1
-            raise _over_limit(provider, verdict, tokens)
+            raise over_limit(provider, verdict, tokens)
         deadline = self.clock() + provider.queue_wait
-        if provider.queue_wait > 0 and (verdict.retry_after <= provider.queue_wait or _by_concurrency(verdict)):
+        if provider.queue_wait > 0 and (verdict.retry_after <= provider.queue_wait or by_concurrency(verdict)):
             self.counters["queued"] += 1
             log.debug("provider %s: over %s, queued", provider.name, verdict.refused_by)
             queue = self._queues.setdefault(provider.name, [])
@@ -287,15 +271,15 @@ class Limits:
                             verdict, limiter = await self._acquire(checks, tokens)
                             if verdict.allowed:
                                 self.counters["allowed"] += 1
-                                return self._held(Taken(checks, tokens, limiter, verdict.lease, _remaining(verdict)))
+                                return self._held(Taken(checks, tokens, limiter, verdict.lease, remaining_of(verdict)))
                         fresh = False
                         pause = min(verdict.retry_after, deadline - self.clock())
-                        if _by_concurrency(verdict):  # a slot frees at no known time: woken, or poll
+                        if by_concurrency(verdict):  # a slot frees at no known time: woken, or poll
                             pause = min(pause, CONCURRENT_POLL)
                         self._freed.clear()
                         await _wait(self._freed, pause)
                     left = deadline - self.clock()
-                    if left <= 0 or (verdict.retry_after > left and not _by_concurrency(verdict)):
+                    if left <= 0 or (verdict.retry_after > left and not by_concurrency(verdict)):
                         break
             finally:
                 queue.remove(me)
@@ -408,21 +392,6 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
-
-
-def _remaining(verdict: Verdict) -> tuple[int, ...]:
-    return tuple(state.remaining for state in verdict.states)
-
-
-def _by_concurrency(verdict: Verdict) -> bool:
-    return (verdict.refused_by or "").endswith(" concurrent")
-
-
-def _over_limit(provider: Provider, verdict: Verdict, tokens: int) -> errors.RequestOverLimit:
-    """The refusal for a cost no window can hold, naming the rule (never a value of the request)."""
-    scope, _, rule = (verdict.refused_by or "provider -").partition(" ")
-    limit = next((s.limit for s in verdict.states if s.name == rule and s.scope == scope), 0)
-    return errors.RequestOverLimit(provider.name, scope=scope.split(":", 1)[0], rule=rule, limit=limit, reserved=tokens)
 
 
 __all__ = ["Limits", "LimitsUnavailable", "RateLimited", "Rule"]

@@ -9,7 +9,7 @@ it resets. An LLM-looking POST (its JSON names a model or messages) offering
 br or zstd is cut to gzip and deflate, so the answer stays readable.
 
 ``responseheaders``: a 2xx JSON or SSE answer to a POST gets a
-``flow.body_observer`` keeping JSON up to 4 MiB or feeding an SSEUsageMeter.
+``flow.body_observer`` (``addons.usage.answers``) keeping JSON up to 4 MiB or feeding an SSEUsageMeter.
 
 ``response`` / ``error``: the reported usage (of a JSON answer only its
 ``usage`` object is parsed), else an estimate marked as such (a stream without
@@ -30,18 +30,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
-import re
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from addons.usage.ledger import COUNTERS, Counts, Ledger, RedisLedger, over_budget, parse_since, previous_month_start
+from addons.usage.answers import MODEL_AT, InflatingSSE, JSONBody, json_usage, looks_llm, unreadable, wire_of
+from addons.usage.ledger import COUNTERS, Counts, Ledger, over_budget, parse_since, previous_month_start
 from addons.usage.prices import SHIPPED, PriceTable
-from addons.usage.tokens import RequestEstimate, SSEUsageMeter, Usage, Wire, estimate_request, usage_from_json
-from proxy.capabilities import USAGE_REPORT
+from addons.usage.redis_ledger import RedisLedger
+from addons.usage.stream import SSEUsageMeter
+from addons.usage.tokens import RequestEstimate, Usage, estimate_request, usage_from_json
+from proxy.capabilities import SESSION_USAGE, USAGE_REPORT
 from proxy.errors import ProxyError
 from proxy.flow import Flow, ObserverTee, Response
 from proxy.policy import Policy, Provider
@@ -54,16 +54,8 @@ log = logging.getLogger("sidekey.usage")
 FLUSH_EVERY = 1.0  # seconds between flushes to Redis
 REFRESH_EVERY = 2.0  # today and yesterday are read back from Redis this often
 FULL_REFRESH_EVERY = 300.0  # and every day since the start of last month this often
-MAX_JSON = 4 << 20  # JSON answers up to this are kept to read their usage
-INFLATE_PIECE = 64 << 10
-MAX_INFLATED = 64 << 20  # a compressed stream is not read past this
 LABELS_MAX = 1024
 _READABLE = frozenset({"gzip", "x-gzip", "deflate", "identity"})
-_LLM_MARKERS = (b'"model"', b'"messages"')
-_USAGE_AT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
-_MODEL_AT = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*("[^"\\]{1,256}")')
-MAX_USAGE = 8192  # bytes a usage object may span
-_DECODER = json.JSONDecoder()
 _VIEW = ("requests", "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens",
          "cache_creation_tokens", "estimated", "unpriced", "cost_usd")  # fmt: skip
 
@@ -73,104 +65,9 @@ class BudgetExceeded(ProxyError):
     template = "the {scope} budget of provider {provider} is spent; retry in {seconds} s"
 
 
-def wire_of(path: str) -> Wire:
-    return "anthropic" if "/v1/messages" in path else "openai"
-
-
-def looks_llm(body: object) -> bool:
-    return type(body) is bytes and (_LLM_MARKERS[0] in body or _LLM_MARKERS[1] in body)
-
-
-def json_usage(body: bytes, wire: Wire) -> Usage | None:
-    """``usage_from_json`` without parsing the whole answer: only the last ``"usage":{...}``
-    object (where OpenAI, Anthropic and the Responses API put the top-level one) and the
-    first ``"model"`` string. A key inside a JSON string cannot match: its quotes are escaped."""
-    end = len(body)
-    for _ in range(8):  # "usage" as a value, not a key: look further back
-        i = body.rfind(b'"usage"', 0, end)
-        if i < 0:
-            return None
-        found = _USAGE_AT.match(body, i)
-        if found is not None:
-            break
-        end = i
-    else:
-        return None
-    start = found.end()
-    try:  # latin-1: one character per byte, so the decoder's end is a byte offset
-        _, length = _DECODER.raw_decode(body[start : start + MAX_USAGE].decode("latin-1"))
-    except ValueError:
-        return None
-    model = _MODEL_AT.search(body)
-    doc = b'{"usage":' + body[start : start + length] + (b',"model":' + model.group(1) if model else b"") + b"}"
-    return usage_from_json(doc, wire)
-
-
-class _JSONBody:
-    """Keeps a JSON answer (its first MAX_JSON bytes as sent) for one parse at the end."""
-
-    __slots__ = ("parts", "size", "compressed")
-
-    def __init__(self, compressed: bool) -> None:
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.compressed = compressed
-
-    def __call__(self, piece: bytes) -> None:
-        self.size += len(piece)
-        if self.size <= MAX_JSON:
-            self.parts.append(piece)
-        elif self.parts:
-            self.parts.clear()
-
-    def body(self) -> bytes | None:
-        """The whole body, inflated; None when it was too big or does not inflate."""
-        if self.size > MAX_JSON:
-            return None
-        data = b"".join(self.parts)
-        if not self.compressed:
-            return data
-        inflater = zlib.decompressobj(47)  # gzip or zlib, told apart by the header
-        try:
-            out = inflater.decompress(data, MAX_JSON)
-        except zlib.error:
-            return None
-        return None if inflater.unconsumed_tail else out
-
-
-class _InflatingSSE:
-    """A gzip or deflate event stream: inflated piece by piece into the meter."""
-
-    __slots__ = ("meter", "inflater", "inflated")
-
-    def __init__(self, meter: SSEUsageMeter) -> None:
-        self.meter = meter
-        self.inflater: Any = zlib.decompressobj(47)
-        self.inflated = 0
-
-    def __call__(self, piece: bytes) -> None:
-        if self.inflater is None:
-            return
-        try:
-            out = self.inflater.decompress(piece, INFLATE_PIECE)
-            while out:
-                self.inflated += len(out)
-                self.meter.feed(out)
-                if self.inflated > MAX_INFLATED:
-                    self.inflater = None
-                    return
-                out = self.inflater.decompress(self.inflater.unconsumed_tail, INFLATE_PIECE)
-        except zlib.error:
-            self.inflater = None
-
-
-def _unreadable(_piece: bytes) -> None:
-    """An encoding we cannot read (br, zstd): the request's estimate stands in."""
-
-
 class UsageMeter:
     name = "usage"
-    provides = (USAGE_REPORT,)
+    provides = (USAGE_REPORT, SESSION_USAGE)
 
     def __init__(
         self,
@@ -249,18 +146,29 @@ class UsageMeter:
             return
         encoding = resp.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in _READABLE:
-            flow.body_observer = _unreadable
+            flow.body_observer = unreadable
         elif sse:
             meter = SSEUsageMeter(wire_of(flow.request.path))
-            flow.body_observer = meter.feed if encoding == "identity" else _InflatingSSE(meter)
+            flow.body_observer = meter.feed if encoding == "identity" else InflatingSSE(meter)
         else:
-            flow.body_observer = _JSONBody(encoding != "identity")
+            flow.body_observer = JSONBody(encoding != "identity")
 
     def response(self, flow: Flow) -> None:
         self._settle(flow)
 
     def error(self, flow: Flow) -> None:
         self._settle(flow)
+
+    def record_usage(self, flow: Flow, usage: Usage) -> float | None:
+        """One response of a session (a WebSocket's response.done), as a request of its own."""
+        provider, state = flow.provider, flow.upstream_state
+        if provider is None:
+            return None
+        served, upstream = (state.provider, state.name) if state is not None else (provider.name, "-")
+        cost = self.table.cost(usage) if usage.input or usage.output else 0.0
+        self.counters["recorded"] += 1
+        self.ledger.record(self.clock(), (served, usage.model or "unknown", upstream, flow.caller), usage, cost)
+        return cost
 
     # -- internals --------------------------------------------------------------------
     def _refuse(self, flow: Flow, provider: Provider) -> bool:
@@ -311,13 +219,13 @@ class UsageMeter:
         if isinstance(observer, ObserverTee):  # the cache's recorder: ours is inside
             observer = observer.inner
         reader = getattr(observer, "__self__", observer)
-        if isinstance(reader, _InflatingSSE):
+        if isinstance(reader, InflatingSSE):
             reader = reader.meter
         if isinstance(reader, SSEUsageMeter):
             if flow.error is not None and not reader.statistics()["bytes"]:
                 return _ZERO  # failed before anything was streamed
             return reader.finish(None if reader.reported else self._estimate(flow))
-        if isinstance(reader, _JSONBody):
+        if isinstance(reader, JSONBody):
             if flow.error is not None and not reader.size:
                 return _ZERO
             body = reader.body()
@@ -330,7 +238,7 @@ class UsageMeter:
             if found is not None:
                 return found
             return self._guess(flow) if flow.error is not None else _ZERO  # a cut answer was billed
-        if observer is _unreadable:
+        if observer is unreadable:
             return self._guess(flow)
         return _ZERO  # an error status, not JSON or SSE, or failed before an answer
 
@@ -349,7 +257,7 @@ class UsageMeter:
     @staticmethod
     def _model_of(flow: Flow) -> str | None:
         body = flow.request.body
-        found = _MODEL_AT.search(body) if type(body) is bytes else None
+        found = MODEL_AT.search(body) if type(body) is bytes else None
         return found.group(1)[1:-1].decode("utf-8", "replace") if found else None
 
     def _label(self, model: str) -> str:

@@ -7,29 +7,18 @@ package main
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
-	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
 func conns(target, proxy, cacert string, conc int, dur time.Duration, resume bool, hosts int, keep bool) {
-	pool := x509.NewCertPool()
-	for _, f := range strings.Split(cacert, ",") {
-		if f == "" {
-			continue
-		}
-		b, err := os.ReadFile(f)
-		must(err)
-		pool.AppendCertsFromPEM(b)
-	}
+	pool := loadPool(cacert)
 	base, err := url.Parse(target)
 	must(err)
 	var proxyURL *url.URL

@@ -121,15 +121,7 @@ func server(addr, caOut string) {
 type stats struct{ ttfe, gaps []time.Duration }
 
 func client(target, proxy, cacert string, conc, warm, rounds int, auth string, stagger time.Duration) {
-	pool := x509.NewCertPool()
-	for _, f := range strings.Split(cacert, ",") {
-		if f == "" {
-			continue
-		}
-		b, err := os.ReadFile(f)
-		must(err)
-		pool.AppendCertsFromPEM(b)
-	}
+	pool := loadPool(cacert)
 	var proxyURL *url.URL
 	if proxy != "" {
 		u, err := url.Parse(proxy)
@@ -242,6 +234,20 @@ func pct(d []time.Duration) map[string]float64 {
 	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
 	at := func(p float64) float64 { return float64(d[int(p*float64(len(d)-1))].Microseconds()) }
 	return map[string]float64{"p50": at(0.50), "p99": at(0.99), "max": float64(d[len(d)-1].Microseconds())}
+}
+
+// loadPool reads the comma-separated PEM files a client trusts.
+func loadPool(cacert string) *x509.CertPool {
+	pool := x509.NewCertPool()
+	for _, f := range strings.Split(cacert, ",") {
+		if f == "" {
+			continue
+		}
+		b, err := os.ReadFile(f)
+		must(err)
+		pool.AppendCertsFromPEM(b)
+	}
+	return pool
 }
 
 func must(err error) {

@@ -7,7 +7,7 @@ message ever repeats a value.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, cast
+from typing import cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -24,10 +24,7 @@ from proxy.credentials.config import (
 )
 from proxy.credentials.model import Timing
 from proxy.policy import SecretKind, SecretRef
-from proxy.policy.fields import check_host
-
-if TYPE_CHECKING:
-    from proxy.policy.load import _Builder
+from proxy.policy.fields import Reader, check_host
 
 STORES = frozenset({"vault", "aws_sm", "azure_kv"})
 TIMING = frozenset({"ttl", "stale_for"})
@@ -56,18 +53,17 @@ _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+){1,4}")
 _NAME = re.compile(r"[A-Za-z0-9_.\-@]{1,256}")
 
 
-def credential(b: _Builder, node: yaml.Node, field: str) -> SecretRef:
+def credential(r: Reader, node: yaml.Node, field: str) -> SecretRef:
     """A reference to where a credential lives; a store's kind only when that
     store is configured in ``secret_stores``."""
-    r = b.r
-    forms = [form for k, form in FORMS if k in b.store_kinds]
+    forms = [form for k, form in FORMS if k in r.credential_kinds]
     expected = ", ".join(forms[:-1]) + " or " + forms[-1]
     kind, colon, rest = r.scalar(node, field, expected).partition(":")
     if kind in ("env", "file"):
         return r.secret(node, field)
     if not colon or kind not in ("vault", "aws-sm", "azure-kv"):
         raise r.problem(node, field, f"expected {expected}; literal secrets are not allowed")
-    if kind not in b.store_kinds:
+    if kind not in r.credential_kinds:
         raise r.problem(node, field, f"{kind}: references need secret_stores.{kind.replace('-', '_')}")
     ref, _, key = rest.partition("#")
     if kind == "vault" and not (_VAULT_PATH.fullmatch(ref) and _FIELD.fullmatch(key)):
@@ -79,63 +75,61 @@ def credential(b: _Builder, node: yaml.Node, field: str) -> SecretRef:
     return SecretRef(cast(SecretKind, kind), ref, key)
 
 
-def _static(b: _Builder, node: yaml.Node, field: str) -> StaticRef:
-    ref = b.r.secret(node, field)
+def _static(r: Reader, node: yaml.Node, field: str) -> StaticRef:
+    ref = r.secret(node, field)
     return StaticRef("env" if ref.kind == "env" else "file", ref.ref)
 
 
-def _https_url(b: _Builder, node: yaml.Node, field: str, *, path_ok: bool) -> str:
-    value = b.r.string(node, field).strip()
+def _https_url(r: Reader, node: yaml.Node, field: str, *, path_ok: bool) -> str:
+    value = r.string(node, field).strip()
     what = "an https URL" + (" (https://host[:port]/path)" if path_ok else " (https://host[:port], no path)")
     try:
         url = urlsplit(value)
         url.port  # noqa: B018 - ValueError unless a number in range
     except ValueError:
-        raise b.r.problem(node, field, f"expected {what}") from None
+        raise r.problem(node, field, f"expected {what}") from None
     if url.scheme != "https":
-        raise b.r.problem(node, field, "must be https: credentials are never sent over plaintext")
+        raise r.problem(node, field, "must be https: credentials are never sent over plaintext")
     if "@" in url.netloc or url.query or url.fragment or check_host(url.hostname or "", wildcard=False) is None:
-        raise b.r.problem(node, field, f"expected {what}, without user info, query or fragment")
+        raise r.problem(node, field, f"expected {what}, without user info, query or fragment")
     if not path_ok and url.path not in ("", "/"):
-        raise b.r.problem(node, field, f"expected {what}")
+        raise r.problem(node, field, f"expected {what}")
     return value.rstrip("/") if not path_ok else value
 
 
-def _timing(b: _Builder, f: dict[str, yaml.Node], field: str) -> Timing:
+def _timing(r: Reader, f: dict[str, yaml.Node], field: str) -> Timing:
     d = Timing()
     return Timing(
-        ttl=b.opt(f, field, "ttl", b.r.duration, d.ttl),
-        stale_for=b.opt(f, field, "stale_for", lambda n, w: b.r.duration(n, w, zero_ok=True), d.stale_for),
+        ttl=r.opt(f, field, "ttl", r.duration, d.ttl),
+        stale_for=r.opt(f, field, "stale_for", lambda n, w: r.duration(n, w, zero_ok=True), d.stale_for),
     )
 
 
-def secret_stores(b: _Builder, node: yaml.Node, field: str) -> SecretStores:
-    f = b.r.mapping(node, field, STORES)
+def secret_stores(r: Reader, node: yaml.Node, field: str) -> SecretStores:
+    f = r.mapping(node, field, STORES)
     return SecretStores(
-        vault=b.opt(f, field, "vault", lambda n, w: _vault(b, n, w), None, null_ok=True),
-        aws_sm=b.opt(f, field, "aws_sm", lambda n, w: _aws_sm(b, n, w), None, null_ok=True),
-        azure_kv=b.opt(f, field, "azure_kv", lambda n, w: _azure_kv(b, n, w), None, null_ok=True),
+        vault=r.opt(f, field, "vault", lambda n, w: _vault(r, n, w), None, null_ok=True),
+        aws_sm=r.opt(f, field, "aws_sm", lambda n, w: _aws_sm(r, n, w), None, null_ok=True),
+        azure_kv=r.opt(f, field, "azure_kv", lambda n, w: _azure_kv(r, n, w), None, null_ok=True),
     )
 
 
-def _vault(b: _Builder, node: yaml.Node, field: str) -> VaultStore:
-    r = b.r
+def _vault(r: Reader, node: yaml.Node, field: str) -> VaultStore:
     f = r.mapping(node, field, VAULT)
     for key in ("address", "auth"):
         if key not in f:
             r.problem(node, f"{field}.{key}", "required")
-    address = b.opt(f, field, "address", lambda n, w: _https_url(b, n, w, path_ok=False), "")
-    auth = b.opt(f, field, "auth", lambda n, w: _vault_auth(b, n, w), None)
-    namespace = b.opt(f, field, "namespace", r.string, "")
-    ca = b.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True)
-    timing = _timing(b, f, field)
+    address = r.opt(f, field, "address", lambda n, w: _https_url(r, n, w, path_ok=False), "")
+    auth = r.opt(f, field, "auth", lambda n, w: _vault_auth(r, n, w), None)
+    namespace = r.opt(f, field, "namespace", r.string, "")
+    ca = r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True)
+    timing = _timing(r, f, field)
     if not address or auth is None:
         raise r.problem(node, field, "is incomplete (see the problems above)")
     return VaultStore(address, auth, namespace, ca, timing)
 
 
-def _vault_auth(b: _Builder, node: yaml.Node, field: str) -> VaultAuth:
-    r = b.r
+def _vault_auth(r: Reader, node: yaml.Node, field: str) -> VaultAuth:
     f = r.mapping(node, field, frozenset().union(*VAULT_AUTH.values()))
     if "method" not in f:
         raise r.problem(node, f"{field}.method", "required: one of token, approle, kubernetes")
@@ -155,17 +149,16 @@ def _vault_auth(b: _Builder, node: yaml.Node, field: str) -> VaultAuth:
 
     return VaultAuth(
         method=method,
-        token=b.opt(f, field, "token", lambda n, w: _static(b, n, w), None),
-        role_id=b.opt(f, field, "role_id", name, ""),
-        secret_id=b.opt(f, field, "secret_id", lambda n, w: _static(b, n, w), None),
-        role=b.opt(f, field, "role", name, ""),
-        jwt=b.opt(f, field, "jwt", lambda n, w: _static(b, n, w), K8S_JWT if method == "kubernetes" else None),
-        mount=b.opt(f, field, "mount", name, "" if method == "token" else method),
+        token=r.opt(f, field, "token", lambda n, w: _static(r, n, w), None),
+        role_id=r.opt(f, field, "role_id", name, ""),
+        secret_id=r.opt(f, field, "secret_id", lambda n, w: _static(r, n, w), None),
+        role=r.opt(f, field, "role", name, ""),
+        jwt=r.opt(f, field, "jwt", lambda n, w: _static(r, n, w), K8S_JWT if method == "kubernetes" else None),
+        mount=r.opt(f, field, "mount", name, "" if method == "token" else method),
     )
 
 
-def _aws_sm(b: _Builder, node: yaml.Node, field: str) -> AwsSmStore:
-    r = b.r
+def _aws_sm(r: Reader, node: yaml.Node, field: str) -> AwsSmStore:
     f = r.mapping(node, field, AWS_SM)
 
     def region(n: yaml.Node, w: str) -> str:
@@ -175,29 +168,27 @@ def _aws_sm(b: _Builder, node: yaml.Node, field: str) -> AwsSmStore:
         return value
 
     return AwsSmStore(
-        region=b.opt(f, field, "region", region, None),
-        endpoint_url=b.opt(f, field, "endpoint_url", lambda n, w: _https_url(b, n, w, path_ok=False), None),
-        ca_bundle=b.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
-        timing=_timing(b, f, field),
+        region=r.opt(f, field, "region", region, None),
+        endpoint_url=r.opt(f, field, "endpoint_url", lambda n, w: _https_url(r, n, w, path_ok=False), None),
+        ca_bundle=r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
+        timing=_timing(r, f, field),
     )
 
 
-def _azure_kv(b: _Builder, node: yaml.Node, field: str) -> AzureKvStore:
-    r = b.r
+def _azure_kv(r: Reader, node: yaml.Node, field: str) -> AzureKvStore:
     f = r.mapping(node, field, AZURE_KV)
     if "vault_url" not in f:
         raise r.problem(node, f"{field}.vault_url", "required: https://NAME.vault.azure.net")
     return AzureKvStore(
-        vault_url=_https_url(b, f["vault_url"], f"{field}.vault_url", path_ok=False),
-        ca_bundle=b.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
-        timing=_timing(b, f, field),
+        vault_url=_https_url(r, f["vault_url"], f"{field}.vault_url", path_ok=False),
+        ca_bundle=r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
+        timing=_timing(r, f, field),
     )
 
 
-def oauth2(b: _Builder, f: dict[str, yaml.Node], node: yaml.Node, field: str) -> OAuth2:
+def oauth2(r: Reader, f: dict[str, yaml.Node], node: yaml.Node, field: str) -> OAuth2:
     """The oauth2 fields of an ``auth`` mapping (``type`` already read)."""
-    r = b.r
-    grant = b.opt(f, field, "grant", lambda n, w: r.choice(n, w, ("client_credentials", "refresh_token")),
+    grant = r.opt(f, field, "grant", lambda n, w: r.choice(n, w, ("client_credentials", "refresh_token")),
                   "client_credentials")  # fmt: skip
     needs = ("token_url", "client_id") + (("client_secret",) if grant == "client_credentials" else ("refresh_token",))
     for key in needs:
@@ -205,16 +196,16 @@ def oauth2(b: _Builder, f: dict[str, yaml.Node], node: yaml.Node, field: str) ->
             r.problem(node, f"{field}.{key}", f"required for grant {grant}")
     if grant == "client_credentials" and "refresh_token" in f:
         r.problem(f["refresh_token"], f"{field}.refresh_token", "applies to grant refresh_token only")
-    ref = lambda n, w: credential(b, n, w)  # noqa: E731
-    method = b.opt(f, field, "auth_method", lambda n, w: r.choice(n, w, ("basic", "post")), "basic")
+    ref = lambda n, w: credential(r, n, w)  # noqa: E731
+    method = r.opt(f, field, "auth_method", lambda n, w: r.choice(n, w, ("basic", "post")), "basic")
     return OAuth2(
-        token_url=b.opt(f, field, "token_url", lambda n, w: _https_url(b, n, w, path_ok=True), ""),
-        client_id=b.opt(f, field, "client_id", r.string, ""),
-        client_secret=b.opt(f, field, "client_secret", ref, None),
+        token_url=r.opt(f, field, "token_url", lambda n, w: _https_url(r, n, w, path_ok=True), ""),
+        client_id=r.opt(f, field, "client_id", r.string, ""),
+        client_secret=r.opt(f, field, "client_secret", ref, None),
         grant="refresh_token" if grant == "refresh_token" else "client_credentials",
-        refresh_token=b.opt(f, field, "refresh_token", ref, None),
-        scope=b.opt(f, field, "scope", r.string, ""),
-        audience=b.opt(f, field, "audience", r.string, ""),
+        refresh_token=r.opt(f, field, "refresh_token", ref, None),
+        scope=r.opt(f, field, "scope", r.string, ""),
+        audience=r.opt(f, field, "audience", r.string, ""),
         auth_method="post" if method == "post" else "basic",
-        ca_bundle=b.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
+        ca_bundle=r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
     )

@@ -13,17 +13,15 @@ import difflib
 import ipaddress
 import os
 import re
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
 from proxy.policy.model import IPNetwork, SecretRef, Upstream, normalize_host
+from proxy.policy.yaml_nodes import ALIAS_TAG
 
-# Tag the loader gives an alias (``*name``) instead of resolving it: an alias
-# puts one node in two places, so its problems would be reported at the line
-# of the anchor rather than where it is used. Aliases are rejected.
-ALIAS_TAG = "!sidekey/alias"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _INT_TAG = "tag:yaml.org,2002:int"
 
@@ -50,7 +48,11 @@ _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PARAM = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986 unreserved: never needs escaping
 _ADDON = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?::[A-Za-z_]\w*)?")
 _URL_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")  # RFC 3986 3.3 path characters
-_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+
+
+T = TypeVar("T")
+Fields = dict[str, yaml.Node]
+Read = Callable[[yaml.Node, str], T]
 
 
 class PolicyProblem(NamedTuple):
@@ -124,71 +126,6 @@ def suggest(key: str, allowed: frozenset[str]) -> str:
     return f"did you mean {near[0]}?" if near else f"expected one of: {', '.join(sorted(allowed))}"
 
 
-# -- text to nodes --------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """A SafeLoader that leaves aliases unresolved, marked with ``ALIAS_TAG``
-    where they are used, so the readers can reject them at the right line."""
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            event = self.get_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
-            return yaml.ScalarNode(ALIAS_TAG, "", event.start_mark, event.end_mark)
-        return super().compose_node(parent, index)
-
-
-def compose(raw: bytes, reader: Reader) -> yaml.Node | None:
-    """The root node, or None with the problem recorded."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        reader.problem(raw.count(b"\n", 0, exc.start) + 1, "(file)", "not UTF-8 text")
-        return None
-    loader = None
-    try:
-        loader = _Loader(text)  # checks for unprintable characters
-        root = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        what = _redact(exc.problem)
-        if exc.context:  # e.g. "while scanning a quoted scalar", often on an earlier line
-            start = exc.context_mark.line + 1 if exc.context_mark else line
-            what = f"{_redact(exc.context)}{f' (line {start})' if start != line else ''}: {what}"
-        reader.problem(line, "(file)", f"not valid YAML: {what}")
-        return None
-    except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        reader.problem(line, "(file)", "a control character YAML does not allow (only tab and newline)")
-        return None
-    except yaml.YAMLError:
-        reader.problem(1, "(file)", "not valid YAML")
-        return None
-    except RecursionError:
-        # PyYAML's scanner and composer recurse once per nesting level: a few hundred
-        # levels exhaust the stack. The scanner's position is where it gave up.
-        line = loader.line + 1 if loader is not None else 1
-        reader.problem(line, "(file)", "nested too deeply (lists and mappings inside each other)")
-        return None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    if root is None:
-        reader.problem(1, "(file)", "empty policy: expected a mapping starting with 'version: 1'")
-    return root
-
-
-def _redact(problem: str | None) -> str:
-    """PyYAML's own words, minus anything it quotes from the file beyond a
-    single character or a token name like '<block end>'."""
-
-    def keep(match: re.Match[str]) -> str:
-        inner = match.group(1) if match.group(1) is not None else match.group(2)
-        short = len(inner) <= 1 or (inner.startswith("\\") and len(inner) <= 6)
-        return match.group(0) if short or re.fullmatch(r"<[a-z ]+>", inner) else "'...'"
-
-    return _QUOTED.sub(keep, problem) if problem else "check indentation, quotes and brackets"
-
-
 # -- one reader per kind of value -------------------------------------------------
 class Reader:
     """Collects problems against one source file; relative paths resolve
@@ -198,6 +135,8 @@ class Reader:
         self.source = source
         self.base_dir = base_dir or os.getcwd()
         self.problems: list[PolicyProblem] = []
+        # reference kinds a credential may name (``SecretStores.configured``: those of the configured stores)
+        self.credential_kinds: frozenset[str] = frozenset({"env", "file", "oauth2"})
 
     def problem(self, node: yaml.Node | int, field: str, message: str) -> Invalid:
         line = node if isinstance(node, int) else line_of(node)
@@ -207,6 +146,39 @@ class Reader:
     def _plain(self, node: yaml.Node, field: str) -> None:
         if node.tag == ALIAS_TAG:
             raise self.problem(node, field, "YAML aliases (*name) are not supported: write the value out")
+
+    # fields of a mapping: the readers of sections (load, groups, quotas, ...) call these
+    def opt(self, fields: Fields, prefix: str, key: str, read: Read[T], default: T, *, null_ok: bool = False) -> T:
+        """``fields[key]`` read if present; the default when absent or invalid
+        (the problem is recorded), so one bad field does not hide the next.
+        ``null_ok``: an empty value (``key:`` or ``null``) means "not set", for
+        optional sections whose entries may all be commented out."""
+        node = fields.get(key)
+        if node is None or (null_ok and self.is_null(node)):
+            return default
+        try:
+            return read(node, join(prefix, key))
+        except Invalid:
+            return default
+
+    def each(self, node: yaml.Node | None, field: str, read: Read[T]) -> tuple[T, ...]:
+        """Every item of a list (absent or null: none); bad items are recorded and skipped."""
+        if node is None or self.is_null(node):
+            return ()
+        try:
+            items = self.seq(node, field)
+        except Invalid:
+            return ()
+        out: list[T] = []
+        for i, item in enumerate(items):
+            try:
+                out.append(read(item, f"{field}[{i}]"))
+            except Invalid:
+                continue
+        return tuple(out)
+
+    def flag(self, node: yaml.Node, field: str) -> bool:
+        return self.choice(node, field, ("true", "false")) == "true"
 
     @staticmethod
     def is_null(node: yaml.Node | None) -> bool:

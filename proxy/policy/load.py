@@ -11,7 +11,9 @@ YAML anchors are allowed but aliases (``*name``) are rejected: an aliased
 node lives in two places, so its problems would point at the anchor, and a
 provider borrowing another's ``auth`` hides what it sends.
 
-This module reads the structure; ``proxy.policy.fields`` reads single values.
+This module reads the structure; ``proxy.policy.yaml_nodes`` turns the text into nodes,
+``proxy.policy.fields`` reads single values and the fields of a mapping (``Reader.opt``, ``each``),
+and ``groups``, ``quotas``, ``websocket`` and ``proxy.credentials.policy_read`` read their sections.
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ import dataclasses
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import cast
 
 import yaml
 
-from addons.cache import config as cache_config
 from proxy.credentials import policy_read as creds
 from proxy.credentials.config import SecretStores
+from proxy.policy import cache as cache_config
 from proxy.policy import groups, quotas, websocket
-from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Reader, compose, join, line_of
+from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Read, Reader, join, line_of
 from proxy.policy.model import (
     CALLER_CREDENTIAL_HEADERS,
     SCHEMA_VERSION,
@@ -52,12 +54,10 @@ from proxy.policy.model import (
     UnmatchedMode,
     UpstreamTLS,
 )
+from proxy.policy.yaml_nodes import compose
 
 __all__ = ["PolicyError", "PolicyProblem", "load_policy", "parse_policy"]
 
-T = TypeVar("T")
-Fields = dict[str, yaml.Node]
-Read = Callable[[yaml.Node, str], T]
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -135,7 +135,7 @@ def parse_policy(text: str | bytes, source: str = "<memory>", base_dir: Path | N
     ``Policy.digest`` is the first 12 hex digits of the sha256 of the bytes."""
     raw = text.encode("utf-8") if isinstance(text, str) else text
     reader = Reader(source, os.path.abspath(base_dir) if base_dir is not None else "")
-    root = compose(raw, reader)
+    root = compose(raw, reader.problem)
     policy = None
     if root is not None:
         policy = _Builder(reader, source, hashlib.sha256(raw).hexdigest()[:12]).policy(root)
@@ -152,36 +152,6 @@ class _Builder:
         self.source = source
         self.digest = digest
         self.hosts_seen: dict[str, tuple[str, int]] = {}  # pattern -> (provider, line)
-        self.store_kinds = SecretStores().configured()  # reference kinds a credential may use
-
-    def opt(self, fields: Fields, prefix: str, key: str, read: Read[T], default: T, *, null_ok: bool = False) -> T:
-        """``fields[key]`` read if present; the default when absent or invalid
-        (the problem is recorded), so one bad field does not hide the next.
-        ``null_ok``: an empty value (``key:`` or ``null``) means "not set", for
-        optional sections whose entries may all be commented out."""
-        node = fields.get(key)
-        if node is None or (null_ok and self.r.is_null(node)):
-            return default
-        try:
-            return read(node, join(prefix, key))
-        except Invalid:
-            return default
-
-    def each(self, node: yaml.Node | None, field: str, read: Read[T]) -> tuple[T, ...]:
-        """Every item of a list (absent or null: none); bad items are recorded and skipped."""
-        if node is None or self.r.is_null(node):
-            return ()
-        try:
-            items = self.r.seq(node, field)
-        except Invalid:
-            return ()
-        out: list[T] = []
-        for i, item in enumerate(items):
-            try:
-                out.append(read(item, f"{field}[{i}]"))
-            except Invalid:
-                continue
-        return tuple(out)
 
     def policy(self, root: yaml.Node) -> Policy | None:
         r = self.r
@@ -191,48 +161,48 @@ class _Builder:
         top = r.mapping(root, "", TOP)
         if "version" not in top:
             r.problem(root, "version", "required (version: 1)")
-        elif self.opt(top, "", "version", r.integer, SCHEMA_VERSION) != SCHEMA_VERSION:
+        elif r.opt(top, "", "version", r.integer, SCHEMA_VERSION) != SCHEMA_VERSION:
             r.problem(top["version"], "version", f"unsupported version (expected {SCHEMA_VERSION})")
-        choice = self.opt(top, "", "unmatched", lambda n, f: r.choice(n, f, ("tunnel", "deny")), "tunnel")
+        choice = r.opt(top, "", "unmatched", lambda n, f: r.choice(n, f, ("tunnel", "deny")), "tunnel")
         unmatched: UnmatchedMode = "deny" if choice == "deny" else "tunnel"
         # Before the providers: their references are checked against the stores there are.
-        stores = self.opt(top, "", "secret_stores", partial(creds.secret_stores, self), SecretStores(), null_ok=True)
-        self.store_kinds = stores.configured()
+        stores = r.opt(top, "", "secret_stores", partial(creds.secret_stores, r), SecretStores(), null_ok=True)
+        r.credential_kinds = stores.configured()
         policy = Policy(
-            providers=self.opt(top, "", "providers", self.providers, _NO_PROVIDERS),
+            providers=r.opt(top, "", "providers", self.providers, _NO_PROVIDERS),
             unmatched=unmatched,
-            limits=self.opt(top, "", "limits", self.limits, ListenerLimits(), null_ok=True),
-            allow_networks=self.opt(top, "", "network", self.network, _NO_NETWORKS, null_ok=True),
-            addons=self.each(top.get("addons"), "addons", r.addon),
-            alerts=self.opt(top, "", "alerts", partial(groups.alerts, self), None, null_ok=True),
-            redis=self.opt(top, "", "redis", partial(quotas.redis, self), None, null_ok=True),
-            caller_header=self.opt(top, "", "callers", partial(quotas.callers, self), None, null_ok=True),
-            prices=self.opt(top, "", "prices", partial(quotas.prices, self), (), null_ok=True),
+            limits=r.opt(top, "", "limits", self.limits, ListenerLimits(), null_ok=True),
+            allow_networks=r.opt(top, "", "network", self.network, _NO_NETWORKS, null_ok=True),
+            addons=r.each(top.get("addons"), "addons", r.addon),
+            alerts=r.opt(top, "", "alerts", partial(groups.alerts, r), None, null_ok=True),
+            redis=r.opt(top, "", "redis", partial(quotas.redis, r), None, null_ok=True),
+            caller_header=r.opt(top, "", "callers", partial(quotas.callers, r), None, null_ok=True),
+            prices=r.opt(top, "", "prices", partial(quotas.prices, r), (), null_ok=True),
             secret_stores=stores,
             source=self.source,
             digest=self.digest,
         )
-        groups.check_references(self, policy)
+        groups.check_references(r, policy)
         for p in policy.providers:
             if p.cache is not None and p.cache.backend == "redis" and policy.redis is None:
-                self.r.problem(p.line, f"providers.{p.name}.cache.backend", "redis needs the policy's redis: section")
+                r.problem(p.line, f"providers.{p.name}.cache.backend", "redis needs the policy's redis: section")
         return policy
 
     def limits(self, node: yaml.Node, field: str) -> ListenerLimits:
         r, d = self.r, ListenerLimits()
         f = r.mapping(node, field, LIMITS)
         return ListenerLimits(
-            max_header_bytes=self.opt(f, field, "max_header_bytes", r.size, d.max_header_bytes),
-            max_headers=self.opt(f, field, "max_headers", r.count, d.max_headers),
-            max_body_bytes=self.opt(f, field, "max_body_bytes", r.size, d.max_body_bytes),
-            header_timeout=self.opt(f, field, "header_timeout", r.duration, d.header_timeout),
-            idle_timeout=self.opt(f, field, "idle_timeout", r.duration, d.idle_timeout),
-            body_timeout=self.opt(f, field, "body_timeout", r.duration, d.body_timeout),
+            max_header_bytes=r.opt(f, field, "max_header_bytes", r.size, d.max_header_bytes),
+            max_headers=r.opt(f, field, "max_headers", r.count, d.max_headers),
+            max_body_bytes=r.opt(f, field, "max_body_bytes", r.size, d.max_body_bytes),
+            header_timeout=r.opt(f, field, "header_timeout", r.duration, d.header_timeout),
+            idle_timeout=r.opt(f, field, "idle_timeout", r.duration, d.idle_timeout),
+            body_timeout=r.opt(f, field, "body_timeout", r.duration, d.body_timeout),
         )
 
     def network(self, node: yaml.Node, field: str) -> tuple[IPNetwork, ...]:
         allow = self.r.mapping(node, field, frozenset({"allow"})).get("allow")
-        return self.each(allow, f"{field}.allow", self.r.ip_network)
+        return self.r.each(allow, f"{field}.allow", self.r.ip_network)
 
     # -- providers -----------------------------------------------------------
     def providers(self, node: yaml.Node, field: str) -> tuple[Provider, ...]:
@@ -257,39 +227,39 @@ class _Builder:
             r.problem(key_node, f"{field}.hosts", "required: a list of host names or *.suffix wildcards")
         if "auth" not in f:
             r.problem(key_node, f"{field}.auth", "required (type: none injects nothing)")
-        hosts = self.opt(f, field, "hosts", lambda n, p: self.hosts(n, p, label), _NO_STRINGS)
-        auth = self.opt(f, field, "auth", self.auth, None)
+        hosts = r.opt(f, field, "hosts", lambda n, p: self.hosts(n, p, label), _NO_STRINGS)
+        auth = r.opt(f, field, "auth", self.auth, None)
         # Every field is read even when auth is bad, so all problems show at once.
-        extra_strip = self.each(f.get("strip_headers"), f"{field}.strip_headers", r.strip_header)
+        extra_strip = r.each(f.get("strip_headers"), f"{field}.strip_headers", r.strip_header)
         auth_header = (auth.header,) if auth is not None and auth.type == "header" else ()
-        set_headers = self.opt(f, field, "set_headers", partial(self.set_headers, auth=auth), _NO_PAIRS, null_ok=True)
-        upstream = self.opt(f, field, "upstream", r.upstream, None, null_ok=True)
-        timeouts = self.opt(f, field, "timeouts", self.timeouts, Timeouts(), null_ok=True)
-        tls = self.opt(f, field, "tls", self.tls, UpstreamTLS(), null_ok=True)
-        pool = self.opt(f, field, "pool", self.pool, PoolLimits(), null_ok=True)
-        retry = self.opt(f, field, "retry", partial(groups.retry, self), RetryPolicy(), null_ok=True)
-        circuit = self.opt(f, field, "circuit", partial(groups.circuit, self), CircuitPolicy(), null_ok=True)
-        sse_error = self.opt(f, field, "sse_error_event", self.flag, False)
+        set_headers = r.opt(f, field, "set_headers", partial(self.set_headers, auth=auth), _NO_PAIRS, null_ok=True)
+        upstream = r.opt(f, field, "upstream", r.upstream, None, null_ok=True)
+        timeouts = r.opt(f, field, "timeouts", self.timeouts, Timeouts(), null_ok=True)
+        tls = r.opt(f, field, "tls", self.tls, UpstreamTLS(), null_ok=True)
+        pool = r.opt(f, field, "pool", self.pool, PoolLimits(), null_ok=True)
+        retry = r.opt(f, field, "retry", partial(groups.retry, r), RetryPolicy(), null_ok=True)
+        circuit = r.opt(f, field, "circuit", partial(groups.circuit, r), CircuitPolicy(), null_ok=True)
+        sse_error = r.opt(f, field, "sse_error_event", r.flag, False)
         # auth.secret is the members' default: required unless every member names its own.
         if auth is not None and auth.type == "oauth2":  # the token is this provider's own credential
             auth = dataclasses.replace(auth, secret=SecretRef("oauth2", name))
         no_default = auth is not None and auth.type != "none" and auth.secret is None
-        read_targets = partial(groups.targets, self, need_secret=no_default)
-        targets = self.opt(f, field, "upstreams", read_targets, _NO_TARGETS, null_ok=True)
+        read_targets = partial(groups.targets, r, need_secret=no_default)
+        targets = r.opt(f, field, "upstreams", read_targets, _NO_TARGETS, null_ok=True)
         if no_default and r.is_null(f.get("upstreams")):
             r.problem(f["auth"], f"{field}.auth.secret", "required: env:NAME or file:PATH (or one on every upstream)")
         if targets and auth is not None and auth.type in ("none", "oauth2") and any(t.secret for t in targets):
-            self.r.problem(f["upstreams"], f"{field}.upstreams", f"a member's own secret does not apply to {auth.type}")
-        balance: Balance = self.opt(f, field, "balance", partial(groups.balance, self), "weighted")
-        fallbacks = self.opt(f, field, "fallbacks", partial(groups.fallbacks, self), _NO_FALLBACKS, null_ok=True)
-        health = self.opt(f, field, "health_check", partial(groups.health_check, self), None, null_ok=True)
-        limits = self.opt(f, field, "limits", partial(quotas.rules, self), quotas.NO_RULES, null_ok=True)
-        caller_limits = self.opt(f, field, "caller_limits", partial(quotas.rules, self), quotas.NO_RULES, null_ok=True)
-        queue_wait = self.opt(f, field, "queue_wait", partial(quotas.queue_wait, self), 5.0)
-        budget = self.opt(f, field, "budget", partial(quotas.budget, self), None, null_ok=True)
-        caller_budget = self.opt(f, field, "caller_budget", partial(quotas.budget, self), None, null_ok=True)
-        cache = self.opt(f, field, "cache", partial(cache_config.read, self), None, null_ok=True)
-        ws = websocket.read(self, f, field, hosts)
+            r.problem(f["upstreams"], f"{field}.upstreams", f"a member's own secret does not apply to {auth.type}")
+        balance: Balance = r.opt(f, field, "balance", partial(groups.balance, r), "weighted")
+        fallbacks = r.opt(f, field, "fallbacks", partial(groups.fallbacks, r), _NO_FALLBACKS, null_ok=True)
+        health = r.opt(f, field, "health_check", partial(groups.health_check, r), None, null_ok=True)
+        limits = r.opt(f, field, "limits", partial(quotas.rules, r), quotas.NO_RULES, null_ok=True)
+        caller_limits = r.opt(f, field, "caller_limits", partial(quotas.rules, r), quotas.NO_RULES, null_ok=True)
+        queue_wait = r.opt(f, field, "queue_wait", partial(quotas.queue_wait, r), 5.0)
+        budget = r.opt(f, field, "budget", partial(quotas.budget, r), None, null_ok=True)
+        caller_budget = r.opt(f, field, "caller_budget", partial(quotas.budget, r), None, null_ok=True)
+        cache = r.opt(f, field, "cache", partial(cache_config.read, r), None, null_ok=True)
+        ws = websocket.read(r, f, field, hosts)
         if auth is None:
             return None
         return Provider(
@@ -344,15 +314,16 @@ class _Builder:
 
     def auth(self, node: yaml.Node, field: str) -> Auth:
         r = self.r
+        credential = partial(creds.credential, r)
         f = r.mapping(node, field, AUTH_ANY)
         if "type" not in f:
             r.problem(node, f"{field}.type", f"required: one of {', '.join(AUTH_TYPES)}")
-            self.opt(f, field, "secret", self.credential, None)  # still catch a literal secret
+            r.opt(f, field, "secret", credential, None)  # still catch a literal secret
             raise Invalid()
         try:
             kind = cast(AuthType, r.choice(f["type"], f"{field}.type", AUTH_TYPES))
         except Invalid:
-            self.opt(f, field, "secret", self.credential, None)
+            r.opt(f, field, "secret", credential, None)
             raise
         for key in sorted(f.keys() - AUTH_FIELDS[kind], key=lambda k: line_of(f[k])):
             r.problem(f[key], f"{field}.{key}", f"does not apply to type {kind}")
@@ -361,15 +332,15 @@ class _Builder:
         def need(key: str, read: Read[str], what: str) -> str:
             if key not in f:
                 r.problem(node, f"{field}.{key}", f"required for type {kind}: {what}")
-            return self.opt(f, field, key, read, "")
+            return r.opt(f, field, key, read, "")
 
         # A missing secret is checked by the provider, which knows its upstreams.
-        secret = self.opt(f, field, "secret", self.credential, None) if kind not in ("none", "oauth2") else None
+        secret = r.opt(f, field, "secret", credential, None) if kind not in ("none", "oauth2") else None
         header, prefix, username, param = "authorization", "", "", ""
-        oauth2 = creds.oauth2(self, f, node, field) if kind == "oauth2" else None
+        oauth2 = creds.oauth2(r, f, node, field) if kind == "oauth2" else None
         if kind == "header":
             header = need("header", r.credential_header, "a header name") or header
-            prefix = self.opt(f, field, "prefix", r.string, "", null_ok=True)
+            prefix = r.opt(f, field, "prefix", r.string, "", null_ok=True)
         elif kind == "basic":
             username = need("username", r.username, "the user name")
         elif kind == "query":
@@ -377,9 +348,6 @@ class _Builder:
         if len(r.problems) > before:
             raise Invalid()
         return Auth(kind, secret, header=header, prefix=prefix, username=username, param=param, oauth2=oauth2)
-
-    def credential(self, node: yaml.Node, field: str) -> SecretRef:
-        return creds.credential(self, node, field)
 
     def set_headers(self, node: yaml.Node, field: str, auth: Auth | None) -> tuple[tuple[str, str], ...]:
         """Header name -> value, in file order, names lower-cased."""
@@ -409,25 +377,22 @@ class _Builder:
         r, d = self.r, Timeouts()
         f = r.mapping(node, field, frozenset({"connect", "read"}))
         return Timeouts(
-            connect=self.opt(f, field, "connect", r.duration, d.connect),
-            read=self.opt(f, field, "read", r.duration, d.read),
+            connect=r.opt(f, field, "connect", r.duration, d.connect),
+            read=r.opt(f, field, "read", r.duration, d.read),
         )
 
     def tls(self, node: yaml.Node, field: str) -> UpstreamTLS:
         r = self.r
         f = r.mapping(node, field, frozenset({"ca_bundle", "server_name"}))
         return UpstreamTLS(
-            ca_bundle=self.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
-            server_name=self.opt(f, field, "server_name", r.host, None, null_ok=True),
+            ca_bundle=r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
+            server_name=r.opt(f, field, "server_name", r.host, None, null_ok=True),
         )
-
-    def flag(self, node: yaml.Node, field: str) -> bool:
-        return self.r.choice(node, field, ("true", "false")) == "true"
 
     def pool(self, node: yaml.Node, field: str) -> PoolLimits:
         r, d = self.r, PoolLimits()
         f = r.mapping(node, field, frozenset({"max_connections", "keepalive_timeout"}))
         return PoolLimits(
-            max_connections=self.opt(f, field, "max_connections", r.count, d.max_connections),
-            keepalive_timeout=self.opt(f, field, "keepalive_timeout", r.duration, d.keepalive_timeout),
+            max_connections=r.opt(f, field, "max_connections", r.count, d.max_connections),
+            keepalive_timeout=r.opt(f, field, "keepalive_timeout", r.duration, d.keepalive_timeout),
         )

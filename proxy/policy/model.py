@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from proxy.credentials.config import OAuth2, SecretStores
 from proxy.policy.rates import Price, Rule
-
-if TYPE_CHECKING:
-    from addons.cache.config import CachePolicy
 
 AuthType = Literal["bearer", "header", "basic", "query", "oauth2", "none"]
 SecretKind = Literal["env", "file", "vault", "aws-sm", "azure-kv", "oauth2"]
@@ -204,6 +201,47 @@ class WebSocketPolicy:
     usage: Literal["none", "openai-realtime"] = "none"  # read response.done usage from the frames
     max_sessions: int = 0  # concurrent sessions per provider in this process; 0: no limit
     caller_max_sessions: int = 0  # the same, per caller
+
+
+CacheBackend = Literal["memory", "redis"]
+CacheScope = Literal["upstream", "caller"]
+
+# Request headers that change an AI provider's answer. ``accept-encoding`` is
+# here because an entry is stored as the upstream encoded it.
+CACHE_VARY = (
+    "accept",
+    "accept-encoding",
+    "content-type",
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+)
+CACHE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/responses")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """A provider's response cache (``cache:``, read by ``proxy.policy.cache``; used by ``addons/cache``)."""
+
+    ttl: float = 300.0
+    methods: tuple[str, ...] = ("GET", "HEAD")  # cached on every path
+    paths: tuple[str, ...] = CACHE_PATHS  # where POST is cached too
+    max_entry_bytes: int = 1024 * 1024
+    max_bytes: int = 64 * 1024 * 1024
+    backend: CacheBackend = "memory"
+    stale_if_error: float = 0.0
+    coalesce: bool = True
+    scope: CacheScope = "upstream"
+    vary: tuple[str, ...] = CACHE_VARY  # lower-case
+    statuses: tuple[int, ...] = (200,)
+
+    def method_cached(self, method: str, path: str) -> bool:
+        """Whether a request may be answered from (and stored in) the cache."""
+        if method in self.methods:
+            return True
+        return method == "POST" and path.split("?", 1)[0] in self.paths
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, cast
 
 import yaml
 
-from proxy.policy.fields import Invalid, join
+from proxy.policy.fields import Invalid, Reader, join
 from proxy.policy.model import Budget, RedisConfig
 from proxy.policy.rates import Price, Rule
-
-if TYPE_CHECKING:
-    from proxy.policy.load import _Builder
 
 NO_RULES: tuple[Rule, ...] = ()
 PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
@@ -40,45 +37,44 @@ PRICE = frozenset({"input", "output", "cached_input", "cache_write"})
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}")
 
 
-def rules(b: _Builder, node: yaml.Node, field: str) -> tuple[Rule, ...]:
-    f = b.r.mapping(node, field, LIMIT_KEYS)
+def rules(r: Reader, node: yaml.Node, field: str) -> tuple[Rule, ...]:
+    f = r.mapping(node, field, LIMIT_KEYS)
     out = []
     for key in RULES:  # a fixed order: the order of x-ratelimit-* headers
         if key in f:
             kind, period = RULES[key]
-            limit = b.opt(f, field, key, b.r.count, 0)
+            limit = r.opt(f, field, key, r.count, 0)
             if limit:
                 out.append(Rule(kind, limit, period))
     return tuple(out)
 
 
-def queue_wait(b: _Builder, node: yaml.Node, field: str) -> float:
+def queue_wait(r: Reader, node: yaml.Node, field: str) -> float:
     """0 (in any spelling: 0, 0.0, 0s) answers 429 at once."""
-    return b.r.duration(node, field, zero_ok=True)
+    return r.duration(node, field, zero_ok=True)
 
 
-def budget(b: _Builder, node: yaml.Node, field: str) -> Budget:
-    f = b.r.mapping(node, field, BUDGET)
+def budget(r: Reader, node: yaml.Node, field: str) -> Budget:
+    f = r.mapping(node, field, BUDGET)
     if not f:
-        raise b.r.problem(node, field, "expected daily_usd and/or monthly_usd")
+        raise r.problem(node, field, "expected daily_usd and/or monthly_usd")
     return Budget(
-        daily_usd=b.opt(f, field, "daily_usd", lambda n, w: _usd(b, n, w), None),
-        monthly_usd=b.opt(f, field, "monthly_usd", lambda n, w: _usd(b, n, w), None),
+        daily_usd=r.opt(f, field, "daily_usd", lambda n, w: _usd(r, n, w), None),
+        monthly_usd=r.opt(f, field, "monthly_usd", lambda n, w: _usd(r, n, w), None),
     )
 
 
-def _usd(b: _Builder, node: yaml.Node, field: str, *, zero: bool = False) -> float:
+def _usd(r: Reader, node: yaml.Node, field: str, *, zero: bool = False) -> float:
     try:
-        value = float(b.r.scalar(node, field, "an amount in USD").replace("_", ""))
+        value = float(r.scalar(node, field, "an amount in USD").replace("_", ""))
     except ValueError:
         value = -1.0
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        raise b.r.problem(node, field, f"expected an amount in USD {'>= 0' if zero else '> 0'}, e.g. 25 or 0.5")
+        raise r.problem(node, field, f"expected an amount in USD {'>= 0' if zero else '> 0'}, e.g. 25 or 0.5")
     return value
 
 
-def redis(b: _Builder, node: yaml.Node, field: str) -> RedisConfig:
-    r = b.r
+def redis(r: Reader, node: yaml.Node, field: str) -> RedisConfig:
     f = r.mapping(node, field, REDIS)
     if "url" not in f:
         raise r.problem(node, f"{field}.url", "required: redis://host:port/db, rediss://..., env:NAME or file:PATH")
@@ -92,44 +88,44 @@ def redis(b: _Builder, node: yaml.Node, field: str) -> RedisConfig:
         url = value
     else:
         raise r.problem(url_node, f"{field}.url", "expected redis://host:port[/db], rediss://..., env:NAME, file:PATH")
-    failure = b.opt(f, field, "on_failure", lambda n, w: r.choice(n, w, ("open", "closed")), "open")
+    failure = r.opt(f, field, "on_failure", lambda n, w: r.choice(n, w, ("open", "closed")), "open")
     return RedisConfig(
         url=url,  # type: ignore[arg-type]
         on_failure=cast(Literal["open", "closed"], failure),
-        timeout=b.opt(f, field, "timeout", r.duration, 0.5),
+        timeout=r.opt(f, field, "timeout", r.duration, 0.5),
     )
 
 
-def callers(b: _Builder, node: yaml.Node, field: str) -> str:
-    f = b.r.mapping(node, field, frozenset({"header"}))
+def callers(r: Reader, node: yaml.Node, field: str) -> str:
+    f = r.mapping(node, field, frozenset({"header"}))
     if "header" not in f:
-        raise b.r.problem(node, f"{field}.header", "required: the request header that names the caller")
-    return b.r.credential_header(f["header"], f"{field}.header")
+        raise r.problem(node, f"{field}.header", "required: the request header that names the caller")
+    return r.credential_header(f["header"], f"{field}.header")
 
 
-def prices(b: _Builder, node: yaml.Node, field: str) -> tuple[tuple[str, Price], ...]:
+def prices(r: Reader, node: yaml.Node, field: str) -> tuple[tuple[str, Price], ...]:
     out: list[tuple[str, Price]] = []
-    for key, label, key_node, value_node in b.r.entries(node, field):
+    for key, label, key_node, value_node in r.entries(node, field):
         where = join(field, label)
         if not _MODEL.fullmatch(key):
-            b.r.problem(key_node, where, "expected a model name")
+            r.problem(key_node, where, "expected a model name")
             continue
         try:
-            f = b.r.mapping(value_node, where, PRICE)
+            f = r.mapping(value_node, where, PRICE)
         except Invalid:
             continue
         if "input" not in f or "output" not in f:
-            b.r.problem(value_node, where, "required: input and output (USD per million tokens)")
+            r.problem(value_node, where, "required: input and output (USD per million tokens)")
             continue
-        rate = {k: _usd(b, n, join(where, k), zero=True) for k, n in f.items() if _ok(b, n, join(where, k))}
+        rate = {k: _usd(r, n, join(where, k), zero=True) for k, n in f.items() if _ok(r, n, join(where, k))}
         if len(rate) == len(f):
             out.append((key, Price(**rate)))
     return tuple(out)
 
 
-def _ok(b: _Builder, node: yaml.Node, field: str) -> bool:
+def _ok(r: Reader, node: yaml.Node, field: str) -> bool:
     try:
-        _usd(b, node, field, zero=True)
+        _usd(r, node, field, zero=True)
     except Invalid:
         return False
     return True

@@ -14,15 +14,12 @@ never echoed).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, cast
 
 import yaml
 
-from proxy.policy.fields import Invalid, join
+from proxy.policy.fields import Invalid, Reader, join
 from proxy.policy.model import WebSocketPolicy
-
-if TYPE_CHECKING:
-    from proxy.policy.load import _Builder
 
 FIELDS = frozenset({"websocket", "websocket_idle_timeout", "websocket_max_duration", "websocket_usage"})
 LIMIT_KEY = "concurrent_websockets"  # read here, allowed in ``limits`` and ``caller_limits``
@@ -51,21 +48,21 @@ def offers_websocket(hosts: tuple[str, ...]) -> bool:
     return False
 
 
-def read(b: _Builder, f: dict[str, yaml.Node], field: str, hosts: tuple[str, ...]) -> WebSocketPolicy:
-    r, d = b.r, WebSocketPolicy()
-    allowed = b.opt(f, field, "websocket", b.flag, offers_websocket(hosts))
-    usage = b.opt(f, field, "websocket_usage", lambda n, w: r.choice(n, w, USAGE), "none")
+def read(r: Reader, f: dict[str, yaml.Node], field: str, hosts: tuple[str, ...]) -> WebSocketPolicy:
+    d = WebSocketPolicy()
+    allowed = r.opt(f, field, "websocket", r.flag, offers_websocket(hosts))
+    usage = r.opt(f, field, "websocket_usage", lambda n, w: r.choice(n, w, USAGE), "none")
     return WebSocketPolicy(
         allowed=allowed,
-        idle_timeout=b.opt(f, field, "websocket_idle_timeout", r.duration, d.idle_timeout),
-        max_duration=b.opt(f, field, "websocket_max_duration", r.duration, d.max_duration),
+        idle_timeout=r.opt(f, field, "websocket_idle_timeout", r.duration, d.idle_timeout),
+        max_duration=r.opt(f, field, "websocket_max_duration", r.duration, d.max_duration),
         usage=cast(Literal["none", "openai-realtime"], usage),
-        max_sessions=_sessions(b, f.get("limits"), join(field, "limits")),
-        caller_max_sessions=_sessions(b, f.get("caller_limits"), join(field, "caller_limits")),
+        max_sessions=_sessions(r, f.get("limits"), join(field, "limits")),
+        caller_max_sessions=_sessions(r, f.get("caller_limits"), join(field, "caller_limits")),
     )
 
 
-def _sessions(b: _Builder, node: yaml.Node | None, field: str) -> int:
+def _sessions(r: Reader, node: yaml.Node | None, field: str) -> int:
     """``concurrent_websockets`` of a limits mapping (0: none). The mapping's
     other keys and its shape are checked by ``policy_limits.rules``."""
     if not isinstance(node, yaml.MappingNode):
@@ -73,7 +70,7 @@ def _sessions(b: _Builder, node: yaml.Node | None, field: str) -> int:
     for key_node, value_node in node.value:
         if isinstance(key_node, yaml.ScalarNode) and key_node.value == LIMIT_KEY:
             try:
-                return b.r.count(value_node, join(field, LIMIT_KEY))
+                return r.count(value_node, join(field, LIMIT_KEY))
             except Invalid:
                 return 0
     return 0

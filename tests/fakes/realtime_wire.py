@@ -4,6 +4,8 @@ Realtime client, plus commands a test sends as JSON text messages:
 
 - ``{"type": "response.create", ...}``: ``response.created`` then
   ``response.done`` with ``usage`` (``REALTIME_USAGE``, the model from the URL);
+  with ``"response": {"metadata": {"fake": "hold"}}`` only ``response.created``,
+  and the ``response.done`` when the test sends ``{"type": "fake.finish"}``;
 - ``{"type": "fake.close", "code": N, "reason": "..."}``: the fake closes with that code;
 - ``{"type": "fake.die"}``: the fake cuts the TCP connection (no close frame);
 - anything else, text or binary: echoed back as it came.
@@ -62,6 +64,7 @@ async def realtime(request: web.Request, sessions: list[WSSession], abort: Any) 
     sessions.append(rec)
     await ws.prepare(request)
     model = request.query.get("model", "gpt-realtime")
+    held = 0
     async for msg in ws:
         rec.messages += 1
         if msg.type == WSMsgType.BINARY:
@@ -76,8 +79,15 @@ async def realtime(request: web.Request, sessions: list[WSSession], abort: Any) 
         kind = event.get("type") if isinstance(event, dict) else None
         if isinstance(kind, str):
             rec.events.append(kind)
-        if kind == "response.create":
+        if kind == "response.create" and isinstance(event, dict):
             await ws.send_str(json.dumps({"type": "response.created", "response": {"id": "resp_fake"}}))
+            hold = (event.get("response") or {}).get("metadata", {}).get("fake") == "hold"
+            if hold:
+                held += 1
+            else:
+                await ws.send_str(response_done(model, REALTIME_USAGE))
+        elif kind == "fake.finish" and held:
+            held -= 1
             await ws.send_str(response_done(model, REALTIME_USAGE))
         elif kind == "fake.close" and isinstance(event, dict):
             await ws.close(code=int(event.get("code", 1000)), message=str(event.get("reason", "")).encode())

@@ -10,12 +10,23 @@ machine happens to be.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tests.integration.conftest import curl
 from tests.integration.sidekey_process import SidekeyProcess
 
 DEADLINE = 60.0  # seconds: what a loaded machine may need for a step that takes milliseconds idle
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> bool:
+    """Poll ``predicate`` every 0.1 s until it holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @dataclass(frozen=True)

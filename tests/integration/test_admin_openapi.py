@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
 from tests.fakes.provider import FakeProviderThread
-from tests.integration.conftest import SECRET_ENV, SECRETS, policy_for
+from tests.integration.conftest import SECRET_ENV, SECRETS, fake_provider, policy_for
 from tests.integration.sidekey_process import REPO, SidekeyProcess
 
 schema = schemathesis.openapi.from_path(REPO / "docs" / "admin-openapi.yaml")
@@ -22,7 +23,8 @@ schema = schemathesis.openapi.from_path(REPO / "docs" / "admin-openapi.yaml")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidekeyProcess]:
     with FakeProviderThread() as fake:
         workdir: Path = tmp_path_factory.mktemp("admin-openapi")
-        proxy = SidekeyProcess(workdir, policy_for(fake), env=SECRET_ENV).start()
+        cached = fake_provider(fake, "cached", "cached.test", cache="{ttl: 1m}")  # /cache/stats has a row
+        proxy = SidekeyProcess(workdir, policy_for(fake, extra=cached), env=SECRET_ENV).start()
         try:
             yield proxy
         finally:
@@ -32,7 +34,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidekeyProcess
 
 @schema.parametrize()
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-def test_admin_api_conforms_to_its_openapi_document(case: schemathesis.Case, running: SidekeyProcess) -> None:
+def test_admin_api_conforms_to_its_openapi_document(case: schemathesis.Case[Any], running: SidekeyProcess) -> None:
     response = case.call_and_validate(base_url=running.admin_url)
     assert not any(secret in response.text for secret in SECRETS)
 

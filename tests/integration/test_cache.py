@@ -25,11 +25,12 @@ from tests.integration.conftest import (
     fake_provider,
     policy_for,
 )
+from tests.integration.polling import wait_for
 from tests.integration.sidekey_process import SidekeyProcess
 
 Start = Callable[..., SidekeyProcess]
 CACHE = "{ttl: 5m, stale_if_error: 1h}"
-MESSAGES = [{"role": "user", "content": "say hello to me"}]
+MESSAGES: list[Any] = [{"role": "user", "content": "say hello to me"}]  # each SDK types them as its own TypedDicts
 
 
 def cached_policy(fake: FakeProviderThread, cache: str = CACHE, extra: str = "") -> str:
@@ -118,7 +119,7 @@ def test_a_streamed_hit_is_the_streamed_miss(proxy: SidekeyProcess, fake: FakePr
         if sdk == "openai":
             client = openai.OpenAI(api_key=PLACEHOLDER)
             with client.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES,
-                                                stream_options={"include_usage": True}) as stream:  # type: ignore[arg-type]
+                                                stream_options={"include_usage": True}) as stream:
                 events = [e.model_dump() for e in stream]
                 return stream.get_final_completion().model_dump(), events
         aclient = anthropic.Anthropic(api_key=PLACEHOLDER)
@@ -192,3 +193,50 @@ def test_stale_is_served_only_when_the_upstream_fails(start_sidekey: Start, fake
     assert post(proxy, body)[0]["x-sidekey-cache"] in ("miss", "hit")
     assert first[0]["x-sidekey-cache"] == "miss"
     assert_no_secret(proxy.log())
+
+
+def admin(proxy: SidekeyProcess, method: str, path: str) -> httpx.Response:
+    return httpx.request(method, proxy.admin_url + path, timeout=30, trust_env=False)
+
+
+def test_stats_metrics_and_delete(proxy: SidekeyProcess, fake: FakeProviderThread) -> None:
+    chat = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
+    for _ in range(3):
+        post(proxy, chat)
+    stats = admin(proxy, "GET", "/cache/stats").json()["providers"]["openai"]
+    assert (stats["miss"], stats["hit"], stats["entries"], stats["hit_ratio"]) == (1, 2, 1, 0.6667)
+    assert 0 < stats["bytes"] <= stats["max_bytes"]
+    metrics = admin(proxy, "GET", "/metrics").text
+    assert 'sidekey_cache_requests_total{provider="openai",result="hit"} 2.0' in metrics
+    assert 'sidekey_cache_entries{provider="openai"} 1.0' in metrics
+    assert admin(proxy, "DELETE", "/cache?provider=openai&pattern=/v1/embeddings").json() == {"deleted": 0}
+    assert admin(proxy, "DELETE", "/cache?provider=openai&pattern=/v1/chat/*").json() == {"deleted": 1}
+    assert admin(proxy, "DELETE", "/cache?provider=nope").status_code == 404
+    assert admin(proxy, "DELETE", "/cache?pattern=sk-x").status_code == 400
+    assert post(proxy, chat)[0]["x-sidekey-cache"] == "miss"
+    assert upstream_calls(fake) == 2
+
+    def results() -> list[str]:  # the access line is written just after the answer: polled
+        return [line.split("cache=")[1].split()[0] for line in proxy.log().splitlines() if "cache=" in line]
+
+    assert wait_for(lambda: len(results()) >= 4), results()
+    assert results()[-4:] == ["miss", "hit", "hit", "miss"]
+
+
+def test_a_hit_takes_nothing_from_the_limits(start_sidekey: Start, fake: FakeProviderThread) -> None:
+    policy = cached_policy(fake).replace(
+        "  openai:\n", "  openai:\n    limits: {requests_per_minute: 100, tokens_per_minute: 1000000}\n", 1)
+    proxy = start_sidekey(policy, env={**SECRET_ENV, "OTHER_KEY": "k"})
+    a = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
+    b = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 1})
+    first, _ = post(proxy, a)
+    assert first["x-sidekey-cache"] == "miss" and first["x-ratelimit-remaining-requests-minute"] == "99"
+    for _ in range(3):
+        hit, _ = post(proxy, a)
+        assert hit["x-sidekey-cache"] == "hit"
+        assert not any(name.startswith("x-ratelimit-") for name in hit)  # a hit reports no quota
+    second, _ = post(proxy, b)
+    assert second["x-sidekey-cache"] == "miss" and second["x-ratelimit-remaining-requests-minute"] == "98"
+    # b is the size of a: if the three hits had taken tokens, more than two a's would be gone.
+    used_by_a = 1000000 - int(first["x-ratelimit-remaining-tokens-minute"])
+    assert int(second["x-ratelimit-remaining-tokens-minute"]) >= 1000000 - 2 * used_by_a

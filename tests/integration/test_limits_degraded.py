@@ -19,7 +19,8 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from addons.limits.addon import Checks, Limits
+from addons.limits.addon import Limits
+from addons.limits.checks import Checks
 from addons.limits.redis_limiter import RedisLimiter
 from proxy.policy.rates import Rule
 from tests.fakes.provider import FakeProviderThread

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect as ws_connect
 
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import (
@@ -207,7 +208,15 @@ def test_secrets_sweep_logs_audit_metrics_and_admin(start_sidekey: object, fake:
     for args in calls:
         curl(proxy, *args)
     curl(proxy, "-o", "/dev/null", "https://api.openai.com/cut/50000")
-    wait_for(lambda: audit.exists() and len(audit.read_text().splitlines()) >= len(calls) + 1)
+    # A WebSocket session (#14): the caller's key on the upgrade, in its query and in a frame.
+    with ws_connect(f"wss://api.openai.com/v1/realtime?model=gpt-x&api_key={caller_secret}", proxy=proxy.url,
+                    ssl=proxy.client_ssl_context(), compression=None, open_timeout=60,
+                    additional_headers={"Authorization": f"Bearer {caller_secret}"}) as ws:  # fmt: skip
+        ws.send(json.dumps({"type": "response.create", "api_key": caller_secret}))
+        while json.loads(ws.recv(timeout=60))["type"] != "response.done":
+            pass
+    lines = len(calls) + 3  # one per call, the cut download, the session's open and close
+    wait_for(lambda: audit.exists() and len(audit.read_text().splitlines()) >= lines)
     surfaces = {
         "log": proxy.log(),
         "audit": audit.read_text(),
@@ -215,7 +224,7 @@ def test_secrets_sweep_logs_audit_metrics_and_admin(start_sidekey: object, fake:
         "providers": admin_get(proxy, "/providers").text,
         "policy": admin_get(proxy, "/policy").text,
     }
-    assert len(surfaces["audit"].splitlines()) == len(calls) + 1
+    assert len(surfaces["audit"].splitlines()) == lines
     assert '"REDACTED"' in surfaces["audit"]
     for name, text in surfaces.items():
         for secret in (*SECRETS, caller_secret):

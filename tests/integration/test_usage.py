@@ -20,17 +20,19 @@ from redis.asyncio import Redis
 
 from addons import default_addons
 from addons.usage import UsageMeter
-from addons.usage.ledger import PREFIX, Ledger, RedisLedger
+from addons.usage.ledger import Ledger
+from addons.usage.redis_ledger import PREFIX, RedisLedger
 from addons.usage.tokens import Usage
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import PLACEHOLDER, assert_no_secret, curl, fake_provider, policy_for
+from tests.integration.polling import wait_for
 from tests.integration.sidekey_process import SidekeyProcess
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the redis_server fixture
 
 # Until the usage addon is in default_addons, load it once (two instances would count twice).
 IN_DEFAULTS = any(isinstance(a, UsageMeter) for a in default_addons())
 ARGS = () if IN_DEFAULTS else ("--addon", "addons.usage:UsageMeter")
-MESSAGES = [{"role": "user", "content": "say hello to me"}]
+MESSAGES: list[Any] = [{"role": "user", "content": "say hello to me"}]  # each SDK types them as its own TypedDicts
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
 Start = Callable[..., SidekeyProcess]
 
@@ -49,15 +51,6 @@ def usage(proxy: SidekeyProcess, query: str = "") -> dict[str, Any]:
 
 def by_model(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["provider"], r["model"]): r for r in report["by"]}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def chat(proxy: SidekeyProcess, host: str = "api.openai.com") -> tuple[int, str]:
@@ -79,15 +72,15 @@ def proxy(start_sidekey: Start, fake: FakeProviderThread, monkeypatch: pytest.Mo
 
 def test_sdk_calls_are_counted_and_priced(proxy: SidekeyProcess) -> None:
     with openai.OpenAI(api_key=PLACEHOLDER) as client:
-        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         with_usage = client.chat.completions.create(
             model="gpt-4o",
             messages=MESSAGES,
             stream=True,
-            stream_options={"include_usage": True},  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
         )
         assert list(with_usage)[-1].usage is not None
-        without = client.chat.completions.create(model="gpt-4.1-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        without = client.chat.completions.create(model="gpt-4.1-mini", messages=MESSAGES, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in without if c.choices) == "Hello from fake openai"
     with anthropic.Anthropic(api_key=PLACEHOLDER) as aclient:
         with aclient.messages.stream(
@@ -158,7 +151,7 @@ def test_two_sidecars_see_the_combined_totals(start_sidekey: Start, fake: FakePr
     assert chat(proxies[1])[0] == 200 and chat(proxies[1])[0] == 200
 
     def combined(p: SidekeyProcess) -> bool:
-        return usage(p)["totals"]["requests"] == 3
+        return bool(usage(p)["totals"]["requests"] == 3)
 
     assert wait_for(lambda: combined(proxies[0]) and combined(proxies[1]))
     assert by_model(usage(proxies[0]))[("openai", "gpt-4o-mini")]["output_tokens"] == 12

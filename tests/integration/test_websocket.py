@@ -10,13 +10,15 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.fakes.provider_thread import FakeProviderThread
-from tests.integration.conftest import OPENAI_KEY, PLACEHOLDER, assert_no_secret, fake_provider, policy_for
+from tests.integration.conftest import OPENAI_KEY, PLACEHOLDER, assert_no_secret, curl, fake_provider, policy_for
 from tests.integration.sidekey_process import SidekeyProcess
 
 pytestmark = pytest.mark.asyncio
@@ -115,13 +117,29 @@ async def test_fragmented_message(ws_sidekey: SidekeyProcess) -> None:
         assert await ws.recv() == "fragmented message"
 
 
-async def test_ping_pong_through_the_relay(ws_sidekey: SidekeyProcess) -> None:
+async def test_ping_pong_under_load(ws_sidekey: SidekeyProcess) -> None:
+    """Pings answered while 1 MiB messages stream both ways through the relay."""
+    payload = bytes(range(256)) * 4096
     async with ws_connect(ws_sidekey) as ws:
-        for _ in range(20):
-            latency = await asyncio.wait_for(await ws.ping(), 60)
-            assert latency >= 0
-        await ws.send("still open")
-        assert await ws.recv() == "still open"
+
+        async def send() -> None:
+            for _ in range(16):
+                await ws.send(payload)
+
+        async def receive() -> int:
+            got = 0
+            for _ in range(16):
+                got += await ws.recv() == payload
+            return got
+
+        async def ping() -> int:
+            for _ in range(20):
+                await asyncio.wait_for(await ws.ping(), 60)
+            return 20
+
+        async with asyncio.timeout(120):
+            _, echoed, pongs = await asyncio.gather(send(), receive(), ping())
+        assert (echoed, pongs) == (16, 20)
 
 
 async def test_permessage_deflate_negotiated_end_to_end_when_not_metering(ws_sidekey: SidekeyProcess,
@@ -194,14 +212,29 @@ async def test_sigterm_drain_closes_sessions_with_1001_after_the_grace(start_sid
     assert fake.provider.ws_sessions[-1].close_code == 1001  # the upstream was told too
 
 
-async def test_no_secret_in_logs_or_audit(start_sidekey: object, fake: FakeProviderThread, tmp_path: Path) -> None:
+async def test_audit_and_access_lines_at_open_and_close(start_sidekey: object, fake: FakeProviderThread,
+                                                        tmp_path: Path) -> None:
     audit = tmp_path / "audit.jsonl"
-    proxy = start_sidekey(policy_for(fake), args=("--audit", str(audit)))  # type: ignore[operator]
-    async with ws_connect(proxy) as ws:
+    proxy = start_sidekey(metered(fake), args=("--audit", str(audit)))  # type: ignore[operator]
+    async with ws_connect(proxy, RT_URL) as ws:
         await ws.send(json.dumps({"type": "response.create"}))
-        await ws.recv()
+        await wait_event(ws, "response.done")
+        await ws.close(code=4000, reason="bye")
     proxy.stop()
-    assert_no_secret(proxy.log())
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    sessions = [r for r in lines if r.get("websocket")]
+    assert [r["websocket"]["event"] for r in sessions] == ["open", "close"]
+    opened, closed = sessions
+    assert opened["status"] == closed["status"] == 101 and opened["request_id"] == closed["request_id"]
+    summary = closed["websocket"]
+    assert (summary["ended_by"], summary["client_close_code"]) == ("client", 4000)
+    assert summary["close_code"] == summary["upstream_close_code"] == 1000  # aiohttp's reply to a close
+    assert summary["frames_up"] >= 2 and summary["frames_down"] >= 3 and summary["bytes_down"] > 0
+    assert closed["tokens"]["input"] == 12 and closed["tokens"]["output"] == 45
+    assert closed["duration_ms"] is not None
+    text = proxy.log()
+    assert "ws_event=open" in text and "ws_event=close ws_ended_by=client ws_close_code=1000" in text
+    assert_no_secret(text)
     assert_no_secret(audit.read_text())
 
 
@@ -250,3 +283,99 @@ async def test_200_concurrent_sessions_with_flat_memory(ws_sidekey: SidekeyProce
     # Flat: a round of 200 more sessions leaves nothing behind (each session's
     # buffers are a few 64 KiB pieces; 200 leaked sessions would add well over 16 MiB).
     assert third - first < 16 * 1024, (first, second, third)
+
+
+def metered(fake: FakeProviderThread, **fields: str) -> str:
+    extra = fake_provider(fake, "rt", "rt.test", websocket="true", websocket_usage="openai-realtime", **fields)
+    return policy_for(fake, extra=extra)
+
+
+RT_URL = "wss://rt.test/v1/realtime?model=gpt-4o-realtime-preview"
+
+
+def chat_status(proxy: SidekeyProcess) -> int:
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20})
+    result = curl(proxy, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/json",
+                  "-d", body, "https://rt.test/v1/chat/completions")
+    return int(result.stdout)
+
+
+async def usage_report(proxy: SidekeyProcess) -> dict[str, Any]:
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+        answer = await client.get(proxy.admin_url + "/usage?provider=rt")
+    assert answer.status_code == 200
+    assert_no_secret(answer.text)
+    return answer.json()  # type: ignore[no-any-return]
+
+
+async def wait_event(ws: ClientConnection, kind: str) -> dict[str, object]:
+    async with asyncio.timeout(60):
+        while True:
+            event = json.loads(await ws.recv())
+            if event.get("type") == kind:
+                return event  # type: ignore[no-any-return]
+
+
+async def test_usage_from_response_done_goes_into_the_ledger(start_sidekey: object, fake: FakeProviderThread) -> None:
+    proxy = start_sidekey(metered(fake))  # type: ignore[operator]
+    async with ws_connect(proxy, RT_URL) as ws:
+        for _ in range(3):
+            await ws.send(json.dumps({"type": "response.create"}))
+            done = await wait_event(ws, "response.done")
+            assert done["response"]["usage"]["total_tokens"] == 57  # type: ignore[index]
+    report = await usage_report(proxy)
+    rows = {r["model"]: r for r in report["by"]}
+    row = rows["gpt-4o-realtime-preview"]
+    assert (row["requests"], row["input_tokens"], row["output_tokens"], row["cached_input_tokens"]) == (3, 36, 135, 12)
+
+
+async def test_reserve_on_response_create_reconcile_on_response_done(start_sidekey: object,
+                                                                     fake: FakeProviderThread) -> None:
+    """tokens_per_day 1,000: a held response reserving 990 leaves too little for a chat call (429);
+    its response.done (57 tokens) gives back 933, and the same call passes, mid-session."""
+    proxy = start_sidekey(metered(fake, limits="{tokens_per_day: 1000}", queue_wait="0"))  # type: ignore[operator]
+    assert await asyncio.to_thread(chat_status, proxy) == 200  # room before the session (its usage is reconciled)
+    async with ws_connect(proxy, RT_URL) as ws:
+        hold = {"type": "response.create", "response": {"max_output_tokens": 990, "metadata": {"fake": "hold"}}}
+        await ws.send(json.dumps(hold))
+        await wait_event(ws, "response.created")  # the reservation was counted when the event passed
+        assert await asyncio.to_thread(chat_status, proxy) == 429
+        await ws.send(json.dumps({"type": "fake.finish"}))
+        await wait_event(ws, "response.done")
+        assert await asyncio.to_thread(chat_status, proxy) == 200
+
+
+async def test_permessage_deflate_stripped_while_metering(start_sidekey: object, fake: FakeProviderThread) -> None:
+    proxy = start_sidekey(metered(fake))  # type: ignore[operator]
+    async with ws_connect(proxy, RT_URL, compression="deflate") as ws:
+        assert ws.response is not None
+        assert "permessage-deflate" not in ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        await ws.send(json.dumps({"type": "response.create"}))
+        await wait_event(ws, "response.done")
+    assert fake.provider.ws_sessions[-1].extensions is None  # the offer never reached the upstream
+    report = await usage_report(proxy)
+    assert sum(r["output_tokens"] for r in report["by"]) == 45
+
+
+async def test_metrics_for_sessions(ws_sidekey: SidekeyProcess) -> None:
+    async with ws_connect(ws_sidekey) as ws:
+        await ws.send(b"x" * 1000)
+        await ws.recv()
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+            during = (await client.get(ws_sidekey.admin_url + "/metrics")).text
+        await ws.send(json.dumps({"type": "fake.close", "code": 4001, "reason": "r"}))
+        await closed_code(ws)
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+        deadline = time.monotonic() + 60
+        while True:  # the session's end is counted once sidekey saw both sides close
+            after = (await client.get(ws_sidekey.admin_url + "/metrics")).text
+            if 'sidekey_websocket_closes_total{code="4xxx",provider="openai"} 1.0' in after or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    assert 'sidekey_websocket_sessions_open{provider="openai"} 1.0' in during
+    assert 'sidekey_websocket_closes_total{code="4xxx",provider="openai"} 1.0' in after
+    assert "sidekey_websocket_sessions_opened_total 1.0" in after
+    assert "sidekey_websocket_session_seconds_count 1.0" in after
+    up = next(line for line in after.splitlines() if 'sidekey_websocket_bytes_total{direction="client_to_upstream"}' in line)
+    assert float(up.rsplit(" ", 1)[1]) > 1000
+    assert_no_secret(after)

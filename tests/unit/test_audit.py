@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from addons import audit
 from addons.audit import AuditLog
+from addons.record_sink import FileSink
 from addons.usage.tokens import Usage
 from proxy.errors import UpstreamProtocolError, UpstreamTimeout
 from proxy.flow import Flow, Response
@@ -298,7 +299,7 @@ async def test_a_batch_being_written_at_shutdown_reaches_the_file(make_log: Make
     path = tmp_path / "audit.log"
     log = make_log(str(path), flush_interval=0.01)
     sink = log._out
-    assert isinstance(sink, audit._FileSink)
+    assert isinstance(sink, FileSink)
     real_write = sink.write
     in_thread, release = threading.Event(), threading.Event()
 

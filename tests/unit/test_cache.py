@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from addons.cache import rules
-from addons.cache.config import CachePolicy
 from addons.cache.flight import Flight, FlightFailed
-from addons.cache.key import Identities, cache_key, canonical_json
+from addons.cache.key import cache_key, canonical_json
 from addons.cache.sse import StreamJudge
 from addons.cache.stores import Entry, MemoryStore
+from addons.credentials import CredentialInjector
+from proxy.policy import CachePolicy
 from proxy.policy.load import PolicyError, parse_policy
+from proxy.secrets import SecretStore
 
 VARY = ("accept", "anthropic-version")
 
@@ -66,11 +68,18 @@ def test_every_part_is_in_the_key() -> None:
 
 
 def test_identity_is_a_keyed_hash_never_the_secret() -> None:
-    ids = Identities(b"k" * 32)
     secret = "sk-live-0123456789"
-    assert secret not in ids.of(secret) and ids.of(secret) == ids.of(secret)
-    assert ids.of(secret) != Identities(b"j" * 32).of(secret)
-    assert secret not in repr(ids)
+    policy = parse_policy(POLICY % "      ttl: 1m\n")
+    creds = CredentialInjector(SecretStore({"OPENAI_API_KEY": secret}))
+    asyncio.run(creds.configure(policy))
+    provider = policy.providers[0]
+    digest = creds.credential_digest(provider, provider.targets[0], b"k" * 32)
+    assert digest is not None and secret not in digest and len(digest) == 64
+    assert digest == creds.credential_digest(provider, provider.targets[0], b"k" * 32)
+    assert digest != creds.credential_digest(provider, provider.targets[0], b"j" * 32)
+    other = CredentialInjector(SecretStore({"OPENAI_API_KEY": secret + "x"}))
+    asyncio.run(other.configure(policy))
+    assert other.credential_digest(provider, provider.targets[0], b"k" * 32) != digest
 
 
 def test_canonical_json_rejects_nan_and_duplicates() -> None:

@@ -14,12 +14,11 @@ from addons.usage.ledger import (
     COUNTERS,
     OTHER,
     Ledger,
-    decode_day,
-    flush_args,
     over_budget,
     parse_since,
     previous_month_start,
 )
+from addons.usage.redis_ledger import decode_day, flush_args
 from addons.usage.tokens import Usage
 from proxy.policy import Budget
 

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from addons.usage.stream import SSEUsageMeter
 from addons.usage.tokens import (
     DEFAULT_MAX_OUTPUT,
     IMAGE_TOKENS,
     MAX_OUTPUT,
     RequestEstimate,
-    SSEUsageMeter,
     Usage,
     Wire,
     estimate_request,

@@ -17,7 +17,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from addons.metrics import Metrics
-from addons.usage.addon import BudgetExceeded, UsageMeter, json_usage
+from addons.usage.addon import BudgetExceeded, UsageMeter
+from addons.usage.answers import json_usage
 from addons.usage.tokens import RequestEstimate, Usage, usage_from_json
 from proxy.balance import UpstreamState
 from proxy.errors import ProxyError, UpstreamDisconnected, UpstreamTimeout
@@ -266,7 +267,7 @@ def test_json_usage_parses_only_the_usage_object(body: bytes, expected: Usage | 
 
 def test_json_usage_anthropic() -> None:
     body = json.dumps(anthropic_wire.message(MESSAGES)).encode()
-    assert json_usage(body, "anthropic") == usage_from_json(body, "anthropic") == Usage(3, 4, model=MESSAGES["model"])
+    assert json_usage(body, "anthropic") == usage_from_json(body, "anthropic") == Usage(3, 4, model=str(MESSAGES["model"]))
 
 
 # -- budgets ------------------------------------------------------------------------------
