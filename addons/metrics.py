@@ -249,7 +249,17 @@ class _EngineCollector(Collector):
         reloads = CounterMetricFamily("sidekey_policy_reloads", "Policy reloads by result", labels=["result"])
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
-        yield from (conns, flows, pool, reloads, *_upstream_families(stats.get("upstreams", [])))
+        pools = stats.get("pools", {})
+        sessions = GaugeMetricFamily("sidekey_upstream_pools", "Upstream connection pools, by state", labels=["state"])
+        sessions.add_metric(["active"], pools.get("sessions", 0))
+        sessions.add_metric(["retiring"], pools.get("retiring", 0))
+        leaves = stats.get("leaf_certs", {})
+        cached = GaugeMetricFamily("sidekey_leaf_certs_cached", "Leaf certificates held for CONNECT hosts (bounded)")
+        cached.add_metric([], leaves.get("entries", 0))
+        minted = CounterMetricFamily("sidekey_leaf_certs_minted", "Leaf certificates minted (a cache miss each)")
+        minted.add_metric([], leaves.get("mints", 0))
+        yield from (conns, flows, pool, reloads, sessions, cached, minted)
+        yield from _upstream_families(stats.get("upstreams", []))
         yield from _credential_families(stats.get("credentials", []))
         tasks = _asyncio_tasks()
         if tasks is not None:
