@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     fake_provider,
     policy_for,
 )
+from tests.integration.polling import wait_for
 from tests.integration.sidekey_process import SidekeyProcess
 
 Start = Callable[..., SidekeyProcess]
@@ -214,8 +215,12 @@ def test_stats_metrics_and_delete(proxy: SidekeyProcess, fake: FakeProviderThrea
     assert admin(proxy, "DELETE", "/cache?pattern=sk-x").status_code == 400
     assert post(proxy, chat)[0]["x-sidekey-cache"] == "miss"
     assert upstream_calls(fake) == 2
-    access = [line for line in proxy.log().splitlines() if "cache=" in line]
-    assert [line.split("cache=")[1].split()[0] for line in access][-4:] == ["miss", "hit", "hit", "miss"]
+
+    def results() -> list[str]:  # the access line is written just after the answer: polled
+        return [line.split("cache=")[1].split()[0] for line in proxy.log().splitlines() if "cache=" in line]
+
+    assert wait_for(lambda: len(results()) >= 4), results()
+    assert results()[-4:] == ["miss", "hit", "hit", "miss"]
 
 
 def test_a_hit_takes_nothing_from_the_limits(start_sidekey: Start, fake: FakeProviderThread) -> None:
