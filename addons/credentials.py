@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from multidict import CIMultiDict
@@ -67,11 +67,13 @@ class CredentialInjector:
         self._task: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._engine: Sidekey | None = None
+        self._policy: Policy | None = None
 
     def bind(self, engine: Sidekey) -> None:
         self._engine = engine
 
     async def configure(self, policy: Policy) -> None:
+        self._policy = policy
         refs = {(p, t): ref for p in policy.providers for t in p.targets if (ref := p.secret_of(t)) is not None}
         static = [r for r in refs.values() if r.kind in STATIC_KINDS]
         static += [r for p in policy.providers if p.auth.oauth2 is not None
@@ -138,6 +140,46 @@ class CredentialInjector:
         if secret is None and ref.kind not in STATIC_KINDS:
             secret = self.creds.value(ref)
         return secret
+
+    def _refs(self, provider: Provider) -> dict[SecretRef, list[str]]:
+        """The references a provider injects, each with the members using it."""
+        out: dict[SecretRef, list[str]] = {}
+        if provider.auth.type != "none":
+            for t in provider.targets:
+                if (ref := provider.secret_of(t)) is not None:
+                    out.setdefault(ref, []).append(t.name)
+        return out
+
+    def credential_views(self, provider: Provider) -> list[dict[str, Any]]:
+        views = []
+        for ref, members in self._refs(provider).items():
+            entry = self.creds.entries.get(ref)
+            view: dict[str, Any] = {"source": ref.source, "kind": ref.kind, "members": members}
+            if entry is None:  # static: read from the environment or a file, no expiry
+                view.update(state="fresh" if self.store.get(ref) is not None else "failing", expires_at=None,
+                            serve_until=None, last_refresh=None, last_success=None, failures=0,
+                            problem=self.store.problem(ref), refreshes={})  # fmt: skip
+            else:
+                p = entry.plan
+                view.update(
+                    state=entry.state(),
+                    expires_at=entry.cred.expires_at if entry.cred is not None else None,
+                    serve_until=p.usable_until if p is not None and p.usable_until != float("inf") else None,
+                    last_refresh=entry.refreshed_at, last_success=entry.fetched_at, failures=entry.failures,
+                    problem=entry.problem, refreshes={"ok": entry.counts["ok"], "error": entry.counts["error"]},
+                )  # fmt: skip
+            if provider.auth.oauth2 is not None:
+                view["token_url"] = provider.auth.oauth2.token_url
+            views.append(view)
+        return views
+
+    async def refresh_credentials(self, provider: Provider | None) -> list[dict[str, Any]]:
+        providers = [provider] if provider is not None else list(self._policy.providers if self._policy else ())
+        out = []
+        for p in providers:
+            for source, result, state in await self.creds.refresh(list(self._refs(p))):
+                out.append({"provider": p.name, "source": source, "result": result, "state": state})
+        return out
 
     def credential_digest(self, provider: Provider, target: Target, key: bytes) -> str | None:
         """HMAC-SHA256 (hex) of the member's credential under ``key`` (the

@@ -249,7 +249,18 @@ class _EngineCollector(Collector):
         reloads = CounterMetricFamily("sidekey_policy_reloads", "Policy reloads by result", labels=["result"])
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
-        yield from (conns, flows, pool, reloads, *_upstream_families(stats.get("upstreams", [])))
+        pools = stats.get("pools", {})
+        sessions = GaugeMetricFamily("sidekey_upstream_pools", "Upstream connection pools, by state", labels=["state"])
+        sessions.add_metric(["active"], pools.get("sessions", 0))
+        sessions.add_metric(["retiring"], pools.get("retiring", 0))
+        leaves = stats.get("leaf_certs", {})
+        cached = GaugeMetricFamily("sidekey_leaf_certs_cached", "Leaf certificates held for CONNECT hosts (bounded)")
+        cached.add_metric([], leaves.get("entries", 0))
+        minted = CounterMetricFamily("sidekey_leaf_certs_minted", "Leaf certificates minted (a cache miss each)")
+        minted.add_metric([], leaves.get("mints", 0))
+        yield from (conns, flows, pool, reloads, sessions, cached, minted)
+        yield from _upstream_families(stats.get("upstreams", []))
+        yield from _credential_families(stats.get("credentials", []))
         tasks = _asyncio_tasks()
         if tasks is not None:
             gauge = GaugeMetricFamily("sidekey_asyncio_tasks", "asyncio tasks alive on the event loop (leak checks)")
@@ -298,6 +309,35 @@ def _asyncio_tasks() -> int | None:
         return len(asyncio.all_tasks())
     except RuntimeError:  # no running loop in this thread
         return None
+
+
+def _credential_families(views: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Refreshes of dynamic credentials (secret stores, OAuth2 tokens) by
+    result, and when each provider's credential stops being served: the
+    earliest of its members' (a token's expiry; a store value's last good
+    read + ttl + stale_for). Static keys have neither."""
+    refreshes = CounterMetricFamily(
+        "sidekey_credential_refresh", "Credential fetches by result (ok, error)", labels=["provider", "result"]
+    )
+    expiry = GaugeMetricFamily(
+        "sidekey_credential_expiry_seconds",
+        "Unix time when the provider's current credential stops being served (absent: it does not expire)",
+        labels=["provider"],
+    )
+    counts: dict[tuple[str, str], int] = {}
+    earliest: dict[str, float] = {}
+    for v in views:
+        for result, count in v.get("refreshes", {}).items():
+            counts[(v["provider"], result)] = counts.get((v["provider"], result), 0) + count
+        until = v.get("serve_until")
+        if until is not None:
+            earliest[v["provider"]] = min(until, earliest.get(v["provider"], until))
+    for labels, count in counts.items():
+        refreshes.add_metric(list(labels), count)
+    for provider, until in earliest.items():
+        expiry.add_metric([provider], until)
+    yield refreshes
+    yield expiry
 
 
 def _upstream_families(states: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -22,21 +22,36 @@ Theory of operation
 3. Forwarder (``forward``): the attempts of one request under one deadline.
    Each attempt picks a member of the provider's upstream group
    (``balance.Groups``: circuit, health, weight, key rests), admits it against
-   that key's own limits, injects that member's credential, and sends through
+   that key's own limits and injects that member's credential (the per-attempt
+   ``upstream_attempt`` hook, ``attempt``), then sends through
    ``upstream.UpstreamPools`` (one long-lived aiohttp ClientSession per
    upstream identity, TLS always verified, no redirects followed, no
-   decompression; aiohttp errors mapped to ours in one place). Whether to
-   retry, wait or fail over is decided by pure code (``retry.decide``,
-   ``failover``); a fallback provider gets its own URL, model and key.
-4. Behaviour lives in addons (``addons/``, ``addons.default_addons`` lists
-   them in order with the reason for each place): credentials first, then
-   provider headers, usage and budgets, limits, metrics, health checks; audit
-   and the dead-letter queue when asked for on the command line.
-5. Around it: the admin API (``admin``: health, metrics, providers, usage,
-   policy and reload) on its own loopback listener, and the policy watcher
-   (``watch``): a changed file is parsed and offered to every addon's
+   decompression; aiohttp errors mapped to ours in one place). Whether to retry, wait or fail over is decided by
+   pure code (``retry.decide``, ``failover``); a fallback provider gets its
+   own URL, model and key.
+4. Behaviour lives in addons (``addons/``; ``addons.default_addons`` lists
+   them in order with the reason for each place): credentials, provider
+   headers, usage and budgets (``addons/usage/``), the response cache
+   (``addons/cache/``), limits (``addons/limits/``), metrics, health checks;
+   audit and the dead-letter queue when asked for. Hooks are declared once,
+   typed, in ``hooks``; an addon gets a ``runtime.Runtime``, not the engine,
+   and offers typed ``capabilities`` (usage report, secrets) instead of
+   attributes found by name.
+5. The policy (``policy/``): frozen dataclasses (``policy.model``; limit
+   rules, prices and token counts in ``policy.rates``) read once from YAML by
+   ``policy.load`` with line-numbered errors that never quote a value. A
+   changed file (``policy.watch``) is parsed and offered to every addon's
    ``configure`` first, then swapped in as one reference (``engine.reload``);
    flows in flight keep the snapshot they started with.
+6. Around it: the admin API (``admin``: health, metrics, providers, usage,
+   policy and reload) on its own loopback listener; secrets read by one
+   reader (``secrets``) or fetched from stores (``credentials/``); the Redis
+   client shared by limits, usage and cache (``redis_client``).
+
+Layering (``docs/architecture.md``; checked by ``lint-imports``): ``proxy``
+never imports ``addons`` (the CLI, which assembles them, aside); no import
+cycles among a package's modules; addons reach the engine only through the
+runtime, the capabilities and the flow, policy and error types.
 """
 
 __version__ = "0.1.0"

@@ -39,6 +39,7 @@ ROUTES = (
     ("GET", "/policy", "policy"),
     ("POST", "/policy/reload", "reload"),
     ("GET", "/usage", "usage"),
+    ("POST", "/credentials/refresh", "refresh_credentials"),
     ("GET", "/cache/stats", "cache_stats"),
     ("DELETE", "/cache", "cache_delete"),
 )
@@ -197,6 +198,7 @@ class AdminServer:
         for p in engine.policy.providers:
             view = provider_view(p, engine.secret_available(p))
             view["upstreams"] = upstream_views(engine, p)
+            view["credentials"] = engine.secrets.credential_views(p) if engine.secrets is not None else []
             views.append(view)
         return web.json_response({"providers": views, "pools": engine.pools.statistics()})
 
@@ -214,6 +216,19 @@ class AdminServer:
             reason = "since: expected YYYY-MM-DD, an RFC 3339 time with an offset, or unix seconds"
             return web.json_response({"error": {"code": "bad_request", "message": reason}}, status=400)
         return web.json_response(report)
+
+    async def refresh_credentials(self, request: web.Request) -> web.Response:
+        """Re-read credentials now (``?provider=NAME``: that provider's only):
+        after rotating a secret, without waiting for its ttl."""
+        secrets = self.engine.secrets
+        if secrets is None:
+            return web.json_response({"error": {"code": "credentials_disabled"}}, status=404)
+        name = request.query.get("provider")
+        provider = self.engine.policy.provider(name) if name else None
+        if name and provider is None:  # never quote the value back
+            body = {"error": {"code": "not_found", "message": "no provider of that name"}}
+            return web.json_response(body, status=404)
+        return web.json_response({"refreshed": await secrets.refresh_credentials(provider)})
 
     async def cache_stats(self, _request: web.Request) -> web.Response:
         """Per provider with a ``cache:``: entries, bytes, results, hit ratio, evictions."""

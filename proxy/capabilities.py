@@ -15,9 +15,9 @@ from multidict import CIMultiDict
 from proxy.policy import Provider, Target
 
 if TYPE_CHECKING:
-    from addons.usage.tokens import Usage
     from proxy.balance import UpstreamState
     from proxy.flow import Flow
+    from proxy.policy.rates import Usage
 
 T = TypeVar("T")
 
@@ -51,6 +51,14 @@ class Secrets(Protocol):
 
     async def reread(self, provider: Provider, target: Target) -> bool:
         """The upstream refused the member's credential: re-read it; True when it changed."""
+        ...
+
+    def credential_views(self, provider: Provider) -> list[dict[str, Any]]:
+        """Each credential the provider injects: source, state, expiry, refreshes; never a value."""
+        ...
+
+    async def refresh_credentials(self, provider: Provider | None) -> list[dict[str, Any]]:
+        """Re-read now (one provider's, or every one's); what each re-read gave."""
         ...
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Protocol, Side, State
 
-from addons.usage.tokens import Usage
+from proxy.policy.rates import Usage
 
 if TYPE_CHECKING:
     from proxy.capabilities import SessionTokens, SessionUsage

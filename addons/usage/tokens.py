@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from proxy.policy.rates import Usage
+
 Wire = Literal["openai", "anthropic"]
 
 BYTES_PER_TOKEN = 4
@@ -111,26 +113,6 @@ class RequestEstimate:
     @property
     def worst_case(self) -> int:
         return self.prompt_tokens + self.max_output
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    input: int
-    output: int
-    cached_input: int = 0
-    reasoning: int = 0
-    cache_creation: int = 0
-    estimated: bool = False
-    model: str | None = None
-
-    def __post_init__(self) -> None:
-        counts = (self.input, self.output, self.cached_input, self.reasoning, self.cache_creation)
-        if any(type(n) is not int or n < 0 for n in counts):
-            raise ValueError("token counts must be non-negative integers")
-
-    @property
-    def total(self) -> int:
-        return self.input + self.output
 
 
 def _walk(value: object, keys: bool) -> tuple[int, int]:

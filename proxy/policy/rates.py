@@ -1,8 +1,10 @@
-"""What a policy counts and charges: a limit ``Rule`` and a model's ``Price``.
+"""What a policy counts and charges: a limit ``Rule``, a model's ``Price``, and the
+``Usage`` (tokens) a price is applied to.
 
-Part of the policy model (the loader builds them, the policy holds them), so the
-policy never imports the addons that act on them: the limiter arithmetic
-(``addons.limits.arithmetic``) and the usage meter (``addons.usage``) import from here.
+Part of the policy model (the loader builds rules and prices, the policy holds them),
+so the policy never imports the addons that act on them: the limiter arithmetic
+(``addons.limits.arithmetic``) and the usage meter (``addons.usage``) import from here,
+and so does the engine where it handles usage itself (a WebSocket session's meter).
 """
 
 from __future__ import annotations
@@ -10,21 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
-
-
-class TokenCounts(Protocol):
-    """What a price needs of a usage record (``addons.usage.tokens.Usage`` is one)."""
-
-    @property
-    def input(self) -> int: ...
-    @property
-    def output(self) -> int: ...
-    @property
-    def cached_input(self) -> int: ...
-    @property
-    def cache_creation(self) -> int: ...
-
+from typing import Literal
 
 Kind = Literal["requests", "tokens", "concurrent"]
 KINDS = ("requests", "tokens", "concurrent")
@@ -89,10 +77,33 @@ class Price:
             if rate is not None and not (isinstance(rate, int | float) and math.isfinite(rate) and rate >= 0):
                 raise ValueError("a price must be a finite, non-negative number")
 
-    def cost(self, usage: TokenCounts) -> float:
+    def cost(self, usage: Usage) -> float:
         cached, written = usage.cached_input, usage.cache_creation
         fresh = max(0, usage.input - cached - written)
         cached_rate = self.input if self.cached_input is None else self.cached_input
         write_rate = self.input if self.cache_write is None else self.cache_write
         per_million = fresh * self.input + cached * cached_rate + written * write_rate + usage.output * self.output
         return per_million / 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one request used, normalised across providers (``addons.usage.tokens`` says how):
+    ``cached_input`` and ``cache_creation`` are parts of ``input``, ``reasoning`` of ``output``."""
+
+    input: int
+    output: int
+    cached_input: int = 0
+    reasoning: int = 0
+    cache_creation: int = 0
+    estimated: bool = False
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        counts = (self.input, self.output, self.cached_input, self.reasoning, self.cache_creation)
+        if any(type(n) is not int or n < 0 for n in counts):
+            raise ValueError("token counts must be non-negative integers")
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output

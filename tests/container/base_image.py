@@ -43,7 +43,7 @@ def debian_mirror(sources: str) -> str | None:
     uris += re.findall(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", sources, flags=re.MULTILINE)
     for uri in uris:
         if uri.rstrip("/").endswith("/debian"):
-            return uri
+            return str(uri)
     return None
 
 

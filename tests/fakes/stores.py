@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs
 
 import trustme
@@ -99,7 +99,7 @@ class StoreThread:
     def resume(self) -> None:
         self._run(self._listen())
 
-    def __enter__(self) -> StoreThread:
+    def __enter__(self) -> Self:
         self._thread.start()
         self._run(self._start())
         return self
@@ -298,7 +298,7 @@ class MotoTLSServer:
         return f"https://localhost:{self.port}"
 
     def __enter__(self) -> MotoTLSServer:
-        from moto.moto_server.threaded_moto_server import MotoRequestHandler
+        from moto.moto_server.threaded_moto_server import MotoRequestHandler  # type: ignore[attr-defined]  # not re-exported
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
 

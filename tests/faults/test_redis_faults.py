@@ -35,17 +35,17 @@ DEBUG_SLEEP = 20.0  # seconds; the requests during it take about REQUESTS x redi
 LIMITS = {"out of memory": "{requests_per_minute: 10000}"}
 
 
-def kill(server: RedisServer) -> Callable[[], None]:
+def kill(server: RedisServer) -> Callable[[], object]:
     server.kill()
     return server.start
 
 
-def pause(server: RedisServer) -> Callable[[], None]:
+def pause(server: RedisServer) -> Callable[[], object]:
     server.pause()
     return server.resume
 
 
-def busy(server: RedisServer) -> Callable[[], None]:
+def busy(server: RedisServer) -> Callable[[], object]:
     """DEBUG SLEEP from a thread (it blocks its caller): Redis itself stops answering, the way
     a long script or a fork on a big dataset stalls it. Long enough for every request sent
     meanwhile (each waits at most ``redis.timeout``); the recovery waits for its end."""
@@ -57,18 +57,18 @@ def busy(server: RedisServer) -> Callable[[], None]:
     return lambda: sleeper.join(DEBUG_SLEEP + 30)
 
 
-def out_of_memory(server: RedisServer) -> Callable[[], None]:
+def out_of_memory(server: RedisServer) -> Callable[[], object]:
     # A script's first write that may grow memory is refused with OOM (Redis 7, no eviction).
     server.command("CONFIG", "SET", "maxmemory", "1")
     return lambda: server.command("CONFIG", "SET", "maxmemory", "0")
 
 
-def no_permission(server: RedisServer) -> Callable[[], None]:
+def no_permission(server: RedisServer) -> Callable[[], object]:
     server.command("ACL", "SETUSER", "default", "-@scripting")  # the connected clients too, at once
     return lambda: server.command("ACL", "SETUSER", "default", "+@all")
 
 
-FAULTS: dict[str, Callable[[RedisServer], Callable[[], None]]] = {
+FAULTS: dict[str, Callable[[RedisServer], Callable[[], object]]] = {
     "killed": kill,
     "paused": pause,
     "busy (DEBUG SLEEP)": busy,
@@ -98,8 +98,7 @@ def test_redis_fault_answers_by_failure_mode_and_leaks_no_slot(
     limits = LIMITS.get(fault_name, f"{{concurrent: {CONCURRENT}, requests_per_minute: 10000}}")
     policy = fault_policy(fault, stalled, extra=extra).replace(
         "    circuit: {failures: 0}\n",
-        f"    circuit: {{failures: 0}}\n    limits: {limits}\n"
-        "    queue_wait: 0\n",
+        f"    circuit: {{failures: 0}}\n    limits: {limits}\n    queue_wait: 0\n",
         1,
     )
     proxy: SidekeyProcess = start_proxy(policy)

@@ -59,7 +59,7 @@ def test_reset_mid_stream_breaks_the_openai_sdk_stream(proxy: SidekeyProcess, ba
     client = openai.OpenAI(
         api_key=PLACEHOLDER,
         base_url="https://faulty.test/rst/mid-stream",  # the SDK appends /chat/completions
-        http_client=httpx.Client(proxy=proxy.url, verify=proxy.client_ssl_context(), timeout=20),
+        http_client=httpx.Client(proxy=proxy.url, verify=proxy.client_ssl_context(), timeout=20),  # type: ignore[arg-type]  # the openai SDK annotates httpx2.Client; an httpx.Client serves
         max_retries=0,
     )
     received: list[str] = []

@@ -66,11 +66,11 @@ class SidekeyProcess:
             "--admin", "127.0.0.1:0",
             *self.args,
         ]  # fmt: skip
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
+        out = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
         self.proc = subprocess.Popen(  # preexec only sets limits in the child
-            cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec
+            cmd, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=self.preexec
         )
-        log.close()
+        out.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             log = self.log()

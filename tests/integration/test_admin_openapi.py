@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -33,7 +34,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidekeyProcess
 
 @schema.parametrize()
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-def test_admin_api_conforms_to_its_openapi_document(case: schemathesis.Case, running: SidekeyProcess) -> None:
+def test_admin_api_conforms_to_its_openapi_document(case: schemathesis.Case[Any], running: SidekeyProcess) -> None:
     response = case.call_and_validate(base_url=running.admin_url)
     assert not any(secret in response.text for secret in SECRETS)
 

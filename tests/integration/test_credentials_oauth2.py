@@ -40,6 +40,12 @@ def oauth_provider(fake: FakeProviderThread, name: str, endpoint: FakeTokenEndpo
 """
 
 
+def credential_state(proxy: SidekeyProcess) -> str:
+    providers = httpx.get(proxy.admin_url + "/providers", timeout=DEADLINE, trust_env=False).json()["providers"]
+    [view] = [p for p in providers if p["name"] == "short"]
+    return str(view["credentials"][0]["state"])
+
+
 def wait_until(check: object, what: str) -> None:
     deadline = time.monotonic() + DEADLINE
     while not check():  # type: ignore[operator]
@@ -101,11 +107,11 @@ def test_one_fetch_for_100_first_requests_rotation_grant_and_metadata_guard(
 def test_refresh_with_requests_flowing_then_endpoint_down_then_back(
     start_sidekey: object, fake: FakeProviderThread
 ) -> None:
-    with FakeTokenEndpoint("sidekey-app", CLIENT_SECRET, expires_in=4) as endpoint:
+    with FakeTokenEndpoint("sidekey-app", CLIENT_SECRET, expires_in=6) as endpoint:
         proxy: SidekeyProcess = start_sidekey("version: 1\nproviders:\n" + oauth_provider(fake, "short", endpoint),
                                               env=ENV)  # type: ignore[operator]  # fmt: skip
         url = "https://api.short.test/echo"
-        flowing_until = time.monotonic() + 5  # past one refresh (at half of 4 s)
+        flowing_until = time.monotonic() + 4  # past one refresh (at half of 6 s)
         statuses = []
         while time.monotonic() < flowing_until or len(endpoint.issued) < 2:
             statuses.append(fetch(proxy, url).status)
@@ -115,11 +121,22 @@ def test_refresh_with_requests_flowing_then_endpoint_down_then_back(
         assert len(used) >= 2, "a refreshed token was used"
 
         endpoint.pause()
-        paused = time.monotonic()
         last = endpoint.issued[-1]
-        wait_until(lambda: fetch(proxy, url).status == 503, "the refusal once the token expires")
-        # the token was fetched before the pause and lives 4 s: it is used until then, not dropped early
-        assert time.monotonic() - paused > 0.5
+        # The refresh fails: the admin API says stale, and the old token is still served ...
+        wait_until(lambda: credential_state(proxy) != "fresh", "a failed refresh")
+        answer = fetch(proxy, url)
+        assert answer.status == 200 or credential_state(proxy) == "failing", "served while stale"
+        # ... until it expires; then refused, never served again before the endpoint is back.
+        statuses = []
+
+        def refused_now() -> bool:
+            statuses.append(fetch(proxy, url).status)
+            return statuses[-1] == 503
+
+        wait_until(refused_now, "the refusal")
+        assert set(statuses[:-1]) <= {200}, "the old token until the refusal, nothing else"
+        assert credential_state(proxy) == "failing"
+        assert fetch(proxy, url).status == 503
         refused = fetch(proxy, url)
         assert json.loads(refused.body)["error"]["code"] == "credential_refresh_failed"
         assert fake.last().header("Authorization") == f"Bearer {last}", "the old token was served until expiry"

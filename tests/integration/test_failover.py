@@ -7,6 +7,7 @@ import json
 import ssl
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -68,16 +69,17 @@ def chat(proxy: object, model: str = "gpt-4o-mini", *, stream: bool = False) -> 
 
     trust = ssl.create_default_context(cafile=str(proxy.ca_path))  # type: ignore[attr-defined]
     http = httpx.Client(proxy=proxy.url, verify=trust, trust_env=False)  # type: ignore[attr-defined]
-    client = openai.OpenAI(api_key=PLACEHOLDER, base_url="https://pool.test/v1", max_retries=0, http_client=http)
-    messages = [{"role": "user", "content": "hi"}]
+    client = openai.OpenAI(api_key=PLACEHOLDER, base_url="https://pool.test/v1", max_retries=0,
+                           http_client=http)  # type: ignore[arg-type]  # the openai SDK annotates httpx2.Client; an httpx.Client serves
+    messages: list[Any] = [{"role": "user", "content": "hi"}]  # the SDK types them as TypedDicts
     with http:
         if stream:
             with client.chat.completions.with_streaming_response.create(
-                model=model, messages=messages, stream=True  # type: ignore[arg-type]
+                model=model, messages=messages, stream=True
             ) as resp:
                 text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
                 return dict(resp.headers), text
-        raw = client.chat.completions.with_raw_response.create(model=model, messages=messages)  # type: ignore[arg-type]
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=messages)
         return dict(raw.headers), raw.parse().choices[0].message.content or ""
 
 
@@ -119,7 +121,7 @@ def test_failover_rewrites_path_model_and_credential(
     assert (headers["x-sidekey-provider"], headers["x-sidekey-upstream"]) == ("groq", "default")
     [request] = groq.received
     assert request.path == "/openai/v1/chat/completions"
-    assert request.body_json["model"] == "llama-3.1-8b-instant"
+    assert request.body_json is not None and request.body_json["model"] == "llama-3.1-8b-instant"
     assert request.body_json["messages"] == [{"role": "user", "content": "hi"}]
     assert keys_seen(groq) == [GROQ_KEY]  # its own key only: never the pool's or the caller's
     # Streaming goes over too, and the stream arrives whole.
@@ -186,7 +188,7 @@ def test_members_with_own_keys_need_no_provider_secret(start_sidekey: object, fa
     }:
         assert time.monotonic() < deadline, "each member is health-checked with its own key"
         time.sleep(0.05)
-    view = httpx.get(proxy.admin_url + "/providers", trust_env=False).json()  # type: ignore[attr-defined]
+    view = httpx.get(proxy.admin_url + "/providers", trust_env=False).json()
     pooled = next(p for p in view["providers"] if p["name"] == "pooled")
     assert pooled["auth"]["secret"] is None and pooled["secret_available"] is True
     assert [u["secret"] for u in pooled["upstreams"]] == ["env:POOL_KEY_A", "env:POOL_KEY_B"]

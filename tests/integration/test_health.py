@@ -106,7 +106,7 @@ def test_active_checks_mark_a_member_unhealthy_and_back(
     proxy = start_sidekey(policy_for(fake, extra=extra, limits=limits))  # type: ignore[operator]
 
     def member() -> dict[str, object]:
-        providers = httpx.get(proxy.admin_url + "/providers", trust_env=False).json()["providers"]  # type: ignore[attr-defined]
+        providers = httpx.get(proxy.admin_url + "/providers", trust_env=False).json()["providers"]
         [state] = next(p for p in providers if p["name"] == "checked")["upstreams"]
         return state  # type: ignore[no-any-return]
 

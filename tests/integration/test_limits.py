@@ -53,7 +53,7 @@ def test_limit_answers_429_with_headers_then_recovers(start_sidekey: object, fak
     assert len([r for r in fake.received if r.path == "/v1/chat/completions"]) == 2  # the third never left
     fake.provider.throttled_keys.add(OPENAI_KEY)  # now the provider refuses too
     assert chat(proxy, "api.openai.com")[0] == 429
-    metrics = httpx.get(proxy.admin_url + "/metrics", trust_env=False).text  # type: ignore[attr-defined]
+    metrics = httpx.get(proxy.admin_url + "/metrics", trust_env=False).text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(metrics)
                for s in f.samples}  # fmt: skip
     assert samples[("sidekey_rate_limited_total", (("provider", "limited"), ("source", "sidekey")))] == 1
@@ -173,7 +173,7 @@ async def test_one_redis_round_trip_per_request(redis: RedisServer) -> None:
         pending = addon.request(flow)
         assert pending is not None
         await pending
-        assert flow.response is None, flow.response.body  # type: ignore[union-attr]
+        assert flow.response is None, flow.response.body
         flow.response = Response(200)
         flow.metadata["usage"] = Usage(input=10, output=5)
         addon.response(flow)
@@ -226,12 +226,13 @@ def test_token_reservation_reconciled_from_a_real_stream(
         fields["set_headers"] = '{anthropic-version: "2023-06-01"}'
     extra = fake_provider(fake, "metered", "metered.test", **fields)
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
-    http = httpx.Client(proxy=proxy.url, verify=proxy.client_ssl_context(), trust_env=False)  # type: ignore[attr-defined]
+    http = httpx.Client(proxy=proxy.url, verify=proxy.client_ssl_context(), trust_env=False)
     remaining = []
     with http:
         for _ in range(2):
             if wire == "openai":
-                client = openai.OpenAI(api_key="placeholder", base_url="https://metered.test/v1", http_client=http)
+                client = openai.OpenAI(api_key="placeholder", base_url="https://metered.test/v1",
+                                       http_client=http)  # type: ignore[arg-type]  # the openai SDK annotates httpx2.Client; an httpx.Client serves
                 with client.chat.completions.with_streaming_response.create(
                     model="gpt-4o-mini", max_tokens=2000, messages=[{"role": "user", "content": "hi"}],
                     stream=True, stream_options={"include_usage": True},
@@ -239,8 +240,8 @@ def test_token_reservation_reconciled_from_a_real_stream(
                     used = [c.usage for c in resp.parse() if c.usage][-1].total_tokens
                     remaining.append(int(resp.headers["x-ratelimit-remaining-tokens-day"]))
             else:
-                monkeypatch.setenv("HTTPS_PROXY", proxy.url)  # type: ignore[attr-defined]
-                monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_path))  # type: ignore[attr-defined]
+                monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+                monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_path))
                 client2 = anthropic.Anthropic(api_key="placeholder", base_url="https://metered.test", max_retries=0)
                 with client2, client2.messages.with_streaming_response.create(
                     model="claude-sonnet-4-20250514", max_tokens=2000, messages=[{"role": "user", "content": "hi"}],

@@ -32,7 +32,7 @@ from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 -
 # Until the usage addon is in default_addons, load it once (two instances would count twice).
 IN_DEFAULTS = any(isinstance(a, UsageMeter) for a in default_addons())
 ARGS = () if IN_DEFAULTS else ("--addon", "addons.usage:UsageMeter")
-MESSAGES = [{"role": "user", "content": "say hello to me"}]
+MESSAGES: list[Any] = [{"role": "user", "content": "say hello to me"}]  # each SDK types them as its own TypedDicts
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
 Start = Callable[..., SidekeyProcess]
 
@@ -72,15 +72,15 @@ def proxy(start_sidekey: Start, fake: FakeProviderThread, monkeypatch: pytest.Mo
 
 def test_sdk_calls_are_counted_and_priced(proxy: SidekeyProcess) -> None:
     with openai.OpenAI(api_key=PLACEHOLDER) as client:
-        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         with_usage = client.chat.completions.create(
             model="gpt-4o",
             messages=MESSAGES,
             stream=True,
-            stream_options={"include_usage": True},  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
         )
         assert list(with_usage)[-1].usage is not None
-        without = client.chat.completions.create(model="gpt-4.1-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        without = client.chat.completions.create(model="gpt-4.1-mini", messages=MESSAGES, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in without if c.choices) == "Hello from fake openai"
     with anthropic.Anthropic(api_key=PLACEHOLDER) as aclient:
         with aclient.messages.stream(
@@ -151,7 +151,7 @@ def test_two_sidecars_see_the_combined_totals(start_sidekey: Start, fake: FakePr
     assert chat(proxies[1])[0] == 200 and chat(proxies[1])[0] == 200
 
     def combined(p: SidekeyProcess) -> bool:
-        return usage(p)["totals"]["requests"] == 3
+        return bool(usage(p)["totals"]["requests"] == 3)
 
     assert wait_for(lambda: combined(proxies[0]) and combined(proxies[1]))
     assert by_model(usage(proxies[0]))[("openai", "gpt-4o-mini")]["output_tokens"] == 12

@@ -79,8 +79,9 @@ def test_builtin_hooks_take_the_declared_arguments(addon: object) -> None:
 def test_capabilities_are_typed_and_found() -> None:
     addons = default_addons()
     manager = AddonManager(addons)
-    assert isinstance(manager.capability(METRICS), Metrics)
-    assert isinstance(manager.capability(USAGE_REPORT), UsageMeter)
+    metrics, usage = manager.capability(METRICS), manager.capability(USAGE_REPORT)
+    assert isinstance(metrics, Metrics)
+    assert isinstance(usage, UsageMeter)
     secrets = manager.capability(SECRETS)
     assert secrets is addons[0]
     assert AddonManager([Metrics()]).capability(SECRETS) is None

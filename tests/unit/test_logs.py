@@ -98,7 +98,8 @@ def test_configure_writes_json_lines_to_a_stream_that_is_no_terminal(monkeypatch
         logging.getLogger("sidekey.t").debug("hidden")
         logging.getLogger("sidekey.t").info("shown %d", 1, extra={"provider": "openai"})
     finally:
-        root.handlers[:], _ = before[0], root.setLevel(before[1])
+        root.handlers[:] = before[0]
+        root.setLevel(before[1])
     lines = out.getvalue().splitlines()
     assert len(lines) == 1
     entry = json.loads(lines[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ sys.modules["soak_criteria"] = criteria  # dataclasses look the module up by nam
 _spec.loader.exec_module(criteria)
 
 
-def run(rss: list[int], *, fds: tuple[int, int] = (16, 16), tasks: tuple[int, int] = (14, 14)) -> list:
+def run(rss: list[int], *, fds: tuple[int, int] = (16, 16), tasks: tuple[int, int] = (14, 14)) -> list[Any]:
     """A baseline sample, one load sample per RSS value 10 s apart, one after."""
     s = criteria.Sample
     samples = [s(0.0, "before", rss[0], fds[0], tasks[0], 0, 0, 0, 0, 0)]
@@ -25,7 +26,7 @@ def run(rss: list[int], *, fds: tuple[int, int] = (16, 16), tasks: tuple[int, in
     return samples
 
 
-def verdicts(samples: list, unexpected: int = 0, log_errors: int = 0) -> dict[str, bool]:
+def verdicts(samples: list[Any], unexpected: int = 0, log_errors: int = 0) -> dict[str, bool]:
     return {v.name: v.passed for v in criteria.evaluate(samples, unexpected, log_errors)}
 
 
@@ -59,7 +60,7 @@ def test_rss_windows_are_the_second_and_last_sixths() -> None:
         ((16, 16), (14, 15), {"fds_back": True, "tasks_back": False}),
     ],
 )
-def test_fds_and_tasks_back_to_baseline(fds: tuple[int, int], tasks: tuple[int, int], expected: dict) -> None:
+def test_fds_and_tasks_back_to_baseline(fds: tuple[int, int], tasks: tuple[int, int], expected: dict[str, bool]) -> None:
     got = verdicts(run([1000] * 12, fds=fds, tasks=tasks))
     assert {k: got[k] for k in expected} == expected
 

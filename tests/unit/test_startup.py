@@ -145,7 +145,7 @@ def test_our_own_errors_keep_their_line() -> None:
 
 def test_every_message_is_one_line() -> None:
     fields = {"host": "h", "port": 1, "flag": "--f", "reason": "r", "alternative": "", "searched": "s", "path": "p"}
-    fields |= {"spec": "m", "kind": "K", "name": "--n", "choices": "a, b"}
+    fields |= {"spec": "m", "kind": "K", "name": "--n", "choices": "a, b", "workers": 2, "what": "w"}
     for kind in startup.StartupError.__subclasses__():
         if kind is startup.PolicyInvalid:  # the loader's lines, one per problem
             continue
