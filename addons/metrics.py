@@ -249,13 +249,32 @@ class _EngineCollector(Collector):
         reloads = CounterMetricFamily("sidekey_policy_reloads", "Policy reloads by result", labels=["result"])
         for result, count in stats.get("reloads", {}).items():
             reloads.add_metric([result], count)
-        yield from (conns, flows, pool, reloads, *_upstream_families(stats.get("upstreams", [])))
+        pools = stats.get("pools", {})
+        sessions = GaugeMetricFamily("sidekey_upstream_pools", "Upstream connection pools, by state", labels=["state"])
+        sessions.add_metric(["active"], pools.get("sessions", 0))
+        sessions.add_metric(["retiring"], pools.get("retiring", 0))
+        leaves = stats.get("leaf_certs", {})
+        cached = GaugeMetricFamily("sidekey_leaf_certs_cached", "Leaf certificates held for CONNECT hosts (bounded)")
+        cached.add_metric([], leaves.get("entries", 0))
+        minted = CounterMetricFamily("sidekey_leaf_certs_minted", "Leaf certificates minted (a cache miss each)")
+        minted.add_metric([], leaves.get("mints", 0))
+        yield from (conns, flows, pool, reloads, sessions, cached, minted)
+        yield from _upstream_families(stats.get("upstreams", []))
         yield from _credential_families(stats.get("credentials", []))
         tasks = _asyncio_tasks()
         if tasks is not None:
             gauge = GaugeMetricFamily("sidekey_asyncio_tasks", "asyncio tasks alive on the event loop (leak checks)")
             gauge.add_metric([], tasks)
             yield gauge
+        lost = stats.get("records_lost", {})
+        for sink, name, doc in (
+            ("audit", "sidekey_audit_lines_lost", "Audit lines lost to failed writes (a full disk)"),
+            ("dlq", "sidekey_dlq_entries_lost", "Dead-letter entries lost to failed writes (a full disk)"),
+        ):
+            if sink in lost:
+                family = CounterMetricFamily(name, doc)
+                family.add_metric([], lost[sink])
+                yield family
         limits = stats.get("limits")
         if limits is not None:  # from the limits addon, when it runs (proxy/cli.py attaches it)
             degraded = CounterMetricFamily(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import os
@@ -255,6 +256,11 @@ class CertificateAuthority:
         # Once, when made: clients must be told to trust this new CA ("sidekey ca" says how).
         log.info("created CA %s (clients must trust it: run 'sidekey ca')", cert_path)
         return cls(cert, key, cert_path, key_path)
+
+    def fingerprints(self) -> tuple[str, str]:
+        """SHA-256 of the certificate and of the key's public part (never the key itself)."""
+        der = self._cert.public_bytes(serialization.Encoding.DER)
+        return hashlib.sha256(der).hexdigest(), hashlib.sha256(_spki(self._key)).hexdigest()
 
     def mint_leaf(self, host: str) -> tuple[bytes, bytes]:
         """Return ``(leaf + CA certificate PEM, leaf key PEM)`` for ``host``."""

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from proxy import errors, exchange, forward, netguard, routing, tunnel, ws_session
 from proxy.balance import Groups, Transition, UpstreamState
+from proxy.ca_watch import CAFiles
 from proxy.capabilities import MEMBER_LIMITS, SECRETS, Capability
 from proxy.certs import CertificateAuthority, LeafContexts
 from proxy.flow import new_request_id
@@ -76,6 +77,7 @@ class Sidekey:
         self.addons = AddonManager(addons)
         self.pools = UpstreamPools()
         self.ca: CertificateAuthority | None = None
+        self.ca_files: CAFiles | None = None
         self.leaves: LeafContexts | None = None
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] = listen
@@ -118,6 +120,7 @@ class Sidekey:
     async def prepare(self) -> None:
         """Load (or create) the CA, connect Redis, let addons configure the policy."""
         self.ca = await asyncio.to_thread(CertificateAuthority.load_or_create, self.certs_dir)
+        self.ca_files = CAFiles(self.ca.cert_path, self.ca.key_path, self.ca.fingerprints())
         self.leaves = LeafContexts(self.ca)
         await self._connect_redis(self.policy)
         await self.pools.maintain(self.policy)
@@ -161,6 +164,8 @@ class Sidekey:
             await asyncio.sleep(POOL_CHECK_INTERVAL)
             try:
                 await self.pools.maintain(self.policy)
+                if self.ca_files is not None:  # replaced on disk: said once; the loaded CA stays
+                    await self.ca_files.check()
             except Exception as exc:  # noqa: BLE001 - the pools keep serving what they have
                 log.error("upstream pool upkeep failed: %s", errors.describe(exc))
 
@@ -220,6 +225,9 @@ class Sidekey:
         self.policy = policy
         self.guard = netguard.Guard(policy.allow_networks, self.self_ports)
         self.policy_loaded_at = time.time()
+        retired = self.pools.retire_unreachable(policy, self.guard)
+        if retired:
+            log.debug("policy reload: %d upstream pools retired (closed once their requests finish)", retired)
 
     async def reload_from_file(self) -> Policy:
         """Re-read the policy file. Invalid or rejected: the old policy stays,

@@ -7,7 +7,10 @@ connection limits, the address allow-list), so two providers that differ in any
 of those never share a connection, while providers that agree share keep-alive
 connections. When a CA file's content changes, its pools are retired: new
 requests get a pool that trusts the new content, and a retired pool is closed
-once no request is using it.
+once no request is using it. So are, after a policy reload, the pools no
+provider of the new policy would pick (an upstream, pool setting, server name,
+CA file or address allow-list changed): before, each such reload left its old
+pools open for good (73 after 200 reloads).
 """
 
 from __future__ import annotations
@@ -86,10 +89,43 @@ def _in_use(session: ClientSession) -> int:
     return len(getattr(session.connector, "_acquired", ()))
 
 
+def _idle(session: ClientSession) -> int:
+    """Keep-alive connections waiting in this pool."""
+    return sum(len(v) for v in getattr(session.connector, "_conns", {}).values())
+
+
+def reachable(key: PoolKey, policy: Policy, guard: Guard) -> bool:
+    """Whether a request under ``policy`` could still use the pool ``key``: an unmatched
+    passthrough's, or a provider's with the same settings and one of its upstreams
+    (a host the provider matches, when a member goes to the CONNECT target)."""
+    if key.guard != guard:
+        return False
+    if key == pool_key(None, key.scheme, key.host, key.port, guard):
+        return True
+    bundle_path = key.ca_bundle.path if key.ca_bundle is not None else None
+    for p in policy.providers:
+        if p.tls.ca_bundle != bundle_path or pool_key(p, key.scheme, key.host, key.port, guard, key.ca_bundle) != key:
+            continue
+        for t in p.targets:
+            up = t.upstream or p.upstream
+            if (up.host, up.port) == (key.host, key.port) if up else policy.match(key.host) is p:
+                return True
+    return False
+
+
 class UpstreamPools:
     def __init__(self, *, read_bufsize: int = 2**16) -> None:
         self._sessions: dict[PoolKey, ClientSession] = {}
-        self._retiring: list[ClientSession] = []  # trust changed: closed once no request uses them
+        self._retiring: list[ClientSession] = []  # closed once no request uses them
+        # The policy of the last reload, and the pools made since: a flow that began before
+        # the reload may still make one for the old policy, checked at the next upkeep.
+        self._current: tuple[Policy, Guard] | None = None
+        self._fresh: list[PoolKey] = []
+        self._empty: set[PoolKey] = set()  # pools without a connection at the last upkeep
+        # One client TLS context per trust (the system store, plus a CA file's content): a
+        # context loads the whole system store, ~0.9 MB, and a provider that follows the
+        # CONNECT target has a pool per host (500 hosts took RSS from 66 to 505 MB).
+        self._tls: dict[CABundle | None, ssl.SSLContext] = {}
         self._timeouts: dict[tuple[float, float], ClientTimeout] = {}
         self._read_bufsize = read_bufsize
         self.ca_bundles = CABundles()
@@ -113,13 +149,35 @@ class UpstreamPools:
         if drained:
             self._retiring = [s for s in self._retiring if s not in drained]
             await asyncio.gather(*(s.close() for s in drained), return_exceptions=True)
+        if self._fresh and self._current is not None:
+            fresh, self._fresh = self._fresh, []
+            self._retire([k for k in fresh if k in self._sessions and not reachable(k, *self._current)])
+        # A pool with no connection at two upkeeps in a row holds nothing worth keeping (its
+        # keep-alive connections have expired): closed, so pools are bounded by connections,
+        # not by the hosts ever seen. A request that takes a pool holds a connection (being
+        # opened, at least) from its first step; a retired pool closes only once unused.
+        empty = {k for k, session in self._sessions.items() if not _in_use(session) and not _idle(session)}
+        self._retire([k for k in self._empty if k in empty])
+        self._empty = {k for k in empty if k in self._sessions}
         paths = [path for policy in policies for path in ca_paths(policy)]
         if not paths:
             return
         if await asyncio.to_thread(self.ca_bundles.refresh, paths):
+            self._tls = {}  # pools keep the contexts they have; new pools trust the new content
             current = self.ca_bundles.get
             stale = [k for k in self._sessions if k.ca_bundle is not None and current(k.ca_bundle.path) != k.ca_bundle]
-            self._retiring.extend(self._sessions.pop(k) for k in stale)
+            self._retire(stale)
+
+    def retire_unreachable(self, policy: Policy, guard: Guard) -> int:
+        """After a reload: retire the pools no request under ``policy`` would pick; they
+        close at the next upkeep their requests in flight have finished by. How many."""
+        self._current = (policy, guard)
+        stale = [k for k in self._sessions if not reachable(k, policy, guard)]
+        self._retire(stale)
+        return len(stale)
+
+    def _retire(self, keys: list[PoolKey]) -> None:
+        self._retiring.extend(self._sessions.pop(k) for k in keys)
 
     def session(self, key: PoolKey) -> ClientSession:
         session = self._sessions.get(key)
@@ -132,6 +190,8 @@ class UpstreamPools:
                 except BlockedAddressError:
                     raise errors.AddressBlocked(host=key.host) from None
             session = self._sessions[key] = self._new_session(key)
+            if self._current is not None:
+                self._fresh.append(key)
         return session
 
     def _new_session(self, key: PoolKey) -> ClientSession:
@@ -139,7 +199,7 @@ class UpstreamPools:
             limit=key.max_connections,
             limit_per_host=key.max_connections,
             keepalive_timeout=key.keepalive_timeout,
-            ssl=client_tls_context(key.ca_bundle) if key.scheme == "https" else False,
+            ssl=self._tls_context(key.ca_bundle) if key.scheme == "https" else False,
             resolver=GuardedResolver(key.guard),
             ttl_dns_cache=10,
             enable_cleanup_closed=False,
@@ -155,6 +215,12 @@ class UpstreamPools:
             trust_env=False,  # never chain to HTTPS_PROXY from our own environment
             skip_auto_headers=SKIP_AUTO_HEADERS,
         )
+
+    def _tls_context(self, bundle: CABundle | None) -> ssl.SSLContext:
+        ctx = self._tls.get(bundle)
+        if ctx is None:
+            ctx = self._tls[bundle] = client_tls_context(bundle)
+        return ctx
 
     def timeout(self, provider: Provider | None) -> ClientTimeout:
         connect, read = (provider.timeouts.connect, provider.timeouts.read) if provider else (10.0, 300.0)
@@ -173,9 +239,8 @@ class UpstreamPools:
     def statistics(self) -> dict[str, Any]:
         pools = []
         for key, session in self._sessions.items():
-            conn = session.connector
             acquired = _in_use(session)
-            idle = sum(len(v) for v in getattr(conn, "_conns", {}).values())
+            idle = _idle(session)
             pools.append({"host": key.host, "port": key.port, "in_use": acquired, "idle": idle})
         return {
             "sessions": len(self._sessions),

@@ -1,8 +1,8 @@
 """Count what a sidekey process holds, before and after a fault.
 
 Open file descriptors come from /proc/<pid>/fd; client connections, requests
-in flight and upstream pool connections from the admin API (``/metrics`` and
-``/providers``). Idle pooled connections are legitimate (keep-alive) and may
+in flight, asyncio tasks and upstream pool connections from the admin API
+(``/metrics`` and ``/providers``). Idle pooled connections are legitimate (keep-alive) and may
 come and go, so the fd count is compared net of them: every other fd must be
 given back. The same holds for the Redis client's pool (up to 64 connections,
 kept for reuse): pass ``pooled_ports`` to count the process's sockets
@@ -28,6 +28,7 @@ class Holdings:
     upstream_in_use: int
     upstream_idle: int
     pooled_other: int = 0  # sockets to ``pooled_ports`` (a Redis client's pool)
+    tasks: int = 0  # asyncio tasks alive (``sidekey_asyncio_tasks``)
 
     @property
     def fds_net_of_idle(self) -> int:
@@ -81,6 +82,7 @@ def holdings(proc: SidekeyProcess, pooled_ports: frozenset[int] = frozenset()) -
         upstream_in_use=sum(p["in_use"] for p in pools),
         upstream_idle=sum(p["idle"] for p in pools),
         pooled_other=_sockets_to(proc.pid, pooled_ports),
+        tasks=_gauge(metrics, "sidekey_asyncio_tasks"),
     )
 
 
@@ -97,6 +99,7 @@ def assert_back_to(
             and now.in_flight == 0
             and now.upstream_in_use == 0
             and now.fds_net_of_idle <= baseline.fds_net_of_idle
+            and now.tasks <= baseline.tasks
         )
         if settled:
             return now

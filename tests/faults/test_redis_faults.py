@@ -98,8 +98,7 @@ def test_redis_fault_answers_by_failure_mode_and_leaks_no_slot(
     limits = LIMITS.get(fault_name, f"{{concurrent: {CONCURRENT}, requests_per_minute: 10000}}")
     policy = fault_policy(fault, stalled, extra=extra).replace(
         "    circuit: {failures: 0}\n",
-        f"    circuit: {{failures: 0}}\n    limits: {limits}\n"
-        "    queue_wait: 0\n",
+        f"    circuit: {{failures: 0}}\n    limits: {limits}\n    queue_wait: 0\n",
         1,
     )
     proxy: SidekeyProcess = start_proxy(policy)

@@ -14,6 +14,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from redis.asyncio import Redis
 
 from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import (
@@ -27,6 +28,7 @@ from tests.integration.conftest import (
 )
 from tests.integration.polling import wait_for
 from tests.integration.sidekey_process import SidekeyProcess
+from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the redis_server fixture
 
 Start = Callable[..., SidekeyProcess]
 CACHE = "{ttl: 5m, stale_if_error: 1h}"
@@ -240,3 +242,70 @@ def test_a_hit_takes_nothing_from_the_limits(start_sidekey: Start, fake: FakePro
     # b is the size of a: if the three hits had taken tokens, more than two a's would be gone.
     used_by_a = 1000000 - int(first["x-ratelimit-remaining-tokens-minute"])
     assert int(second["x-ratelimit-remaining-tokens-minute"]) >= 1000000 - 2 * used_by_a
+
+
+def test_a_failed_leader_does_not_fail_its_followers(proxy: SidekeyProcess, fake: FakeProviderThread) -> None:
+    """The first request's answer is a 503 (not stored): one follower leads
+    again, the others follow it; every follower gets the 200."""
+    fake.hold_requests()
+    url = "https://api.openai.com/flaky/leader/1"
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(proxy=proxy.url, timeout=60,
+                                     verify=ssl.create_default_context(cafile=str(proxy.ca_path))) as client:  # fmt: skip
+            first = asyncio.create_task(client.get(url))
+            deadline = time.monotonic() + 60
+            while not fake.received and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another thread
+                await asyncio.sleep(0.05)
+            followers = [asyncio.create_task(client.get(url)) for _ in range(9)]
+            while admin_stats(proxy)["in_flight"] < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # the followers reach the flight meanwhile; any later one is a hit
+            fake.release_requests()
+            return [await first, *(await asyncio.gather(*followers))]
+
+    leader, *followers = asyncio.run(run())
+    assert leader.status_code == 503 and leader.headers["x-sidekey-cache"] == "miss"
+    assert all(r.status_code == 200 for r in followers), [r.status_code for r in followers]
+    assert len({r.text for r in followers}) == 1
+    results = sorted(r.headers["x-sidekey-cache"] for r in followers)
+    assert results.count("miss") == 1 and results.count("coalesced") >= 1, results
+    assert sum(1 for r in fake.received if r.path == "/flaky/leader/1") == 2
+
+
+def admin_stats(proxy: SidekeyProcess) -> dict[str, Any]:
+    stats: dict[str, Any] = admin(proxy, "GET", "/cache/stats").json()
+    return stats
+
+
+def test_two_sidecars_share_entries_through_redis(start_sidekey: Start, fake: FakeProviderThread,
+                                                   redis_server: RedisServer) -> None:  # fmt: skip
+    policy = cached_policy(fake, "{ttl: 5m, backend: redis}").replace(
+        "unmatched: tunnel\n", f"unmatched: tunnel\nredis: {{url: '{redis_server.url}'}}\n", 1)
+    env = {**SECRET_ENV, "OTHER_KEY": "sk-other-REALKEY-77"}
+    first, second = start_sidekey(policy, env=env), start_sidekey(policy, env=env)
+    chat = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
+    head, body = post(first, chat)
+    assert head["x-sidekey-cache"] == "miss"
+    assert wait_for(lambda: admin_stats(second)["providers"]["openai"]["entries"] == 1)  # written in the background
+    head2, body2 = post(second, chat)
+    assert head2["x-sidekey-cache"] == "hit" and body2 == body
+    assert post(second, chat, host="other.test")[0]["x-sidekey-cache"] == "miss"  # another key: its own entry
+    assert upstream_calls(fake) == 2
+    keys = asyncio.run(_redis_keys(redis_server.url))
+    assert keys and all(k.startswith("sidekey:cache:") for k in keys)
+    assert all("{sidekey-cache:" in k for k in keys if k != "sidekey:cache:identity-key")  # one slot per provider
+    assert not any(s in k for k in keys for s in SECRET_ENV.values())
+    deleted = admin(first, "DELETE", "/cache?provider=openai&pattern=/v1/chat/*").json()
+    assert deleted == {"deleted": 1}
+    assert post(second, chat)[0]["x-sidekey-cache"] == "miss"
+    for proxy in (first, second):
+        assert_no_secret(proxy.log())
+
+
+async def _redis_keys(url: str) -> list[str]:
+    client = Redis.from_url(url)
+    try:
+        return [k.decode() async for k in client.scan_iter(match="sidekey:cache:*")]
+    finally:
+        await client.aclose()
