@@ -289,6 +289,8 @@ def _supervise(args: argparse.Namespace, policy: Policy, certs: Path) -> int:
 def _addons(policy: Policy, args: argparse.Namespace) -> list[object]:
     """The built-in addons, then the policy's and the command line's, audit and DLQ first among those."""
     from addons import default_addons, load_addons
+    from addons.audit import AuditLog
+    from addons.dlq import DeadLetters
 
     extra: list[object] = []
     for spec in (*policy.addons, *args.addon):
@@ -297,12 +299,8 @@ def _addons(policy: Policy, args: argparse.Namespace) -> list[object]:
         except Exception as exc:  # noqa: BLE001 - an operator's addon: name it and the type only
             raise startup.AddonUnloadable(spec=spec, kind=type(exc).__name__) from exc
     if args.audit:
-        from addons.audit import AuditLog
-
         extra.insert(0, AuditLog(args.audit, log_bodies=args.audit_bodies))
     if args.dlq:
-        from addons.dlq import DeadLetters
-
         try:
             extra.insert(0, DeadLetters(args.dlq, max_body_bytes=args.dlq_body_bytes))
         except OSError as err:
@@ -314,8 +312,11 @@ def _addons(policy: Policy, args: argparse.Namespace) -> list[object]:
 
 
 def _attach_metrics(engine: Sidekey, addons: list[object]) -> None:
-    """Scrapes read the engine's live statistics (and the limits' degraded time, the cache's counts)."""
+    """Scrapes read the engine's live statistics, the cache's counts, the limits'
+    degraded time and the records the audit log and DLQ lost."""
+    from addons.audit import AuditLog
     from addons.cache.addon import Cache
+    from addons.dlq import DeadLetters
     from addons.limits import Limits
     from addons.metrics import Metrics
 
@@ -326,10 +327,16 @@ def _attach_metrics(engine: Sidekey, addons: list[object]) -> None:
     if cache is not None:
         metrics.registry.register(cache.stats.collector(cache))
     limits = next((a for a in addons if isinstance(a, Limits)), None)
-    if limits is None:
-        metrics.attach(engine.statistics)
-    else:  # its degraded time is a metric too
-        metrics.attach(lambda: {**engine.statistics(), "limits": limits.statistics()})
+    sinks = [a for a in addons if isinstance(a, AuditLog | DeadLetters)]
+
+    def statistics() -> dict[str, object]:  # the limits' degraded time and the records lost are metrics too
+        stats = engine.statistics()
+        if limits is not None:
+            stats["limits"] = limits.statistics()
+        stats["records_lost"] = {a.name: a.losses.total for a in sinks}
+        return stats
+
+    metrics.attach(statistics)
 
 
 def _admin_servers(engine: Sidekey, args: argparse.Namespace) -> tuple[AdminServer | None, AdminServer | None]:
