@@ -284,7 +284,9 @@ def _supervise(args: argparse.Namespace, policy: Policy, certs: Path) -> int:
 
 async def serve(policy: Policy, args: argparse.Namespace, location: locate.PolicyLocation, certs: Path) -> int:
     from addons import default_addons, load_addons
+    from addons.audit import AuditLog
     from addons.cache.addon import Cache
+    from addons.dlq import DeadLetters
     from addons.limits import Limits
     from addons.metrics import Metrics
     from proxy.admin import AdminConfigError, AdminServer
@@ -298,12 +300,8 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
         except Exception as exc:  # noqa: BLE001 - an operator's addon: name it and the type only
             raise startup.AddonUnloadable(spec=spec, kind=type(exc).__name__) from exc
     if args.audit:
-        from addons.audit import AuditLog
-
         extra.insert(0, AuditLog(args.audit, log_bodies=args.audit_bodies))
     if args.dlq:
-        from addons.dlq import DeadLetters
-
         try:
             extra.insert(0, DeadLetters(args.dlq, max_body_bytes=args.dlq_body_bytes))
         except OSError as err:
@@ -319,10 +317,16 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
         metrics.registry.register(cache.stats.collector(cache))
     if metrics is not None:
         limits = next((a for a in addons if isinstance(a, Limits)), None)
-        if limits is None:
-            metrics.attach(engine.statistics)
-        else:  # its degraded time is a metric too
-            metrics.attach(lambda: {**engine.statistics(), "limits": limits.statistics()})
+        sinks = [a for a in addons if isinstance(a, AuditLog | DeadLetters)]
+
+        def statistics() -> dict[str, object]:  # the limits' degraded time and the records lost are metrics too
+            stats = engine.statistics()
+            if limits is not None:
+                stats["limits"] = limits.statistics()
+            stats["records_lost"] = {a.name: a.losses.total for a in sinks}
+            return stats
+
+        metrics.attach(statistics)
     admin = None
     if args.admin != "off":
         host, port = _address(args.admin, "--admin", 9090)
