@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from proxy import __version__, check_cmd, dlq_cmd, fdlimit, inject_cli, locate, startup
+from proxy import __version__, check_cmd, dlq_cmd, fdlimit, inject_cli, locate, memtrim, startup
 from proxy.policy import Policy
 
 if TYPE_CHECKING:
@@ -393,8 +393,11 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     watcher = PolicyWatcher(policy.source, engine.reload_from_file, interval=args.watch_interval)
     if args.watch_interval > 0:
         await watcher.start()
+    interval = float(os.environ.get("SIDEKEY_MALLOC_TRIM_INTERVAL", memtrim.DEFAULT_INTERVAL))
+    trimmer = asyncio.create_task(memtrim.trim_forever(interval), name="sidekey-malloc-trim")
     await stop.wait()
     log.info("draining (grace %.0fs, %d in flight)", args.grace, engine.in_flight)
+    trimmer.cancel()
     await watcher.stop()
     await engine.shutdown(args.grace)
     for server in (admin, scrape):
