@@ -43,6 +43,18 @@ async def closed_code(ws: ClientConnection) -> tuple[int | None, str | None]:
     return ws.close_code, ws.close_reason
 
 
+async def upstream_close_code(fake: FakeProviderThread) -> int | None:
+    """The code the fake's last session was closed with, once its handler has seen the close
+    (it may finish after the client's side did)."""
+    session = fake.provider.ws_sessions[-1]
+    deadline = time.monotonic() + 60  # a poll: the fake's handler runs on the fake's own loop
+    for _ in range(100_000):
+        if session.close_code is not None or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return session.close_code
+
+
 @pytest.fixture
 def ws_sidekey(start_sidekey: object, fake: FakeProviderThread) -> SidekeyProcess:
     extra = fake_provider(fake, "nows", "nows.test", auth="{type: bearer, secret: env:OPENAI_API_KEY}")
@@ -59,7 +71,7 @@ async def test_upgrade_injects_the_key_and_echoes(ws_sidekey: SidekeyProcess, fa
         assert await ws.recv() == b"\x00\x01binary"
     session = fake.provider.ws_sessions[-1]
     assert session.authorization == f"Bearer {OPENAI_KEY}"  # the caller's placeholder was replaced
-    assert session.close_code == 1000  # the client's close reached the upstream
+    assert await upstream_close_code(fake) == 1000  # the client's close reached the upstream
     assert_no_secret(ws_sidekey.log())
 
 
@@ -75,7 +87,7 @@ async def test_client_close_code_relayed_upstream(ws_sidekey: SidekeyProcess, fa
         await ws.send("x")
         await ws.recv()
         await ws.close(code=4003, reason="client says bye")
-    assert fake.provider.ws_sessions[-1].close_code == 4003
+    assert await upstream_close_code(fake) == 4003
 
 
 async def test_upstream_killed_mid_session_is_abnormal(ws_sidekey: SidekeyProcess) -> None:
@@ -209,7 +221,7 @@ async def test_sigterm_drain_closes_sessions_with_1001_after_the_grace(start_sid
         assert await ws.recv() == "during the grace"
         assert await closed_code(ws) == (1001, "sidekey is shutting down")
         assert time.monotonic() - signalled >= 1.5
-    assert fake.provider.ws_sessions[-1].close_code == 1001  # the upstream was told too
+    assert await upstream_close_code(fake) == 1001  # the upstream was told too
 
 
 async def test_audit_and_access_lines_at_open_and_close(start_sidekey: object, fake: FakeProviderThread,
