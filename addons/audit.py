@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from addons.record_sink import SECRET_QUERY_PARAMS, FileSink, StdoutSink, normalize_name
+from addons.record_sink import SECRET_QUERY_PARAMS, FileSink, Losses, StdoutSink, WriteFailed, normalize_name, reason_of
 from proxy.flow import Flow
 from proxy.logs import UtcTime
 
@@ -121,6 +121,7 @@ class AuditLog:
         self.flush_interval = flush_interval
         self._queued = 0
         self._dropped = 0
+        self.losses = Losses("audit lines", "sidekey_audit_lines_lost_total", log)
         self._buffer: list[str] = []
         self._out: FileSink | StdoutSink | None = (
             StdoutSink() if sink == "-" else FileSink(sink, max_bytes, backups)
@@ -153,8 +154,11 @@ class AuditLog:
                 lines, self._buffer = self._buffer, []
                 try:
                     await asyncio.to_thread(self._out.write, lines)
-                except OSError as exc:  # a full disk must not stop the proxy
-                    log.error("audit write failed: %s (%d lines lost)", type(exc).__name__, len(lines))
+                except OSError as exc:  # a full disk must not stop the proxy: counted, said once
+                    lost = exc.lost if isinstance(exc, WriteFailed) else len(lines)
+                    self.losses.failed(lost, reason_of(exc) if not isinstance(exc, WriteFailed) else exc.reason)
+                else:
+                    self.losses.succeeded()
 
     async def done(self) -> None:
         """Write what is buffered and close the sink. Runs once, at shutdown."""
@@ -178,7 +182,8 @@ class AuditLog:
             out.close()
 
     def statistics(self) -> dict[str, Any]:
-        return {"sink": self.sink, "queued": self._queued, "dropped": self._dropped, "pending": len(self._buffer)}
+        return {"sink": self.sink, "queued": self._queued, "dropped": self._dropped, "pending": len(self._buffer),
+                "lost": self.losses.total}  # fmt: skip
 
     def __repr__(self) -> str:
         return f"AuditLog(sink={self.sink!r}, queued={self._queued}, dropped={self._dropped})"

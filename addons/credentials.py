@@ -2,9 +2,10 @@
 
 Two halves. The ``request`` hook (first in the pipeline) removes the caller's
 credentials and answers 503 when no upstream of the provider has its secret.
-``inject`` is called by the forwarder on every attempt, because each attempt
-may go to a different member of a key pool or to a fallback provider, each
-with its own key. The caller's Authorization, x-api-key,
+The ``upstream_attempt`` hook sets the key on every attempt, because each
+attempt may go to a different member of a key pool or to a fallback
+provider, each with its own key (health checks use ``inject`` through the
+``SECRETS`` capability). The caller's Authorization, x-api-key,
 api-key, Proxy-Authorization (and the provider's own header or query
 parameter) are removed from every request to a matched provider, whether or
 not a secret is available, so a placeholder never reaches the upstream. A
@@ -32,6 +33,7 @@ from urllib.parse import quote
 
 from multidict import CIMultiDict
 
+from proxy.attempt import Attempt
 from proxy.capabilities import SECRETS
 from proxy.credentials.registry import CredentialSet
 from proxy.errors import CredentialRefreshFailed, CredentialUnavailable, ProxyError
@@ -41,7 +43,7 @@ from proxy.policy import STATIC_KINDS, Policy, Provider, SecretRef, Target
 from proxy.secrets import SecretStore
 
 if TYPE_CHECKING:
-    from proxy.engine import Sidekey
+    from proxy.runtime import Runtime
 
 log = logging.getLogger("sidekey.credentials")
 
@@ -66,11 +68,11 @@ class CredentialInjector:
         self.refresh_interval = refresh_interval
         self._task: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
-        self._engine: Sidekey | None = None
+        self._runtime: Runtime | None = None
         self._policy: Policy | None = None
 
-    def bind(self, engine: Sidekey) -> None:
-        self._engine = engine
+    def setup(self, runtime: Runtime) -> None:
+        self._runtime = runtime
 
     async def configure(self, policy: Policy) -> None:
         self._policy = policy
@@ -81,7 +83,8 @@ class CredentialInjector:
                    if r is not None and r.kind in STATIC_KINDS]  # fmt: skip
         self.store.watch(list(dict.fromkeys(static)))
         await asyncio.to_thread(self.store.refresh)
-        self_ports = self._engine.self_ports if self._engine is not None else frozenset()
+        # sidekey's own ports stay refused to credential fetches too (the guard the engine keeps).
+        self_ports = self._runtime.guard.self_ports if self._runtime is not None else frozenset()
         fresh = self.creds.configure(policy, Guard(policy.allow_networks, self_ports))
         # Store secrets are read now, so a start or reload reports what is missing;
         # OAuth2 tokens are fetched on first use.
@@ -222,6 +225,17 @@ class CredentialInjector:
         if provider.auth.type == "oauth2":
             return CredentialRefreshFailed(provider.name)
         return CredentialUnavailable(provider.name)
+
+    def upstream_attempt(self, flow: Flow, attempt: Attempt) -> None:
+        """Every attempt: the member's own credential. A fallback provider's
+        caller-credential headers go first (the request hook removed the
+        matched provider's)."""
+        provider = attempt.provider
+        if provider is not flow.provider:
+            headers = attempt.headers
+            for name in provider.strip_headers:
+                headers.popall(name, None)
+        attempt.url = self.inject(attempt.headers, attempt.url, provider, attempt.member.target)
 
     def inject(self, headers: CIMultiDict[str], url: str, provider: Provider, target: Target) -> str:
         """Set the target's credential on one attempt; returns the URL (a query

@@ -46,7 +46,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from addons.record_sink import SECRET_QUERY_PARAMS, FileSink, normalize_name
+from addons.record_sink import SECRET_QUERY_PARAMS, FileSink, Losses, WriteFailed, normalize_name, reason_of
 from proxy.flow import Body, Flow
 from proxy.policy import CALLER_CREDENTIAL_HEADERS
 from proxy.routing import format_authority
@@ -167,7 +167,7 @@ class DeadLetters:
         self._originals: dict[str, tuple[CIMultiDict[str], Body]] = {}  # flow id -> request before failover
         self._written = 0
         self._dropped = 0
-        self._lost = 0  # written to the buffer, then lost to a failed write
+        self.losses = Losses("dead-letter entries", "sidekey_dlq_entries_lost_total", log)
 
     # -- hooks ------------------------------------------------------------------
     def request(self, flow: Flow) -> None:
@@ -212,7 +212,7 @@ class DeadLetters:
             "written": self._written,
             "pending": len(self._buffer),
             "dropped": self._dropped,
-            "lost": self._lost,
+            "lost": self.losses.total,
         }
 
     def __repr__(self) -> str:
@@ -288,10 +288,13 @@ class DeadLetters:
             return
         try:
             await asyncio.to_thread(self._sink.write, lines)
+        except OSError as exc:  # a full disk must not stop the proxy: counted, said once
+            lost = exc.lost if isinstance(exc, WriteFailed) else len(lines)
+            self._written += len(lines) - lost
+            self.losses.failed(lost, exc.reason if isinstance(exc, WriteFailed) else reason_of(exc))
+        else:
             self._written += len(lines)
-        except OSError as exc:  # a full disk must not stop the proxy
-            self._lost += len(lines)
-            log.error("dlq write failed: %s (%d entries lost)", type(exc).__name__, len(lines))
+            self.losses.succeeded()
 
     @staticmethod
     def _close(sink: FileSink, lines: list[str]) -> None:

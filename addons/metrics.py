@@ -266,6 +266,15 @@ class _EngineCollector(Collector):
             gauge = GaugeMetricFamily("sidekey_asyncio_tasks", "asyncio tasks alive on the event loop (leak checks)")
             gauge.add_metric([], tasks)
             yield gauge
+        lost = stats.get("records_lost", {})
+        for sink, name, doc in (
+            ("audit", "sidekey_audit_lines_lost", "Audit lines lost to failed writes (a full disk)"),
+            ("dlq", "sidekey_dlq_entries_lost", "Dead-letter entries lost to failed writes (a full disk)"),
+        ):
+            if sink in lost:
+                family = CounterMetricFamily(name, doc)
+                family.add_metric([], lost[sink])
+                yield family
         limits = stats.get("limits")
         if limits is not None:  # from the limits addon, when it runs (proxy/cli.py attaches it)
             degraded = CounterMetricFamily(

@@ -4,17 +4,30 @@ pins its own API version keeps it."""
 
 from __future__ import annotations
 
+from proxy.attempt import Attempt
 from proxy.flow import Flow
+from proxy.policy import Policy
 
 
 class ProviderHeaders:
+    """Per attempt: a fallback provider gets its own headers, not the matched one's."""
+
     name = "provider_headers"
 
-    def request(self, flow: Flow) -> None:
-        provider = flow.provider
-        if provider is None or not provider.set_headers:
+    def __init__(self) -> None:
+        self._idle: tuple[str, ...] = ()
+
+    def configure(self, policy: Policy) -> None:
+        self._idle = () if any(p.set_headers for p in policy.providers) else ("upstream_attempt",)
+
+    def idle_hooks(self) -> tuple[str, ...]:
+        return self._idle
+
+    def upstream_attempt(self, flow: Flow, attempt: Attempt) -> None:
+        set_headers = attempt.provider.set_headers
+        if not set_headers:
             return
-        headers = flow.request.headers
-        for name, value in provider.set_headers:
+        headers = attempt.headers
+        for name, value in set_headers:
             if name not in headers:
                 headers[name] = value

@@ -14,21 +14,25 @@ Theory of operation
    - absolute-form ``http://host/...``: a plain proxy request; for a matched
      host it is forwarded upstream over TLS.
    - anything else: 400.
-2. HTTP/1.1 loop (``exchange``): read a head (``http1``, pure rules), build a
+2. HTTP/1.1 loop (``exchange``, given the narrow ``conn.Engine`` view, never
+   the engine itself): read a head (``http1``, pure rules), build a
    ``flow.Flow`` carrying the policy snapshot, run the ``request`` hooks of
    the addons (``hooks.AddonManager``; a ``request`` hook may answer locally),
    forward, run ``responseheaders``, stream the body back chunk by chunk, then
    ``response`` (or ``error``).
 3. Forwarder (``forward``): the attempts of one request under one deadline.
-   Each attempt picks a member of the provider's upstream group
-   (``balance.Groups``: circuit, health, weight, key rests), admits it against
-   that key's own limits and injects that member's credential (the per-attempt
-   ``upstream_attempt`` hook, ``attempt``), then sends through
-   ``upstream.UpstreamPools`` (one long-lived aiohttp ClientSession per
-   upstream identity, TLS always verified, no redirects followed, no
-   decompression; aiohttp errors mapped to ours in one place). Whether to retry, wait or fail over is decided by
-   pure code (``retry.decide``, ``failover``); a fallback provider gets its
-   own URL, model and key.
+   What to do next is decided by the sans-IO planner (``plan.Plan``: which
+   member of the provider's group, via ``balance``; retry or wait, via
+   ``retry.decide``; fail over, via ``failover.rewrite``; stop); the
+   forwarder only carries out its verdicts, and sends the common request
+   (one member, answered) without making a plan. Every attempt
+   (``attempt.Attempt``) runs the addons' ``upstream_attempt`` hooks: that
+   member's credential, the provider's headers, the key's own limits; so a
+   retry or a fallback runs exactly what the first attempt ran. It then goes
+   through ``upstream.UpstreamPools`` (one long-lived aiohttp ClientSession
+   per upstream identity, TLS always verified, no redirects followed, no
+   decompression; aiohttp errors mapped to ours in one place). The attempt
+   holds its member's in-flight lease until its response is released.
 4. Behaviour lives in addons (``addons/``; ``addons.default_addons`` lists
    them in order with the reason for each place): credentials, provider
    headers, usage and budgets (``addons/usage/``), the response cache

@@ -15,7 +15,6 @@ from multidict import CIMultiDict
 from proxy.policy import Provider, Target
 
 if TYPE_CHECKING:
-    from proxy.balance import UpstreamState
     from proxy.flow import Flow
     from proxy.policy.rates import Usage
 
@@ -74,13 +73,6 @@ class MetricsExposition(Protocol):
     def exposition(self) -> bytes: ...
 
 
-class MemberLimits(Protocol):
-    """A key's own quota (``upstreams[].limits``): 0 when admitted, else the
-    seconds until it could be; raises RequestOverLimit when it never fits."""
-
-    async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float: ...
-
-
 class CacheAdmin(Protocol):
     """The response cache's operations: what it holds, and removing entries."""
 
@@ -111,6 +103,5 @@ SECRETS: Capability[Secrets] = Capability("secrets")
 CACHE_ADMIN: Capability[CacheAdmin] = Capability("cache_admin")
 USAGE_REPORT: Capability[UsageReport] = Capability("usage_report")
 METRICS: Capability[MetricsExposition] = Capability("metrics")
-MEMBER_LIMITS: Capability[MemberLimits] = Capability("member_limits")
 SESSION_TOKENS: Capability[SessionTokens] = Capability("session_tokens")
 SESSION_USAGE: Capability[SessionUsage] = Capability("session_usage")

@@ -10,10 +10,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from proxy import __version__, check_cmd, dlq_cmd, fdlimit, inject_cli, locate, startup
+from proxy import __version__, check_cmd, dlq_cmd, fdlimit, inject_cli, locate, memtrim, startup
 from proxy.policy import Policy
+
+if TYPE_CHECKING:
+    from proxy.admin import AdminServer
+    from proxy.engine import Sidekey
 
 log = logging.getLogger("sidekey")
 
@@ -282,14 +286,11 @@ def _supervise(args: argparse.Namespace, policy: Policy, certs: Path) -> int:
     return workers.supervise(run_argv, args.workers, host, port, args.admin, args.metrics_listen)
 
 
-async def serve(policy: Policy, args: argparse.Namespace, location: locate.PolicyLocation, certs: Path) -> int:
+def _addons(policy: Policy, args: argparse.Namespace) -> list[object]:
+    """The built-in addons, then the policy's and the command line's, audit and DLQ first among those."""
     from addons import default_addons, load_addons
-    from addons.cache.addon import Cache
-    from addons.limits import Limits
-    from addons.metrics import Metrics
-    from proxy.admin import AdminConfigError, AdminServer
-    from proxy.engine import Sidekey
-    from proxy.policy.watch import PolicyWatcher
+    from addons.audit import AuditLog
+    from addons.dlq import DeadLetters
 
     extra: list[object] = []
     for spec in (*policy.addons, *args.addon):
@@ -298,12 +299,8 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
         except Exception as exc:  # noqa: BLE001 - an operator's addon: name it and the type only
             raise startup.AddonUnloadable(spec=spec, kind=type(exc).__name__) from exc
     if args.audit:
-        from addons.audit import AuditLog
-
         extra.insert(0, AuditLog(args.audit, log_bodies=args.audit_bodies))
     if args.dlq:
-        from addons.dlq import DeadLetters
-
         try:
             extra.insert(0, DeadLetters(args.dlq, max_body_bytes=args.dlq_body_bytes))
         except OSError as err:
@@ -311,18 +308,41 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
             raise startup.DeadLetterFileUnusable(path=args.dlq, reason=reason) from None
         except ValueError as err:  # our own fixed texts (negative sizes)
             raise startup.DeadLetterFileUnusable(path=args.dlq, reason=str(err)) from None
-    addons = [*default_addons(access_log=args.access_log == "on"), *extra]
-    engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons, reuse_port=args.reuse_port)
+    return [*default_addons(access_log=args.access_log == "on"), *extra]
+
+
+def _attach_metrics(engine: Sidekey, addons: list[object]) -> None:
+    """Scrapes read the engine's live statistics, the cache's counts, the limits'
+    degraded time and the records the audit log and DLQ lost."""
+    from addons.audit import AuditLog
+    from addons.cache.addon import Cache
+    from addons.dlq import DeadLetters
+    from addons.limits import Limits
+    from addons.metrics import Metrics
+
     metrics = next((a for a in addons if isinstance(a, Metrics)), None)
+    if metrics is None:
+        return
     cache = next((a for a in addons if isinstance(a, Cache)), None)
-    if metrics is not None and cache is not None:
+    if cache is not None:
         metrics.registry.register(cache.stats.collector(cache))
-    if metrics is not None:
-        limits = next((a for a in addons if isinstance(a, Limits)), None)
-        if limits is None:
-            metrics.attach(engine.statistics)
-        else:  # its degraded time is a metric too
-            metrics.attach(lambda: {**engine.statistics(), "limits": limits.statistics()})
+    limits = next((a for a in addons if isinstance(a, Limits)), None)
+    sinks = [a for a in addons if isinstance(a, AuditLog | DeadLetters)]
+
+    def statistics() -> dict[str, object]:  # the limits' degraded time and the records lost are metrics too
+        stats = engine.statistics()
+        if limits is not None:
+            stats["limits"] = limits.statistics()
+        stats["records_lost"] = {a.name: a.losses.total for a in sinks}
+        return stats
+
+    metrics.attach(statistics)
+
+
+def _admin_servers(engine: Sidekey, args: argparse.Namespace) -> tuple[AdminServer | None, AdminServer | None]:
+    """The admin listener and the metrics-only one, as the options ask."""
+    from proxy.admin import AdminConfigError, AdminServer
+
     admin = None
     if args.admin != "off":
         host, port = _address(args.admin, "--admin", 9090)
@@ -339,6 +359,17 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     if args.metrics_listen != "off":
         metrics_host, metrics_port = _address(args.metrics_listen, "--metrics-listen", 9091)
         scrape = AdminServer.metrics_only(engine, host=metrics_host, port=metrics_port)
+    return admin, scrape
+
+
+async def serve(policy: Policy, args: argparse.Namespace, location: locate.PolicyLocation, certs: Path) -> int:
+    from proxy.engine import Sidekey
+    from proxy.policy.watch import PolicyWatcher
+
+    addons = _addons(policy, args)
+    engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons, reuse_port=args.reuse_port)
+    _attach_metrics(engine, addons)
+    admin, scrape = _admin_servers(engine, args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -362,8 +393,11 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     watcher = PolicyWatcher(policy.source, engine.reload_from_file, interval=args.watch_interval)
     if args.watch_interval > 0:
         await watcher.start()
+    interval = float(os.environ.get("SIDEKEY_MALLOC_TRIM_INTERVAL", memtrim.DEFAULT_INTERVAL))
+    trimmer = asyncio.create_task(memtrim.trim_forever(interval), name="sidekey-malloc-trim")
     await stop.wait()
     log.info("draining (grace %.0fs, %d in flight)", args.grace, engine.in_flight)
+    trimmer.cancel()
     await watcher.stop()
     await engine.shutdown(args.grace)
     for server in (admin, scrape):

@@ -20,8 +20,9 @@ from redis.asyncio import Redis
 from proxy import errors, exchange, forward, netguard, routing, tunnel, ws_session
 from proxy.balance import Groups, Transition, UpstreamState
 from proxy.ca_watch import CAFiles
-from proxy.capabilities import MEMBER_LIMITS, SECRETS, Capability
+from proxy.capabilities import SECRETS, Capability
 from proxy.certs import CertificateAuthority, LeafContexts
+from proxy.conn import ClientConn
 from proxy.flow import new_request_id
 from proxy.hooks import AddonManager
 from proxy.policy import Policy, Provider, SecretRef
@@ -33,27 +34,6 @@ CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 TUNNEL_CONNECT_TIMEOUT = 10.0
 POOL_CHECK_INTERVAL = 1.0  # CA files re-checked (a stat each), retired pools closed when drained
 PIPE_PIECE = 65536
-
-
-class ClientConn:
-    """One accepted client connection (its reader/writer are upgraded to TLS
-    in place after CONNECT)."""
-
-    __slots__ = ("reader", "writer", "peer", "target", "idle", "head_sent", "task", "proxy_user")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        peer = writer.get_extra_info("peername")
-        self.peer: tuple[str, int] | None = (peer[0], peer[1]) if peer else None
-        self.target: tuple[str, int] | None = None  # the CONNECT target once intercepted
-        self.idle = False  # waiting for a request head (safe to close on drain)
-        self.head_sent = False
-        self.task = asyncio.current_task()
-        self.proxy_user: str | None = None  # the CONNECT's Proxy-Authorization user (names the caller)
-
-    def __repr__(self) -> str:
-        return f"ClientConn(peer={self.peer}, target={self.target}, idle={self.idle})"
 
 
 class Sidekey:
@@ -94,7 +74,6 @@ class Sidekey:
         # closes (the alerts addon registers here); called on the loop, must not block.
         self.listeners: list[Callable[[UpstreamState, Transition], None]] = []
         self.secrets = self.addons.capability(SECRETS)
-        self.member_limits = self.addons.capability(MEMBER_LIMITS)
         self.counters = {"connections": 0, "tunnels": 0, "intercepted": 0, "tls_failures": 0, "tls_to_plain_port": 0}
         self.reloads = {"ok": 0, "unchanged": 0, "failed": 0}
         self.policy_loaded_at = time.time()

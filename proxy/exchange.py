@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING
 
 from aiohttp import ClientResponse
@@ -20,7 +20,7 @@ from proxy.forward import forward
 from proxy.policy import Policy
 
 if TYPE_CHECKING:
-    from proxy.engine import ClientConn, Sidekey
+    from proxy.conn import ClientConn, Engine
 
 log = logging.getLogger("sidekey.flow")
 
@@ -65,7 +65,7 @@ async def read_head(
     return http1.parse_request_head(data, max_headers)
 
 
-async def serve(engine: Sidekey, conn: ClientConn, head: http1.RequestHead | None = None) -> None:
+async def serve(engine: Engine, conn: ClientConn, head: http1.RequestHead | None = None) -> None:
     """Serve requests until the client or we close. ``head``: already read."""
     first = True
     while True:
@@ -90,30 +90,43 @@ async def serve(engine: Sidekey, conn: ClientConn, head: http1.RequestHead | Non
         head, first = None, False
 
 
+def _in_tunnel(tunnel: tuple[str, int], head: http1.RequestHead) -> str:
+    """The origin-form target of a request inside an intercepted CONNECT
+    tunnel, whose target is the only authority."""
+    host, port = tunnel
+    target = head.target
+    if not target.startswith("/"):
+        _scheme, uhost, uport, target = routing.split_absolute(target)
+        if (uhost, uport) != (host, port):
+            raise errors.HostMismatch(target=routing.format_authority(host, port))
+    hosts = head.headers.getall("host", ())
+    if len(hosts) != 1 and head.version == "HTTP/1.1":
+        raise errors.BadRequest(reason="exactly one Host header is required")
+    if hosts and not routing.authority_matches(hosts[0], host, port):
+        raise errors.HostMismatch(target=routing.format_authority(host, port))
+    return target
+
+
+def _absolute(head: http1.RequestHead) -> tuple[str, str, int, str]:
+    """A plain proxy request: the absolute-form URI is the authority."""
+    scheme, host, port, target = routing.split_absolute(head.target)
+    # RFC 9112 §3.2: 400 for "more than one Host header field line or a Host header
+    # field with an invalid field value". A valid one is replaced by the URI's (§3.2.2).
+    hosts = head.headers.getall("host", ())
+    if len(hosts) > 1:
+        raise errors.BadRequest(reason="more than one Host header")
+    if hosts:
+        routing.parse_authority(hosts[0], routing.DEFAULT_PORTS[scheme])
+    return scheme, host, port, target
+
+
 def route(conn: ClientConn, head: http1.RequestHead, policy: Policy) -> Flow:
     """Decide where a request goes; raises ProxyError for what we refuse."""
-    target = head.target
-    if conn.target is not None:  # inside an intercepted CONNECT tunnel
+    if conn.target is not None:
         host, port = conn.target
-        if not target.startswith("/"):
-            _scheme, uhost, uport, target = routing.split_absolute(target)
-            if (uhost, uport) != (host, port):
-                raise errors.HostMismatch(target=routing.format_authority(host, port))
-        hosts = head.headers.getall("host", ())
-        if len(hosts) != 1 and head.version == "HTTP/1.1":
-            raise errors.BadRequest(reason="exactly one Host header is required")
-        if hosts and not routing.authority_matches(hosts[0], host, port):
-            raise errors.HostMismatch(target=routing.format_authority(host, port))
-        scheme = "https"
-    else:  # plain proxy request: the absolute-form URI is the authority
-        scheme, host, port, target = routing.split_absolute(target)
-        # RFC 9112 §3.2: 400 for "more than one Host header field line or a Host header
-        # field with an invalid field value". A valid one is replaced by the URI's (§3.2.2).
-        hosts = head.headers.getall("host", ())
-        if len(hosts) > 1:
-            raise errors.BadRequest(reason="more than one Host header")
-        if hosts:
-            routing.parse_authority(hosts[0], routing.DEFAULT_PORTS[scheme])
+        target, scheme = _in_tunnel(conn.target, head), "https"
+    else:
+        scheme, host, port, target = _absolute(head)
     headers = http1.end_to_end(head.headers, REQUEST_DROP)
     request = Request(head.method, target, headers, host, port, http_version=head.version)
     provider = policy.match(host)
@@ -138,7 +151,7 @@ def route(conn: ClientConn, head: http1.RequestHead, policy: Policy) -> Flow:
     return flow
 
 
-async def handle(engine: Sidekey, conn: ClientConn, head: http1.RequestHead, policy: Policy) -> bool:
+async def handle(engine: Engine, conn: ClientConn, head: http1.RequestHead, policy: Policy) -> bool:
     """One request; returns whether the connection may serve another."""
     limits = policy.limits
     try:
@@ -170,32 +183,21 @@ async def handle(engine: Sidekey, conn: ClientConn, head: http1.RequestHead, pol
     return keep and not engine.draining
 
 
-async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyReader, keep: bool) -> bool:
+async def run_flow(engine: Engine, conn: ClientConn, flow: Flow, body: BodyReader, keep: bool) -> bool:
     req = flow.request
     conn.head_sent = False  # once True, an error can only abort the stream
     resp: ClientResponse | None = None
     try:
-        if body.complete:
-            req.content_length = 0
-        elif body.kind == "length" and body.length <= _replay_limit(flow):
-            req.body = await body.read_all()
-            req.content_length = len(req.body)
-        else:
-            req.body = body.iterate()
-            req.content_length = body.length if body.kind == "length" else None
-            if req.content_length is not None:
-                req.headers["content-length"] = str(req.content_length)
+        whole = _take_body(flow, body)
+        if whole is not None:
+            req.body = data = await whole
+            req.content_length = len(data)
         await engine.addons.decide("request", flow)
         if flow.response is None:
             try:
                 resp = await forward(engine, flow, body)
             except errors.ProxyError as failed:
-                # An addon may have left an answer for when the upstream fails
-                # (the cache's stale entry); the caller's own broken body is no such case.
-                if not flow.metadata or body.error is not None or "error_answer" not in flow.metadata:
-                    raise
-                flow.response = flow.metadata.pop("error_answer")
-                flow.metadata["error_answered"] = failed.code
+                flow.response = _answer_failure(flow, body, failed)
             else:
                 flow.response = Response(resp.status, http1.end_to_end(resp.headers))
                 await engine.addons.decide("responseheaders", flow)
@@ -227,13 +229,41 @@ async def run_flow(engine: Sidekey, conn: ClientConn, flow: Flow, body: BodyRead
         await engine.addons.observe("error", flow)
         return False
     finally:
-        if flow.upstream_state is not None:
-            flow.upstream_state.in_flight -= 1
+        if flow.attempt is not None:
+            flow.attempt.release()
         if resp is not None:
             if flow.error is not None:
                 resp.close()  # drop the upstream connection: it may stop generating
             else:
                 resp.release()
+
+
+def _take_body(flow: Flow, body: BodyReader) -> Awaitable[bytes] | None:
+    """How the request body goes upstream: none; read whole (small enough to
+    send in one write and to send again on a retry: the read is returned to
+    await); or streamed as it arrives."""
+    req = flow.request
+    if body.complete:
+        req.content_length = 0
+    elif body.kind == "length" and body.length <= _replay_limit(flow):
+        return body.read_all()
+    else:
+        req.body = body.iterate()
+        req.content_length = body.length if body.kind == "length" else None
+        if req.content_length is not None:
+            req.headers["content-length"] = str(req.content_length)
+    return None
+
+
+def _answer_failure(flow: Flow, body: BodyReader, failed: errors.ProxyError) -> Response:
+    """An addon may have left an answer for when the upstream fails (the
+    cache's stale entry): it answers. Else, or when the caller's own body
+    broke, the failure is raised on."""
+    if not flow.metadata or body.error is not None or "error_answer" not in flow.metadata:
+        raise failed
+    answer: Response = flow.metadata.pop("error_answer")
+    flow.metadata["error_answered"] = failed.code
+    return answer
 
 
 def _replay_limit(flow: Flow) -> int:
@@ -280,7 +310,7 @@ async def send_error(conn: ClientConn, err: errors.ProxyError, request_id: str) 
         pass
 
 
-async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: ClientResponse, keep: bool) -> bool:
+async def stream_response(engine: Engine, conn: ClientConn, flow: Flow, resp: ClientResponse, keep: bool) -> bool:
     out = flow.response
     assert out is not None
     headers, writer, content = out.headers, conn.writer, resp.content
@@ -309,6 +339,20 @@ async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: C
             keep = False  # HTTP/1.0 client: the end of the body is the close
     _finish_headers(conn, flow, headers, keep)
     writer.write(http1.response_head(out.status, headers.items()))
+    sent = await _relay_body(writer, flow, resp, headers, chunked)
+    if length is not None and sent != length:
+        raise errors.UpstreamDisconnected(flow.provider_name)
+    if chunked:
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+    flow.bytes_to_client += sent
+    return keep
+
+
+async def _relay_body(writer: asyncio.StreamWriter, flow: Flow, resp: ClientResponse, headers: CIMultiDict[str],
+                      chunked: bool) -> int:  # fmt: skip
+    """A large or streamed body, piece by piece as it arrives; the bytes sent."""
+    content = resp.content
     sent = 0
     while True:
         try:
@@ -321,7 +365,7 @@ async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: C
                 writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             raise
         if not piece:
-            break
+            return sent
         if not sent:
             flow.timings["first_body_byte"] = time.monotonic()
         if flow.body_observer is not None:
@@ -329,13 +373,6 @@ async def stream_response(engine: Sidekey, conn: ClientConn, flow: Flow, resp: C
         sent += len(piece)
         writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
         await writer.drain()
-    if length is not None and sent != length:
-        raise errors.UpstreamDisconnected(flow.provider_name)
-    if chunked:
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-    flow.bytes_to_client += sent
-    return keep
 
 
 async def stream_local(conn: ClientConn, flow: Flow, pieces: AsyncIterator[bytes], keep: bool) -> bool:

@@ -17,6 +17,7 @@ from proxy.errors import ERROR_HEADER, ProxyError, reason_phrase, render_error
 from proxy.policy import Policy, Provider
 
 if TYPE_CHECKING:
+    from proxy.attempt import Attempt
     from proxy.balance import UpstreamState
     from proxy.ws_session import WebSocketSession
 
@@ -118,6 +119,7 @@ class Flow:
         "request",
         "upstream_url",
         "upstream_state",
+        "attempt",
         "caller",
         "body_observer",
         "response",
@@ -151,6 +153,8 @@ class Flow:
         # The upstream member that answered (set by the forwarder); its
         # in-flight count is released when the response ends.
         self.upstream_state: UpstreamState | None = None
+        # That member's attempt: its in-flight lease, released with the response.
+        self.attempt: Attempt | None = None
         # Who is calling, for per-caller limits and usage: the policy's caller
         # header, else the Proxy-Authorization user, else the client address.
         self.caller = client_address[0] if client_address else "-"

@@ -1,9 +1,12 @@
 """The forwarder: one request's attempts across the members of its provider's
-upstream group and then its fallbacks, under one deadline. The decisions are
-pure code elsewhere (``proxy.retry``: retry or not and how long to wait;
-``proxy.balance``: which member; ``proxy.failover``: what a fallback request
-looks like); this file does the I/O between them and injects the credential
-on every attempt, so each member and each fallback gets its own key.
+upstream group and then its fallbacks, under one deadline. It carries out
+the verdicts of the attempt planner (``proxy.plan``: which member, retry or
+wait, fail over, stop; pure), and does the I/O between them. Every attempt
+runs the addons' ``upstream_attempt`` hooks (the member's credential, the
+provider's headers, the key's own limits), so a retry to another member or a
+fallback to another provider runs exactly the code the first attempt ran.
+
+The common request (one member, answered) is sent without building a plan.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from aiohttp import ClientResponse, ClientSession
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import balance, errors, failover, retry, routing, upstream, ws_upstream
+from proxy import balance, errors, retry, routing, upstream, ws_upstream
+from proxy.attempt import Attempt
 from proxy.balance import UpstreamState
 from proxy.bodies import BodyReader
 from proxy.flow import Flow
-from proxy.policy import Provider, RetryPolicy
+from proxy.plan import Answered, Failed, Failover, HeldOff, Outcome, OverLimit, Plan, Route, Send, Sleep
+from proxy.policy import Provider, RetryPolicy, Target
 
 if TYPE_CHECKING:
-    from proxy.engine import Sidekey
+    from proxy.conn import Engine
 
 log = logging.getLogger("sidekey.forward")
 
@@ -48,22 +53,7 @@ def with_overrides(policy: RetryPolicy, retries: str | None, timeout: str | None
     return dataclasses.replace(policy, **changes) if changes else policy  # type: ignore[arg-type]
 
 
-@dataclasses.dataclass(slots=True)
-class Route:
-    """The provider the attempts currently go to: the matched one, then fallbacks."""
-
-    provider: Provider
-    policy: RetryPolicy
-    url: str | None  # the matched provider's URL for members without their own (addons may rewrite it)
-    parsed: URL | None  # ``url`` parsed once
-    host: str  # where members without their own URL go
-    port: int
-    path: str = ""  # fallbacks: the rewritten origin-form path
-    body: bytes | None = None  # fallbacks: the rewritten body, when the model changed
-    next_fallback: int = 0
-
-
-async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientResponse:
+async def forward(engine: Engine, flow: Flow, body: BodyReader) -> ClientResponse:
     """Send flow.request upstream, retrying and failing over as the policy
     allows. Returns the response whose headers are in; raises the last error."""
     assert flow.upstream_url is not None, "route() sets it"
@@ -75,175 +65,197 @@ async def forward(engine: Sidekey, flow: Flow, body: BodyReader) -> ClientRespon
     if "x-sidekey-retries" in headers or "x-sidekey-timeout" in headers:
         policy = with_overrides(policy, headers.pop("x-sidekey-retries", None), headers.pop("x-sidekey-timeout", None))
     first = URL(flow.upstream_url, encoded=True)
-    route = Route(provider, policy, flow.upstream_url, first, first.raw_host or "", first.port or 443)
-    original_body = flow.request.body
-    # A streamed body is gone once sent; only a body held as bytes can go again.
-    replayable = body.kind == "none" or isinstance(original_body, bytes)
-    method = flow.request.method
-    attempts = attempts_here = 0
-    tried: list[UpstreamState] = []
-    last: ClientResponse | errors.ProxyError | None = None
-    unfit: list[UpstreamState] = []  # keys whose own limit is smaller than this one request
-    over_limit: errors.RequestOverLimit | None = None
-    reread = False  # an upstream 401/403 re-reads the credential once per request, never more
-    while True:
-        members = engine.groups.members(route.provider, route.host, route.port)
-        choices = [m for m in members if m not in unfit] if unfit else members
-        state = _choose(engine, route, choices, tried, first_route=route.provider is provider and not unfit)
-        if state is None:  # no member can take it: every circuit is open, or every key is too small
-            nxt = _next_route(engine, flow, provider, route, original_body) if replayable or not attempts else None
-            if nxt is None:
-                _note_attempts(flow, attempts)
-                if isinstance(last, ClientResponse):
-                    return last
-                raise last or over_limit or _circuit_open(route.provider, members)
-            route, tried, attempts_here = nxt, [], 0
-            continue
-        if state.target.limits and engine.member_limits is not None:
-            try:
-                wait = await engine.member_limits.admit_member(flow, route.provider, state)
-            except errors.RequestOverLimit as err:  # never fits this key: skip it for this request only
-                unfit.append(state)
-                over_limit = err
-                continue
-            if wait:  # this key's own quota is spent: the next key, no attempt used
-                log.debug("flow %s: upstream %s/%s over its own limits for %.3fs", flow.id, state.provider,
-                          state.name, wait)  # fmt: skip
-                state.limited_until = time.monotonic() + wait
-                continue
-        attempts += 1
-        attempts_here += 1
+    route = Route(provider, policy, flow.upstream_url, first.raw_host or "", first.port or 443)
+    members = engine.groups.members(provider, route.host, route.port)
+    # The common case, one member that can take it, is sent without a plan.
+    state = members[0] if len(members) == 1 and members[0].available(time.monotonic()) else None
+    if state is not None:
+        attempt = Attempt(state, provider, headers, flow.upstream_url, 1)
         try:
-            resp = await _attempt(engine, flow, route, state, body)
+            resp = await _send_attempt(engine, flow, route, first, attempt, body)
         except errors.ProxyError as err:
             if body.error is not None:  # the caller's body broke: that is the cause
                 raise body.error from None
-            tried.append(state)
-            decision = retry.decide(
-                route.policy, attempts_made=attempts_here, method=method, replayable=replayable,
-                elapsed=_elapsed(flow), error_code=err.code, switching=_untried(members, tried), rand=engine.random,
-            )  # fmt: skip
-            _failed(flow, state, error=err.code)
-            outcome: ClientResponse | errors.ProxyError = err
+            return await _carry_out(engine, flow, body, route, first, attempt, None, err)
+        if resp is not None and (resp.status < 400 or resp.status not in policy.statuses) and not _refused(resp):
+            return _served(flow, attempt, 1, resp)
+        return await _carry_out(engine, flow, body, route, first, attempt, resp, None)
+    return await _carry_out(engine, flow, body, route, first, None, None, None)
+
+
+async def _carry_out(engine: Engine, flow: Flow, body: BodyReader, route: Route, first: URL,
+                     attempt: Attempt | None, resp: ClientResponse | None,
+                     err: errors.ProxyError | None) -> ClientResponse:  # fmt: skip
+    """The rest of a request that needs a plan: carry out its verdicts until
+    one finishes. ``attempt``: the first one, already made (answered ``resp``,
+    failed with ``err``, or held off by a hook)."""
+    run = _Run(engine, flow, body, route, first, sent=1 if attempt else 0)
+    outcome = await run.settle(attempt, resp, err) if attempt is not None else None
+    while True:
+        if run.served is not None:
+            return run.served
+        verdict = run.plan.next(outcome, time.monotonic())
+        if isinstance(outcome, Answered | Failed) and log.isEnabledFor(logging.DEBUG):
+            _log_failure(flow, run.plan, run.last.attempt, outcome)
+        outcome = None
+        if isinstance(verdict, Send):
+            outcome = await run.send(verdict)
+        elif isinstance(verdict, Sleep):
+            await engine.sleep(verdict.seconds)
+        elif isinstance(verdict, Failover):
+            run.fail_over(verdict.route)
         else:
-            if resp.status in (401, 403) and not reread and replayable and engine.secrets is not None:
-                reread = True
-                if await engine.secrets.reread(route.provider, state.target):  # a new value: try it once
-                    log.debug("flow %s: %s/%s refused the credential; sending again with the one re-read",
-                              flow.id, state.provider, state.name)  # fmt: skip
-                    resp.release()
-                    continue
-            if resp.status < 400 or resp.status not in route.policy.statuses:
-                return _served(flow, state, attempts, resp)
-            asked = retry.server_delay(resp.headers, time.time())
-            tried.append(state)
-            decision = retry.decide(
-                route.policy, attempts_made=attempts_here, method=method, replayable=replayable, elapsed=_elapsed(flow),
-                status=resp.status, asked_delay=asked, switching=_untried(members, tried), rand=engine.random,
-            )  # fmt: skip
-            _failed(flow, state, status=resp.status)
-            outcome = resp
-        if isinstance(last, ClientResponse):
-            last.release()  # only the newest failure may still be answered
-        last = outcome
-        if log.isEnabledFor(logging.DEBUG):  # only on a failure; says why and what happens next
-            cause = outcome.status if isinstance(outcome, ClientResponse) else outcome.code
-            then = f"retrying in {decision.delay:.3f}s" if decision.retry else "no retry, " + decision.reason
-            log.debug("flow %s: attempt %d to %s/%s failed (%s): %s", flow.id, attempts, state.provider, state.name,
-                      cause, then)  # fmt: skip
-        if decision.retry:
-            if decision.delay:
-                await engine.sleep(decision.delay)
-            continue
-        nxt = _next_route(engine, flow, provider, route, original_body) if decision.failover else None
-        if nxt is None:
-            _note_attempts(flow, attempts)
-            if isinstance(outcome, ClientResponse):
-                flow.upstream_state = state
-                state.in_flight += 1  # released with the response, as a served one is
-                return outcome
-            raise outcome
-        log.debug("flow %s: failing over from %s to %s", flow.id, route.provider.name, nxt.provider.name)
-        route, tried, attempts_here = nxt, [], 0
+            _note_attempts(flow, run.plan.attempts)
+            if verdict.error is not None:
+                raise verdict.error
+            return run.last.answer(flow)
 
 
-def _choose(engine: Sidekey, route: Route, members: list[UpstreamState], tried: list[UpstreamState],
-            first_route: bool) -> UpstreamState | None:  # fmt: skip
-    now = time.monotonic()
-    if len(members) == 1 and first_route:  # the common case; the request hook checked the secret
-        state = members[0]
-        return state if state.available(now) else None
-    creds = engine.secrets
-    usable = [s for s in members if creds is None or creds.usable(route.provider, s.target)]
-    return balance.pick(usable, route.provider.balance, now, engine.random, tried)
+class _Run:
+    """One request's attempts under its plan: the I/O side of each verdict."""
+
+    __slots__ = ("engine", "flow", "body", "first", "plan", "original_body", "base", "last", "reread", "served")
+
+    def __init__(self, engine: Engine, flow: Flow, body: BodyReader, route: Route, first: URL, sent: int) -> None:
+        req = flow.request
+        self.engine, self.flow, self.body, self.first = engine, flow, body, first
+        self.original_body = req.body
+        secrets = engine.secrets
+        self.plan = Plan(
+            route, engine.groups, flow.policy, method=req.method, replayable=self.replayable,
+            start=flow.timings["start"], usable=secrets.usable if secrets is not None else _always,
+            rand=engine.random, path=req.path, body=self.original_body, attempts=sent,
+        )  # fmt: skip
+        # The request as the matched provider's hooks left it, before any credential: a fallback starts from it.
+        self.base = req.headers.copy() if route.provider.fallbacks else None
+        self.last = _Last()
+        self.reread = False  # an upstream 401/403 re-reads the credential once per request, never more
+        self.served: ClientResponse | None = None  # the answer, once an attempt was served
+
+    @property
+    def replayable(self) -> bool:
+        """A streamed body is gone once sent; only a body held as bytes can go again."""
+        return self.body.kind == "none" or isinstance(self.original_body, bytes)
+
+    async def send(self, verdict: Send) -> Outcome | None:
+        route = self.plan.route
+        attempt = Attempt(verdict.member, route.provider, self.flow.request.headers, route.url or "", verdict.number)
+        resp = err = None
+        try:
+            resp = await _send_attempt(self.engine, self.flow, route, self.first, attempt, self.body)
+        except errors.ProxyError as exc:
+            if self.body.error is not None:  # the caller's body broke: that is the cause
+                raise self.body.error from None
+            err = exc
+        return await self.settle(attempt, resp, err)
+
+    async def settle(self, attempt: Attempt, resp: ClientResponse | None,
+                     err: errors.ProxyError | None) -> Outcome | None:  # fmt: skip
+        """What the attempt came to: an outcome for the plan, or None: send
+        again (a credential re-read after a 401/403), or served (``served``)."""
+        if resp is not None and _refused(resp) and await self._reread(attempt):
+            resp.release()
+            attempt.release()
+            return None
+        if resp is not None and (resp.status < 400 or resp.status not in self.plan.route.policy.statuses):
+            self.last.drop()
+            self.served = _served(self.flow, attempt, self.plan.attempts, resp)
+            return None
+        return self.last.note(self.flow, attempt, resp, err)
+
+    async def _reread(self, attempt: Attempt) -> bool:
+        secrets = self.engine.secrets
+        if self.reread or secrets is None or not self.replayable:
+            return False
+        self.reread = True
+        if not await secrets.reread(self.plan.route.provider, attempt.member.target):
+            return False
+        log.debug("flow %s: %s/%s refused the credential; sending again with the one re-read", self.flow.id,
+                  attempt.member.provider, attempt.member.name)  # fmt: skip
+        return True
+
+    def fail_over(self, route: Route) -> None:
+        """The request as the fallback provider gets it: the headers as they were
+        before any provider's credential (its own are set by the per-attempt
+        hooks), its path and its body (the model rewritten, when it was)."""
+        log.debug("flow %s: failing over to %s", self.flow.id, route.provider.name)
+        assert self.base is not None, "only a provider with fallbacks fails over"
+        req = self.flow.request
+        req.headers = self.base.copy()
+        body = route.body if route.body is not None else self.original_body
+        req.body = body
+        if isinstance(body, bytes):
+            req.content_length = len(body)
 
 
-def _untried(members: list[UpstreamState], tried: list[UpstreamState]) -> bool:
-    """Whether another member can take the retry now (no need to back off)."""
-    now = time.monotonic()
-    return len(members) > 1 and any(s not in tried and s.available(now) for s in members)
+def _refused(resp: ClientResponse) -> bool:
+    """The upstream refused the credential (a rotated key, a revoked token)."""
+    return resp.status == 401 or resp.status == 403
 
 
-def _next_route(engine: Sidekey, flow: Flow, matched: Provider, route: Route, body: object) -> Route | None:
-    """The next fallback of the matched provider that can take this request
-    and has a member whose circuit lets it through."""
-    if _elapsed(flow) >= route.policy.deadline:
-        return None
-    fallbacks = matched.fallbacks
-    for index in range(route.next_fallback, len(fallbacks)):
-        fb = fallbacks[index]
-        target = flow.policy.provider(fb.provider)
-        path = flow.request.path
-        rewritten = failover.rewrite(fb, path, body) if target is not None else None
-        if target is None or rewritten is None:
-            continue
-        host, port = _address(target)
-        nxt = Route(target, dataclasses.replace(target.retry, deadline=route.policy.deadline), None, None, host, port,
-                    rewritten.path, rewritten.body, index + 1)  # fmt: skip
-        if _choose(engine, nxt, engine.groups.members(target, host, port), [], first_route=False) is not None:
-            _switch_provider(flow, route.provider, target, rewritten.body if rewritten.body is not None else body)
-            return nxt
-    return None
+class _Last:
+    """The newest failed attempt: its response (if any) may still be the
+    answer. A failed attempt is no longer in flight; the one answered takes
+    its lease again until the response is released, as a served one does."""
+
+    __slots__ = ("attempt", "resp", "err")
+
+    def __init__(self) -> None:
+        self.attempt: Attempt | None = None
+        self.resp: ClientResponse | None = None
+        self.err: errors.ProxyError | None = None
+
+    def note(self, flow: Flow, attempt: Attempt, resp: ClientResponse | None, err: errors.ProxyError | None) -> Outcome:
+        """What the attempt came to, for the plan; a failure becomes the newest."""
+        outcome = _outcome(flow, attempt, resp, err)
+        if isinstance(outcome, Answered | Failed):
+            attempt.release()
+            self.drop()  # only the newest failure may still be answered
+            self.attempt, self.resp, self.err = attempt, resp, err
+        return outcome
+
+    def drop(self) -> None:
+        if self.resp is not None:
+            self.resp.release()
+            self.resp = None
+
+    def answer(self, flow: Flow) -> ClientResponse:
+        """Return the last response (its lease ends with it, as a served one's does) or raise the last error."""
+        if self.resp is not None and self.attempt is not None:
+            flow.upstream_state = self.attempt.member
+            flow.attempt = self.attempt
+            self.attempt.hold()
+            return self.resp
+        assert self.err is not None, "a plan finishes on the last outcome only after one"
+        raise self.err
 
 
-def _address(provider: Provider) -> tuple[str, int]:
-    """Where a fallback's members without their own URL go (the loader makes
-    sure such a provider has an upstream or an exact first host)."""
-    up = provider.upstream
-    return (up.host, up.port) if up is not None else (provider.hosts[0], 443)
+def _outcome(flow: Flow, attempt: Attempt, resp: ClientResponse | None, err: errors.ProxyError | None) -> Outcome:
+    state = attempt.member
+    if isinstance(err, errors.RequestOverLimit):
+        return OverLimit(state, err)
+    if err is not None:
+        _failed(flow, state, error=err.code)
+        return Failed(state, err.code)
+    if resp is None:
+        return HeldOff(state, attempt.hold_off)
+    _failed(flow, state, status=resp.status)
+    return Answered(state, resp.status, retry.server_delay(resp.headers, time.time()))
 
 
-def _switch_provider(flow: Flow, before: Provider, after: Provider, body: object) -> None:
-    """The request as the fallback provider wants it: the old provider's
-    credential gone, the new one's required headers set."""
-    headers = flow.request.headers
-    if before.auth.type == "header":
-        headers.popall(before.auth.header, None)
-    for name in after.strip_headers:
-        headers.popall(name, None)
-    for name, value in after.set_headers:
-        headers.setdefault(name, value)
-    flow.request.body = body  # type: ignore[assignment]
-    if isinstance(body, bytes):
-        flow.request.content_length = len(body)
+def _always(_provider: Provider, _target: Target) -> bool:
+    return True
 
 
-def _circuit_open(provider: Provider, members: list[UpstreamState]) -> errors.ProxyError:
-    """No member can take a request: say when one can again."""
-    now = time.monotonic()
-    waits = [max(s.breaker.retry_after(now), s.resting_until - now, s.limited_until - now) for s in members]
-    seconds = math.ceil(min(waits, default=1.0)) or 1
-    if any(s.limited_until > now for s in members) and all(s.breaker.state == "closed" for s in members):
-        return errors.RateLimited(provider.name, scope="upstream", seconds=seconds)
-    if all(s.breaker.state == "closed" for s in members):  # resting after 429s, circuits fine
-        return errors.UpstreamThrottled(provider.name, seconds=seconds)
-    return errors.CircuitOpen(provider.name, seconds=seconds)
-
-
-def _elapsed(flow: Flow) -> float:
-    """Seconds since the request arrived, the failed attempt included (only
-    read on the failure path: the deadline is about when a retry would start)."""
-    return time.monotonic() - flow.timings["start"]
+def _log_failure(flow: Flow, plan: Plan, attempt: Attempt | None, outcome: Answered | Failed) -> None:
+    """Only on a failure; says why and what happens next."""
+    decision = plan.decision
+    if decision is None or attempt is None:
+        return
+    cause = outcome.status if isinstance(outcome, Answered) else outcome.code
+    then = f"retrying in {decision.delay:.3f}s" if decision.retry else "no retry, " + decision.reason
+    log.debug("flow %s: attempt %d to %s/%s failed (%s): %s", flow.id, attempt.number, outcome.member.provider,
+              outcome.member.name, cause, then)  # fmt: skip
 
 
 def _failed(flow: Flow, state: UpstreamState, *, status: int | None = None, error: str | None = None) -> None:
@@ -253,10 +265,11 @@ def _failed(flow: Flow, state: UpstreamState, *, status: int | None = None, erro
     failures.append(entry)
 
 
-def _served(flow: Flow, state: UpstreamState, attempts: int, resp: ClientResponse) -> ClientResponse:
-    flow.upstream_state = state
-    state.in_flight += 1  # until the response is released (exchange.run_flow)
-    _note_attempts(flow, attempts)
+def _served(flow: Flow, attempt: Attempt, attempts: int, resp: ClientResponse) -> ClientResponse:
+    flow.upstream_state = attempt.member
+    flow.attempt = attempt  # its lease ends when the response is released (exchange.run_flow)
+    if attempts > 1:
+        _note_attempts(flow, attempts)
     return resp
 
 
@@ -265,26 +278,30 @@ def _note_attempts(flow: Flow, attempts: int) -> None:
         flow.metadata["attempts"] = attempts
 
 
-async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamState, body: BodyReader) -> ClientResponse:
+async def _send_attempt(engine: Engine, flow: Flow, route: Route, first: URL, attempt: Attempt,
+                        body: BodyReader) -> ClientResponse | None:  # fmt: skip
     provider = route.provider
-    if state.target.upstream is None and route.url is not None:
-        url = route.url
-    else:
-        url = member_url(provider, state, route.path or flow.request.path)
-    flow.upstream_url = plain = url
+    state = attempt.member
+    if state.target.upstream is not None or route.url is None:
+        attempt.url = member_url(provider, state, route.path or flow.request.path)
+    flow.upstream_url = attempt.url  # without a query credential (the hooks add it to attempt.url)
     log.debug("flow %s: sending to %s/%s (%s:%d)", flow.id, state.provider, state.name, state.host, state.port)
-    if engine.secrets is not None:
-        url = engine.secrets.inject(flow.request.headers, url, provider, state.target)
-    parsed = route.parsed if url is plain and url is route.url and route.parsed is not None else URL(url, encoded=True)
+    pending = engine.addons.upstream_attempt(flow, attempt)
+    if pending is not None:
+        await pending
+    if attempt.hold_off:
+        return None
+    url = attempt.url
+    parsed = first if url is route.url else URL(url, encoded=True)
     now = time.monotonic()
     if not state.breaker.allow(now):
         raise errors.CircuitOpen(provider.name, seconds=math.ceil(state.breaker.retry_after(now)) or 1)
     flow.timings["request_sent"] = now
-    state.in_flight += 1
+    attempt.hold()
     try:
         resp = await _send(engine, flow, provider, parsed)
     except errors.ProxyError as err:
-        state.in_flight -= 1
+        attempt.release()
         if body.error is not None:  # the caller's body broke mid-upload: no upstream outcome to count
             state.breaker.abandon()
             raise
@@ -294,10 +311,9 @@ async def _attempt(engine: Sidekey, flow: Flow, route: Route, state: UpstreamSta
         engine.notify(state, state.record(True, time.monotonic(), error=err.code))
         raise
     except BaseException:
-        state.in_flight -= 1
+        attempt.release()
         state.breaker.abandon()
         raise
-    state.in_flight -= 1
     flow.timings["response_headers"] = end = time.monotonic()
     failed = resp.status >= 500 or resp.status == 429
     asked = retry.server_delay(resp.headers, time.time()) if failed else None
@@ -318,12 +334,12 @@ def member_url(provider: Provider, state: UpstreamState, path: str) -> str:
     return f"https://{routing.format_authority(state.host, state.port)}{prefix}{path}"
 
 
-def _session(engine: Sidekey, provider: Provider | None, url: URL) -> ClientSession:
+def _session(engine: Engine, provider: Provider | None, url: URL) -> ClientSession:
     key = engine.pools.key(provider, url.scheme, url.raw_host or "", url.port or 443, engine.guard)
     return engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
 
 
-async def _send(engine: Sidekey, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
+async def _send(engine: Engine, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
     if flow.websocket is not None:  # a dedicated connection; the answer reads like a ClientResponse here
         return cast(ClientResponse, await ws_upstream.connect(engine, flow, provider, url))
     session = _session(engine, provider, url)
@@ -331,7 +347,7 @@ async def _send(engine: Sidekey, flow: Flow, provider: Provider | None, url: URL
     return await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)
 
 
-async def probe(engine: Sidekey, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
+async def probe(engine: Engine, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
     """A health check: one request to the member as traffic reaches it (its
     credential, the provider's headers, the same pools and guard); its status."""
     headers: CIMultiDict[str] = CIMultiDict(provider.set_headers)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -188,6 +188,11 @@ def addon_name(addon: object) -> str:
     return getattr(addon, "name", None) or type(addon).__name__
 
 
+def _failed(name: str, flow: Flow, exc: Exception) -> AddonFailed:
+    log.error("addon %s failed in upstream_attempt: %s (flow %s)", name, type(exc).__name__, flow.id)
+    return AddonFailed(flow.provider_name)
+
+
 class AddonManager:
     def __init__(self, addons: Sequence[object] = ()) -> None:
         self.addons: list[object] = []
@@ -254,10 +259,36 @@ class AddonManager:
             if hook == "request" and flow.response is not None:
                 return  # answered locally: later request addons do not run
 
-    async def upstream_attempt(self, flow: Flow, attempt: Attempt) -> None:
-        """Run ``upstream_attempt``: a ProxyError is the attempt's outcome and
-        passes; anything else fails closed like any decision hook."""
-        for name, method, is_async in self.attempt_calls:
+    def upstream_attempt(self, flow: Flow, attempt: Attempt) -> Awaitable[None] | None:
+        """Run ``upstream_attempt``; an awaitable only when a hook has to wait.
+        A ProxyError is the attempt's outcome and passes; anything else fails
+        closed like any decision hook."""
+        calls = self.attempt_calls
+        for call in calls:  # no enumerate: the index is only needed on the rare awaiting path
+            name, method, is_async = call
+            try:
+                result = method(flow, attempt)
+            except ProxyError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - fail closed on anything
+                raise _failed(name, flow, exc) from None
+            if is_async or result is not None:
+                return self._attempt_rest(flow, attempt, result, name, calls[calls.index(call) + 1 :])
+            if attempt.hold_off:
+                return None  # this member is not used: the others' hooks need not run
+        return None
+
+    async def _attempt_rest(self, flow: Flow, attempt: Attempt, pending: Awaitable[None], name: str,
+                            rest: tuple[Call, ...]) -> None:  # fmt: skip
+        try:
+            await pending
+        except ProxyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fail closed on anything
+            raise _failed(name, flow, exc) from None
+        for name, method, is_async in rest:
+            if attempt.hold_off:
+                return
             try:
                 result = method(flow, attempt)
                 if is_async or result is not None:
@@ -265,10 +296,7 @@ class AddonManager:
             except ProxyError:
                 raise
             except Exception as exc:  # noqa: BLE001 - fail closed on anything
-                log.error("addon %s failed in upstream_attempt: %s (flow %s)", name, type(exc).__name__, flow.id)
-                raise AddonFailed(flow.provider_name) from None
-            if attempt.hold_off:
-                return  # this member is not used: the others' hooks need not run
+                raise _failed(name, flow, exc) from None
 
     async def observe(self, hook: str, *args: Any) -> None:
         """Run an observer hook; an exception is logged and the next addon runs."""
@@ -279,6 +307,10 @@ class AddonManager:
                     await result
             except Exception as exc:  # noqa: BLE001 - observers must not break flows
                 log.error("addon %s failed in %s: %s", name, hook, type(exc).__name__)
+
+    def called(self, hook: str) -> list[str]:
+        """The addons whose ``hook`` runs, in order (the idle ones left out)."""
+        return [name for name, _method, _is_async in self._hooks[hook]]
 
     def __repr__(self) -> str:
         return f"AddonManager({[addon_name(a) for a in self.addons]})"

@@ -35,7 +35,7 @@ from proxy.ws_relay import CLOSE_WAIT, Outcome, Relay
 from proxy.ws_upstream import UpgradeResponse
 
 if TYPE_CHECKING:
-    from proxy.engine import ClientConn, Sidekey
+    from proxy.conn import ClientConn, Engine
     from proxy.policy import Provider
 
 log = logging.getLogger("sidekey.websocket")
@@ -151,7 +151,7 @@ def _cumulative(counts: list[int]) -> list[int]:
     return out
 
 
-async def serve(engine: Sidekey, conn: ClientConn, flow: Flow, kind: http1.BodyKind) -> bool:
+async def serve(engine: Engine, conn: ClientConn, flow: Flow, kind: http1.BodyKind) -> bool:
     """One upgrade request (``exchange.handle`` calls this for a matched
     provider); returns False: the connection is done after a session."""
     from proxy import exchange  # exchange calls this module: imported at call time
@@ -159,14 +159,8 @@ async def serve(engine: Sidekey, conn: ClientConn, flow: Flow, kind: http1.BodyK
     provider = flow.provider
     assert provider is not None, "exchange.handle sends only matched providers here"
     ws = provider.websocket
-    refusal: errors.ProxyError | None = None
-    if kind != "none":
-        refusal = errors.BadRequest(reason="a WebSocket upgrade carries no body")
-    elif not ws.allowed:
-        refusal = errors.WebSocketNotAllowed(provider.name)
     session = WebSocketSession(provider, flow.caller)
-    if refusal is None:
-        refusal = engine.websockets.admit(session)
+    refusal = _refusal(engine, provider, session, kind)
     if refusal is not None:
         await _answer_error(engine, conn, flow, refusal)
         return False
@@ -195,12 +189,7 @@ async def serve(engine: Sidekey, conn: ClientConn, flow: Flow, kind: http1.BodyK
                 raise errors.UpstreamProtocolError(provider.name)
         await engine.addons.decide("responseheaders", flow)
         if resp.status != 101 or flow.response.body is not None:
-            if flow.response.body is None:  # the upstream's refusal, relayed as an HTTP answer
-                flow.response.body = await resp.read_body() or b""
-                flow.response.headers.popall("content-length", None)
-            await exchange.send_local(conn, flow, False)
-            flow.timings["end"] = time.monotonic()
-            await engine.addons.observe("response", flow)
+            await _answer_locally(engine, conn, flow, resp)
             return False
         await _run_session(engine, conn, flow, session, resp)
         resp = None  # the relay closed it
@@ -220,13 +209,36 @@ async def serve(engine: Sidekey, conn: ClientConn, flow: Flow, kind: http1.BodyK
     finally:
         engine.in_flight -= 1
         engine.websockets.release(session)
-        if flow.upstream_state is not None:
-            flow.upstream_state.in_flight -= 1
+        if flow.attempt is not None:
+            flow.attempt.release()
         if resp is not None:
             resp.close()
 
 
-async def _run_session(engine: Sidekey, conn: ClientConn, flow: Flow, session: WebSocketSession,
+def _refusal(engine: Engine, provider: Provider, session: WebSocketSession,
+             kind: http1.BodyKind) -> errors.ProxyError | None:  # fmt: skip
+    """Why this upgrade is answered without going upstream, if it is."""
+    if kind != "none":
+        return errors.BadRequest(reason="a WebSocket upgrade carries no body")
+    if not provider.websocket.allowed:
+        return errors.WebSocketNotAllowed(provider.name)
+    return engine.websockets.admit(session)
+
+
+async def _answer_locally(engine: Engine, conn: ClientConn, flow: Flow, resp: UpgradeResponse) -> None:
+    """No session: an addon's answer, or the upstream's refusal relayed as an HTTP answer."""
+    from proxy import exchange  # exchange calls this module: imported at call time
+
+    assert flow.response is not None
+    if flow.response.body is None:
+        flow.response.body = await resp.read_body() or b""
+        flow.response.headers.popall("content-length", None)
+    await exchange.send_local(conn, flow, False)
+    flow.timings["end"] = time.monotonic()
+    await engine.addons.observe("response", flow)
+
+
+async def _run_session(engine: Engine, conn: ClientConn, flow: Flow, session: WebSocketSession,
                        resp: UpgradeResponse) -> None:  # fmt: skip
     provider = session.provider
     out = flow.response
@@ -290,7 +302,7 @@ def exchange_headers(flow: Flow, headers: Any) -> None:
     headers["connection"] = "Upgrade"
 
 
-async def _answer_error(engine: Sidekey, conn: ClientConn, flow: Flow, err: errors.ProxyError) -> None:
+async def _answer_error(engine: Engine, conn: ClientConn, flow: Flow, err: errors.ProxyError) -> None:
     """A refusal before anything went upstream, audited like any refused request."""
     from proxy import exchange
 

@@ -24,7 +24,7 @@ from proxy.ws_frames import BadResponse, ResponseHead, parse_response_head
 
 if TYPE_CHECKING:
     from proxy.ca_bundles import CABundle
-    from proxy.engine import Sidekey
+    from proxy.conn import Engine
     from proxy.flow import Flow
     from proxy.policy import Provider
 
@@ -98,7 +98,7 @@ def request_head(flow: Flow, url: URL) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
-async def connect(engine: Sidekey, flow: Flow, provider: Provider | None, url: URL) -> UpgradeResponse:
+async def connect(engine: Engine, flow: Flow, provider: Provider | None, url: URL) -> UpgradeResponse:
     """Open, send the upgrade, read the answer's head. Errors are ours (mapped here)."""
     name = provider.name if provider is not None else None
     if provider is None:  # the session only upgrades flows to matched providers
@@ -115,23 +115,8 @@ async def connect(engine: Sidekey, flow: Flow, provider: Provider | None, url: U
         raise errors.AddressBlocked(name, host=host) from None
     except OSError:
         raise errors.UpstreamConnectError(name) from None
-    ctx, server_name = _context(bundle), provider.tls.server_name or host
     timeouts = provider.timeouts
-    for _family, address in addresses:  # the checked address only, never a second lookup
-        try:
-            async with asyncio.timeout(timeouts.connect):
-                reader, writer = await asyncio.open_connection(
-                    address, port, ssl=ctx, server_hostname=server_name, limit=MAX_HEAD
-                )
-        except ssl.SSLCertVerificationError as exc:
-            raise errors.UpstreamTLSError(name, reason=_verify_reason(exc)) from None
-        except ssl.SSLError as exc:
-            raise errors.UpstreamTLSError(name, reason=f"the handshake failed ({type(exc).__name__})") from None
-        except (OSError, TimeoutError):
-            continue
-        break
-    else:
-        raise errors.UpstreamConnectError(name)
+    reader, writer = await _open(provider, addresses, port, _context(bundle), provider.tls.server_name or host)
     try:
         writer.write(request_head(flow, url))
         async with asyncio.timeout(timeouts.read):
@@ -150,6 +135,24 @@ async def connect(engine: Sidekey, flow: Flow, provider: Provider | None, url: U
         writer.transport.abort()
         raise
     return UpgradeResponse(head, reader, writer)
+
+
+async def _open(provider: Provider, addresses: list[tuple[int, str]], port: int, ctx: ssl.SSLContext,
+                server_name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:  # fmt: skip
+    """A verified TLS connection to the first checked address that takes one."""
+    name = provider.name
+    for _family, address in addresses:  # the checked address only, never a second lookup
+        try:
+            async with asyncio.timeout(provider.timeouts.connect):
+                return await asyncio.open_connection(address, port, ssl=ctx, server_hostname=server_name,
+                                                     limit=MAX_HEAD)  # fmt: skip
+        except ssl.SSLCertVerificationError as exc:
+            raise errors.UpstreamTLSError(name, reason=_verify_reason(exc)) from None
+        except ssl.SSLError as exc:
+            raise errors.UpstreamTLSError(name, reason=f"the handshake failed ({type(exc).__name__})") from None
+        except (OSError, TimeoutError):
+            continue
+    raise errors.UpstreamConnectError(name)
 
 
 def _verify_reason(exc: ssl.SSLCertVerificationError) -> str:

@@ -186,17 +186,21 @@ class Cache:
         headers = resp.headers
         state = flow.upstream_state
         length = headers.get("content-length")
-        storable = (
-            pending.directives.store
-            and rules.storable_head(resp.status, headers, policy)
-            and (state is None or state.provider == flow.provider.name)  # never a fallback's answer
-            and (length is None or (length.isdigit() and int(length) <= policy.max_entry_bytes))
+        # Followers may share any answer that could be stored by its head: one
+        # too large to store is still streamed to them (within the window).
+        shareable = rules.storable_head(resp.status, headers, policy) and (
+            state is None or state.provider == flow.provider.name  # never a fallback's answer
         )
         sse = headers.get("content-type", "").startswith("text/event-stream")
-        if sse and headers.get("content-encoding", "identity").strip().lower() != "identity":
-            storable = False  # a compressed stream cannot be judged
+        storable = (
+            shareable
+            and pending.directives.store
+            and (length is None or (length.isdigit() and int(length) <= policy.max_entry_bytes))
+            # a compressed stream cannot be judged
+            and not (sse and headers.get("content-encoding", "identity").strip().lower() != "identity")
+        )
         if flight is not None:
-            if storable:
+            if shareable:
                 flight.head(resp.status, CIMultiDict(headers))
             else:
                 self._end_flight(flight, ok=False)
@@ -302,9 +306,9 @@ class Cache:
         while True:
             flight.followers += 1
             self.stats.count(provider.name, "coalesced_wait")
-            sse = "text/event-stream" in flow.request.headers.get("accept", "") or b'"stream":true' in (
-                flow.request.body if type(flow.request.body) is bytes else b"").replace(b" ", b"")
-            started = await flight.wait_start(sse)
+            # From the first piece: a follower never waits for the whole answer,
+            # and one larger than the window is streamed rather than lost.
+            started = await flight.wait_start()
             if started:
                 assert flight.status is not None and flight.headers is not None
                 headers = CIMultiDict(flight.headers)

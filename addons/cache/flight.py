@@ -77,13 +77,13 @@ class Flight:
     async def changed(self) -> None:
         await self._wake.wait()
 
-    async def wait_start(self, sse: bool) -> bool:
-        """Until a follower can start answering: the whole answer (JSON), or its
-        first piece (a stream). False: the flight failed before that."""
+    async def wait_start(self) -> bool:
+        """Until a follower can start answering: the answer's first piece (or
+        its end). False: the flight failed before that, so the follower may lead."""
         while True:
             if self.failed:
                 return False
-            if self.done or (sse and self.status is not None and self.chunks):
+            if self.done or (self.status is not None and self.chunks):
                 return True
             await self.changed()
 

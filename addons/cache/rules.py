@@ -36,20 +36,17 @@ def directives(headers: CIMultiDict[str], policy: CachePolicy) -> Directives:
     """Read and remove the caller's cache headers."""
     lookup = store = True
     ttl = policy.ttl
-    for value in headers.popall(CACHE_HEADER, ()):
-        for word in _words(value):
-            if word == "no-cache":
-                lookup = False
-            elif word == "no-store":
-                lookup = store = False  # nothing written, nothing shared with it either
+    words = [w for value in headers.popall(CACHE_HEADER, ()) for w in _words(value)]
     for value in headers.popall("cache-control", ()):
         for word in _words(value):
-            if word == "no-cache":
-                lookup = False
-            elif word == "no-store":
-                lookup = store = False
-            elif word.startswith("max-age="):
+            if word.startswith("max-age="):
                 ttl = _lower(ttl, word[8:])
+            else:
+                words.append(word)
+    if "no-store" in words:
+        lookup = store = False  # nothing written, nothing shared with it either
+    elif "no-cache" in words:
+        lookup = False
     for value in headers.popall(TTL_HEADER, ()):
         ttl = _lower(ttl, value)
     if any("no-cache" in _words(v) for v in headers.popall("pragma", ())):  # RFC 9111 §5.4, HTTP/1.0 callers

@@ -12,9 +12,9 @@ Allowed answers carry ``x-ratelimit-limit-<rule>`` and
 ``x-ratelimit-remaining-<rule>`` for each rule (no ``-reset-``: a refusal's
 ``Retry-After`` says when; two headers fewer on every request).
 
-Per-key rules (``upstreams[].limits``) are taken by the forwarder through
-``admit_member`` when it picks a member: a key over its quota rests and the
-next key is tried, so a pool spreads load by quota.
+Per-key rules (``upstreams[].limits``) are taken in ``upstream_attempt`` when
+the forwarder tries a member: a key over its quota is held off and the next
+key is tried, so a pool spreads load by quota.
 
 ``response`` / ``error``: token reservations are reconciled with the usage
 the usage addon measured (``flow.metadata["usage"]``), and concurrency slots
@@ -50,13 +50,14 @@ from addons.limits.degraded import Degraded
 from addons.limits.redis_limiter import LimiterUnavailable, RedisLimiter
 from addons.usage.tokens import reservation
 from proxy import errors
-from proxy.capabilities import MEMBER_LIMITS, SESSION_TOKENS
+from proxy.capabilities import SESSION_TOKENS
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider, Rule
 
 if TYPE_CHECKING:
     from addons.usage.tokens import Usage
+    from proxy.attempt import Attempt
     from proxy.balance import UpstreamState
     from proxy.runtime import Runtime
 
@@ -78,7 +79,7 @@ class _Waiter:
 
 class Limits:
     name = "limits"
-    provides = (MEMBER_LIMITS, SESSION_TOKENS)
+    provides = (SESSION_TOKENS,)
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -98,6 +99,7 @@ class Limits:
         # provider, or (provider, caller) when it has caller rules -> its checks
         self._check_cache: dict[str | tuple[str, str], Checks] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._idle: tuple[str, ...] = ()  # hooks with nothing to do under the policy (set by configure)
 
     def setup(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -111,6 +113,12 @@ class Limits:
             timeout = policy.redis.timeout if policy.redis else 0.5
             self.shared = RedisLimiter(redis, lease_ttl=LEASE_TTL, timeout=timeout)
         self.on_failure = policy.redis.on_failure if policy.redis else "open"
+        # Hooks with nothing to count under this policy are not called at all (the
+        # common policy has no limits). response/error always run: they settle
+        # what flows admitted under the previous policy still hold.
+        limited = any(p.limits or p.caller_limits for p in policy.providers)
+        keyed = any(t.limits for p in policy.providers for t in p.targets)
+        self._idle = (*(() if limited else ("request", "responseheaders")), *(() if keyed else ("upstream_attempt",)))
 
     def running(self) -> None:
         self._tasks = [
@@ -195,7 +203,18 @@ class Limits:
     def error(self, flow: Flow) -> None:
         self._settle(flow)
 
-    # -- per-key limits (called by the forwarder) -------------------------------------
+    # -- per-key limits ---------------------------------------------------------------
+    def idle_hooks(self) -> tuple[str, ...]:
+        return self._idle
+
+    def upstream_attempt(self, flow: Flow, attempt: Attempt) -> Awaitable[None] | None:
+        if not attempt.member.target.limits:
+            return None
+        return self._admit(flow, attempt)
+
+    async def _admit(self, flow: Flow, attempt: Attempt) -> None:
+        attempt.hold_off = await self.admit_member(flow, attempt.provider, attempt.member)
+
     async def admit_member(self, flow: Flow, provider: Provider, state: UpstreamState) -> float:
         """Take the member's own rules; 0 when admitted, else seconds until it could be."""
         checks = Checks(tuple((f"upstream:{provider.name}/{state.name}", r) for r in state.target.limits))

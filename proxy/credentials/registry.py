@@ -161,6 +161,9 @@ class CredentialSet:
                     task = asyncio.create_task(entry.refresh(), name=f"sidekey-credential {entry.source.source}")
                     self._tasks.add(task)
                     task.add_done_callback(self._done)
+            if not self.entries:  # static keys only: nothing to do until a reload adds some
+                await self._wake.wait()
+                continue
             wakes = [e.wake_at() for e in self.entries.values() if e.plan is not None or e.failures]
             nap = min([MAX_NAP, *(w - now for w in wakes)])
             with contextlib.suppress(asyncio.TimeoutError):

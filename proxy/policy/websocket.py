@@ -64,7 +64,7 @@ def read(r: Reader, f: dict[str, yaml.Node], field: str, hosts: tuple[str, ...])
 
 def _sessions(r: Reader, node: yaml.Node | None, field: str) -> int:
     """``concurrent_websockets`` of a limits mapping (0: none). The mapping's
-    other keys and its shape are checked by ``policy_limits.rules``."""
+    other keys and its shape are checked by ``quotas.rules``."""
     if not isinstance(node, yaml.MappingNode):
         return 0
     for key_node, value_node in node.value:

@@ -6,10 +6,12 @@ against hvac, Vault's own Python client, so it answers as Vault does."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import hvac
 import pytest
 
@@ -155,3 +157,36 @@ def test_upstream_401_rereads_the_key_once(start_sidekey: object, vault: FakeVau
         assert fetch(proxy, "https://api.vaulted.test/v1/models").status == 401
         assert len(strict.provider.received) == 4, "a refused key is re-read once, never in a loop"
         proxy.stop()  # before this fake closes (see the start_sidekey fixture)
+
+
+def test_rotation_new_requests_take_the_new_key_in_flight_finish_with_the_old(
+    start_sidekey: object, fake: FakeProviderThread, vault: FakeVault
+) -> None:
+    env = {**SECRET_ENV, "VAULT_TOKEN": vault.root_token}
+    proxy: SidekeyProcess = start_sidekey(vault_policy(fake, vault, "{method: token, token: env:VAULT_TOKEN}"),
+                                          env=env)  # type: ignore[operator]  # fmt: skip
+    fake.call(lambda p: p.arm_gate())  # the fake pauses a stream after its first event until released
+    events: list[str] = []
+    statuses: list[int] = []
+
+    def stream() -> None:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(proxy=proxy.url, verify=proxy.client_ssl_context(), timeout=DEADLINE, trust_env=False) as c:
+            with c.stream("POST", "https://api.vaulted.test/v1/chat/completions", json=body) as r:
+                statuses.append(r.status_code)
+                events.extend(line[6:] for line in r.iter_lines() if line.startswith("data: "))
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    try:
+        wait_until(lambda: any(r.path == "/v1/chat/completions" for r in fake.provider.received), "the stream")
+        vault.put("secret", "openai", {"api_key": KEY_V2})
+        refreshed = httpx.post(proxy.admin_url + "/credentials/refresh?provider=vaulted", timeout=DEADLINE, trust_env=False)
+        assert refreshed.json()["refreshed"][0]["result"] == "ok"
+        assert bearer(fake, proxy) == f"Bearer {KEY_V2}", "a new request takes the new key"
+    finally:
+        fake.call(lambda p: p.release_gate())
+        worker.join(DEADLINE)
+    assert statuses == [200] and events and events[-1] == "[DONE]", "the stream in flight finished"
+    [chat] = [r for r in fake.provider.received if r.path == "/v1/chat/completions"]
+    assert chat.header("Authorization") == f"Bearer {KEY_V1}", "it was sent with the key of its time"

@@ -20,6 +20,8 @@ from addons.limits import Limits
 from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
 from addons.usage import UsageMeter
+from proxy.attempt import Attempt
+from proxy.balance import UpstreamState
 from proxy.errors import AddonFailed, CredentialUnavailable
 from proxy.flow import Flow, Response
 from proxy.hooks import AddonManager
@@ -196,7 +198,8 @@ def test_file_secret_rotates_and_trims_newline(tmp_path: Path) -> None:
 def test_provider_headers_set_only_when_absent() -> None:
     provider = make_provider(set_headers=[("anthropic-version", "2023-06-01"), ("x-b", "1")])
     flow = make_flow(provider, headers=[("Anthropic-Version", "2024-01-01")])
-    ProviderHeaders().request(flow)
+    member = UpstreamState(provider, provider.targets[0], "api.openai.com", 443)
+    ProviderHeaders().upstream_attempt(flow, Attempt(member, provider, flow.request.headers, "https://x/", 1))
     assert flow.request.headers.getall("anthropic-version") == ["2024-01-01"]
     assert flow.request.headers["x-b"] == "1"
 

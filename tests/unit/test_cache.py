@@ -262,7 +262,7 @@ async def test_late_followers_get_everything_and_slow_ones_are_cut() -> None:
 @pytest.mark.asyncio
 async def test_a_failed_flight_tells_waiting_followers() -> None:
     flight = Flight("k", window=100)
-    waiter = asyncio.create_task(flight.wait_start(sse=False))
+    waiter = asyncio.create_task(flight.wait_start())
     await asyncio.sleep(0)
     flight.fail()
     assert await waiter is False
@@ -270,7 +270,7 @@ async def test_a_failed_flight_tells_waiting_followers() -> None:
     done.head(200, CIMultiDict())
     done.publish(b"{}")
     done.finish()
-    assert await done.wait_start(sse=False) and done.body() == b"{}"
+    assert await done.wait_start() and done.body() == b"{}"
 
 
 async def _take(it: Any, n: int) -> Any:

@@ -211,7 +211,7 @@ def test_after_a_failover_the_callers_request_is_kept_and_no_key_of_any_provider
     flow = make_flow(matched, policy=policy, path="/v1/chat/completions", headers=[("Accept", "*/*")], body=body)
     dlq = make_dlq()
     dlq.request(flow)
-    # What forward._switch_provider and the fallback's credential do to the request:
+    # What a failover (forward._for_fallback) and the fallback's credential do to the request:
     flow.request.body = b'{"model":"other-large"}'
     flow.request.headers["other-version"] = "1"
     flow.request.headers["x-pass"] = SECRET

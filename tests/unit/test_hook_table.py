@@ -66,8 +66,12 @@ def test_the_checker_sees_a_lookup() -> None:
         bad.unlink()
 
 
+RETIRED = ("bind",)  # replaced by setup(runtime): an addon still defining it would never be called
+
+
 @pytest.mark.parametrize("addon", default_addons(), ids=lambda a: type(a).__name__)
 def test_builtin_hooks_take_the_declared_arguments(addon: object) -> None:
+    assert not [name for name in RETIRED if callable(getattr(addon, name, None))], "a hook nobody calls"
     for spec in SPECS:
         method = getattr(addon, spec.name, None)
         if method is None:
@@ -114,24 +118,30 @@ def _attempt(flow: Flow) -> Attempt:
     return Attempt(state, provider, flow.request.headers, "https://h/", 1)
 
 
+async def _run(manager: AddonManager, flow: Flow) -> None:
+    pending = manager.upstream_attempt(flow, _attempt(flow))
+    if pending is not None:
+        await pending
+
+
 @pytest.mark.asyncio
 async def test_idle_hooks_are_not_called_and_proxy_errors_pass() -> None:
     addon = Member(idle=True)
     manager = AddonManager([addon])
     flow = make_flow()
-    await manager.upstream_attempt(flow, _attempt(flow))
+    await _run(manager, flow)
     assert addon.calls == 0  # idle from the start
     await manager.configure(Policy(providers=(make_provider(),)))
-    await manager.upstream_attempt(flow, _attempt(flow))
+    await _run(manager, flow)
     assert addon.calls == 1
     flow.metadata["fail"] = "proxy"
     with pytest.raises(CredentialUnavailable):  # the attempt's outcome, not an addon failure
-        await manager.upstream_attempt(flow, _attempt(flow))
+        await _run(manager, flow)
     flow.metadata["fail"] = "bug"
     with pytest.raises(AddonFailed):  # fails closed
-        await manager.upstream_attempt(flow, _attempt(flow))
+        await _run(manager, flow)
     await manager.configure(Policy(providers=()))
-    await manager.upstream_attempt(flow, _attempt(flow))
+    await _run(manager, flow)
     assert addon.calls == 3
 
 
@@ -144,3 +154,23 @@ def test_attempt_lease_is_released_once() -> None:
     attempt.release()
     assert attempt.member.in_flight == 0
     assert "sk-" not in repr(attempt)
+
+
+@pytest.mark.asyncio
+async def test_builtin_addons_idle_where_the_policy_gives_them_nothing() -> None:
+    import dataclasses
+
+    from proxy.policy import Rule, Target
+
+    manager = AddonManager(default_addons())
+    plain = make_provider()
+    await manager.configure(Policy(providers=(plain,)))
+    assert manager.called("upstream_attempt") == ["credentials"]
+    assert "limits" not in manager.called("request") and "limits" not in manager.called("responseheaders")
+    assert "limits" in manager.called("response") and "limits" in manager.called("error")  # settles old flows
+    rule = Rule("requests", 10, 60.0)
+    keyed = dataclasses.replace(plain, targets=(Target("a", limits=(rule,)),), limits=(rule,),
+                                set_headers=(("anthropic-version", "1"),))  # fmt: skip
+    await manager.configure(Policy(providers=(keyed,)))
+    assert manager.called("upstream_attempt") == ["credentials", "provider_headers", "limits"]
+    assert "limits" in manager.called("request") and "limits" in manager.called("responseheaders")
