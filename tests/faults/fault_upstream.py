@@ -67,6 +67,10 @@ class FaultUpstream:
 
     def stop(self) -> None:
         self._stop.set()
+        # close() alone does not wake a thread blocked in accept() (Linux): each stop then
+        # waited out its 5 s join, 15 s a test. shutdown() makes that accept() fail at once.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             for sock in list(self._open):
@@ -223,5 +227,7 @@ def _wait_for_peer_close(sock: socket.socket, stop: threading.Event) -> None:
 
 
 def _close_quietly(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv() on it; close() does not
     with contextlib.suppress(OSError):
         sock.close()

@@ -279,3 +279,15 @@ async def test_a_redis_that_stops_answering_times_out(redis_server: RedisServer,
     finally:
         redis_server.resume()
     assert (await limiter.acquire(checks, 0)).allowed
+
+
+@pytest.mark.asyncio
+async def test_a_cost_no_window_can_hold_is_refused_for_ever_not_for_a_second(limiter: RedisLimiter) -> None:
+    """Issue #16 item 5 through Redis: ``tokens_per_minute: 60`` and a chat without max_tokens
+    (5,000 reserved) is an infinite wait, which the limits addon answers 413 request_over_limit
+    (a finite one would be 429 Retry-After: 1, looping an obedient client for ever)."""
+    checks = [("provider:p", Rule("tokens", 60, 60.0, "tokens-minute"))]
+    verdict = await limiter.acquire(checks, 5000)
+    assert not verdict.allowed and verdict.retry_after == float("inf")
+    assert verdict.refused_by == "provider:p tokens-minute"
+    assert (await limiter.acquire(checks, 60)).allowed  # the refusal took nothing
