@@ -123,9 +123,7 @@ class AuditLog:
         self._dropped = 0
         self.losses = Losses("audit lines", "sidekey_audit_lines_lost_total", log)
         self._buffer: list[str] = []
-        self._out: FileSink | StdoutSink | None = (
-            StdoutSink() if sink == "-" else FileSink(sink, max_bytes, backups)
-        )
+        self._out: FileSink | StdoutSink | None = StdoutSink() if sink == "-" else FileSink(sink, max_bytes, backups)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._upstreams: dict[str, str | None] = {}

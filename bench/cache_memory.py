@@ -83,18 +83,26 @@ providers:
             asyncio.run(fill(proxy, ctx))
             rss1, hwm1 = status_kib(proxy.pid, "VmRSS"), status_kib(proxy.pid, "VmHWM")
             stats = httpx.get(proxy.admin_url + "/cache/stats", trust_env=False).json()["providers"]["fake"]
-            print(f"fill: {10 * MAX_BYTES // ANSWER} answers of {ANSWER // 1024} KiB = 10 x max_bytes "
-                  f"({MAX_BYTES // 1024} KiB)")
-            print(f"  store: {stats['entries']} entries, {stats['bytes']} bytes counted (<= {stats['max_bytes']}), "
-                  f"{stats['evictions']} evictions")
-            print(f"  process: VmRSS {rss0} -> {rss1} KiB (+{rss1 - rss0}), VmHWM {hwm0} -> {hwm1} KiB "
-                  f"(+{hwm1 - hwm0}); overhead over max_bytes: {rss1 - rss0 - MAX_BYTES // 1024} KiB")
+            print(
+                f"fill: {10 * MAX_BYTES // ANSWER} answers of {ANSWER // 1024} KiB = 10 x max_bytes "
+                f"({MAX_BYTES // 1024} KiB)"
+            )
+            print(
+                f"  store: {stats['entries']} entries, {stats['bytes']} bytes counted (<= {stats['max_bytes']}), "
+                f"{stats['evictions']} evictions"
+            )
+            print(
+                f"  process: VmRSS {rss0} -> {rss1} KiB (+{rss1 - rss0}), VmHWM {hwm0} -> {hwm1} KiB "
+                f"(+{hwm1 - hwm0}); overhead over max_bytes: {rss1 - rss0 - MAX_BYTES // 1024} KiB"
+            )
             before = sum(1 for r in fake.received if r.path == "/v1/chat/completions")
             results = asyncio.run(repeat(proxy, ctx))
             upstream = sum(1 for r in fake.received if r.path == "/v1/chat/completions") - before
             total = sum(results.values())
-            print(f"repeat: {total} identical chat requests, {CLIENTS} concurrent: {dict(results)}; "
-                  f"upstream calls {upstream}; from the cache {100 * (total - upstream) / total:.1f}%")
+            print(
+                f"repeat: {total} identical chat requests, {CLIENTS} concurrent: {dict(results)}; "
+                f"upstream calls {upstream}; from the cache {100 * (total - upstream) / total:.1f}%"
+            )
             print(json.dumps(stats))
         finally:
             proxy.stop()

@@ -226,8 +226,11 @@ class Sidekey:
                 raise
             except Exception as exc:
                 self.reloads["failed"] += 1
-                log.error("policy reload rejected by an addon, keeping digest %s: %s", self.policy.digest,
-                          errors.describe(exc))
+                log.error(
+                    "policy reload rejected by an addon, keeping digest %s: %s",
+                    self.policy.digest,
+                    errors.describe(exc),
+                )
                 raise
             self.reloads["ok"] += 1
             log.info("policy reloaded: digest %s, %d providers", policy.digest, len(policy.providers))

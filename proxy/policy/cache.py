@@ -84,4 +84,3 @@ def read(r: Reader, node: yaml.Node, field: str) -> CachePolicy:
         vary=r.each(f.get("vary"), join(field, "vary"), r.token) if "vary" in f else d.vary,
         statuses=r.each(f.get("statuses"), join(field, "statuses"), status) if "statuses" in f else d.statuses,
     )
-

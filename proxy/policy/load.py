@@ -62,8 +62,19 @@ __all__ = ["PolicyError", "PolicyProblem", "load_policy", "parse_policy"]
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 TOP = frozenset(
-    {"version", "unmatched", "limits", "network", "addons", "alerts", "redis", "callers", "prices", "secret_stores",
-     "providers"}
+    {
+        "version",
+        "unmatched",
+        "limits",
+        "network",
+        "addons",
+        "alerts",
+        "redis",
+        "callers",
+        "prices",
+        "secret_stores",
+        "providers",
+    }
 )
 LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
 PROVIDER = frozenset(

@@ -439,7 +439,9 @@ class FakeProvider:
         if seen > int(request.match_info["n"]):
             return web.json_response({"attempt": seen})
         headers = {h: request.query[q] for q, h in _FLAKY_HEADERS.items() if q in request.query}
-        return web.json_response({"error": {"attempt": seen}}, status=int(request.query.get("status", "503")), headers=headers)
+        return web.json_response(
+            {"error": {"attempt": seen}}, status=int(request.query.get("status", "503")), headers=headers
+        )
 
     async def _slow_headers(self, request: web.Request) -> web.StreamResponse:
         delay = float(request.query.get("delay", "1"))

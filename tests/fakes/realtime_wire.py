@@ -44,18 +44,20 @@ class WSSession:
 
 
 def response_done(model: str, usage: dict[str, Any]) -> str:
-    return json.dumps({
-        "type": "response.done",
-        "event_id": f"event_{uuid.uuid4().hex[:12]}",
-        "response": {
-            "object": "realtime.response",
-            "id": f"resp_{uuid.uuid4().hex[:12]}",
-            "status": "completed",
-            "output": [],
-            "usage": usage,
-            "model": model,
-        },
-    })
+    return json.dumps(
+        {
+            "type": "response.done",
+            "event_id": f"event_{uuid.uuid4().hex[:12]}",
+            "response": {
+                "object": "realtime.response",
+                "id": f"resp_{uuid.uuid4().hex[:12]}",
+                "status": "completed",
+                "output": [],
+                "usage": usage,
+                "model": model,
+            },
+        }
+    )
 
 
 async def realtime(request: web.Request, sessions: list[WSSession], abort: Any) -> web.StreamResponse:

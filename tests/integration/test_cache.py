@@ -39,8 +39,12 @@ def cached_policy(fake: FakeProviderThread, cache: str = CACHE, extra: str = "")
     """openai and anthropic with a cache; 'other' the same upstream under a second key."""
     text = policy_for(fake, extra=extra + fake_provider(fake, "other", "other.test",
                       auth="{type: bearer, secret: env:OTHER_KEY}", cache=cache))  # fmt: skip
-    text = text.replace("    retry: {attempts: 1}  # failure", f"    cache: {cache}\n    retry: {{attempts: 1}}  # failure")
-    return text.replace("    set_headers: {anthropic-version", f"    cache: {cache}\n    set_headers: {{anthropic-version")
+    text = text.replace(
+        "    retry: {attempts: 1}  # failure", f"    cache: {cache}\n    retry: {{attempts: 1}}  # failure"
+    )
+    return text.replace(
+        "    set_headers: {anthropic-version", f"    cache: {cache}\n    set_headers: {{anthropic-version"
+    )
 
 
 @pytest.fixture
@@ -120,8 +124,9 @@ def test_a_streamed_hit_is_the_streamed_miss(proxy: SidekeyProcess, fake: FakePr
     def run() -> tuple[Any, list[Any]]:
         if sdk == "openai":
             client = openai.OpenAI(api_key=PLACEHOLDER)
-            with client.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES,
-                                                stream_options={"include_usage": True}) as stream:
+            with client.chat.completions.stream(
+                model="gpt-4o-mini", messages=MESSAGES, stream_options={"include_usage": True}
+            ) as stream:
                 events = [e.model_dump() for e in stream]
                 return stream.get_final_completion().model_dump(), events
         aclient = anthropic.Anthropic(api_key=PLACEHOLDER)
@@ -227,7 +232,8 @@ def test_stats_metrics_and_delete(proxy: SidekeyProcess, fake: FakeProviderThrea
 
 def test_a_hit_takes_nothing_from_the_limits(start_sidekey: Start, fake: FakeProviderThread) -> None:
     policy = cached_policy(fake).replace(
-        "  openai:\n", "  openai:\n    limits: {requests_per_minute: 100, tokens_per_minute: 1000000}\n", 1)
+        "  openai:\n", "  openai:\n    limits: {requests_per_minute: 100, tokens_per_minute: 1000000}\n", 1
+    )
     proxy = start_sidekey(policy, env={**SECRET_ENV, "OTHER_KEY": "k"})
     a = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
     b = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 1})
@@ -281,7 +287,8 @@ def admin_stats(proxy: SidekeyProcess) -> dict[str, Any]:
 def test_two_sidecars_share_entries_through_redis(start_sidekey: Start, fake: FakeProviderThread,
                                                    redis_server: RedisServer) -> None:  # fmt: skip
     policy = cached_policy(fake, "{ttl: 5m, backend: redis}").replace(
-        "unmatched: tunnel\n", f"unmatched: tunnel\nredis: {{url: '{redis_server.url}'}}\n", 1)
+        "unmatched: tunnel\n", f"unmatched: tunnel\nredis: {{url: '{redis_server.url}'}}\n", 1
+    )
     env = {**SECRET_ENV, "OTHER_KEY": "sk-other-REALKEY-77"}
     first, second = start_sidekey(policy, env=env), start_sidekey(policy, env=env)
     chat = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})

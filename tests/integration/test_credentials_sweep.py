@@ -69,7 +69,13 @@ providers:
 {provider(fake, "aws", '{type: header, header: x-api-key, secret: "aws-sm:sweep#key"}')}\
 {provider(fake, "azure", "{type: query, param: key, secret: azure-kv:sweep}")}\
 {provider(fake, "oauth", f'{{type: oauth2, token_url: "{oauth.token_url}", client_id: sidekey-app, client_secret: env:CLIENT_SECRET, ca_bundle: {oauth.ca_pem_path}}}')}"""
-        env = {**SECRET_ENV, **AWS_ENV, **kv.identity_env(), "VAULT_SECRET_ID": SECRET_ID, "CLIENT_SECRET": CLIENT_SECRET}
+        env = {
+            **SECRET_ENV,
+            **AWS_ENV,
+            **kv.identity_env(),
+            "VAULT_SECRET_ID": SECRET_ID,
+            "CLIENT_SECRET": CLIENT_SECRET,
+        }
         proxy: SidekeyProcess = start_sidekey(policy, env=env, args=("--audit", str(audit), "--audit-bodies",
                                                                       "--dlq", str(dlq)))  # type: ignore[operator]  # fmt: skip
         expected = {"static": f"Bearer {OPENAI_KEY}", "vaulted": f"Bearer {VAULT_KEY}", "aws": AWS_KEY}
@@ -104,7 +110,8 @@ providers:
         refreshed = admin(proxy, "POST", "/credentials/refresh?provider=vaulted")
         assert refreshed.status_code == 200
         assert refreshed.json()["refreshed"] == [
-            {"provider": "vaulted", "source": "vault:secret/data/sweep#api_key", "result": "ok", "state": "fresh"}]
+            {"provider": "vaulted", "source": "vault:secret/data/sweep#api_key", "result": "ok", "state": "fresh"}
+        ]
         assert fetch(proxy, "https://api.vaulted.test/echo").status == 200
         assert fake.last().header("Authorization") == f"Bearer {VAULT_ROTATED}"
         assert admin(proxy, "POST", "/credentials/refresh?provider=nope").status_code == 404
@@ -113,7 +120,10 @@ providers:
                    for f in text_string_to_metric_families(admin(proxy, "GET", "/metrics").text) for s in f.samples}  # fmt: skip
         assert metrics[("sidekey_credential_refresh_total", (("provider", "vaulted"), ("result", "ok")))] >= 2
         assert metrics[("sidekey_credential_refresh_total", (("provider", "oauth"), ("result", "ok")))] == 1
-        assert abs(metrics[("sidekey_credential_expiry_seconds", (("provider", "oauth"),))] - cred["oauth"]["expires_at"]) < 1
+        assert (
+            abs(metrics[("sidekey_credential_expiry_seconds", (("provider", "oauth"),))] - cred["oauth"]["expires_at"])
+            < 1
+        )
         assert ("sidekey_credential_expiry_seconds", (("provider", "static"),)) not in metrics
 
         deadline = time.monotonic() + DEADLINE

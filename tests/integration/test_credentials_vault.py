@@ -36,7 +36,9 @@ def vault() -> Iterator[FakeVault]:
         yield v
 
 
-def vault_policy(fake: FakeProviderThread, vault: FakeVault, auth: str, *, ttl: str = "1h", stale_for: str = "1h") -> str:
+def vault_policy(
+    fake: FakeProviderThread, vault: FakeVault, auth: str, *, ttl: str = "1h", stale_for: str = "1h"
+) -> str:
     return f"""\
 version: 1
 secret_stores:
@@ -90,10 +92,12 @@ def check_with_hvac(vault: FakeVault, clients: list[hvac.Client]) -> None:
     assert read["data"]["data"]["api_key"] == KEY_V1 and read["data"]["metadata"]["version"] == 1
     k8s = new()
     k8s.auth.kubernetes.login(role="sidekey", jwt=K8S_JWT)
-    assert k8s.secrets.kv.v2.read_secret_version(path="openai", raise_on_deleted_version=True)["data"]["data"]["org"] == "org-1"
+    assert (
+        k8s.secrets.kv.v2.read_secret_version(path="openai", raise_on_deleted_version=True)["data"]["data"]["org"]
+        == "org-1"
+    )
     with pytest.raises(hvac.exceptions.Forbidden):
-        new(token="hvs.not-a-token").secrets.kv.v2.read_secret_version(
-            path="openai", raise_on_deleted_version=True)
+        new(token="hvs.not-a-token").secrets.kv.v2.read_secret_version(path="openai", raise_on_deleted_version=True)
     with pytest.raises(hvac.exceptions.InvalidPath):
         client.secrets.kv.v2.read_secret_version(path="missing", raise_on_deleted_version=True)
     assert ("POST", "/v1/auth/approle/login") in vault.requests and ("GET", "/v1/secret/data/openai") in vault.requests
@@ -122,8 +126,9 @@ def test_kubernetes_login_and_rotation_within_ttl(start_sidekey: object, fake: F
 def test_outage_serves_stale_then_refuses_then_recovers(start_sidekey: object, fake: FakeProviderThread,
                                                         vault: FakeVault) -> None:  # fmt: skip
     env = {**SECRET_ENV, "VAULT_TOKEN": vault.root_token}
-    proxy = start_sidekey(vault_policy(fake, vault, "{method: token, token: env:VAULT_TOKEN}", ttl="1s", stale_for="8s"),
-                          env=env)  # type: ignore[operator]
+    proxy = start_sidekey(
+        vault_policy(fake, vault, "{method: token, token: env:VAULT_TOKEN}", ttl="1s", stale_for="8s"), env=env
+    )  # type: ignore[operator]
     assert bearer(fake, proxy) == f"Bearer {KEY_V1}"
     vault.pause()
     down_at = time.monotonic()
@@ -181,7 +186,9 @@ def test_rotation_new_requests_take_the_new_key_in_flight_finish_with_the_old(
     try:
         wait_until(lambda: any(r.path == "/v1/chat/completions" for r in fake.provider.received), "the stream")
         vault.put("secret", "openai", {"api_key": KEY_V2})
-        refreshed = httpx.post(proxy.admin_url + "/credentials/refresh?provider=vaulted", timeout=DEADLINE, trust_env=False)
+        refreshed = httpx.post(
+            proxy.admin_url + "/credentials/refresh?provider=vaulted", timeout=DEADLINE, trust_env=False
+        )
         assert refreshed.json()["refreshed"][0]["result"] == "ok"
         assert bearer(fake, proxy) == f"Bearer {KEY_V2}", "a new request takes the new key"
     finally:

@@ -69,8 +69,7 @@ def chat(proxy: object, model: str = "gpt-4o-mini", *, stream: bool = False) -> 
 
     trust = ssl.create_default_context(cafile=str(proxy.ca_path))  # type: ignore[attr-defined]
     http = httpx.Client(proxy=proxy.url, verify=trust, trust_env=False)  # type: ignore[attr-defined]
-    client = openai.OpenAI(api_key=PLACEHOLDER, base_url="https://pool.test/v1", max_retries=0,
-                           http_client=http)  # type: ignore[arg-type]  # the openai SDK annotates httpx2.Client; an httpx.Client serves
+    client = openai.OpenAI(api_key=PLACEHOLDER, base_url="https://pool.test/v1", max_retries=0, http_client=http)  # type: ignore[arg-type]  # the openai SDK annotates httpx2.Client; an httpx.Client serves
     messages: list[Any] = [{"role": "user", "content": "hi"}]  # the SDK types them as TypedDicts
     with http:
         if stream:
@@ -152,7 +151,9 @@ def test_model_without_a_mapping_does_not_fail_over(
     extra = pooled(fake, primary_url=DOWN, fallbacks=TO_GROQ) + groq_provider(groq)
     proxy = start_sidekey(policy_for(fake, extra=extra), env=ENV)  # type: ignore[operator]
     body = json.dumps({"model": "gpt-4.1", "messages": []})
-    result = curl(proxy, "-i", "-H", "content-type: application/json", "-d", body, "https://pool.test/v1/chat/completions")
+    result = curl(
+        proxy, "-i", "-H", "content-type: application/json", "-d", body, "https://pool.test/v1/chat/completions"
+    )
     assert result.stdout.startswith("HTTP/1.1 502") and '"upstream_connect_error"' in result.stdout
     assert not groq.received
 

@@ -41,7 +41,9 @@ def assert_survived(proxy: SidekeyProcess, reply: bytes) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(method=METHODS, target=TARGETS, fields=FIELDS, tail=st.binary(max_size=64))
-def test_structured_garbage(sidekey: SidekeyProcess, method: str, target: str, fields: list[tuple[str, str]], tail: bytes) -> None:
+def test_structured_garbage(
+    sidekey: SidekeyProcess, method: str, target: str, fields: list[tuple[str, str]], tail: bytes
+) -> None:
     head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields) + "\r\n"
     reply = send(sidekey.port, head.encode("utf-8", "surrogateescape") + tail)
     assert_survived(sidekey, reply)

@@ -83,7 +83,9 @@ def test_three_sidecars_share_one_quota(start_sidekey: object, fake: FakeProvide
     assert all(200 in results[i::3] for i in range(3))
 
 
-def test_three_sidecars_share_a_token_quota(start_sidekey: object, fake: FakeProviderThread, redis: RedisServer) -> None:
+def test_three_sidecars_share_a_token_quota(
+    start_sidekey: object, fake: FakeProviderThread, redis: RedisServer
+) -> None:
     # Each request reserves its estimate (body bytes / 4 + max_tokens 40) before it is sent;
     # when its answer reports usage, the unused part of the reservation is given back.
     policy = shared_policy(fake, redis, "{tokens_per_minute: 500}")
@@ -231,8 +233,7 @@ def test_token_reservation_reconciled_from_a_real_stream(
     with http:
         for _ in range(2):
             if wire == "openai":
-                client = openai.OpenAI(api_key="placeholder", base_url="https://metered.test/v1",
-                                       http_client=http)  # type: ignore[arg-type]  # the openai SDK annotates httpx2.Client; an httpx.Client serves
+                client = openai.OpenAI(api_key="placeholder", base_url="https://metered.test/v1", http_client=http)  # type: ignore[arg-type]  # the openai SDK annotates httpx2.Client; an httpx.Client serves
                 with client.chat.completions.with_streaming_response.create(
                     model="gpt-4o-mini", max_tokens=2000, messages=[{"role": "user", "content": "hi"}],
                     stream=True, stream_options={"include_usage": True},
@@ -270,7 +271,9 @@ def chat_body(proxy: SidekeyProcess, body: str, host: str = "limited.test") -> t
     return status, result.stdout
 
 
-def test_a_request_that_can_never_fit_is_413_not_an_endless_429(start_sidekey: object, fake: FakeProviderThread) -> None:
+def test_a_request_that_can_never_fit_is_413_not_an_endless_429(
+    start_sidekey: object, fake: FakeProviderThread
+) -> None:
     """tokens_per_minute: 100 and no max_tokens: the reservation (> 4,096) is more
     than the whole quota, so no wait helps. Retry-After would loop a client forever."""
     extra = fake_provider(fake, "limited", "limited.test", limits="{tokens_per_minute: 100}", queue_wait="5")
@@ -288,7 +291,9 @@ def test_a_request_that_can_never_fit_is_413_not_an_endless_429(start_sidekey: o
     assert len([r for r in fake.received if r.path == "/v1/chat/completions"]) == 1
 
 
-def test_a_key_too_small_for_one_request_is_skipped_not_retired(start_sidekey: object, fake: FakeProviderThread) -> None:
+def test_a_key_too_small_for_one_request_is_skipped_not_retired(
+    start_sidekey: object, fake: FakeProviderThread
+) -> None:
     """A per-key token rule smaller than one request's reservation: that request
     goes to another key, and the small key keeps serving requests that fit."""
     extra = fake_provider(fake, "limited", "limited.test", queue_wait="0") + (

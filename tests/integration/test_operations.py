@@ -63,7 +63,10 @@ def test_metrics_count_traffic_with_bounded_labels(sidekey: SidekeyProcess) -> N
         assert curl(sidekey, "https://api.openai.com/v1/models").returncode == 0
     curl(sidekey, "https://api.openai.com/status/503")
     got = samples(sidekey)
-    ok = ("sidekey_requests_total", (("method", "GET"), ("outcome", "ok"), ("provider", "openai"), ("status_class", "2xx")))
+    ok = (
+        "sidekey_requests_total",
+        (("method", "GET"), ("outcome", "ok"), ("provider", "openai"), ("status_class", "2xx")),
+    )
     assert got[ok] == 3
     assert got[("sidekey_request_duration_seconds_count", (("provider", "openai"),))] == 4
     assert got[("sidekey_overhead_seconds_count", (("provider", "openai"),))] == 4
@@ -97,8 +100,20 @@ def test_admin_unreachable_through_the_proxy_port(sidekey: SidekeyProcess) -> No
 def test_admin_on_non_loopback_without_token_refuses_to_start(tmp_path: Path, fake: FakeProviderThread) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text(policy_for(fake))
-    cmd = [sys.executable, "-m", "proxy", "run", "--listen", "127.0.0.1:0", "--policies", str(policy),
-           "--certs", str(tmp_path / "certs"), "--admin", "0.0.0.0:0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--policies",
+        str(policy),
+        "--certs",
+        str(tmp_path / "certs"),
+        "--admin",
+        "0.0.0.0:0",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "SIDEKEY_ADMIN_TOKEN"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2
@@ -188,7 +203,9 @@ def test_check_against_a_running_sidekey(sidekey: SidekeyProcess, fake: FakeProv
     assert "anthropic (" not in result.stdout
 
 
-def test_secrets_sweep_logs_audit_metrics_and_admin(start_sidekey: object, fake: FakeProviderThread, tmp_path: Path) -> None:
+def test_secrets_sweep_logs_audit_metrics_and_admin(
+    start_sidekey: object, fake: FakeProviderThread, tmp_path: Path
+) -> None:
     """Secrets everywhere a caller or upstream can put them; none may reach
     the process log (DEBUG), the audit log (bodies on), metrics or the admin API."""
     caller_secret = "sk-caller-OWN-SECRET-5150"

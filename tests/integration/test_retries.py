@@ -28,12 +28,20 @@ def test_get_retried_after_503_then_answered(sidekey: SidekeyProcess, fake: Fake
     assert fake.headers_seen("authorization") == [f"Bearer {OPENAI_KEY}"] * 3  # the key on every attempt
 
 
-def test_post_retried_after_429_with_its_body(sidekey: SidekeyProcess, fake: FakeProviderThread, tmp_path: Path) -> None:
+def test_post_retried_after_429_with_its_body(
+    sidekey: SidekeyProcess, fake: FakeProviderThread, tmp_path: Path
+) -> None:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 200_000}]})
     path = tmp_path / "body.json"
     path.write_text(body)
-    result = curl(sidekey, "-H", "Content-Type: application/json", "--data-binary", f"@{path}",
-                  "https://retry.test/flaky/b/1?status=429&retry_after_ms=20")
+    result = curl(
+        sidekey,
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        f"@{path}",
+        "https://retry.test/flaky/b/1?status=429&retry_after_ms=20",
+    )
     assert json.loads(result.stdout) == {"attempt": 2}
     sent = [r for r in fake.received if r.path.startswith("/flaky/b")]
     assert [r.body_size for r in sent] == [len(body)] * 2
@@ -42,14 +50,24 @@ def test_post_retried_after_429_with_its_body(sidekey: SidekeyProcess, fake: Fak
 
 def test_post_not_retried_after_500(sidekey: SidekeyProcess, fake: FakeProviderThread) -> None:
     """A 500 after the request went out may mean the completion was billed."""
-    result = curl(sidekey, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-d", "{}", "https://retry.test/flaky/c/5?status=500")
+    result = curl(
+        sidekey, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-d", "{}", "https://retry.test/flaky/c/5?status=500"
+    )
     assert result.stdout == "500"
     assert paths(fake, "/flaky/c") == ["POST"]
 
 
 def test_retry_after_longer_than_the_deadline_is_not_slept(sidekey: SidekeyProcess, fake: FakeProviderThread) -> None:
     started = time.monotonic()
-    result = curl(sidekey, "-s", "-o", "/dev/null", "-w", "%{http_code}", "https://retry.test/flaky/d/5?status=429&retry_after=120")
+    result = curl(
+        sidekey,
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "https://retry.test/flaky/d/5?status=429&retry_after=120",
+    )
     assert result.stdout == "429"  # the upstream's answer, at once
     # Not slept: sleeping would run into the retry deadline (10 s, conftest's retry.test policy) or
     # the 120 s asked; an answer at once takes well under that even on a loaded machine.
@@ -132,7 +150,9 @@ def test_stream_death_sends_an_sse_error_event_when_asked(
 def test_providers_endpoint_shows_circuit_state(start_sidekey: object, fake: FakeProviderThread) -> None:
     import httpx
 
-    extra = fake_provider(fake, "fragile", "fragile.test", retry="{attempts: 1}", circuit="{failures: 1, cooldown: 60s}")
+    extra = fake_provider(
+        fake, "fragile", "fragile.test", retry="{attempts: 1}", circuit="{failures: 1, cooldown: 60s}"
+    )
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
     curl(proxy, "-s", "-o", "/dev/null", "https://fragile.test/flaky/q/1")
     providers = {p["name"]: p for p in httpx.get(proxy.admin_url + "/providers", trust_env=False).json()["providers"]}

@@ -76,7 +76,9 @@ async def test_upgrade_injects_the_key_and_echoes(ws_sidekey: SidekeyProcess, fa
 
 
 @pytest.mark.parametrize(("code", "reason"), [(1000, "done"), (4001, "custom reason"), (1011, "")])
-async def test_upstream_close_code_and_reason_relayed_exactly(ws_sidekey: SidekeyProcess, code: int, reason: str) -> None:
+async def test_upstream_close_code_and_reason_relayed_exactly(
+    ws_sidekey: SidekeyProcess, code: int, reason: str
+) -> None:
     async with ws_connect(ws_sidekey) as ws:
         await ws.send(json.dumps({"type": "fake.close", "code": code, "reason": reason}))
         assert await closed_code(ws) == (code, reason)
@@ -154,8 +156,9 @@ async def test_ping_pong_under_load(ws_sidekey: SidekeyProcess) -> None:
         assert (echoed, pongs) == (16, 20)
 
 
-async def test_permessage_deflate_negotiated_end_to_end_when_not_metering(ws_sidekey: SidekeyProcess,
-                                                                          fake: FakeProviderThread) -> None:
+async def test_permessage_deflate_negotiated_end_to_end_when_not_metering(
+    ws_sidekey: SidekeyProcess, fake: FakeProviderThread
+) -> None:
     async with ws_connect(ws_sidekey, compression="deflate") as ws:
         assert ws.response is not None
         assert "permessage-deflate" in ws.response.headers.get("Sec-WebSocket-Extensions", "")
@@ -191,8 +194,9 @@ async def test_max_duration_closes_with_1001(start_sidekey: object, fake: FakePr
     assert time.monotonic() - started >= 1.0
 
 
-async def test_concurrent_session_limit_answers_429_before_the_upgrade(start_sidekey: object,
-                                                                       fake: FakeProviderThread) -> None:
+async def test_concurrent_session_limit_answers_429_before_the_upgrade(
+    start_sidekey: object, fake: FakeProviderThread
+) -> None:
     extra = fake_provider(fake, "two", "two.test", websocket="true", limits="{concurrent_websockets: 2}")
     proxy = start_sidekey(policy_for(fake, extra=extra))  # type: ignore[operator]
     url = "wss://two.test/v1/realtime"
@@ -209,8 +213,9 @@ async def test_concurrent_session_limit_answers_429_before_the_upgrade(start_sid
         assert await ws.recv() == "again"
 
 
-async def test_sigterm_drain_closes_sessions_with_1001_after_the_grace(start_sidekey: object,
-                                                                       fake: FakeProviderThread) -> None:
+async def test_sigterm_drain_closes_sessions_with_1001_after_the_grace(
+    start_sidekey: object, fake: FakeProviderThread
+) -> None:
     proxy = start_sidekey(policy_for(fake), args=("--grace", "2"))  # type: ignore[operator]
     async with ws_connect(proxy) as ws:
         await ws.send("before")
@@ -224,8 +229,9 @@ async def test_sigterm_drain_closes_sessions_with_1001_after_the_grace(start_sid
     assert await upstream_close_code(fake) == 1001  # the upstream was told too
 
 
-async def test_audit_and_access_lines_at_open_and_close(start_sidekey: object, fake: FakeProviderThread,
-                                                        tmp_path: Path) -> None:
+async def test_audit_and_access_lines_at_open_and_close(
+    start_sidekey: object, fake: FakeProviderThread, tmp_path: Path
+) -> None:
     audit = tmp_path / "audit.jsonl"
     proxy = start_sidekey(metered(fake), args=("--audit", str(audit)))  # type: ignore[operator]
     async with ws_connect(proxy, RT_URL) as ws:
@@ -307,8 +313,19 @@ RT_URL = "wss://rt.test/v1/realtime?model=gpt-4o-realtime-preview"
 
 def chat_status(proxy: SidekeyProcess) -> int:
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20})
-    result = curl(proxy, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/json",
-                  "-d", body, "https://rt.test/v1/chat/completions")
+    result = curl(
+        proxy,
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        "https://rt.test/v1/chat/completions",
+    )
     return int(result.stdout)
 
 
@@ -341,8 +358,9 @@ async def test_usage_from_response_done_goes_into_the_ledger(start_sidekey: obje
     assert (row["requests"], row["input_tokens"], row["output_tokens"], row["cached_input_tokens"]) == (3, 36, 135, 12)
 
 
-async def test_reserve_on_response_create_reconcile_on_response_done(start_sidekey: object,
-                                                                     fake: FakeProviderThread) -> None:
+async def test_reserve_on_response_create_reconcile_on_response_done(
+    start_sidekey: object, fake: FakeProviderThread
+) -> None:
     """tokens_per_day 1,000: a held response reserving 990 leaves too little for a chat call (429);
     its response.done (57 tokens) gives back 933, and the same call passes, mid-session."""
     proxy = start_sidekey(metered(fake, limits="{tokens_per_day: 1000}", queue_wait="0"))  # type: ignore[operator]
@@ -381,13 +399,18 @@ async def test_metrics_for_sessions(ws_sidekey: SidekeyProcess) -> None:
         deadline = time.monotonic() + 60
         while True:  # the session's end is counted once sidekey saw both sides close
             after = (await client.get(ws_sidekey.admin_url + "/metrics")).text
-            if 'sidekey_websocket_closes_total{code="4xxx",provider="openai"} 1.0' in after or time.monotonic() > deadline:
+            if (
+                'sidekey_websocket_closes_total{code="4xxx",provider="openai"} 1.0' in after
+                or time.monotonic() > deadline
+            ):
                 break
             await asyncio.sleep(0.1)
     assert 'sidekey_websocket_sessions_open{provider="openai"} 1.0' in during
     assert 'sidekey_websocket_closes_total{code="4xxx",provider="openai"} 1.0' in after
     assert "sidekey_websocket_sessions_opened_total 1.0" in after
     assert "sidekey_websocket_session_seconds_count 1.0" in after
-    up = next(line for line in after.splitlines() if 'sidekey_websocket_bytes_total{direction="client_to_upstream"}' in line)
+    up = next(
+        line for line in after.splitlines() if 'sidekey_websocket_bytes_total{direction="client_to_upstream"}' in line
+    )
     assert float(up.rsplit(" ", 1)[1]) > 1000
     assert_no_secret(after)

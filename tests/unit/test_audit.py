@@ -358,8 +358,15 @@ def test_rejects_bad_settings(tmp_path: Path, kwargs: dict[str, Any]) -> None:
         {},
         optional={
             "attempts": st.integers(1, 10),
-            "usage": st.builds(Usage, st.integers(0, 10**7), st.integers(0, 10**7), st.integers(0, 10), st.integers(0, 10),
-                               estimated=st.booleans(), model=st.one_of(st.none(), st.text(max_size=20))),
+            "usage": st.builds(
+                Usage,
+                st.integers(0, 10**7),
+                st.integers(0, 10**7),
+                st.integers(0, 10),
+                st.integers(0, 10),
+                estimated=st.booleans(),
+                model=st.one_of(st.none(), st.text(max_size=20)),
+            ),
             "cost": st.one_of(st.none(), st.floats(0, 100, allow_nan=False), st.integers(0, 5)),
             "reserve": st.integers(0, 100),
         },
@@ -367,7 +374,13 @@ def test_rejects_bad_settings(tmp_path: Path, kwargs: dict[str, Any]) -> None:
 )
 @settings(max_examples=300)
 def test_fast_line_is_byte_identical_to_the_record(
-    path: str, host: str, status: int | None, elapsed: float | None, sent: int, intercepted: bool, failed: bool,
+    path: str,
+    host: str,
+    status: int | None,
+    elapsed: float | None,
+    sent: int,
+    intercepted: bool,
+    failed: bool,
     meta: dict[str, Any],
 ) -> None:
     log = AuditLog(os.devnull, max_bytes=0, clock=lambda: 1700000000.25)

@@ -89,7 +89,10 @@ def test_canonical_json_rejects_nan_and_duplicates() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
@@ -168,7 +171,9 @@ def test_storable_head(status: int, headers: dict[str, str], ok: bool) -> None:
 
 # -- streams -------------------------------------------------------------------------------------
 OPENAI = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\ndata: [DONE]\n\n'
-ANTHROPIC = b'event: message_start\ndata: {"type":"message_start"}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+ANTHROPIC = (
+    b'event: message_start\ndata: {"type":"message_start"}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
 
 
 @pytest.mark.parametrize("stream", [OPENAI, ANTHROPIC, OPENAI.replace(b"\n", b"\r\n")])

@@ -97,7 +97,11 @@ def test_groups_fallbacks_health_and_alerts_parse() -> None:
     ("change", "field", "words"),
     [
         (("provider: groq", "provider: nope"), "providers.openai.fallbacks[0].provider", "no provider of that name"),
-        (("provider: groq", "provider: openai"), "providers.openai.fallbacks[0].provider", "cannot fall back to itself"),
+        (
+            ("provider: groq", "provider: openai"),
+            "providers.openai.fallbacks[0].provider",
+            "cannot fall back to itself",
+        ),
         (("name: eu,", "name: key-a,"), "providers.openai.upstreams[1].name", "duplicate upstream name"),
         (("weight: 3", "weight: 0"), "providers.openai.upstreams[0].weight", "whole number >= 1"),
         (("balance: least_in_flight", "balance: fastest"), "providers.openai.balance", "one of: weighted"),

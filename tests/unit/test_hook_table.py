@@ -28,13 +28,18 @@ from proxy.testing import make_flow, make_provider
 
 ROOT = Path(__file__).resolve().parents[2]
 # Names an addon answers to: the hooks, and the methods of every capability protocol.
-ADDON_NAMES = set(HOOKS) | {"idle_hooks", "provides"} | {
-    name
-    for proto in vars(capabilities).values()
-    if inspect.isclass(proto) and getattr(proto, "_is_protocol", False)
-    for name in vars(proto)
-    if not name.startswith("_")
-} | {"bind", "inject", "admit_member", "secret_available", "usage_report", "usable"}
+ADDON_NAMES = (
+    set(HOOKS)
+    | {"idle_hooks", "provides"}
+    | {
+        name
+        for proto in vars(capabilities).values()
+        if inspect.isclass(proto) and getattr(proto, "_is_protocol", False)
+        for name in vars(proto)
+        if not name.startswith("_")
+    }
+    | {"bind", "inject", "admit_member", "secret_available", "usage_report", "usable"}
+)
 
 
 def _lookups_by_name(path: Path) -> list[str]:

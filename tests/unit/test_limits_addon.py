@@ -178,7 +178,11 @@ async def test_no_limits_no_work() -> None:
     provider = make_provider()
     addon = addon_for(provider)
     flow = await through(addon, make_flow(provider))
-    assert flow.metadata == {} and flow.response is not None and "x-ratelimit-limit-requests-minute" not in flow.response.headers
+    assert (
+        flow.metadata == {}
+        and flow.response is not None
+        and "x-ratelimit-limit-requests-minute" not in flow.response.headers
+    )
 
 
 def test_reservation_reads_the_output_cap_and_nothing_for_a_bodyless_request() -> None:

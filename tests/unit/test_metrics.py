@@ -45,8 +45,11 @@ def test_exposition_parses_with_bounded_labels() -> None:
         (("method", "OTHER"), ("outcome", "upstream_timeout"), ("provider", "openai"), ("status_class", "none")): 1,
         (("method", "POST"), ("outcome", "ok"), ("provider", "other"), ("status_class", "none")): 1,
     }
-    duration = {s.name: s.value for s in families["sidekey_request_duration_seconds"].samples
-                if s.labels.get("provider") == "openai" and s.labels.get("le") in (None, "0.5", "0.25")}
+    duration = {
+        s.name: s.value
+        for s in families["sidekey_request_duration_seconds"].samples
+        if s.labels.get("provider") == "openai" and s.labels.get("le") in (None, "0.5", "0.25")
+    }
     assert duration["sidekey_request_duration_seconds_count"] == 1
     overhead = [s for s in families["sidekey_overhead_seconds"].samples if s.labels.get("le") == "0.00025"]
     assert overhead[0].value == 1

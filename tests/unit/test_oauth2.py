@@ -23,18 +23,46 @@ def basic(user: str, password: str) -> str:
     [
         (OAuth2(URL, "app", SECRET), "s3cret", None, {"grant_type": "client_credentials"}, basic("app", "s3cret")),
         # 2.3.1: id and secret are form-urlencoded before Basic
-        (OAuth2(URL, "my app", SECRET), "a:b/c", None, {"grant_type": "client_credentials"}, basic("my+app", "a%3Ab%2Fc")),
-        (OAuth2(URL, "app", SECRET, scope="read write", audience="https://api.example.com", auth_method="post"), "s3cret", None,
-         {"grant_type": "client_credentials", "scope": "read write", "audience": "https://api.example.com",
-          "client_id": "app", "client_secret": "s3cret"}, None),
-        (OAuth2(URL, "app", SECRET, grant="refresh_token", refresh_token=SecretRef("env", "RT")), "s3cret", "rt-1",
-         {"grant_type": "refresh_token", "refresh_token": "rt-1"}, basic("app", "s3cret")),
+        (
+            OAuth2(URL, "my app", SECRET),
+            "a:b/c",
+            None,
+            {"grant_type": "client_credentials"},
+            basic("my+app", "a%3Ab%2Fc"),
+        ),
+        (
+            OAuth2(URL, "app", SECRET, scope="read write", audience="https://api.example.com", auth_method="post"),
+            "s3cret",
+            None,
+            {
+                "grant_type": "client_credentials",
+                "scope": "read write",
+                "audience": "https://api.example.com",
+                "client_id": "app",
+                "client_secret": "s3cret",
+            },
+            None,
+        ),
+        (
+            OAuth2(URL, "app", SECRET, grant="refresh_token", refresh_token=SecretRef("env", "RT")),
+            "s3cret",
+            "rt-1",
+            {"grant_type": "refresh_token", "refresh_token": "rt-1"},
+            basic("app", "s3cret"),
+        ),
         # a public client (no secret) names itself in the form
-        (OAuth2(URL, "cli", None, grant="refresh_token", refresh_token=SecretRef("env", "RT")), None, "rt-1",
-         {"grant_type": "refresh_token", "refresh_token": "rt-1", "client_id": "cli"}, None),
+        (
+            OAuth2(URL, "cli", None, grant="refresh_token", refresh_token=SecretRef("env", "RT")),
+            None,
+            "rt-1",
+            {"grant_type": "refresh_token", "refresh_token": "rt-1", "client_id": "cli"},
+            None,
+        ),
     ],
 )
-def test_token_request(cfg: OAuth2, secret: str | None, refresh: str | None, form: dict[str, str], authorization: str | None) -> None:
+def test_token_request(
+    cfg: OAuth2, secret: str | None, refresh: str | None, form: dict[str, str], authorization: str | None
+) -> None:
     got_form, headers = token_request(cfg, secret, refresh)
     assert got_form == form
     assert headers.get("Authorization") == authorization

@@ -32,7 +32,16 @@ def test_full_jitter_stays_within_bounds(n: int, r: float) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5), ("0s", 0.0), ("", None), ("5", None), ("1x", None)],
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("20ms", 0.02),
+        ("1h2m3.5s", 3723.5),
+        ("0s", 0.0),
+        ("", None),
+        ("5", None),
+        ("1x", None),
+    ],
 )
 def test_go_durations(text: str, seconds: float | None) -> None:
     assert go_duration(text) == seconds
@@ -84,8 +93,10 @@ def test_decide(kwargs: dict[str, object], retry: bool, reason: str) -> None:
 def test_delay_is_the_servers_when_given_else_backoff() -> None:
     assert decide(P, attempts_made=1, method="GET", replayable=True, elapsed=0, status=503, rand=top).delay == 0.5
     assert decide(P, attempts_made=2, method="GET", replayable=True, elapsed=0, status=503, rand=top).delay == 1.0
-    assert decide(P, attempts_made=1, method="GET", replayable=True, elapsed=0, status=429, asked_delay=3,
-                  rand=top).delay == 3
+    assert (
+        decide(P, attempts_made=1, method="GET", replayable=True, elapsed=0, status=429, asked_delay=3, rand=top).delay
+        == 3
+    )
 
 
 def test_opt_in_retries_non_idempotent() -> None:
@@ -108,11 +119,18 @@ def test_caller_overrides(retries: str | None, timeout: str | None, attempts: in
         ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m30s"}, 90.0),
         ({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1m30s"}, None),  # room left
         (
-            {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "10s",
-             "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "250ms"},
+            {
+                "x-ratelimit-remaining-requests": "3",
+                "x-ratelimit-reset-requests": "10s",
+                "x-ratelimit-remaining-tokens": "0",
+                "x-ratelimit-reset-tokens": "250ms",
+            },
             0.25,  # only the spent counter's reset counts
         ),  # fmt: skip
-        ({"anthropic-ratelimit-tokens-remaining": "0", "anthropic-ratelimit-tokens-reset": "2026-11-27T00:00:12Z"}, 12.0),
+        (
+            {"anthropic-ratelimit-tokens-remaining": "0", "anthropic-ratelimit-tokens-reset": "2026-11-27T00:00:12Z"},
+            12.0,
+        ),
         ({"x-ratelimit-remaining-requests": "0"}, None),  # no reset named: nothing to go by
     ],
 )

@@ -24,8 +24,17 @@ def test_parse_authority(authority: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize(
     "authority",
-    ["api.openai.com", "user:pw@api.openai.com:443", "host:0", "host:70000", "host:ab", "[::1", "bad host:443", ":443",
-     "a/b:443"],
+    [
+        "api.openai.com",
+        "user:pw@api.openai.com:443",
+        "host:0",
+        "host:70000",
+        "host:ab",
+        "[::1",
+        "bad host:443",
+        ":443",
+        "a/b:443",
+    ],
 )
 def test_parse_authority_refusals(authority: str) -> None:
     with pytest.raises(errors.BadRequest):
@@ -78,7 +87,12 @@ def _provider(upstream: Upstream | None) -> Provider:
         (None, "api.example.com", 443, "https://api.example.com/v1/x?q=1"),
         (None, "api.example.com", 8443, "https://api.example.com:8443/v1/x?q=1"),
         (Upstream("eu.example.com", 443), "api.example.com", 443, "https://eu.example.com/v1/x?q=1"),
-        (Upstream("gw.example.com", 9443, "/openai"), "api.example.com", 443, "https://gw.example.com:9443/openai/v1/x?q=1"),
+        (
+            Upstream("gw.example.com", 9443, "/openai"),
+            "api.example.com",
+            443,
+            "https://gw.example.com:9443/openai/v1/x?q=1",
+        ),
         (Upstream("::1", 443), "api.example.com", 443, "https://[::1]/v1/x?q=1"),
     ],
 )

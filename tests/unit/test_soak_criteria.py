@@ -60,7 +60,9 @@ def test_rss_windows_are_the_second_and_last_sixths() -> None:
         ((16, 16), (14, 15), {"fds_back": True, "tasks_back": False}),
     ],
 )
-def test_fds_and_tasks_back_to_baseline(fds: tuple[int, int], tasks: tuple[int, int], expected: dict[str, bool]) -> None:
+def test_fds_and_tasks_back_to_baseline(
+    fds: tuple[int, int], tasks: tuple[int, int], expected: dict[str, bool]
+) -> None:
     got = verdicts(run([1000] * 12, fds=fds, tasks=tasks))
     assert {k: got[k] for k in expected} == expected
 

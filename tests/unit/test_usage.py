@@ -287,7 +287,9 @@ def test_garbage_gives_the_same_result_for_every_split(parts: list[bytes], cuts:
     # The totals never depend on the split. (The "dropped" statistic may: an
     # over-long line cut before its end is counted when the cut shows it too long.)
     assert pieces[0] == whole[0]
-    assert {k: v for k, v in pieces[1].items() if k != "dropped"} == {k: v for k, v in whole[1].items() if k != "dropped"}
+    assert {k: v for k, v in pieces[1].items() if k != "dropped"} == {
+        k: v for k, v in whole[1].items() if k != "dropped"
+    }
     assert whole[1]["buffered"] == 0
 
 

@@ -267,7 +267,9 @@ def test_json_usage_parses_only_the_usage_object(body: bytes, expected: Usage | 
 
 def test_json_usage_anthropic() -> None:
     body = json.dumps(anthropic_wire.message(MESSAGES)).encode()
-    assert json_usage(body, "anthropic") == usage_from_json(body, "anthropic") == Usage(3, 4, model=str(MESSAGES["model"]))
+    assert (
+        json_usage(body, "anthropic") == usage_from_json(body, "anthropic") == Usage(3, 4, model=str(MESSAGES["model"]))
+    )
 
 
 # -- budgets ------------------------------------------------------------------------------

@@ -83,10 +83,18 @@ def test_parse_response_head_refuses(data: bytes) -> None:
     ("head", "metering", "problem"),
     [
         (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", False, None),
-        (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n", False, None),
-        (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n", True, "permessage-deflate though it was not offered"),
+        (
+            b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+            False,
+            None,
+        ),
+        (
+            b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+            True,
+            "permessage-deflate though it was not offered",
+        ),
         (b"HTTP/1.1 101 OK\r\nConnection: Upgrade\r\n\r\n", False, "no Upgrade: websocket"),
         (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\n\r\n", False, "no Connection: upgrade"),
         (b"HTTP/1.1 200 OK\r\n\r\n", False, "not 101"),
@@ -98,8 +106,18 @@ def test_upgrade_accepted(head: bytes, metering: bool, problem: str | None) -> N
 
 @pytest.mark.parametrize(
     ("code", "label"),
-    [(None, "none"), (1000, "1000"), (1006, "1006"), (1015, "1015"), (1016, "other"), (2999, "other"),
-     (3000, "3xxx"), (4001, "4xxx"), (4999, "4xxx"), (5000, "other")],
+    [
+        (None, "none"),
+        (1000, "1000"),
+        (1006, "1006"),
+        (1015, "1015"),
+        (1016, "other"),
+        (2999, "other"),
+        (3000, "3xxx"),
+        (4001, "4xxx"),
+        (4999, "4xxx"),
+        (5000, "other"),
+    ],
 )
 def test_close_label_is_bounded(code: int | None, label: str) -> None:
     assert close_label(code) == label
@@ -137,7 +155,9 @@ def test_tracker_counts_frames_of_every_length_form(size: int, masked: bool) -> 
 @pytest.mark.parametrize("masked", [False, True])
 def test_tracker_reads_the_close_code(masked: bool) -> None:
     t = FrameTracker()
-    t.feed(frame(Opcode.TEXT, b"hi", masked=masked) + frame(Opcode.CLOSE, Close(4001, "bye").serialize(), masked=masked))
+    t.feed(
+        frame(Opcode.TEXT, b"hi", masked=masked) + frame(Opcode.CLOSE, Close(4001, "bye").serialize(), masked=masked)
+    )
     assert (t.frames, t.close_code, t.close_seen) == (2, 4001, True)
     empty = FrameTracker()
     empty.feed(frame(Opcode.CLOSE, b"", masked=masked))
@@ -152,18 +172,26 @@ def test_close_frame_round_trips() -> None:
 
 
 _frames = st.lists(
-    st.tuples(st.sampled_from([Opcode.TEXT, Opcode.BINARY, Opcode.PING, Opcode.CONT]), st.binary(max_size=300),
-              st.booleans()),
+    st.tuples(
+        st.sampled_from([Opcode.TEXT, Opcode.BINARY, Opcode.PING, Opcode.CONT]), st.binary(max_size=300), st.booleans()
+    ),
     max_size=8,
 )
 
 
-@given(frames=_frames, masked=st.booleans(), cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=12),
-       code=st.sampled_from([1000, 1001, 1002, 1008, 1011, 3000, 4001, 4999]))
-def test_tracker_same_answer_for_every_split(frames: list[tuple[Opcode, bytes, bool]], masked: bool,
-                                             cuts: list[int], code: int) -> None:
-    parts = [frame(op, p[:125] if op == Opcode.PING else p, masked=masked, fin=fin or op == Opcode.PING)
-             for op, p, fin in frames]
+@given(
+    frames=_frames,
+    masked=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=12),
+    code=st.sampled_from([1000, 1001, 1002, 1008, 1011, 3000, 4001, 4999]),
+)
+def test_tracker_same_answer_for_every_split(
+    frames: list[tuple[Opcode, bytes, bool]], masked: bool, cuts: list[int], code: int
+) -> None:
+    parts = [
+        frame(op, p[:125] if op == Opcode.PING else p, masked=masked, fin=fin or op == Opcode.PING)
+        for op, p, fin in frames
+    ]
     parts.append(frame(Opcode.CLOSE, Close(code, "r").serialize(), masked=masked))
     data = b"".join(parts)
     ends = set()
@@ -184,8 +212,14 @@ def test_tracker_same_answer_for_every_split(frames: list[tuple[Opcode, bytes, b
 
 @pytest.mark.parametrize(
     ("hosts", "expected"),
-    [(("api.openai.com",), True), (("myres.openai.azure.com",), True), (("*.openai.azure.com",), True),
-     (("api.anthropic.com",), False), (("generativelanguage.googleapis.com",), True), (("example.test",), False)],
+    [
+        (("api.openai.com",), True),
+        (("myres.openai.azure.com",), True),
+        (("*.openai.azure.com",), True),
+        (("api.anthropic.com",), False),
+        (("generativelanguage.googleapis.com",), True),
+        (("example.test",), False),
+    ],
 )
 def test_known_websocket_hosts(hosts: tuple[str, ...], expected: bool) -> None:
     assert offers_websocket(hosts) is expected

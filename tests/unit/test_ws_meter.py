@@ -35,9 +35,17 @@ def done(usage: object = USAGE, model: str | None = None) -> bytes:
         ([ev(type="response.create")], [DEFAULT_RESERVE]),
         ([ev(type="response.create", response={"max_output_tokens": 300})], [300]),
         ([ev(type="response.create", response={"max_output_tokens": "inf"})], [DEFAULT_RESERVE]),
-        ([ev(type="session.update", session={"max_response_output_tokens": 200}), ev(type="response.create")], [0, 200]),
-        ([ev(type="session.update", session={"max_output_tokens": 100}),
-          ev(type="response.create", response={"max_output_tokens": 50})], [0, 50]),
+        (
+            [ev(type="session.update", session={"max_response_output_tokens": 200}), ev(type="response.create")],
+            [0, 200],
+        ),
+        (
+            [
+                ev(type="session.update", session={"max_output_tokens": 100}),
+                ev(type="response.create", response={"max_output_tokens": 50}),
+            ],
+            [0, 50],
+        ),
         ([ev(type="input_audio_buffer.append", audio="AAAA")], [0]),
         ([b"not json", b'{"type": "response.create"'], [0, 0]),
         ([ev(type="conversation.item.create", item={"text": '"response.create"'})], [0]),
@@ -126,8 +134,11 @@ def test_reader_after_a_close_frame() -> None:
     assert reader.feed(Frame(Opcode.CLOSE, Close(1000, "").serialize()).serialize(mask=False)) == []
 
 
-@given(cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=20), pieces=st.integers(1, 5),
-       masked=st.booleans())
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=20),
+    pieces=st.integers(1, 5),
+    masked=st.booleans(),
+)
 def test_same_usage_for_every_split(cuts: list[int], pieces: int, masked: bool) -> None:
     stream = b"".join(frames_of(m, pieces, masked=masked)
                       for m in (ev(type="response.audio.delta", delta="A" * 500), done(), done()))  # fmt: skip
