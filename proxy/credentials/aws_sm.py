@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from proxy.credentials.config import AwsSmStore
-from proxy.credentials.model import Credential, SourceError
+from proxy.credentials.model import Credential, SourceError, error_word
 from proxy.policy import SecretRef
 
 
@@ -53,7 +53,7 @@ class AwsSmClient:
         try:
             resp = await client.get_secret_value(SecretId=secret_id)
         except ClientError as exc:  # the code only: botocore's message may quote the request
-            code = exc.response.get("Error", {}).get("Code", "error")
+            code = error_word(exc.response.get("Error", {}).get("Code"), "error")
             raise SourceError(f"aws-sm read failed ({code})") from None
         except BotoCoreError as exc:
             raise SourceError(f"aws-sm read failed ({type(exc).__name__})") from None

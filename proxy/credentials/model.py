@@ -38,6 +38,13 @@ class SourceError(Exception):
     (a status code, an exception type), never a response body or a value."""
 
 
+def error_word(word: object, fallback: str) -> str:
+    """A remote error code fit for a log line: an identifier-shaped word (OAuth2's
+    ``invalid_client``, AWS's ``ResourceNotFoundException``) or ``fallback``. The code comes
+    from the remote answer, so anything else (a phrase, a quoted request) is not repeated."""
+    return word if isinstance(word, str) and word.isidentifier() and len(word) <= 64 else fallback
+
+
 class Source(Protocol):
     """Where one secret is fetched from. ``source`` names it for logs and
     the admin API (``vault:secret/data/openai#api_key``), never its value."""

@@ -20,7 +20,7 @@ from urllib.parse import quote_plus
 
 from proxy.credentials.config import OAuth2
 from proxy.credentials.http import StoreClient
-from proxy.credentials.model import Credential, SourceError
+from proxy.credentials.model import Credential, SourceError, error_word
 from proxy.netguard import Guard
 from proxy.policy import SecretRef
 
@@ -79,8 +79,7 @@ class OAuth2Source:
         started = self.clock()
         status, data = await self.http.request("POST", cfg.token_url, data=form, headers=headers)
         if status != 200 or not isinstance(data, dict):
-            error = data.get("error") if isinstance(data, dict) else None
-            code = error if isinstance(error, str) and error.isidentifier() else f"HTTP {status}"
+            code = error_word(data.get("error") if isinstance(data, dict) else None, f"HTTP {status}")
             raise SourceError(f"token request failed ({code})")  # RFC 6749 5.2 codes are fixed words
         token, kind = data.get("access_token"), data.get("token_type", "bearer")
         if not isinstance(token, str) or not token or not isinstance(kind, str) or kind.lower() != "bearer":

@@ -131,3 +131,20 @@ async def test_invalidate_makes_it_due_and_keeps_serving_until_replaced() -> Non
     assert entry.due(clock.now) and entry.value() == "v1"
     src.value = "v2"
     assert (await entry.refresh()).changed and entry.value() == "v2"
+
+
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("invalid_client", "invalid_client"),
+        ("ResourceNotFoundException", "ResourceNotFoundException"),
+        ("bad secret sk-live-123 in request", "HTTP 400"),  # a phrase from the remote side is not repeated
+        ("x" * 65, "HTTP 400"),
+        (None, "HTTP 400"),
+        (42, "HTTP 400"),
+    ],
+)
+def test_error_word_repeats_only_identifier_shaped_codes(word: object, expected: str) -> None:
+    from proxy.credentials.model import error_word
+
+    assert error_word(word, "HTTP 400") == expected
