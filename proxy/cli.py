@@ -254,10 +254,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise startup.BadChoice(name="--access-log (or $SIDEKEY_ACCESS_LOG)", choices="on, off")
     logs.configure(startup.log_level(args.log_level), args.log_format, sys.stderr)
     try:
-        arenas = memtrim.arena_limit(os.environ)
-    except ValueError:
-        raise startup.BadChoice(name="$SIDEKEY_MALLOC_ARENA_MAX", choices="0 (glibc's default), 1, 2, ...") from None
-    memtrim.cap_arenas(arenas)  # before any thread starts (uvloop's resolver, to_thread workers)
+        malloc_options = memtrim.malloc_options(os.environ)
+    except ValueError as exc:
+        raise startup.BadChoice(name=f"${exc}", choices="0 (glibc's default) or a whole number") from None
+    memtrim.set_malloc_options(malloc_options)  # before any thread starts (uvloop's resolver, to_thread workers)
     if args.worker_index is not None:
         log.info("worker %d, pid %d", args.worker_index, os.getpid())
     before, after = fdlimit.raise_fd_limit()
