@@ -17,7 +17,7 @@ from proxy.policy import Policy
 
 if TYPE_CHECKING:
     from proxy.admin import AdminServer
-    from proxy.engine import Sidekey
+    from proxy.server import Sidekey
 
 log = logging.getLogger("sidekey")
 
@@ -330,7 +330,7 @@ def _attach_metrics(engine: Sidekey, addons: list[object]) -> None:
         return
     cache = next((a for a in addons if isinstance(a, Cache)), None)
     if cache is not None:
-        metrics.registry.register(cache.stats.collector(cache))
+        metrics.registry.register(cache.stats.collector(cache.backends))
     limits = next((a for a in addons if isinstance(a, Limits)), None)
     sinks = [a for a in addons if isinstance(a, AuditLog | DeadLetters)]
 
@@ -368,8 +368,8 @@ def _admin_servers(engine: Sidekey, args: argparse.Namespace) -> tuple[AdminServ
 
 
 async def serve(policy: Policy, args: argparse.Namespace, location: locate.PolicyLocation, certs: Path) -> int:
-    from proxy.engine import Sidekey
     from proxy.policy.watch import PolicyWatcher
+    from proxy.server import Sidekey
 
     addons = _addons(policy, args)
     engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons, reuse_port=args.reuse_port)
