@@ -44,15 +44,6 @@ def payload_hash(body: bytes | None) -> str:
     return hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
 
 
-def available() -> bool:
-    """Whether botocore (the ``aws`` extra) can be imported."""
-    try:
-        import botocore.auth  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def sign(method: str, url: str, content_type: str | None, body: bytes | None, unsigned: bool, key: AwsKey,
          service: str, region: str, now: datetime) -> list[tuple[str, str]]:  # fmt: skip
     """The headers that sign this request: Authorization, X-Amz-Date,

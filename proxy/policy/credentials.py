@@ -6,26 +6,27 @@ message ever repeats a value.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import cast
 from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.credentials.config import (
+from proxy.policy.credential_model import (
     AwsSmStore,
     AzureKvStore,
     OAuth2,
+    SecretKind,
+    SecretRef,
     SecretStores,
     SigV4,
     StaticRef,
+    Timing,
     VaultAuth,
     VaultMethod,
     VaultStore,
 )
-from proxy.credentials.model import Timing
-from proxy.credentials.sigv4 import available as sigv4_available
-from proxy.policy import SecretKind, SecretRef
 from proxy.policy.fields import Invalid, Reader, check_host
 
 STORES = frozenset({"vault", "aws_sm", "azure_kv"})
@@ -223,7 +224,7 @@ def sigv4(r: Reader, f: dict[str, yaml.Node], node: yaml.Node, field: str) -> Si
     for key in ("service", "region"):
         if key not in f:
             r.problem(node, f"{field}.{key}", "required for type aws-sigv4")
-    if not sigv4_available():
+    if importlib.util.find_spec("botocore") is None:  # signs with botocore; not imported here
         r.problem(f["type"], f"{field}.type", "aws-sigv4 needs the aws extra (pip install 'sidekey[aws]')")
 
     def service(n: yaml.Node, w: str) -> str:
