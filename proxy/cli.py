@@ -325,7 +325,7 @@ def _attach_metrics(engine: Sidekey, addons: list[object]) -> None:
         return
     cache = next((a for a in addons if isinstance(a, Cache)), None)
     if cache is not None:
-        metrics.registry.register(cache.stats.collector(cache))
+        metrics.registry.register(cache.stats.collector(cache.backends))
     limits = next((a for a in addons if isinstance(a, Limits)), None)
     sinks = [a for a in addons if isinstance(a, AuditLog | DeadLetters)]
 

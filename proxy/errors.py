@@ -186,6 +186,13 @@ class UpstreamDisconnected(ProxyError):
     template = "the upstream of provider {provider} closed the connection"
 
 
+class ClientGone(ProxyError):
+    """The client closed its connection (or writing to it failed) mid-request."""
+
+    status, code = 499, "client_closed"
+    template = "the client closed the connection"
+
+
 def describe(exc: BaseException) -> str:
     """For logs: the exception type and where it was raised, never its
     message (an aiohttp error's text can quote a URL with a query key)."""
