@@ -50,7 +50,7 @@ def strip_caller_signature(headers: CIMultiDict[str]) -> None:
     headers.popall("authorization", None)
 
 
-# proxy.http_session.SMALL_BODY (addons do not import the session; a unit test
+# proxy.responses.SMALL_BODY (addons do not import the session; a unit test
 # holds the two equal): a Content-Length body up to it is read whole anyway.
 SMALL_BODY = 65536
 

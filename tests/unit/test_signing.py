@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 
 from addons import default_addons, signing
 from addons.signing import AwsSigner, strip_caller_signature
-from proxy import http_session
+from proxy import responses
 from proxy.attempt import Attempt
 from proxy.balance import UpstreamState
 from proxy.credentials.sigv4 import EMPTY_SHA256, AwsKey, payload_hash, sign
@@ -198,7 +198,7 @@ def _attempt(flow: Flow) -> Attempt:
 
 
 def test_a_chunked_body_is_held_and_signed_or_refused_over_the_limit() -> None:
-    assert signing.SMALL_BODY == http_session.SMALL_BODY, "held like a Content-Length body the session reads whole"
+    assert signing.SMALL_BODY == responses.SMALL_BODY, "held like a Content-Length body the session reads whole"
     flow, signer = _sigv4_flow(70_000)
     flow.request.body, flow.request.content_length = _pieces(b"a" * 40_000, b"b" * 20_000), None
     pending = signer.request(flow)
