@@ -220,6 +220,8 @@ class CachePolicy:
     backend: CacheBackend = "memory"
     stale_if_error: float = 0.0
     coalesce: bool = True
+    coalesce_cluster: bool = False  # coalesce: cluster (Redis backend): across sidecars too
+    count_hits: Literal["none", "caller"] = "none"  # caller: hits take from the caller's request rules
     scope: CacheScope = "upstream"
     vary: tuple[str, ...] = CACHE_VARY  # lower-case
     statuses: tuple[int, ...] = (200,)

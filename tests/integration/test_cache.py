@@ -250,6 +250,40 @@ def test_a_hit_takes_nothing_from_the_limits(start_sidekey: Start, fake: FakePro
     assert int(second["x-ratelimit-remaining-tokens-minute"]) >= 1000000 - 2 * used_by_a
 
 
+def test_usage_counts_answers_from_the_cache_as_cached_with_the_cost_saved(proxy: SidekeyProcess,
+                                                                         fake: FakeProviderThread) -> None:  # fmt: skip
+    chat = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
+    assert [post(proxy, chat)[0]["x-sidekey-cache"] for _ in range(3)] == ["miss", "hit", "hit"]
+    rows = admin(proxy, "GET", "/usage?provider=openai").json()["by"]
+    upstream = next(r for r in rows if r["upstream"] == "default")
+    cached = next(r for r in rows if r["upstream"] == "cache")
+    assert (upstream["requests"], upstream["cached"]) == (1, 0) and upstream["cost_usd"] > 0
+    assert (cached["requests"], cached["cached"], cached["model"]) == (0, 2, "gpt-4o-mini")
+    assert cached["cost_usd"] == 0 and cached["input_tokens"] == 0  # nothing spent: budgets never see it
+    assert cached["saved_usd"] == pytest.approx(2 * upstream["cost_usd"])
+    assert admin_stats(proxy)["providers"]["openai"]["saved_usd"] == pytest.approx(2 * upstream["cost_usd"], abs=1e-6)
+    metrics = admin(proxy, "GET", "/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith('sidekey_cache_saved_usd_total{provider="openai"}'))
+    assert float(line.split()[-1]) == pytest.approx(2 * upstream["cost_usd"])
+
+
+def test_hits_count_in_caller_request_limits_only_when_asked(start_sidekey: Start, fake: FakeProviderThread) -> None:
+    """openai: ``count_hits: caller``, so its caller's 3 requests a minute are 1 miss and 2 hits,
+    and the next hit is refused; 'other' (the default) answers hits past its caller limit."""
+    policy = cached_policy(fake, "{ttl: 5m}").replace("cache: {ttl: 5m}", "cache: {ttl: 5m, count_hits: caller}", 1)
+    policy = policy.replace("  openai:\n", "  openai:\n    caller_limits: {requests_per_minute: 3}\n", 1)
+    policy = policy.replace("  other:\n", "  other:\n    caller_limits: {requests_per_minute: 1}\n", 1)
+    proxy = start_sidekey(policy, env={**SECRET_ENV, "OTHER_KEY": "k"})
+    chat = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
+    heads = [post(proxy, chat)[0] for _ in range(3)]
+    assert [h["x-sidekey-cache"] for h in heads] == ["miss", "hit", "hit"]
+    refused, text = post(proxy, chat)
+    assert json.loads(text)["error"]["code"] == "rate_limited" and "x-sidekey-cache" not in refused
+    other = [post(proxy, chat, host="other.test")[0]["x-sidekey-cache"] for _ in range(4)]
+    assert other == ["miss", "hit", "hit", "hit"]  # its caller limit of 1 is not spent by hits
+    assert upstream_calls(fake) == 2
+
+
 def test_a_failed_leader_does_not_fail_its_followers(proxy: SidekeyProcess, fake: FakeProviderThread) -> None:
     """The first request's answer is a 503 (not stored): one follower leads
     again, the others follow it; every follower gets the 200."""
