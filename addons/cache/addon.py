@@ -19,6 +19,7 @@ with no ``cache:`` anywhere the hooks are idle (not called).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from multidict import CIMultiDict
 
 from addons.cache import rules
 from addons.cache.backends import Backends
+from addons.cache.cluster import WAIT, ClusterLocks
 from addons.cache.flight import Flight, FlightFailed
 from addons.cache.key import cache_key
 from addons.cache.pending import Pending
@@ -174,10 +176,11 @@ class Cache:
         if pending is None:
             return
         recorder = pending.recorder
-        entry = None
+        entry = written = None
         if recorder is not None and recorder.pieces is not None and recorder.clean and meta.get("cache") == "miss":
             entry = self._entry(flow, pending, b"".join(recorder.pieces))
-            self.backends.put(pending.key, entry, pending.policy)
+            written = self.backends.put(pending.key, entry, pending.policy)
+        self._unlock(pending, written)
         if pending.flight is not None:
             cost = meta.get("cost")
             pending.flight.saved_usd = float(cost) if isinstance(cost, float | int) else 0.0
@@ -190,8 +193,10 @@ class Cache:
         pending: Pending | None = meta.pop("cache_state", None)
         if flow.provider is not None and "cache" in meta:
             self.stats.count(flow.provider.name, "error")
-        if pending is not None and pending.flight is not None:
-            self._end_flight(pending.flight, ok=False)
+        if pending is not None:
+            self._unlock(pending, None)
+            if pending.flight is not None:
+                self._end_flight(pending.flight, ok=False)
 
     # -- internals -----------------------------------------------------------------------
     def _identity(self, provider: Provider) -> str:
@@ -215,6 +220,45 @@ class Cache:
         waited = self._decide(flow, provider, policy, directives, key, entry)
         if waited is not None:
             await waited
+        elif policy.coalesce_cluster and self.backends.locks is not None:
+            pending: Pending | None = flow.metadata.get("cache_state")
+            if pending is not None and pending.flight is not None:  # leads here: and across sidecars?
+                await self._lead_cluster(flow, policy, pending, self.backends.locks)
+
+    async def _lead_cluster(self, flow: Flow, policy: CachePolicy, pending: Pending, locks: ClusterLocks) -> None:
+        """Take the key's Redis lock and lead, or wait for the sidecar that holds it
+        (``addons.cache.cluster``); its entry answers this flow and the followers here."""
+        provider = flow.provider
+        assert provider is not None and pending.flight is not None
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while True:
+            token = await locks.acquire(provider.name, pending.key)
+            if token is not None:
+                pending.lock = (provider.name, token)
+                return
+            entry = await locks.wait(provider.name, pending.key, deadline)
+            if entry is not None:
+                flight = pending.flight
+                flight.saved_usd = entry.saved_usd
+                flight.head(entry.status, CIMultiDict(entry.headers))
+                flight.publish(entry.body)
+                self._end_flight(flight, ok=True)
+                del flow.metadata["cache_state"]
+                flow.response = self._answer(entry, "coalesced")
+                flow.metadata.update(cache="coalesced", cache_saved=entry.saved_usd)
+                counting = self._count(flow, policy)
+                if counting is not None:
+                    await counting
+                return
+            if asyncio.get_running_loop().time() >= deadline:
+                return  # waited long enough: upstream, without the lock
+
+    def _unlock(self, pending: Pending, written: asyncio.Task[None] | None) -> None:
+        """The flow led across sidecars: free its lock once its entry is written (or now)."""
+        if pending.lock is not None and self.backends.locks is not None:
+            provider, token = pending.lock
+            self.backends.locks.release(provider, pending.key, token, written)
+            pending.lock = None
 
     def _decide(self, flow: Flow, provider: Provider, policy: CachePolicy, directives: rules.Directives, key: str,
                 entry: Entry | None) -> Awaitable[None] | None:  # fmt: skip
