@@ -18,13 +18,18 @@ from addons.credentials import CredentialInjector
 from addons.health import HealthChecks
 from addons.limits import Limits
 from addons.metrics import Metrics
+from addons.placeholders import Placeholders
 from addons.provider_headers import ProviderHeaders
 from addons.usage import UsageMeter
 
 
 def default_addons(*, access_log: bool = True) -> list[object]:
     addons: list[object] = [
-        # First: nothing else should ever see (or log) the caller's placeholder
+        # Before credentials: it sees the caller's headers before their
+        # credential headers are stripped (a placeholder there is refused or
+        # put in like any other), and refuses a misdirected one before any work.
+        Placeholders(),
+        # Then: nothing else should ever see (or log) the caller's placeholder
         # key, and a missing secret answers before any other work is done.
         CredentialInjector(),
         # After credentials: fills in provider-required headers the caller left out.

@@ -81,6 +81,8 @@ class CredentialInjector:
         static += [r for p in policy.providers if p.auth.oauth2 is not None
                    for r in (p.auth.oauth2.client_secret, p.auth.oauth2.refresh_token)
                    if r is not None and r.kind in STATIC_KINDS]  # fmt: skip
+        named = [ref for p in policy.providers for _name, ref in p.placeholders]  # addons/placeholders.py
+        static += [r for r in named if r.kind in STATIC_KINDS]
         self.store.watch(list(dict.fromkeys(static)))
         await asyncio.to_thread(self.store.refresh)
         # sidekey's own ports stay refused to credential fetches too (the guard the engine keeps).
@@ -88,7 +90,8 @@ class CredentialInjector:
         fresh = self.creds.configure(policy, Guard(policy.allow_networks, self_ports))
         # Store secrets are read now, so a start or reload reports what is missing;
         # OAuth2 tokens are fetched on first use.
-        await self.creds.ensure(r for r in refs.values() if r.kind not in STATIC_KINDS and r.kind != "oauth2"
+        fetched = (*refs.values(), *named)
+        await self.creds.ensure(r for r in fetched if r.kind not in STATIC_KINDS and r.kind != "oauth2"
                                 and any(e is self.creds.entries.get(r) for e in fresh))  # fmt: skip
         for (p, t), ref in refs.items():
             if p.auth.type not in ("none", "oauth2") and self.creds.value(ref) is None:
@@ -97,6 +100,13 @@ class CredentialInjector:
                 entry = self.creds.entries.get(ref)
                 problem = entry.problem if entry is not None else self.store.problem(ref)
                 log.warning("provider %s: credential source %s %s", name, ref.source, problem)
+        for p in policy.providers:
+            for placeholder, ref in p.placeholders:
+                if self.source_value(ref) is None:
+                    entry = self.creds.entries.get(ref)
+                    problem = entry.problem if entry is not None else self.store.problem(ref)
+                    log.warning("provider %s: placeholder %s: credential source %s %s", p.name, placeholder,
+                                ref.source, problem)  # fmt: skip
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._refresh_loop(), name="sidekey-secret-refresh")
@@ -143,6 +153,16 @@ class CredentialInjector:
         if secret is None and ref.kind not in STATIC_KINDS:
             secret = self.creds.value(ref)
         return secret
+
+    def source_value(self, ref: SecretRef) -> str | None:
+        """The current value of any source the policy names (a placeholder's)."""
+        secret = self.store.get(ref)
+        if secret is None and ref.kind not in STATIC_KINDS:
+            secret = self.creds.value(ref)
+        return secret
+
+    async def ensure(self, refs: list[SecretRef]) -> None:
+        await self.creds.ensure(refs)
 
     def _refs(self, provider: Provider) -> dict[SecretRef, list[str]]:
         """The references a provider injects, each with the members using it."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from multidict import CIMultiDict
 
-from proxy.policy import Provider, Target
+from proxy.policy import Provider, SecretRef, Target
 
 if TYPE_CHECKING:
     from proxy.flow import Flow
@@ -58,6 +58,14 @@ class Secrets(Protocol):
 
     async def refresh_credentials(self, provider: Provider | None) -> list[dict[str, Any]]:
         """Re-read now (one provider's, or every one's); what each re-read gave."""
+        ...
+
+    def source_value(self, ref: SecretRef) -> str | None:
+        """The current value of any source the policy names (a placeholder's); None: none yet."""
+        ...
+
+    async def ensure(self, refs: list[SecretRef]) -> None:
+        """Wait for the one fetch in flight of each store source that has no value yet."""
         ...
 
 
