@@ -1,7 +1,7 @@
 """Fuzz the HTTP/1.1 request path: head, target, body framing and the chunked body.
 
-Mirrors what the listener does with the bytes of one connection (proxy/engine.py
-``_dispatch``, proxy/exchange.py ``read_head``/``handle``, proxy/bodies.py), minus
+Mirrors what the listener does with the bytes of one connection (proxy/server.py
+``_dispatch``, proxy/http_session.py ``read_head``/``handle``, proxy/bodies.py), minus
 the network: the bytes are fed to an in-memory ``asyncio.StreamReader`` with the
 listener's header limit. The only allowed failure is a ``ProxyError`` (a planned
 4xx answer); any other exception is a crash.

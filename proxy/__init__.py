@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-1. Listener (``engine.Sidekey``): asyncio server on 127.0.0.1:8080. The first
+1. Listener (``server.Sidekey``): asyncio server on 127.0.0.1:8080. The first
    request head on a connection decides its kind:
    - ``CONNECT host:port`` for a host a policy matches: answer 200, terminate
      the client's TLS with a leaf certificate for ``host`` minted from our CA
@@ -14,13 +14,13 @@ Theory of operation
    - absolute-form ``http://host/...``: a plain proxy request; for a matched
      host it is forwarded upstream over TLS.
    - anything else: 400.
-2. HTTP/1.1 loop (``exchange``, given the narrow ``conn.Engine`` view, never
+2. HTTP/1.1 loop (``http_session``, given the narrow ``conn.Engine`` view, never
    the engine itself): read a head (``http1``, pure rules), build a
    ``flow.Flow`` carrying the policy snapshot, run the ``request`` hooks of
    the addons (``hooks.AddonManager``; a ``request`` hook may answer locally),
    forward, run ``responseheaders``, stream the body back chunk by chunk, then
    ``response`` (or ``error``).
-3. Forwarder (``forward``): the attempts of one request under one deadline.
+3. Attempt loop (``attempt_loop``): the attempts of one request under one deadline.
    What to do next is decided by the sans-IO planner (``plan.Plan``: which
    member of the provider's group, via ``balance``; retry or wait, via
    ``retry.decide``; fail over, via ``failover.rewrite``; stop); the
@@ -45,7 +45,7 @@ Theory of operation
    rules, prices and token counts in ``policy.rates``) read once from YAML by
    ``policy.load`` with line-numbered errors that never quote a value. A
    changed file (``policy.watch``) is parsed and offered to every addon's
-   ``configure`` first, then swapped in as one reference (``engine.reload``);
+   ``configure`` first, then swapped in as one reference (``server.Sidekey.reload``);
    flows in flight keep the snapshot they started with.
 6. Around it: the admin API (``admin``: health, metrics, providers, usage,
    policy and reload) on its own loopback listener; secrets read by one

@@ -27,7 +27,7 @@ from proxy.policy import SCHEMA_VERSION, Policy, Provider, Target
 from proxy.policy.load import PolicyError
 
 if TYPE_CHECKING:
-    from proxy.engine import Sidekey
+    from proxy.server import Sidekey
 
 
 # Documented in docs/admin-openapi.yaml; a test keeps the two in step.

@@ -17,7 +17,7 @@ from proxy.policy import Policy
 
 if TYPE_CHECKING:
     from proxy.admin import AdminServer
-    from proxy.engine import Sidekey
+    from proxy.server import Sidekey
 
 log = logging.getLogger("sidekey")
 
@@ -363,8 +363,8 @@ def _admin_servers(engine: Sidekey, args: argparse.Namespace) -> tuple[AdminServ
 
 
 async def serve(policy: Policy, args: argparse.Namespace, location: locate.PolicyLocation, certs: Path) -> int:
-    from proxy.engine import Sidekey
     from proxy.policy.watch import PolicyWatcher
+    from proxy.server import Sidekey
 
     addons = _addons(policy, args)
     engine = Sidekey(policy, certs_dir=certs, listen=args.listen, addons=addons, reuse_port=args.reuse_port)

@@ -1,8 +1,8 @@
 """One client connection, and what the request path needs from the engine.
 
-``exchange`` (the HTTP/1.1 loop) and ``forward`` (the attempts) are handed an
-``Engine``: the narrow view of ``engine.Sidekey`` they use. They import this
-module, never the engine, so the engine -> exchange -> forward imports run one
+``http_session`` (the HTTP/1.1 loop) and ``attempt_loop`` (the attempts) are handed an
+``Engine``: the narrow view of ``server.Sidekey`` they use. They import this
+module, never the engine, so the server -> http_session -> attempt_loop imports run one
 way only.
 """
 

@@ -1,7 +1,7 @@
 """The attempt planner: which member to send to next, whether to wait, fail
 over or stop. Sans-IO (httpcore's decide-then-I/O): it is fed what the last
 step came to and ``now``, and answers with a verdict the forwarder carries
-out (``proxy.forward``); nothing here sends, sleeps or reads a clock.
+out (``proxy.attempt_loop``); nothing here sends, sleeps or reads a clock.
 
     plan.next(outcome, now) -> Send | Sleep | Failover | Finish
 

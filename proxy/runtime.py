@@ -1,7 +1,7 @@
 """What addons may use beside the flows: the ``Runtime`` the engine hands
 each addon's ``setup`` hook, instead of the whole engine.
 
-Everything here is the engine's own (``engine.Sidekey`` satisfies the
+Everything here is the engine's own (``server.Sidekey`` satisfies the
 protocol); an addon keeps the reference and reads it when it needs it (Redis
 is reconnected on a reload before ``configure`` runs, so read it there).
 """

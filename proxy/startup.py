@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from proxy.admin import AdminServer
-    from proxy.engine import Sidekey
     from proxy.policy import Policy
+    from proxy.server import Sidekey
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, cast
 from yarl import URL
 
 from proxy import errors, http1, ws_frames
+from proxy.attempt_loop import forward
 from proxy.bodies import BodyReader
 from proxy.capabilities import SESSION_TOKENS, SESSION_USAGE
 from proxy.flow import Flow, Response
-from proxy.forward import forward
 from proxy.ws_meter import SessionMeter
 from proxy.ws_relay import CLOSE_WAIT, Outcome, Relay
 from proxy.ws_upstream import UpgradeResponse
@@ -152,12 +152,12 @@ def _cumulative(counts: list[int]) -> list[int]:
 
 
 async def serve(engine: Engine, conn: ClientConn, flow: Flow, kind: http1.BodyKind) -> bool:
-    """One upgrade request (``exchange.handle`` calls this for a matched
+    """One upgrade request (``http_session.handle`` calls this for a matched
     provider); returns False: the connection is done after a session."""
-    from proxy import exchange  # exchange calls this module: imported at call time
+    from proxy import http_session  # http_session calls this module: imported at call time
 
     provider = flow.provider
-    assert provider is not None, "exchange.handle sends only matched providers here"
+    assert provider is not None, "http_session.handle sends only matched providers here"
     ws = provider.websocket
     session = WebSocketSession(provider, flow.caller)
     refusal = _refusal(engine, provider, session, kind)
@@ -176,7 +176,7 @@ async def serve(engine: Engine, conn: ClientConn, flow: Flow, kind: http1.BodyKi
     try:
         await engine.addons.decide("request", flow)
         if flow.response is not None:  # a local answer (a limit, a budget)
-            await exchange.send_local(conn, flow, False)
+            await http_session.send_local(conn, flow, False)
             flow.timings["end"] = time.monotonic()
             await engine.addons.observe("response", flow)
             return False
@@ -195,13 +195,13 @@ async def serve(engine: Engine, conn: ClientConn, flow: Flow, kind: http1.BodyKi
         resp = None  # the relay closed it
         return False
     except (errors.ProxyError, OSError) as exc:
-        err = exc if isinstance(exc, errors.ProxyError) else exchange.ClientGone(flow.provider_name)
+        err = exc if isinstance(exc, errors.ProxyError) else http_session.ClientGone(flow.provider_name)
         flow.error = err
         flow.timings["end"] = time.monotonic()
-        if not conn.head_sent and not isinstance(err, exchange.ClientGone):
+        if not conn.head_sent and not isinstance(err, http_session.ClientGone):
             flow.response = Response.from_error(err)
             with contextlib.suppress(ConnectionError, OSError):
-                await exchange.send_local(conn, flow, False)
+                await http_session.send_local(conn, flow, False)
         else:
             conn.writer.transport.abort()
         await engine.addons.observe("error", flow)
@@ -227,13 +227,13 @@ def _refusal(engine: Engine, provider: Provider, session: WebSocketSession,
 
 async def _answer_locally(engine: Engine, conn: ClientConn, flow: Flow, resp: UpgradeResponse) -> None:
     """No session: an addon's answer, or the upstream's refusal relayed as an HTTP answer."""
-    from proxy import exchange  # exchange calls this module: imported at call time
+    from proxy import http_session  # http_session calls this module: imported at call time
 
     assert flow.response is not None
     if flow.response.body is None:
         flow.response.body = await resp.read_body() or b""
         flow.response.headers.popall("content-length", None)
-    await exchange.send_local(conn, flow, False)
+    await http_session.send_local(conn, flow, False)
     flow.timings["end"] = time.monotonic()
     await engine.addons.observe("response", flow)
 
@@ -285,7 +285,7 @@ async def _run_session(engine: Engine, conn: ClientConn, flow: Flow, session: We
     if outcome.ended_by == "upstream_lost":
         flow.error = errors.UpstreamDisconnected(provider.name)
     elif outcome.ended_by == "client_lost":
-        from proxy.exchange import ClientGone
+        from proxy.http_session import ClientGone
 
         flow.error = ClientGone(provider.name)
     await engine.addons.observe("error" if flow.error is not None else "response", flow)
@@ -304,11 +304,11 @@ def exchange_headers(flow: Flow, headers: Any) -> None:
 
 async def _answer_error(engine: Engine, conn: ClientConn, flow: Flow, err: errors.ProxyError) -> None:
     """A refusal before anything went upstream, audited like any refused request."""
-    from proxy import exchange
+    from proxy import http_session
 
     flow.error = err
     flow.response = Response.from_error(err)
     flow.timings["end"] = time.monotonic()
     with contextlib.suppress(ConnectionError, OSError):
-        await exchange.send_local(conn, flow, False)
+        await http_session.send_local(conn, flow, False)
     await engine.addons.observe("error", flow)

@@ -4,7 +4,7 @@ network guard allows, with the same verified TLS as the pools
 (``upstream.client_tls_context``), and the upgrade request written by us.
 
 ``connect`` is what the forwarder calls instead of the pools' send when a
-flow is an upgrade (``forward._send``), so member choice, the credential,
+flow is an upgrade (``attempt_loop._send``), so member choice, the credential,
 retries on connect failures and the circuit are the ones HTTP requests get.
 """
 

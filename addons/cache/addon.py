@@ -19,8 +19,6 @@ with no ``cache:`` anywhere the hooks are idle (not called).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -30,14 +28,17 @@ from typing import TYPE_CHECKING, Any
 from multidict import CIMultiDict
 
 from addons.cache import rules
+from addons.cache.backends import Backends
 from addons.cache.flight import Flight, FlightFailed
 from addons.cache.key import cache_key
+from addons.cache.pending import Pending
+from addons.cache.recorder import Recorder
 from addons.cache.sse import StreamJudge
 from addons.cache.stats import CacheStats
-from addons.cache.stores import Entry, MemoryStore, RedisStore
+from addons.cache.stores import Entry
 from proxy import errors
 from proxy.capabilities import CACHE_ADMIN, SECRETS
-from proxy.flow import Flow, ObserverTee, Response
+from proxy.flow import Flow, Response
 from proxy.policy import CachePolicy, Policy, Provider
 
 if TYPE_CHECKING:
@@ -45,46 +46,6 @@ if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
 log = logging.getLogger("sidekey.cache")
-
-
-class Pending:
-    """A flow's cache state between its hooks (``flow.metadata["cache_state"]``)."""
-
-    __slots__ = ("key", "policy", "directives", "stale", "flight", "recorder")
-
-    def __init__(self, key: str, policy: CachePolicy, directives: rules.Directives, stale: Entry | None,
-                 flight: Flight | None) -> None:  # fmt: skip
-        self.key, self.policy, self.directives, self.stale, self.flight = key, policy, directives, stale, flight
-        self.recorder: Recorder | None = None
-
-
-class Recorder(ObserverTee):
-    """The body observer of a miss: keeps the pieces (up to the entry limit),
-    judges a stream, feeds followers, then the observer it wrapped."""
-
-    __slots__ = ("pieces", "size", "limit", "judge", "flight")
-
-    def __init__(self, inner: Any, limit: int, judge: StreamJudge | None, flight: Flight | None) -> None:
-        super().__init__(inner)
-        self.pieces: list[bytes] | None = []  # None: past the limit, not stored
-        self.size = 0
-        self.limit = limit
-        self.judge = judge
-        self.flight = flight
-
-    def __call__(self, piece: bytes) -> None:
-        self.size += len(piece)
-        if self.pieces is not None:
-            if self.size > self.limit:
-                self.pieces = None
-            else:
-                self.pieces.append(piece)
-                if self.judge is not None:
-                    self.judge.feed(piece)
-        if self.flight is not None:
-            self.flight.publish(piece)
-        if self.inner is not None:
-            self.inner(piece)
 
 
 class Cache:
@@ -95,14 +56,11 @@ class Cache:
         self.clock = clock
         self.runtime: Runtime | None = None
         self.policy: Policy | None = None
-        self.memory: dict[str, MemoryStore] = {}  # per provider, each with its own max_bytes
-        self.redis: RedisStore | None = None
+        self.backends = Backends(clock=clock)
         self.flights: dict[str, Flight] = {}
         self.stats = CacheStats()
         self._secrets: Secrets | None = None
         self._identity_key = os.urandom(32)  # this process's; the Redis-shared one replaces it
-        self._identities: dict[tuple[str, str], str] = {}  # (provider, member) -> digest, per credential seen
-        self._writes: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
     def setup(self, runtime: Runtime) -> None:
@@ -111,22 +69,7 @@ class Cache:
 
     def configure(self, policy: Policy) -> None:
         self.policy = policy
-        kept: dict[str, MemoryStore] = {}
-        for p in policy.providers:
-            c = p.cache
-            if c is None or c.backend != "memory":
-                continue
-            store = self.memory.get(p.name) or MemoryStore(c.max_bytes, clock=self.clock)
-            store.max_bytes = c.max_bytes
-            kept[p.name] = store
-        self.memory = kept
-        client = self.runtime.redis if self.runtime is not None else None
-        wants_redis = any(p.cache is not None and p.cache.backend == "redis" for p in policy.providers)
-        if client is None or not wants_redis:
-            self.redis = None
-        elif self.redis is None or self.redis.client is not client:
-            timeout = policy.redis.timeout if policy.redis is not None else 0.5
-            self.redis = RedisStore(client, timeout=timeout, clock=self.clock)
+        self.backends.configure(policy, self.runtime.redis if self.runtime is not None else None)
 
     def idle_hooks(self) -> tuple[str, ...]:
         """No provider has a cache: the flow hooks are not called at all."""
@@ -135,16 +78,15 @@ class Cache:
         return ("request", "responseheaders", "response", "error")
 
     async def running(self) -> None:
-        if self.redis is not None:
+        redis = self.backends.redis
+        if redis is not None:
             try:
-                self._identity_key = await self.redis.hmac_key(self._identity_key)
+                self._identity_key = await redis.hmac_key(self._identity_key)
             except Exception as exc:  # noqa: BLE001 - a down Redis: entries of this process only
                 log.warning("cache: cannot read the shared identity key from Redis (%s)", type(exc).__name__)
 
     async def done(self) -> None:
-        for task in list(self._writes):
-            with contextlib.suppress(Exception):
-                await task
+        await self.backends.drain()
 
     # -- hooks ---------------------------------------------------------------------------
     def request(self, flow: Flow) -> Awaitable[None] | None:
@@ -163,10 +105,9 @@ class Cache:
             caller=flow.caller if policy.scope == "caller" else None, method=req.method, target=req.path,
             headers=req.headers, vary=policy.vary, body=body or b"",
         )  # fmt: skip
-        if self.redis is not None and policy.backend == "redis":
+        if self.backends.shared(policy) is not None:
             return self._lookup_redis(flow, provider, policy, directives, key)
-        store = self.memory.get(provider.name)
-        entry = store.get(key) if store is not None else None
+        entry = self.backends.local(provider.name, key)
         return self._decide(flow, provider, policy, directives, key, entry)
 
     def responseheaders(self, flow: Flow) -> None:
@@ -228,12 +169,9 @@ class Cache:
             return
         recorder = pending.recorder
         entry = None
-        if recorder is not None and recorder.pieces is not None and meta.get("cache") == "miss":
-            judge = recorder.judge
-            if judge is None or judge.clean:
-                entry = self._entry(flow, pending, b"".join(recorder.pieces))
-        if entry is not None:
-            self._store(pending.key, entry, pending.policy)
+        if recorder is not None and recorder.pieces is not None and recorder.clean and meta.get("cache") == "miss":
+            entry = self._entry(flow, pending, b"".join(recorder.pieces))
+            self.backends.put(pending.key, entry, pending.policy)
         if pending.flight is not None:
             self._end_flight(pending.flight, ok=entry is not None or recorder is not None)
 
@@ -265,15 +203,7 @@ class Cache:
 
     async def _lookup_redis(self, flow: Flow, provider: Provider, policy: CachePolicy, directives: rules.Directives,
                             key: str) -> None:  # fmt: skip
-        assert self.redis is not None
-        entry = None
-        if directives.lookup:
-            try:
-                async with asyncio.timeout(self.redis.timeout):
-                    entry = await self.redis.get(provider.name, key)
-            except Exception as exc:  # noqa: BLE001 - a down Redis is a miss, never a failed request
-                self.redis.errors += 1
-                log.debug("cache: redis read failed (%s)", type(exc).__name__)
+        entry = await self.backends.fetch(provider.name, key) if directives.lookup else None
         waited = self._decide(flow, provider, policy, directives, key, entry)
         if waited is not None:
             await waited
@@ -323,8 +253,7 @@ class Cache:
                     flow.response = Response(flight.status, headers, stream=_pieces(flight, provider.name))
                 flow.metadata["cache"] = "coalesced"
                 return
-            store = self.memory.get(provider.name)
-            entry = store.get(key) if store is not None and policy.backend == "memory" else None
+            entry = self.backends.local(provider.name, key)
             waited = self._decide(flow, provider, policy, directives, key, entry)
             if waited is None:
                 return  # a hit, or we lead now
@@ -351,26 +280,6 @@ class Cache:
                      pending.policy.stale_if_error, float(cost) if isinstance(cost, float | int) else 0.0,
                      tokens)  # fmt: skip
 
-    def _store(self, key: str, entry: Entry, policy: CachePolicy) -> None:
-        if policy.backend == "memory":
-            store = self.memory.get(entry.provider)
-            if store is not None:
-                store.put(key, entry)
-            return
-        if self.redis is not None:
-            task = asyncio.create_task(self._redis_put(key, entry), name="sidekey-cache-write")
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
-
-    async def _redis_put(self, key: str, entry: Entry) -> None:
-        assert self.redis is not None
-        try:
-            async with asyncio.timeout(self.redis.timeout * 4):
-                await self.redis.put(key, entry)
-        except Exception as exc:  # noqa: BLE001 - an entry not written is a later miss
-            self.redis.errors += 1
-            log.debug("cache: redis write failed (%s)", type(exc).__name__)
-
     def _end_flight(self, flight: Flight, *, ok: bool) -> None:
         if self.flights.get(flight.key) is flight:
             del self.flights[flight.key]
@@ -381,41 +290,24 @@ class Cache:
 
     # -- operations ----------------------------------------------------------------------
     async def delete(self, provider: str | None, pattern: str) -> int:
-        removed = 0
-        for name, store in self.memory.items():
-            if provider is None or provider == name:
-                removed += store.delete(None, pattern)
-        if self.redis is not None and self.policy is not None:
-            names = [p.name for p in self.policy.providers
-                     if p.cache is not None and p.cache.backend == "redis" and provider in (None, p.name)]  # fmt: skip
-            removed += await self.redis.delete(names, pattern)
-        return removed
+        providers = self.policy.providers if self.policy is not None else ()
+        names = [p.name for p in providers
+                 if p.cache is not None and p.cache.backend == "redis" and provider in (None, p.name)]  # fmt: skip
+        return await self.backends.delete(provider, pattern, names)
 
     async def report(self) -> dict[str, Any]:
         providers: dict[str, Any] = {}
-        policy = self.policy
-        for p in policy.providers if policy is not None else ():
-            if p.cache is None:
-                continue
-            view = self.stats.view(p.name)
-            store = self.memory.get(p.name)
-            if store is not None:
-                view.update(store.statistics())
-            elif self.redis is not None:
-                try:
-                    view["entries"] = await self.redis.count(p.name)
-                except Exception:  # noqa: BLE001 - stats still answer without Redis
-                    view["entries"] = None
-                view["bytes"] = None
-            view["backend"] = p.cache.backend
-            providers[p.name] = view
+        for p in self.policy.providers if self.policy is not None else ():
+            if p.cache is not None:
+                providers[p.name] = {**self.stats.view(p.name), **await self.backends.view(p.name),
+                                     "backend": p.cache.backend}  # fmt: skip
         return {"providers": providers, "in_flight": len(self.flights)}
 
     def statistics(self) -> dict[str, Any]:
-        return {"flights": len(self.flights), "stores": {k: v.statistics() for k, v in self.memory.items()}}
+        return {"flights": len(self.flights), **self.backends.statistics()}
 
     def __repr__(self) -> str:
-        return f"Cache({len(self.memory)} memory stores, redis={self.redis is not None}, {len(self.flights)} flights)"
+        return f"Cache({self.backends!r}, {len(self.flights)} flights)"
 
 
 async def _pieces(flight: Flight, provider: str) -> AsyncIterator[bytes]:

@@ -64,7 +64,7 @@ class _Collector:
         yield saved
         size = GaugeMetricFamily("sidekey_cache_bytes", "Bytes held by the memory cache", labels=("provider",))
         entries = GaugeMetricFamily("sidekey_cache_entries", "Entries in the memory cache", labels=("provider",))
-        for provider, store in sorted(self.cache.memory.items()):
+        for provider, store in sorted(self.cache.backends.memory.items()):
             size.add_metric((provider,), store.bytes)
             entries.add_metric((provider,), len(store.entries))
         yield size

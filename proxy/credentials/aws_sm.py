@@ -16,9 +16,9 @@ import contextlib
 import json
 from typing import Any
 
-from proxy.credentials.config import AwsSmStore
 from proxy.credentials.model import Credential, SourceError, error_word
 from proxy.policy import SecretRef
+from proxy.policy.credential_model import AwsSmStore
 
 
 class AwsSmClient:

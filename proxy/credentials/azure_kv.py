@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from proxy.credentials.config import AzureKvStore
 from proxy.credentials.model import Credential, SourceError
 from proxy.policy import SecretRef
+from proxy.policy.credential_model import AzureKvStore
 
 
 class AzureKvClient:

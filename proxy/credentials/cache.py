@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.credentials.model import Credential, Freshness, Plan, Source, SourceError, Timing, freshness, plan, retry_at
+from proxy.credentials.model import Credential, Freshness, Plan, Source, SourceError, freshness, plan, retry_at
+from proxy.policy.credential_model import Timing
 from proxy.secrets import check_value
 
 log = logging.getLogger("sidekey.credentials")

@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from proxy.policy.credential_model import Timing
+
 Freshness = Literal["fresh", "stale", "failing"]
 
 # An expiring credential is refreshed at half its lifetime, which is at least
@@ -52,21 +54,6 @@ class Source(Protocol):
     source: str
 
     async def fetch(self) -> Credential: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """How a cached credential is kept.
-
-    ttl: re-read this long after the last good read (stores).
-    stale_for: serve the last good value this much longer while re-reads fail.
-    follow_expiry: the value carries its own lifetime (OAuth2): refresh at half
-    of it (see EXPIRY_MARGIN), and serve it until expiry.
-    """
-
-    ttl: float = 300.0
-    stale_for: float = 3600.0
-    follow_expiry: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,11 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote_plus
 
-from proxy.credentials.config import OAuth2
 from proxy.credentials.http import StoreClient
 from proxy.credentials.model import Credential, SourceError, error_word
 from proxy.netguard import Guard
 from proxy.policy import SecretRef
+from proxy.policy.credential_model import OAuth2
 
 DEFAULT_EXPIRES_IN = 3600.0  # RFC 6749 5.1: expires_in is RECOMMENDED, not required
 

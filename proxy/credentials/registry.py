@@ -21,12 +21,12 @@ from typing import Any
 from proxy.credentials.aws_sm import AwsSmClient, AwsSmSource
 from proxy.credentials.azure_kv import AzureKvClient, AzureKvSource
 from proxy.credentials.cache import CachedCredential, Outcome
-from proxy.credentials.config import SecretStores
-from proxy.credentials.model import Source, Timing
+from proxy.credentials.model import Source
 from proxy.credentials.oauth2 import OAuth2Source
 from proxy.credentials.vault import VaultClient, VaultSource
 from proxy.netguard import Guard
 from proxy.policy import STATIC_KINDS, Policy, Provider, SecretRef
+from proxy.policy.credential_model import SecretStores, Timing
 from proxy.secrets import SecretStore
 
 log = logging.getLogger("sidekey.credentials")

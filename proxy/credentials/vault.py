@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy.credentials.config import StaticRef, VaultStore
 from proxy.credentials.http import StoreClient
 from proxy.credentials.model import Credential, SourceError
 from proxy.netguard import Guard
 from proxy.policy import SecretRef
+from proxy.policy.credential_model import StaticRef, VaultStore
 from proxy.secrets import read_secret
 
 RENEW_MARGIN = 30.0  # log in again this long before the token's lease ends

@@ -11,7 +11,7 @@ from typing import cast
 
 import yaml
 
-from proxy.credentials import policy_read as creds
+from proxy.policy import credentials as creds
 from proxy.policy import quotas
 from proxy.policy.fields import Reader, join, line_of
 from proxy.policy.model import (

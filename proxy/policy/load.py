@@ -13,7 +13,7 @@ provider borrowing another's ``auth`` hides what it sends.
 
 This module reads the structure; ``proxy.policy.yaml_nodes`` turns the text into nodes,
 ``proxy.policy.fields`` reads single values and the fields of a mapping (``Reader.opt``, ``each``),
-and ``groups``, ``quotas``, ``websocket`` and ``proxy.credentials.policy_read`` read their sections.
+and ``groups``, ``quotas``, ``websocket`` and ``proxy.policy.credentials`` read their sections.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import cast
 
 import yaml
 
-from proxy.credentials import policy_read as creds
-from proxy.credentials.config import SecretStores
 from proxy.policy import cache as cache_config
+from proxy.policy import credentials as creds
 from proxy.policy import groups, placeholders, quotas, websocket
+from proxy.policy.credential_model import SecretStores
 from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Read, Reader, join, line_of
 from proxy.policy.model import (
     CALLER_CREDENTIAL_HEADERS,

@@ -10,11 +10,12 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.credentials.config import OAuth2, SecretStores
+from proxy.policy.credential_model import OAuth2, SecretStores
+from proxy.policy.credential_model import SecretKind as SecretKind
+from proxy.policy.credential_model import SecretRef as SecretRef
 from proxy.policy.rates import Price, Rule
 
 AuthType = Literal["bearer", "header", "basic", "query", "oauth2", "none"]
-SecretKind = Literal["env", "file", "vault", "aws-sm", "azure-kv", "oauth2"]
 # Read by proxy.secrets off the loop and looked up in a dict per request; the
 # other kinds are fetched and cached by proxy.credentials.
 STATIC_KINDS = frozenset({"env", "file"})
@@ -35,22 +36,6 @@ CALLER_CREDENTIAL_HEADERS: tuple[str, ...] = (
     "xc-auth",
     "x-goog-api-key",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class SecretRef:
-    """Where a secret lives. Only ``source`` is ever shown (logs, admin API)."""
-
-    kind: SecretKind
-    ref: str  # variable name, file path, store path or secret name; an oauth2 provider's name
-    key: str = ""  # a field of a structured secret (vault: KV field; aws-sm: JSON key)
-
-    @property
-    def source(self) -> str:
-        return f"{self.kind}:{self.ref}#{self.key}" if self.key else f"{self.kind}:{self.ref}"
-
-    def __repr__(self) -> str:
-        return f"SecretRef({self.source!r})"
 
 
 @dataclass(frozen=True, slots=True)

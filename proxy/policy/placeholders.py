@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import yaml
 
-from proxy.credentials.policy_read import credential
 from proxy.placeholders import NAME, NAME_RULE
+from proxy.policy.credentials import credential
 from proxy.policy.fields import Invalid, Reader, join, line_of
 from proxy.policy.model import SecretRef
 

@@ -22,7 +22,7 @@ from tests.faults.fault_upstream import FaultUpstream
 from tests.faults.leaks import assert_back_to, holdings
 from tests.integration.sidekey_process import SidekeyProcess
 
-UPKEEP = 1.0  # seconds: proxy/engine.py POOL_CHECK_INTERVAL, when the CA files are stat'ed
+UPKEEP = 1.0  # seconds: proxy/server.py POOL_CHECK_INTERVAL, when the CA files are stat'ed
 CHANGED = "CA files changed on disk"
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import trustme
 
-from proxy.credentials.config import StaticRef, VaultAuth, VaultStore
 from proxy.credentials.http import StoreClient
 from proxy.credentials.model import SourceError
 from proxy.credentials.vault import VaultClient
 from proxy.netguard import Guard
+from proxy.policy.credential_model import StaticRef, VaultAuth, VaultStore
 from tests.fakes.stores import FakeVault
 
 

@@ -5,7 +5,7 @@ closed after the answer, and nothing reaches the upstream fake.
 
 Every case is a plain-proxy request (absolute-form ``http://``), the path where sidekey
 parses the client's HTTP/1.1 itself; requests inside a CONNECT tunnel go through the
-same parser (proxy/exchange.py). Where a case ends in a second request, that request is
+same parser (proxy/http_session.py). Where a case ends in a second request, that request is
 what a desynchronised peer would have run: it must not reach the upstream either.
 """
 

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from proxy.credentials.cache import CachedCredential
-from proxy.credentials.model import EXPIRY_MARGIN, Credential, Plan, SourceError, Timing, freshness, plan, retry_at
+from proxy.credentials.model import EXPIRY_MARGIN, Credential, Plan, SourceError, freshness, plan, retry_at
+from proxy.policy.credential_model import Timing
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.credentials.config import StaticRef, VaultAuth
 from proxy.policy import SecretRef
+from proxy.policy.credential_model import StaticRef, VaultAuth
 from proxy.policy.load import PolicyError, parse_policy
 
 STORES = """\

@@ -29,8 +29,8 @@ from proxy.errors import (
     UpstreamConnectError,
     UpstreamTimeout,
 )
-from proxy.exchange import ClientGone
 from proxy.flow import Flow, Response
+from proxy.http_session import ClientGone
 from proxy.policy import Auth, Fallback, Policy, SecretRef
 from proxy.testing import make_flow, make_provider
 
@@ -64,7 +64,7 @@ def failed(flow: Flow, status: int = 503) -> Flow:
 
 
 def errored(flow: Flow, err: ProxyError) -> Flow:
-    """As exchange.run_flow leaves a flow that failed before the head was sent."""
+    """As http_session.run_flow leaves a flow that failed before the head was sent."""
     flow.error = err
     flow.response = Response.from_error(err)
     return flow
@@ -211,7 +211,7 @@ def test_after_a_failover_the_callers_request_is_kept_and_no_key_of_any_provider
     flow = make_flow(matched, policy=policy, path="/v1/chat/completions", headers=[("Accept", "*/*")], body=body)
     dlq = make_dlq()
     dlq.request(flow)
-    # What a failover (forward._for_fallback) and the fallback's credential do to the request:
+    # What a failover (attempt_loop) and the fallback's credential do to the request:
     flow.request.body = b'{"model":"other-large"}'
     flow.request.headers["other-version"] = "1"
     flow.request.headers["x-pass"] = SECRET

@@ -6,9 +6,9 @@ import base64
 
 import pytest
 
-from proxy.credentials.config import OAuth2
 from proxy.credentials.oauth2 import token_request
 from proxy.policy import SecretRef
+from proxy.policy.credential_model import OAuth2
 
 SECRET = SecretRef("env", "CLIENT_SECRET")
 URL = "https://auth.example.com/oauth2/token"

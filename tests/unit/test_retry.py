@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.forward import with_overrides
+from proxy.attempt_loop import with_overrides
 from proxy.policy import RetryPolicy
 from proxy.retry import backoff, decide, go_duration, server_delay
 

@@ -12,18 +12,19 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.credentials.config import (
+from proxy.policy.credential_model import (
     AwsSmStore,
     AzureKvStore,
     OAuth2,
+    SecretKind,
+    SecretRef,
     SecretStores,
     StaticRef,
+    Timing,
     VaultAuth,
     VaultMethod,
     VaultStore,
 )
-from proxy.credentials.model import Timing
-from proxy.policy import SecretKind, SecretRef
 from proxy.policy.fields import Reader, check_host
 
 STORES = frozenset({"vault", "aws_sm", "azure_kv"})

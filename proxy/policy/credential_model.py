@@ -1,5 +1,8 @@
-"""The parsed ``secret_stores:`` block and ``auth: {type: oauth2}``: frozen
-dataclasses, no I/O (read by ``proxy.credentials.policy_read``).
+"""The policy's credential types: a reference to where a secret lives
+(``SecretRef``), the parsed ``secret_stores:`` block and ``auth: {type:
+oauth2}``, and how a fetched value is kept (``Timing``). Frozen dataclasses, no
+I/O (read by ``proxy.policy.credentials``; used by ``proxy.credentials``, which
+fetches, so the policy never imports the fetching side).
 
 A reference names its store by kind (``vault:``, ``aws-sm:``, ``azure-kv:``);
 each kind has one store here, with its address, its own authentication
@@ -9,14 +12,41 @@ each kind has one store here, with its address, its own authentication
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from proxy.credentials.model import Timing
-
-if TYPE_CHECKING:
-    from proxy.policy import SecretRef
-
+SecretKind = Literal["env", "file", "vault", "aws-sm", "azure-kv", "oauth2"]
 VaultMethod = Literal["token", "approle", "kubernetes"]
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """Where a secret lives. Only ``source`` is ever shown (logs, admin API)."""
+
+    kind: SecretKind
+    ref: str  # variable name, file path, store path or secret name; an oauth2 provider's name
+    key: str = ""  # a field of a structured secret (vault: KV field; aws-sm: JSON key)
+
+    @property
+    def source(self) -> str:
+        return f"{self.kind}:{self.ref}#{self.key}" if self.key else f"{self.kind}:{self.ref}"
+
+    def __repr__(self) -> str:
+        return f"SecretRef({self.source!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How a cached credential is kept.
+
+    ttl: re-read this long after the last good read (stores).
+    stale_for: serve the last good value this much longer while re-reads fail.
+    follow_expiry: the value carries its own lifetime (OAuth2): refresh at half
+    of it (see EXPIRY_MARGIN), and serve it until expiry.
+    """
+
+    ttl: float = 300.0
+    stale_for: float = 3600.0
+    follow_expiry: bool = False
 
 
 @dataclass(frozen=True, slots=True)

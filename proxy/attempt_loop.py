@@ -1,4 +1,4 @@
-"""The forwarder: one request's attempts across the members of its provider's
+"""The attempt loop (the forwarder): one request's attempts across the members of its provider's
 upstream group and then its fallbacks, under one deadline. It carries out
 the verdicts of the attempt planner (``proxy.plan``: which member, retry or
 wait, fail over, stop; pure), and does the I/O between them. Every attempt
@@ -268,7 +268,7 @@ def _failed(flow: Flow, state: UpstreamState, *, status: int | None = None, erro
 
 def _served(flow: Flow, attempt: Attempt, attempts: int, resp: ClientResponse) -> ClientResponse:
     flow.upstream_state = attempt.member
-    flow.attempt = attempt  # its lease ends when the response is released (exchange.run_flow)
+    flow.attempt = attempt  # its lease ends when the response is released (http_session.run_flow)
     if attempts > 1:
         _note_attempts(flow, attempts)
     return resp

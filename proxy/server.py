@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
-from proxy import errors, exchange, forward, netguard, routing, tunnel, ws_session
+from proxy import attempt_loop, errors, http_session, netguard, routing, tunnel, ws_session
 from proxy.balance import Groups, Transition, UpstreamState
 from proxy.ca_watch import CAFiles
 from proxy.capabilities import SECRETS, Capability
@@ -174,7 +174,7 @@ class Sidekey:
         self.listeners.append(listener)
 
     async def probe(self, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
-        return await forward.probe(self, provider, state, method, path)
+        return await attempt_loop.probe(self, provider, state, method, path)
 
     def notify(self, state: UpstreamState, changes: Sequence[Transition]) -> None:
         for change in changes:
@@ -307,11 +307,11 @@ class Sidekey:
         limits = self.policy.limits
         conn.idle = True
         try:
-            head = await exchange.read_head(conn, limits.header_timeout, limits.max_headers, first=True)
+            head = await http_session.read_head(conn, limits.header_timeout, limits.max_headers, first=True)
         except errors.ProxyError as err:
             if isinstance(err, errors.TLSOnPlainPort):
                 self._tls_on_plain_port(conn)
-            await exchange.send_error(conn, err, new_request_id())
+            await http_session.send_error(conn, err, new_request_id())
             return
         finally:
             conn.idle = False
@@ -321,12 +321,12 @@ class Sidekey:
             conn.proxy_user = routing.basic_user(head.headers.get("proxy-authorization"))
             await self._connect(conn, head.target)
         elif head.target.startswith(("http://", "https://")):
-            await exchange.serve(self, conn, head)
+            await http_session.serve(self, conn, head)
         else:
             refused = errors.BadRequest(
                 reason="sidekey is a forward proxy: send CONNECT host:port or an absolute-form http:// URI"
             )
-            await exchange.send_error(conn, refused, new_request_id())
+            await http_session.send_error(conn, refused, new_request_id())
 
     def _tls_on_plain_port(self, conn: ClientConn) -> None:
         """Said once per process (a misconfigured app retries in a loop); counted always."""
@@ -346,7 +346,7 @@ class Sidekey:
             if provider is None and policy.unmatched == "deny":
                 raise errors.UnmatchedDenied(host=host)
         except errors.ProxyError as err:
-            await exchange.send_error(conn, err, new_request_id())
+            await http_session.send_error(conn, err, new_request_id())
             return
         if provider is None:
             await self._tunnel(conn, host, port, policy)
@@ -362,14 +362,14 @@ class Sidekey:
             return
         self.counters["intercepted"] += 1
         conn.target = (host, port)
-        await exchange.serve(self, conn)
+        await http_session.serve(self, conn)
 
     async def _tunnel(self, conn: ClientConn, host: str, port: int, policy: Policy) -> None:
         """Blind relay for unmatched hosts: no interception, no credentials."""
         try:
             up_reader, up_writer = await tunnel.open_checked(host, port, self.guard)
         except errors.ProxyError as err:
-            await exchange.send_error(conn, err, new_request_id())
+            await http_session.send_error(conn, err, new_request_id())
             return
         self.counters["tunnels"] += 1
         conn.writer.write(CONNECTED)

@@ -14,9 +14,9 @@ from aiohttp import ClientResponse
 from multidict import CIMultiDict
 
 from proxy import errors, http1, routing, upstream, ws_frames, ws_session
+from proxy.attempt_loop import forward
 from proxy.bodies import BodyReader
 from proxy.flow import Flow, Request, Response, new_request_id
-from proxy.forward import forward
 from proxy.policy import Policy
 
 if TYPE_CHECKING:
