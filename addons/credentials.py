@@ -165,12 +165,15 @@ class CredentialInjector:
         await self.creds.ensure(refs)
 
     def _refs(self, provider: Provider) -> dict[SecretRef, list[str]]:
-        """The references a provider injects, each with the members using it."""
+        """The references a provider injects, each with the members using it
+        (none for a source only its placeholders name)."""
         out: dict[SecretRef, list[str]] = {}
         if provider.auth.type != "none":
             for t in provider.targets:
                 if (ref := provider.secret_of(t)) is not None:
                     out.setdefault(ref, []).append(t.name)
+        for _name, ref in provider.placeholders:
+            out.setdefault(ref, [])
         return out
 
     def credential_views(self, provider: Provider) -> list[dict[str, Any]]:
@@ -178,6 +181,8 @@ class CredentialInjector:
         for ref, members in self._refs(provider).items():
             entry = self.creds.entries.get(ref)
             view: dict[str, Any] = {"source": ref.source, "kind": ref.kind, "members": members}
+            if named := [name for name, r in provider.placeholders if r == ref]:
+                view["placeholders"] = named
             if entry is None:  # static: read from the environment or a file, no expiry
                 view.update(state="fresh" if self.store.get(ref) is not None else "failing", expires_at=None,
                             serve_until=None, last_refresh=None, last_success=None, failures=0,

@@ -80,7 +80,7 @@ def in_url(url: str, values: Mapping[str, str]) -> str:
     if PREFIX not in url:
         return url
     scheme, sep, rest = url.partition("://")
-    cut = len(rest) if (i := rest.find("/")) < 0 else i
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     authority, target = rest[:cut], rest[cut:]
     path, qmark, query = target.partition("?")
     path = _replace(path, values, lambda v: quote(v, safe=PATH_SAFE))

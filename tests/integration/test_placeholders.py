@@ -9,8 +9,9 @@ process with real clients (curl, httpx) and the fake provider over TLS:
   and as another provider's name inside an ordinary message to the right host;
 - a string that merely looks like one passes untouched;
 - a rotated file source is picked up;
+- /providers shows each placeholder's source and state;
 - the sweep: no value in the DEBUG log, audit (bodies on), dead letters,
-  metrics or any error body.
+  metrics, /providers or any error body.
 """
 
 from __future__ import annotations
@@ -167,9 +168,17 @@ def test_placeholders_substituted_refused_rotated_and_never_leaked(start_sidekey
             assert http.post(f"https://hooks.slack.test/status/500?k={SIGNING}", headers={"X-Sig": SIGNING},
                              json={"t": HOOK}).status_code == 500  # fmt: skip
             stats = httpx.get(proxy.admin_url + "/metrics", timeout=DEADLINE, trust_env=False).text
+            # /providers: each placeholder's source and state, never its value.
+            admin = httpx.get(proxy.admin_url + "/providers", timeout=DEADLINE, trust_env=False).text
+            views = {p["name"]: p for p in json.loads(admin)["providers"]}
+            sources = {c["source"]: c for c in views["slack"]["credentials"]}
+            vaulted = sources["vault:secret/data/slack#webhook"]
+            assert vaulted["placeholders"] == [HOOK] and vaulted["state"] == "fresh" and vaulted["members"] == []
+            assert sources[f"file:{rotating}"]["placeholders"] == [ROTATING]
         assert wait_for(lambda: dlq.exists() and SIGNING in dlq.read_text()), "the dead letter was not written"
         proxy.stop()  # before the vault closes; flushes audit
-    surfaces = {"log": proxy.log(), "audit": audit.read_text(), "dlq": dlq.read_text(), "metrics": stats}
+    surfaces = {"log": proxy.log(), "audit": audit.read_text(), "dlq": dlq.read_text(), "metrics": stats,
+                "providers": admin}  # fmt: skip
     assert HOOK in surfaces["audit"] and json.loads(dlq.read_text().splitlines()[-1])["url"].endswith(f"k={SIGNING}")
     for where, text in surfaces.items():
         for secret in (HOOK_VALUE, SIGNING_VALUE, GH_VALUE, FILE_V1, FILE_V2, SECRET_ID, *vault.tokens, OPENAI_KEY):

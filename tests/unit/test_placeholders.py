@@ -73,6 +73,7 @@ def test_misdirected_names_the_first_foreign_one() -> None:
         (f"https://h:8443/x?token={HOOK}&q=1", "https://h:8443/x?token=T0001%2FB0002%2Fa%20b%3Fc%23d&q=1"),
         (f"https://h/{HOOK}?k={HOOK}", "https://h/T0001/B0002/a%20b%3Fc%23d?k=T0001%2FB0002%2Fa%20b%3Fc%23d"),
         ("https://h/v1/x?a=SIDEKEY_NOT_KNOWN_1", "https://h/v1/x?a=SIDEKEY_NOT_KNOWN_1"),
+        (f"https://h?k={HOOK}", "https://h?k=T0001%2FB0002%2Fa%20b%3Fc%23d"),
     ],
 )
 def test_url_values_are_encoded_for_where_they_stand(url: str, expected: str) -> None:
