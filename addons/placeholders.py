@@ -145,7 +145,7 @@ class Placeholders:
         refs = [ref for name, ref in provider.placeholders if name in use.names]
         secrets = self._secrets()
         values = {name: v for name, ref in provider.placeholders if name in use.names
-                  and (v := secrets.source_value(ref)) is not None}  # fmt: skip
+                  and (v := secrets.reference_value(ref)) is not None}  # fmt: skip
         if len(values) < len(refs):
             if all(ref.kind in STATIC_KINDS for ref in refs):  # env:/file: are read already: nothing to wait for
                 raise CredentialUnavailable(provider.name)
@@ -158,7 +158,7 @@ class Placeholders:
         store answers at once); still none: 503, as a missing credential does."""
         await secrets.ensure(refs)
         values = {name: v for name, ref in use.provider.placeholders if name in use.names
-                  and (v := secrets.source_value(ref)) is not None}  # fmt: skip
+                  and (v := secrets.reference_value(ref)) is not None}  # fmt: skip
         if len(values) < len(refs):
             raise CredentialUnavailable(use.provider.name)
         self._put(attempt, use, values)

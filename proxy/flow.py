@@ -19,7 +19,7 @@ from proxy.policy import Policy, Provider
 if TYPE_CHECKING:
     from proxy.attempt import Attempt
     from proxy.balance import UpstreamState
-    from proxy.ws_session import WebSocketSession
+    from proxy.ws_relay import WebSocketSession
 
 Body = bytes | AsyncIterator[bytes] | None
 
@@ -170,7 +170,7 @@ class Flow:
         self.metadata: dict[str, Any] = {}
         self.bytes_to_client = 0  # response body bytes
         self.bytes_from_client = 0  # request body bytes
-        # A WebSocket upgrade's session (``proxy.ws_session``); None for every other request.
+        # A WebSocket upgrade's session (``proxy.ws_relay.WebSocketSession``); None for every other request.
         self.websocket: WebSocketSession | None = None
 
     @property

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
-from proxy import attempt_loop, errors, http_session, netguard, routing, tunnel, ws_session
+from proxy import attempt_loop, errors, http_session, netguard, responses, routing, tunnel, ws_session
 from proxy.balance import Groups, Transition, UpstreamState
 from proxy.ca_watch import CAFiles
 from proxy.capabilities import SECRETS, Capability
@@ -311,7 +311,7 @@ class Sidekey:
         except errors.ProxyError as err:
             if isinstance(err, errors.TLSOnPlainPort):
                 self._tls_on_plain_port(conn)
-            await http_session.send_error(conn, err, new_request_id())
+            await responses.send_error(conn, err, new_request_id())
             return
         finally:
             conn.idle = False
@@ -326,7 +326,7 @@ class Sidekey:
             refused = errors.BadRequest(
                 reason="sidekey is a forward proxy: send CONNECT host:port or an absolute-form http:// URI"
             )
-            await http_session.send_error(conn, refused, new_request_id())
+            await responses.send_error(conn, refused, new_request_id())
 
     def _tls_on_plain_port(self, conn: ClientConn) -> None:
         """Said once per process (a misconfigured app retries in a loop); counted always."""
@@ -346,7 +346,7 @@ class Sidekey:
             if provider is None and policy.unmatched == "deny":
                 raise errors.UnmatchedDenied(host=host)
         except errors.ProxyError as err:
-            await http_session.send_error(conn, err, new_request_id())
+            await responses.send_error(conn, err, new_request_id())
             return
         if provider is None:
             await self._tunnel(conn, host, port, policy)
@@ -369,7 +369,7 @@ class Sidekey:
         try:
             up_reader, up_writer = await tunnel.open_checked(host, port, self.guard)
         except errors.ProxyError as err:
-            await http_session.send_error(conn, err, new_request_id())
+            await responses.send_error(conn, err, new_request_id())
             return
         self.counters["tunnels"] += 1
         conn.writer.write(CONNECTED)

@@ -18,6 +18,10 @@ between two frames; mid-frame it cuts the connection instead:
 A close frame from either side is relayed, then the other side's reply, then
 both connections are closed (the client's after the upstream's, as a server
 closes first, §7.1.1). Every transport is closed on every path.
+
+``WebSocketSession`` is what a flow carries for its session (``flow.websocket``):
+it lives here, below the flow, so the flow can name it without importing the
+session's request handling (``proxy.ws_session``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from proxy.ws_frames import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, FrameTracker, close_frame
+
+if TYPE_CHECKING:
+    from proxy.policy import Provider
 
 PIECE = 65536
 CLOSE_WAIT = 5.0  # seconds a closing handshake may take before the connection is cut
@@ -248,3 +255,19 @@ async def _discard_until_close(reader: asyncio.StreamReader, tracker: FrameTrack
                 if not data:
                     return
                 tracker.feed(data)
+
+
+class WebSocketSession:
+    """One session: set on ``flow.websocket`` when the upgrade is accepted for
+    forwarding (the forwarder then opens a dedicated connection)."""
+
+    __slots__ = ("provider", "caller", "relay", "started")
+
+    def __init__(self, provider: Provider, caller: str) -> None:
+        self.provider = provider
+        self.caller = caller
+        self.relay: Relay | None = None
+        self.started = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"WebSocketSession({self.provider.name}, relay={self.relay!r})"

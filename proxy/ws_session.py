@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from yarl import URL
 
-from proxy import errors, http1, ws_frames
+from proxy import errors, http1, responses, ws_frames
 from proxy.attempt_loop import forward
 from proxy.bodies import BodyReader
 from proxy.capabilities import SESSION_TOKENS, SESSION_USAGE
 from proxy.flow import Flow, Response
 from proxy.ws_meter import SessionMeter
-from proxy.ws_relay import CLOSE_WAIT, Outcome, Relay
+from proxy.ws_relay import CLOSE_WAIT, Outcome, Relay, WebSocketSession
 from proxy.ws_upstream import UpgradeResponse
 
 if TYPE_CHECKING:
@@ -42,22 +42,6 @@ log = logging.getLogger("sidekey.websocket")
 
 # Session length buckets (seconds) of sidekey_websocket_session_seconds.
 DURATION_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
-
-
-class WebSocketSession:
-    """One session: set on ``flow.websocket`` when the upgrade is accepted for
-    forwarding (the forwarder then opens a dedicated connection)."""
-
-    __slots__ = ("provider", "caller", "relay", "started")
-
-    def __init__(self, provider: Provider, caller: str) -> None:
-        self.provider = provider
-        self.caller = caller
-        self.relay: Relay | None = None
-        self.started = time.monotonic()
-
-    def __repr__(self) -> str:
-        return f"WebSocketSession({self.provider.name}, relay={self.relay!r})"
 
 
 class Sessions:
@@ -154,7 +138,6 @@ def _cumulative(counts: list[int]) -> list[int]:
 async def serve(engine: Engine, conn: ClientConn, flow: Flow, kind: http1.BodyKind) -> bool:
     """One upgrade request (``http_session.handle`` calls this for a matched
     provider); returns False: the connection is done after a session."""
-    from proxy import http_session  # http_session calls this module: imported at call time
 
     provider = flow.provider
     assert provider is not None, "http_session.handle sends only matched providers here"
@@ -176,7 +159,7 @@ async def serve(engine: Engine, conn: ClientConn, flow: Flow, kind: http1.BodyKi
     try:
         await engine.addons.decide("request", flow)
         if flow.response is not None:  # a local answer (a limit, a budget)
-            await http_session.send_local(conn, flow, False)
+            await responses.send_local(conn, flow, False)
             flow.timings["end"] = time.monotonic()
             await engine.addons.observe("response", flow)
             return False
@@ -195,13 +178,13 @@ async def serve(engine: Engine, conn: ClientConn, flow: Flow, kind: http1.BodyKi
         resp = None  # the relay closed it
         return False
     except (errors.ProxyError, OSError) as exc:
-        err = exc if isinstance(exc, errors.ProxyError) else http_session.ClientGone(flow.provider_name)
+        err = exc if isinstance(exc, errors.ProxyError) else errors.ClientGone(flow.provider_name)
         flow.error = err
         flow.timings["end"] = time.monotonic()
-        if not conn.head_sent and not isinstance(err, http_session.ClientGone):
+        if not conn.head_sent and not isinstance(err, errors.ClientGone):
             flow.response = Response.from_error(err)
             with contextlib.suppress(ConnectionError, OSError):
-                await http_session.send_local(conn, flow, False)
+                await responses.send_local(conn, flow, False)
         else:
             conn.writer.transport.abort()
         await engine.addons.observe("error", flow)
@@ -227,13 +210,12 @@ def _refusal(engine: Engine, provider: Provider, session: WebSocketSession,
 
 async def _answer_locally(engine: Engine, conn: ClientConn, flow: Flow, resp: UpgradeResponse) -> None:
     """No session: an addon's answer, or the upstream's refusal relayed as an HTTP answer."""
-    from proxy import http_session  # http_session calls this module: imported at call time
 
     assert flow.response is not None
     if flow.response.body is None:
         flow.response.body = await resp.read_body() or b""
         flow.response.headers.popall("content-length", None)
-    await http_session.send_local(conn, flow, False)
+    await responses.send_local(conn, flow, False)
     flow.timings["end"] = time.monotonic()
     await engine.addons.observe("response", flow)
 
@@ -285,9 +267,7 @@ async def _run_session(engine: Engine, conn: ClientConn, flow: Flow, session: We
     if outcome.ended_by == "upstream_lost":
         flow.error = errors.UpstreamDisconnected(provider.name)
     elif outcome.ended_by == "client_lost":
-        from proxy.http_session import ClientGone
-
-        flow.error = ClientGone(provider.name)
+        flow.error = errors.ClientGone(provider.name)
     await engine.addons.observe("error" if flow.error is not None else "response", flow)
 
 
@@ -304,11 +284,10 @@ def exchange_headers(flow: Flow, headers: Any) -> None:
 
 async def _answer_error(engine: Engine, conn: ClientConn, flow: Flow, err: errors.ProxyError) -> None:
     """A refusal before anything went upstream, audited like any refused request."""
-    from proxy import http_session
 
     flow.error = err
     flow.response = Response.from_error(err)
     flow.timings["end"] = time.monotonic()
     with contextlib.suppress(ConnectionError, OSError):
-        await http_session.send_local(conn, flow, False)
+        await responses.send_local(conn, flow, False)
     await engine.addons.observe("error", flow)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from addons.cache.addon import Cache
+    from addons.cache.backends import Backends
 
 RESULTS = ("hit", "miss", "stale", "coalesced", "bypass", "error")
 
@@ -43,13 +43,14 @@ class CacheStats:
         return {**counts, "hit_ratio": round(served / looked, 4) if looked else None,
                 "saved_usd": round(self.saved_usd.get(provider, 0.0), 6)}  # fmt: skip
 
-    def collector(self, cache: Cache) -> _Collector:
-        return _Collector(self, cache)
+    def collector(self, backends: Backends) -> _Collector:
+        """For the metrics registry: these counts, and the sizes of the memory stores ``backends`` holds."""
+        return _Collector(self, backends)
 
 
 class _Collector:
-    def __init__(self, stats: CacheStats, cache: Cache) -> None:
-        self.stats, self.cache = stats, cache
+    def __init__(self, stats: CacheStats, backends: Backends) -> None:
+        self.stats, self.backends = stats, backends
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("sidekey_cache_requests", "Requests to cache-enabled providers by cache result",
@@ -64,7 +65,7 @@ class _Collector:
         yield saved
         size = GaugeMetricFamily("sidekey_cache_bytes", "Bytes held by the memory cache", labels=("provider",))
         entries = GaugeMetricFamily("sidekey_cache_entries", "Entries in the memory cache", labels=("provider",))
-        for provider, store in sorted(self.cache.backends.memory.items()):
+        for provider, store in sorted(self.backends.memory.items()):
             size.add_metric((provider,), store.bytes)
             entries.add_metric((provider,), len(store.entries))
         yield size

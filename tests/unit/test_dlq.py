@@ -24,13 +24,13 @@ from proxy.dlq_store import DeadLetterFile, ReplayRequest, lines_backwards, repl
 from proxy.errors import (
     BadRequest,
     CircuitOpen,
+    ClientGone,
     CredentialUnavailable,
     ProxyError,
     UpstreamConnectError,
     UpstreamTimeout,
 )
 from proxy.flow import Flow, Response
-from proxy.http_session import ClientGone
 from proxy.policy import Auth, Fallback, Policy, SecretRef
 from proxy.testing import make_flow, make_provider
 
