@@ -19,6 +19,7 @@ from addons.health import HealthChecks
 from addons.limits import Limits
 from addons.metrics import Metrics
 from addons.provider_headers import ProviderHeaders
+from addons.signing import AwsSigner
 from addons.usage import UsageMeter
 
 
@@ -27,6 +28,10 @@ def default_addons(*, access_log: bool = True) -> list[object]:
         # First: nothing else should ever see (or log) the caller's placeholder
         # key, and a missing secret answers before any other work is done.
         CredentialInjector(),
+        # AWS SigV4 (auth type aws-sigv4): its request hook refuses a body too
+        # large to sign before any limit is taken; its upstream_attempt hook
+        # runs last of all, whatever the order here (runs_last).
+        AwsSigner(),
         # After credentials: fills in provider-required headers the caller left out.
         ProviderHeaders(),
         # Budgets refuse before limits take anything; meters tokens and cost and

@@ -5,19 +5,28 @@
 #
 #   bench/callgrind.sh chat                  # POST the bench chat payload (1 KB JSON answer)
 #   bench/callgrind.sh small                 # GET 200 B
+#   bench/callgrind.sh chat full             # with the feature set bench/features/full.env
 #   SIDEKEY_BENCH_PROVIDER='    limits: {requests_per_minute: 100000000, tokens_per_minute: 1000000000}' \
 #     bench/callgrind.sh chat                # the same with local limits
 #
 # Needs ../shared/bench/setup.sh to have run (loadgen, /tmp/bench-ca) and valgrind. Starts the
 # bench nginx on :8443 from the shared templates unless something already listens there.
-# Env: N1 (200), N2 (1200), SIDEKEY_BENCH_PROVIDER / SIDEKEY_BENCH_TOP / SIDEKEY_BENCH_ARGS
-# (as in sidekey-proxy.sh), SIDEKEY_PYTHON. Takes a few minutes: callgrind runs ~50x slower.
+# Env: N1 (200), N2 (1200), SIDEKEY_BENCH_PROVIDER / SIDEKEY_BENCH_TOP / SIDEKEY_BENCH_ARGS /
+# SIDEKEY_BENCH_AUDIT (as in sidekey-proxy.sh), SIDEKEY_BENCH_LOAD (extra loadgen flags,
+# word-split), SIDEKEY_PYTHON. A feature set (second argument) sets some of these. Takes a few minutes: callgrind runs ~50x slower.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 shared=${SIDEKEY_SHARED_BENCH:-$repo/../shared/bench}
 py=${SIDEKEY_PYTHON:-$repo/.venv/bin/python}
 kind=${1:-chat}
+features=${2:-}
+if [ -n "$features" ]; then
+  set -a
+  # shellcheck disable=SC1090
+  . "$here/features/$features.env"
+  set +a
+fi
 n1=${N1:-200} n2=${N2:-1200}
 work=$(mktemp -d /tmp/sidekey-callgrind.XXXXXX)
 loadgen=/tmp/bench-bin/loadgen
@@ -25,8 +34,10 @@ case $kind in
   chat) load=(-url https://localhost:8443/v1/chat/completions -m POST -ct application/json
               -body "$shared/payloads/chat-request.json") ;;
   small) load=(-url https://localhost:8443/small) ;;
-  *) echo "usage: $0 chat|small" >&2; exit 2 ;;
+  *) echo "usage: $0 chat|small [FEATURES]" >&2; exit 2 ;;
 esac
+# shellcheck disable=SC2206
+load+=(${SIDEKEY_BENCH_LOAD:-})
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null; then
   ng=$work/nginx
@@ -67,4 +78,4 @@ count() {
 
 a=$(count "$n1")
 b=$(count "$n2")
-echo "$kind: $(( (b - a) / (n2 - n1) )) instructions per request (Ir $a at N=$n1, $b at N=$n2; $work)"
+echo "$kind${features:+ $features}: $(( (b - a) / (n2 - n1) )) instructions per request (Ir $a at N=$n1, $b at N=$n2; $work)"

@@ -21,9 +21,12 @@ providers:
     tls: {ca_bundle: $upstream_ca}
 ${SIDEKEY_BENCH_PROVIDER:-}
 YAML
-export BENCH_API_KEY=test
+export BENCH_API_KEY=test BENCH_API_KEY_B=test-b  # B: the second key of a two-key pool (bench/features/full.env)
 cd "$repo"
-# SIDEKEY_BENCH_ARGS: extra flags, e.g. "--audit $workdir/audit.jsonl" (word-split on purpose)
+# SIDEKEY_BENCH_ARGS: extra flags, e.g. "--admin off" (word-split on purpose);
+# SIDEKEY_BENCH_AUDIT=1: the audit log to $workdir/audit.jsonl
+audit=()
+[ -n "${SIDEKEY_BENCH_AUDIT:-}" ] && audit=(--audit "$workdir/audit.jsonl")
 # shellcheck disable=SC2086
 exec "$py" -m proxy run --listen "127.0.0.1:$port" --policies "$workdir/p.yaml" \
-  --certs "$workdir/certs" --log-level "${SIDEKEY_BENCH_LOG:-WARNING}" ${SIDEKEY_BENCH_ARGS:-}
+  --certs "$workdir/certs" --log-level "${SIDEKEY_BENCH_LOG:-WARNING}" "${audit[@]}" ${SIDEKEY_BENCH_ARGS:-}

@@ -48,6 +48,14 @@ class BodyTooLarge(ProxyError):
     template = "request body exceeds {limit} bytes"
 
 
+class BodyTooLargeToSign(ProxyError):
+    """A provider signing requests (aws-sigv4) must hash the body before
+    sending it: a streamed body is held up to ``retry.replay_max_bytes``."""
+
+    status, code = 413, "body_too_large_to_sign"
+    template = "request body exceeds {limit} bytes, the most provider {provider} holds to sign a request"
+
+
 class RequestTimeout(ProxyError):
     status, code = 408, "request_timeout"
     template = "the client was too slow sending the request"

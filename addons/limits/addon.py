@@ -48,7 +48,7 @@ from addons.limits.queue import PriorityQueues
 from addons.limits.redis_limiter import LimiterUnavailable, RedisLimiter
 from addons.usage.tokens import reservation
 from proxy import errors
-from proxy.capabilities import SESSION_TOKENS
+from proxy.capabilities import CACHED_REQUESTS, SESSION_TOKENS
 from proxy.errors import LimitsUnavailable, RateLimited
 from proxy.flow import Flow, Response
 from proxy.policy import Policy, Provider, Rule
@@ -69,7 +69,7 @@ REFRESH_EVERY = 20.0
 
 class Limits:
     name = "limits"
-    provides = (SESSION_TOKENS,)
+    provides = (SESSION_TOKENS, CACHED_REQUESTS)
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -218,6 +218,17 @@ class Limits:
             return max(verdict.retry_after, 0.001)
         flow.metadata.setdefault("member_limits", []).append(self._held(Taken(checks, tokens, limiter, verdict.lease)))
         return 0.0
+
+    def count_cached(self, flow: Flow) -> Awaitable[None] | None:
+        """A cache hit or follower (``cache.count_hits: caller``) takes one request from the
+        caller's request rules, which protect the caller; over one it gets 429 like any request.
+        Provider, token and concurrency rules (which protect the upstream) never see it."""
+        provider = flow.provider
+        rules = [r for r in provider.caller_limits if r.kind == "requests"] if provider is not None else []
+        if provider is None or not rules:
+            return None
+        pairs = tuple((f"caller:{provider.name}/{flow.caller}", r) for r in rules)
+        return self._limit(flow, provider, Checks.for_requests(pairs, self.local), 0, PRIORITIES["normal"])
 
     # -- sessions (a WebSocket's responses: proxy.ws_session) ----------------------------
     def reserve_tokens(self, flow: Flow, tokens: int) -> None:

@@ -57,6 +57,8 @@ def _dynamic_refs(policy: Policy) -> dict[SecretRef, Provider]:
         refs: list[SecretRef | None] = [p.secret_of(t) for t in p.targets] if p.auth.type != "none" else []
         if p.auth.oauth2 is not None:
             refs += [p.auth.oauth2.client_secret, p.auth.oauth2.refresh_token]
+        if p.auth.sigv4 is not None:
+            refs += p.auth.sigv4.refs()
         for ref in refs:
             if ref is not None and ref.kind not in STATIC_KINDS:
                 out.setdefault(ref, p)

@@ -103,7 +103,7 @@ PROVIDER = frozenset(
         *websocket.FIELDS,
     }
 )
-AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "oauth2", "none")
+AUTH_TYPES: tuple[AuthType, ...] = ("bearer", "header", "basic", "query", "oauth2", "aws-sigv4", "none")
 # The fields each auth type reads; any other is a mistake (a `header:` on a
 # bearer provider would otherwise be silently ignored).
 AUTH_FIELDS: dict[str, frozenset[str]] = {
@@ -112,6 +112,7 @@ AUTH_FIELDS: dict[str, frozenset[str]] = {
     "basic": frozenset({"type", "secret", "username"}),
     "query": frozenset({"type", "secret", "param"}),
     "oauth2": creds.OAUTH2,
+    "aws-sigv4": creds.SIGV4,
     "none": frozenset({"type"}),
 }
 AUTH_ANY = frozenset().union(*AUTH_FIELDS.values())
@@ -254,12 +255,13 @@ class _Builder:
         # auth.secret is the members' default: required unless every member names its own.
         if auth is not None and auth.type == "oauth2":  # the token is this provider's own credential
             auth = dataclasses.replace(auth, secret=SecretRef("oauth2", name))
-        no_default = auth is not None and auth.type != "none" and auth.secret is None
+        no_default = auth is not None and auth.type not in ("none", "aws-sigv4") and auth.secret is None
         read_targets = partial(groups.targets, r, need_secret=no_default)
         targets = r.opt(f, field, "upstreams", read_targets, _NO_TARGETS, null_ok=True)
         if no_default and r.is_null(f.get("upstreams")):
             r.problem(f["auth"], f"{field}.auth.secret", "required: env:NAME or file:PATH (or one on every upstream)")
-        if targets and auth is not None and auth.type in ("none", "oauth2") and any(t.secret for t in targets):
+        own_key = auth is not None and auth.type not in ("none", "oauth2", "aws-sigv4")  # one key per member
+        if targets and auth is not None and not own_key and any(t.secret for t in targets):
             r.problem(f["upstreams"], f"{field}.upstreams", f"a member's own secret does not apply to {auth.type}")
         balance: Balance = r.opt(f, field, "balance", partial(groups.balance, r), "weighted")
         fallbacks = r.opt(f, field, "fallbacks", partial(groups.fallbacks, r), _NO_FALLBACKS, null_ok=True)
@@ -346,9 +348,10 @@ class _Builder:
             return r.opt(f, field, key, read, "")
 
         # A missing secret is checked by the provider, which knows its upstreams.
-        secret = r.opt(f, field, "secret", credential, None) if kind not in ("none", "oauth2") else None
+        secret = r.opt(f, field, "secret", credential, None) if kind not in ("none", "oauth2", "aws-sigv4") else None
         header, prefix, username, param = "authorization", "", "", ""
         oauth2 = creds.oauth2(r, f, node, field) if kind == "oauth2" else None
+        sigv4 = creds.sigv4(r, f, node, field) if kind == "aws-sigv4" else None
         if kind == "header":
             header = need("header", r.credential_header, "a header name") or header
             prefix = r.opt(f, field, "prefix", r.string, "", null_ok=True)
@@ -358,7 +361,9 @@ class _Builder:
             param = need("param", r.param, "the query parameter name")
         if len(r.problems) > before:
             raise Invalid()
-        return Auth(kind, secret, header=header, prefix=prefix, username=username, param=param, oauth2=oauth2)
+        return Auth(
+            kind, secret, header=header, prefix=prefix, username=username, param=param, oauth2=oauth2, sigv4=sigv4
+        )
 
     def set_headers(self, node: yaml.Node, field: str, auth: Auth | None) -> tuple[tuple[str, str], ...]:
         """Header name -> value, in file order, names lower-cased."""

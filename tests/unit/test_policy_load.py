@@ -248,7 +248,7 @@ NONE = "auth: {type: none}"
         (provider(A, "auth: {type: bearer, secret: 'file:'}"), 5, "providers.p.auth.secret", "literal secrets"),
         (provider(A, f"auth: {{type: bearer, secret: {{value: {SECRET}}}}}"), 5, "providers.p.auth.secret", "env:NAME or file:PATH"),
         (provider(A, "auth: {type: bearer}"), 5, "providers.p.auth.secret", "required"),
-        (provider(A, f"auth: {{type: magic, secret: {SECRET}}}"), 5, "providers.p.auth.type", "expected one of: bearer, header, basic, query, oauth2, none"),
+        (provider(A, f"auth: {{type: magic, secret: {SECRET}}}"), 5, "providers.p.auth.type", "expected one of: bearer, header, basic, query, oauth2, aws-sigv4, none"),
         (provider(A, f"auth: {{secret: {SECRET}}}"), 5, "providers.p.auth.secret", "literal secrets"),
         (provider(A, "auth: {secret: env:K}"), 5, "providers.p.auth.type", "required"),
         (provider(A, "auth: {type: header, secret: env:K}"), 5, "providers.p.auth.header", "required for type header"),
