@@ -18,26 +18,12 @@ from proxy.policy.model import PoolLimits, Timeouts, UpstreamTLS
 
 
 def timeouts(r: Reader, node: yaml.Node, field: str) -> Timeouts:
-    d = Timeouts()
-    f = r.mapping(node, field, frozenset({"connect", "read"}))
-    return Timeouts(
-        connect=r.opt(f, field, "connect", r.duration, d.connect),
-        read=r.opt(f, field, "read", r.duration, d.read),
-    )
+    return r.record(node, field, Timeouts, {"connect": r.duration, "read": r.duration})
 
 
 def tls(r: Reader, node: yaml.Node, field: str) -> UpstreamTLS:
-    f = r.mapping(node, field, frozenset({"ca_bundle", "server_name"}))
-    return UpstreamTLS(
-        ca_bundle=r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
-        server_name=r.opt(f, field, "server_name", r.host, None, null_ok=True),
-    )
+    return r.record(node, field, UpstreamTLS, {"ca_bundle": r.ca_bundle, "server_name": r.host}, null_ok=True)
 
 
 def pool(r: Reader, node: yaml.Node, field: str) -> PoolLimits:
-    d = PoolLimits()
-    f = r.mapping(node, field, frozenset({"max_connections", "keepalive_timeout"}))
-    return PoolLimits(
-        max_connections=r.opt(f, field, "max_connections", r.count, d.max_connections),
-        keepalive_timeout=r.opt(f, field, "keepalive_timeout", r.duration, d.keepalive_timeout),
-    )
+    return r.record(node, field, PoolLimits, {"max_connections": r.count, "keepalive_timeout": r.duration})

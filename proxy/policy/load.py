@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import yaml
 
@@ -76,7 +76,6 @@ TOP = frozenset(
         "providers",
     }
 )
-LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
 PROVIDER = frozenset(
     {
         "hosts",
@@ -201,16 +200,11 @@ class _Builder:
         return policy
 
     def limits(self, node: yaml.Node, field: str) -> ListenerLimits:
-        r, d = self.r, ListenerLimits()
-        f = r.mapping(node, field, LIMITS)
-        return ListenerLimits(
-            max_header_bytes=r.opt(f, field, "max_header_bytes", r.size, d.max_header_bytes),
-            max_headers=r.opt(f, field, "max_headers", r.count, d.max_headers),
-            max_body_bytes=r.opt(f, field, "max_body_bytes", r.size, d.max_body_bytes),
-            header_timeout=r.opt(f, field, "header_timeout", r.duration, d.header_timeout),
-            idle_timeout=r.opt(f, field, "idle_timeout", r.duration, d.idle_timeout),
-            body_timeout=r.opt(f, field, "body_timeout", r.duration, d.body_timeout),
-        )
+        r = self.r
+        readers: dict[str, Read[Any]] = {"max_header_bytes": r.size, "max_headers": r.count, "max_body_bytes": r.size,
+                                         "header_timeout": r.duration, "idle_timeout": r.duration,
+                                         "body_timeout": r.duration}  # fmt: skip
+        return r.record(node, field, ListenerLimits, readers)
 
     def network(self, node: yaml.Node, field: str) -> tuple[IPNetwork, ...]:
         allow = self.r.mapping(node, field, frozenset({"allow"})).get("allow")
