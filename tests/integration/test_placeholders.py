@@ -144,6 +144,10 @@ def test_placeholders_substituted_refused_rotated_and_never_leaked(start_sidekey
             assert f"placeholder {GH} of provider github sent to host hooks.slack.test" in log
             assert f"placeholder {HOOK} of provider slack sent to host unmatched.invalid" in log
 
+            # Plain http to the owner's own host: put in, and sent upstream over TLS like any request to it.
+            answer = http.get(f"http://hooks.slack.test/echo/plain?k={SIGNING}")
+            assert answer.status_code == 200 and fake.last().query == f"k={SIGNING_VALUE}" and fake.last().sni
+
             # A lookalike passes untouched, to any host.
             answer = http.get("https://plain.test/x?q=SIDEKEY_LOOKS_LIKE_ONE", headers={"X-A": "XSIDEKEY_GITHUB_T"})
             assert answer.status_code == 200 and fake.last().query == "q=SIDEKEY_LOOKS_LIKE_ONE"
@@ -183,3 +187,39 @@ def test_placeholders_substituted_refused_rotated_and_never_leaked(start_sidekey
     for where, text in surfaces.items():
         for secret in (HOOK_VALUE, SIGNING_VALUE, GH_VALUE, FILE_V1, FILE_V2, SECRET_ID, *vault.tokens, OPENAI_KEY):
             assert secret not in text, f"a secret reached the {where}"
+
+
+def test_a_fallback_provider_never_gets_the_value(start_sidekey: object, fake: FakeProviderThread) -> None:
+    """The matched provider is down and falls back to another: the attempt to the
+    fallback is refused (its host is not the placeholder's), nothing reaches it."""
+    tls = f"tls: {{ca_bundle: {fake.ca_pem_path}}}"
+    policy_text = f"""\
+version: 1
+providers:
+  hooks:
+    hosts: [hooks.down.test]
+    upstream: https://127.0.0.1:9
+    auth: {{type: none}}
+    {tls}
+    timeouts: {{connect: 2, read: 5}}
+    retry: {{attempts: 1}}
+    fallbacks:
+      - provider: backup
+    placeholders:
+      {HOOK}: env:SLACK_HOOK
+  backup:
+    hosts: [backup.test]
+    upstream: https://localhost:{fake.port}
+    auth: {{type: none}}
+    {tls}
+    retry: {{attempts: 1}}
+"""
+    proxy: SidekeyProcess = start_sidekey(policy_text, env={**SECRET_ENV, "SLACK_HOOK": HOOK_VALUE})  # type: ignore[operator]
+    with client(proxy) as http:
+        assert http.get("https://hooks.down.test/echo/plain").status_code == 200  # no placeholder: it fails over
+        received = len(fake.received)
+        refused(http.post(f"https://hooks.down.test/echo/services/{HOOK}", json={"t": 1}), HOOK, "localhost")
+        assert len(fake.received) == received, "the fallback got the request"
+    proxy.stop()
+    assert HOOK_VALUE not in proxy.log()
+    assert f"placeholder {HOOK} of provider hooks sent to host localhost" in proxy.log()
