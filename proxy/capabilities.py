@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from multidict import CIMultiDict
 
-from proxy.policy import Provider, Target
+from proxy.policy import Provider, SecretRef, Target
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -60,6 +60,14 @@ class Secrets(Protocol):
 
     async def refresh_credentials(self, provider: Provider | None) -> list[dict[str, Any]]:
         """Re-read now (one provider's, or every one's); what each re-read gave."""
+        ...
+
+    def reference_value(self, ref: SecretRef) -> str | None:
+        """The current value of any reference (static or cached), without waiting; None: not there."""
+        ...
+
+    async def ensure(self, refs: list[SecretRef]) -> None:
+        """Wait for the first fetch of each dynamic reference that has no value yet."""
         ...
 
 
