@@ -30,7 +30,7 @@ from typing import Any, cast
 import yaml
 
 from proxy.policy import cache as cache_config
-from proxy.policy import connection, groups, quotas, websocket
+from proxy.policy import connection, groups, placeholders, quotas, websocket
 from proxy.policy import credentials as creds
 from proxy.policy.credential_model import SecretStores
 from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Read, Reader, join, line_of
@@ -99,6 +99,7 @@ PROVIDER = frozenset(
         "budget",
         "caller_budget",
         "cache",
+        "placeholders",
         *websocket.FIELDS,
     }
 )
@@ -163,6 +164,7 @@ class _Builder:
         self.source = source
         self.digest = digest
         self.hosts_seen: dict[str, tuple[str, int]] = {}  # pattern -> (provider, line)
+        self.placeholders_seen: placeholders.Seen = {}
 
     def policy(self, root: yaml.Node) -> Policy | None:
         r = self.r
@@ -267,6 +269,8 @@ class _Builder:
         caller_budget = r.opt(f, field, "caller_budget", partial(quotas.budget, r), None, null_ok=True)
         cache = r.opt(f, field, "cache", partial(cache_config.read, r), None, null_ok=True)
         ws = websocket.read(r, f, field, hosts)
+        read_placeholders = partial(placeholders.read, r, provider=name, seen=self.placeholders_seen)
+        named = r.opt(f, field, "placeholders", read_placeholders, placeholders.NONE, null_ok=True)
         if auth is None:
             return None
         return Provider(
@@ -293,6 +297,7 @@ class _Builder:
             caller_budget=caller_budget,
             cache=cache,
             websocket=ws,
+            placeholders=named,
             line=line_of(key_node),
         )
 
