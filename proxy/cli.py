@@ -253,6 +253,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.access_log not in ("on", "off"):
         raise startup.BadChoice(name="--access-log (or $SIDEKEY_ACCESS_LOG)", choices="on, off")
     logs.configure(startup.log_level(args.log_level), args.log_format, sys.stderr)
+    try:
+        malloc_options = memtrim.malloc_options(os.environ)
+    except ValueError as exc:
+        raise startup.BadChoice(name=f"${exc}", choices="0 (glibc's default) or a whole number") from None
+    memtrim.set_malloc_options(malloc_options)  # before any thread starts (uvloop's resolver, to_thread workers)
     if args.worker_index is not None:
         log.info("worker %d, pid %d", args.worker_index, os.getpid())
     before, after = fdlimit.raise_fd_limit()
