@@ -87,6 +87,15 @@ class TLSOnPlainPort(ProxyError):
     template = "sidekey's proxy port speaks plain HTTP: use http:// in HTTPS_PROXY"
 
 
+class PlaceholderMisdirected(ProxyError):
+    """A request carried a provider's placeholder to a host that provider does
+    not serve (``proxy.placeholders``). Only the name and host are said: names
+    are not secrets, the value was never put in."""
+
+    status, code = 403, "placeholder_misdirected"
+    template = "placeholder {placeholder} does not belong to host {host}"
+
+
 class MethodNotAllowed(ProxyError):
     status, code = 405, "method_not_allowed"
     template = "{reason}"

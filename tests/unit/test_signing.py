@@ -6,6 +6,7 @@ order, and the request hook's handling of caller headers and bodies."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -196,7 +197,7 @@ def _sigv4_flow(limit: int, *, unsigned: bool = False) -> tuple[Flow, AwsSigner]
 def _attempt(flow: Flow) -> Attempt:
     assert flow.provider is not None
     member = UpstreamState(flow.provider, flow.provider.targets[0], "b.test", 443)
-    return Attempt(member, flow.provider, flow.request.headers, "https://b.test/model/m/invoke", 1)
+    return Attempt(member, flow.provider, flow.request.headers, "https://b.test/model/m/invoke", 1, flow.request.body)
 
 
 def test_a_chunked_body_is_held_and_signed_or_refused_over_the_limit() -> None:
@@ -239,3 +240,19 @@ def test_the_cache_names_a_signed_providers_answers_by_its_key_id() -> None:
         digests.append(injector.credential_digest(provider, provider.targets[0], b"k"))
     assert None not in digests and digests[0] != digests[1]
     assert all("AKID" not in d and "secret" not in d for d in digests if d)
+
+
+def test_the_signed_hash_is_of_the_attempts_body() -> None:
+    """An earlier hook may give the attempt its own body (placeholder values put
+    in, addons/placeholders.py): the hash signed is of the bytes sent."""
+    from dataclasses import replace
+
+    flow, signer = _sigv4_flow(70_000)
+    assert flow.provider is not None and flow.provider.auth.sigv4 is not None
+    s3 = replace(flow.provider.auth, sigv4=replace(flow.provider.auth.sigv4, service="s3"))  # s3 sends the hash
+    flow.provider = replace(flow.provider, auth=s3)
+    flow.request.body = b'{"k":"SIDEKEY_BEDROCK_NAME_1"}'
+    attempt = _attempt(flow)
+    attempt.body = b'{"k":"the-value"}'
+    assert signer.upstream_attempt(flow, attempt) is None
+    assert attempt.headers["X-Amz-Content-SHA256"] == hashlib.sha256(b'{"k":"the-value"}').hexdigest()
