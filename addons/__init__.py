@@ -18,15 +18,25 @@ from addons.credentials import CredentialInjector
 from addons.health import HealthChecks
 from addons.limits import Limits
 from addons.metrics import Metrics
+from addons.placeholders import Placeholders
 from addons.provider_headers import ProviderHeaders
+from addons.signing import AwsSigner
 from addons.usage import UsageMeter
 
 
 def default_addons(*, access_log: bool = True) -> list[object]:
     addons: list[object] = [
-        # First: nothing else should ever see (or log) the caller's placeholder
+        # Before credentials: it sees the caller's headers before their
+        # credential headers are stripped (a placeholder there is refused or
+        # put in like any other), and refuses a misdirected one before any work.
+        Placeholders(),
+        # Then: nothing else should ever see (or log) the caller's placeholder
         # key, and a missing secret answers before any other work is done.
         CredentialInjector(),
+        # AWS SigV4 (auth type aws-sigv4): its request hook refuses a body too
+        # large to sign before any limit is taken; its upstream_attempt hook
+        # runs last of all, whatever the order here (runs_last).
+        AwsSigner(),
         # After credentials: fills in provider-required headers the caller left out.
         ProviderHeaders(),
         # Budgets refuse before limits take anything; meters tokens and cost and

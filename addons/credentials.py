@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
 log = logging.getLogger("sidekey.credentials")
+UNINJECTED = ("none", "oauth2", "aws-sigv4")  # no value of their own to report missing at start
 
 
 def strip_query_param(url: str, param: str) -> str:
@@ -81,6 +82,10 @@ class CredentialInjector:
         static += [r for p in policy.providers if p.auth.oauth2 is not None
                    for r in (p.auth.oauth2.client_secret, p.auth.oauth2.refresh_token)
                    if r is not None and r.kind in STATIC_KINDS]  # fmt: skip
+        static += [r for p in policy.providers if p.auth.sigv4 is not None for r in p.auth.sigv4.refs()
+                   if r.kind in STATIC_KINDS]  # fmt: skip
+        named = [ref for p in policy.providers for _name, ref in p.placeholders]  # addons/placeholders.py
+        static += [r for r in named if r.kind in STATIC_KINDS]
         self.store.watch(list(dict.fromkeys(static)))
         await asyncio.to_thread(self.store.refresh)
         # sidekey's own ports stay refused to credential fetches too (the guard the engine keeps).
@@ -88,15 +93,23 @@ class CredentialInjector:
         fresh = self.creds.configure(policy, Guard(policy.allow_networks, self_ports))
         # Store secrets are read now, so a start or reload reports what is missing;
         # OAuth2 tokens are fetched on first use.
-        await self.creds.ensure(r for r in refs.values() if r.kind not in STATIC_KINDS and r.kind != "oauth2"
+        fetched = (*refs.values(), *named)
+        await self.creds.ensure(r for r in fetched if r.kind not in STATIC_KINDS and r.kind != "oauth2"
                                 and any(e is self.creds.entries.get(r) for e in fresh))  # fmt: skip
         for (p, t), ref in refs.items():
-            if p.auth.type not in ("none", "oauth2") and self.creds.value(ref) is None:
+            if p.auth.type not in UNINJECTED and self.creds.value(ref) is None:
                 # Reported at start; requests for it get a clear 503.
                 name = p.name if len(p.targets) == 1 else f"{p.name}/{t.name}"
                 entry = self.creds.entries.get(ref)
                 problem = entry.problem if entry is not None else self.store.problem(ref)
                 log.warning("provider %s: credential source %s %s", name, ref.source, problem)
+        for p in policy.providers:
+            for placeholder, ref in p.placeholders:
+                if self.reference_value(ref) is None:
+                    entry = self.creds.entries.get(ref)
+                    problem = entry.problem if entry is not None else self.store.problem(ref)
+                    log.warning("provider %s: placeholder %s: credential source %s %s", p.name, placeholder,
+                                ref.source, problem)  # fmt: skip
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._refresh_loop(), name="sidekey-secret-refresh")
@@ -126,7 +139,7 @@ class CredentialInjector:
         return any(self.usable(provider, t) for t in targets)
 
     def usable(self, provider: Provider, target: Target) -> bool:
-        if provider.auth.type == "none":
+        if provider.auth.type == "none" or provider.auth.type == "aws-sigv4":  # signed by addons.signing
             return True
         ref = provider.secret_of(target)  # None only if built around the loader: no key, not served
         if ref is None:
@@ -145,19 +158,38 @@ class CredentialInjector:
         return secret
 
     def _refs(self, provider: Provider) -> dict[SecretRef, list[str]]:
-        """The references a provider injects, each with the members using it."""
+        """The references a provider injects, each with the members using it
+        (none for a source only its placeholders name)."""
         out: dict[SecretRef, list[str]] = {}
         if provider.auth.type != "none":
             for t in provider.targets:
                 if (ref := provider.secret_of(t)) is not None:
                     out.setdefault(ref, []).append(t.name)
+        if provider.auth.sigv4 is not None:  # one AWS key signs for every member
+            for ref in provider.auth.sigv4.refs():
+                out[ref] = [t.name for t in provider.targets]
+        for _name, ref in provider.placeholders:
+            out.setdefault(ref, [])
         return out
+
+    def reference_value(self, ref: SecretRef) -> str | None:
+        """The current value of any reference (static or cached), without waiting."""
+        secret = self.store.get(ref)
+        if secret is None and ref.kind not in STATIC_KINDS:
+            secret = self.creds.value(ref)
+        return secret
+
+    async def ensure(self, refs: list[SecretRef]) -> None:
+        """Wait for the first fetch of each dynamic reference that has no value yet."""
+        await self.creds.ensure(refs)
 
     def credential_views(self, provider: Provider) -> list[dict[str, Any]]:
         views = []
         for ref, members in self._refs(provider).items():
             entry = self.creds.entries.get(ref)
             view: dict[str, Any] = {"source": ref.source, "kind": ref.kind, "members": members}
+            if named := [name for name, r in provider.placeholders if r == ref]:
+                view["placeholders"] = named
             if entry is None:  # static: read from the environment or a file, no expiry
                 view.update(state="fresh" if self.store.get(ref) is not None else "failing", expires_at=None,
                             serve_until=None, last_refresh=None, last_success=None, failures=0,
@@ -208,7 +240,7 @@ class CredentialInjector:
             assert flow.upstream_url is not None
             flow.upstream_url = strip_query_param(flow.upstream_url, auth.param)
             flow.request.path = strip_query_param(flow.request.path, auth.param)
-        if auth.type != "none" and not self.secret_available(provider):
+        if auth.type != "none" and auth.type != "aws-sigv4" and not self.secret_available(provider):
             waits = [r for t in provider.targets if (r := provider.secret_of(t)) is not None and self.creds.waiting(r)]
             if waits:  # a dynamic credential not fetched yet: wait for its one fetch
                 return self._first_use(flow, provider, waits)
@@ -241,7 +273,7 @@ class CredentialInjector:
         """Set the target's credential on one attempt; returns the URL (a query
         credential is appended to it). Raises CredentialUnavailable."""
         auth = provider.auth
-        if auth.type == "none":
+        if auth.type == "none" or auth.type == "aws-sigv4":  # a signature is set last, by addons.signing
             return url
         ref = provider.secret_of(target)
         secret = self.store.get(ref) if ref is not None else None

@@ -70,7 +70,7 @@ async def forward(engine: Engine, flow: Flow, body: BodyReader) -> ClientRespons
     # built only once the first attempt did not serve (or when no member can take it).
     state = _first_member(engine, provider, engine.groups.members(provider, route.host, route.port))
     if state is not None:
-        attempt = Attempt(state, provider, headers, flow.upstream_url, 1)
+        attempt = Attempt(state, provider, headers, flow.upstream_url, 1, flow.request.body)
         try:
             resp = await _send_attempt(engine, flow, route, first, attempt, body)
         except errors.ProxyError as err:
@@ -151,7 +151,8 @@ class _Run:
 
     async def send(self, verdict: Send) -> Outcome | None:
         route = self.plan.route
-        attempt = Attempt(verdict.member, route.provider, self.flow.request.headers, route.url or "", verdict.number)
+        req = self.flow.request
+        attempt = Attempt(verdict.member, route.provider, req.headers, route.url or "", verdict.number, req.body)
         resp = err = None
         try:
             resp = await _send_attempt(self.engine, self.flow, route, self.first, attempt, self.body)
@@ -311,7 +312,7 @@ async def _send_attempt(engine: Engine, flow: Flow, route: Route, first: URL, at
     flow.timings["request_sent"] = now
     attempt.hold()
     try:
-        resp = await _send(engine, flow, provider, parsed)
+        resp = await _send(engine, flow, provider, parsed, attempt)
     except errors.ProxyError as err:
         attempt.release()
         if body.error is not None:  # the caller's body broke mid-upload: no upstream outcome to count
@@ -351,12 +352,16 @@ def _session(engine: Engine, provider: Provider | None, url: URL) -> ClientSessi
     return engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
 
 
-async def _send(engine: Engine, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
+async def _send(engine: Engine, flow: Flow, provider: Provider | None, url: URL,
+                attempt: Attempt | None = None) -> ClientResponse:  # fmt: skip
+    """``attempt``: its headers and body are what is sent (else the flow's request's)."""
+    req = flow.request
+    headers, body = (attempt.headers, attempt.body) if attempt is not None else (req.headers, req.body)
     if flow.websocket is not None:  # a dedicated connection; the answer reads like a ClientResponse here
-        return cast(ClientResponse, await ws_upstream.connect(engine, flow, provider, url))
+        return cast(ClientResponse, await ws_upstream.connect(engine, flow, provider, url, headers))
     session = _session(engine, provider, url)
     server_name = provider.tls.server_name if provider else None
-    return await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)
+    return await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name, headers, body)
 
 
 async def probe(engine: Engine, provider: Provider, state: UpstreamState, method: str, path: str) -> int:

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from multidict import CIMultiDict
 
-from proxy.policy import Provider, Target
+from proxy.policy import Provider, SecretRef, Target
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from proxy.flow import Flow
     from proxy.policy.rates import Usage
 
@@ -60,6 +62,14 @@ class Secrets(Protocol):
         """Re-read now (one provider's, or every one's); what each re-read gave."""
         ...
 
+    def reference_value(self, ref: SecretRef) -> str | None:
+        """The current value of any reference (static or cached), without waiting; None: not there."""
+        ...
+
+    async def ensure(self, refs: list[SecretRef]) -> None:
+        """Wait for the first fetch of each dynamic reference that has no value yet."""
+        ...
+
 
 class UsageReport(Protocol):
     """Requests, tokens and cost counted so far; raises ValueError for a bad ``since``."""
@@ -99,9 +109,25 @@ class SessionUsage(Protocol):
     def record_usage(self, flow: Flow, usage: Usage) -> float | None: ...
 
 
+class CachedUsage(Protocol):
+    """A request the response cache answered (a hit, a coalesced follower), recorded in
+    the usage ledger as ``cached`` with the cost it saved: never as a request or spend."""
+
+    def record_cached(self, flow: Flow, saved_usd: float) -> None: ...
+
+
+class CachedRequests(Protocol):
+    """A cached answer counted in the caller's request rules (``cache.count_hits: caller``):
+    an awaitable when it must wait; over a rule it sets the flow's 429."""
+
+    def count_cached(self, flow: Flow) -> Awaitable[None] | None: ...
+
+
 SECRETS: Capability[Secrets] = Capability("secrets")
 CACHE_ADMIN: Capability[CacheAdmin] = Capability("cache_admin")
 USAGE_REPORT: Capability[UsageReport] = Capability("usage_report")
 METRICS: Capability[MetricsExposition] = Capability("metrics")
 SESSION_TOKENS: Capability[SessionTokens] = Capability("session_tokens")
 SESSION_USAGE: Capability[SessionUsage] = Capability("session_usage")
+CACHED_USAGE: Capability[CachedUsage] = Capability("cached_usage")
+CACHED_REQUESTS: Capability[CachedRequests] = Capability("cached_requests")

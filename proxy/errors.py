@@ -48,6 +48,14 @@ class BodyTooLarge(ProxyError):
     template = "request body exceeds {limit} bytes"
 
 
+class BodyTooLargeToSign(ProxyError):
+    """A provider signing requests (aws-sigv4) must hash the body before
+    sending it: a streamed body is held up to ``retry.replay_max_bytes``."""
+
+    status, code = 413, "body_too_large_to_sign"
+    template = "request body exceeds {limit} bytes, the most provider {provider} holds to sign a request"
+
+
 class RequestTimeout(ProxyError):
     status, code = 408, "request_timeout"
     template = "the client was too slow sending the request"
@@ -77,6 +85,15 @@ class TLSOnPlainPort(ProxyError):
 
     status, code = 400, "tls_to_plain_port"
     template = "sidekey's proxy port speaks plain HTTP: use http:// in HTTPS_PROXY"
+
+
+class PlaceholderMisdirected(ProxyError):
+    """A request carried a provider's placeholder to a host that provider does
+    not serve (``proxy.placeholders``). Only the name and host are said: names
+    are not secrets, the value was never put in."""
+
+    status, code = 403, "placeholder_misdirected"
+    template = "placeholder {placeholder} does not belong to host {host}"
 
 
 class MethodNotAllowed(ProxyError):

@@ -105,9 +105,14 @@ class RequestHook(Hook):
 class UpstreamAttemptHook(Hook):
     """One attempt is about to go to one member (of the matched provider or a
     fallback): set what belongs to that member and provider on
-    ``attempt.headers`` / ``attempt.url`` (the credential, required headers),
+    ``attempt.headers`` / ``attempt.url`` / ``attempt.body`` (the credential,
+    required headers, placeholder values; replace headers or body with the
+    attempt's own copy rather than change the flow's, which observers record),
     take its own limits (``attempt.hold_off`` to have the forwarder try
-    another member). Runs again on every retry and failover."""
+    another member). Runs again on every retry and failover. An addon that
+    names this hook in ``runs_last`` (request signing: it must sign the
+    request as it is finally sent) runs after every other, whatever the
+    addon order; only one addon may."""
 
     flow: Flow
     attempt: Attempt
@@ -199,6 +204,7 @@ class AddonManager:
         self._all: dict[str, tuple[Call, ...]] = {h: () for h in HOOKS}  # every addon's calls
         self._hooks: dict[str, tuple[Call, ...]] = dict(self._all)  # without the idle ones
         self._idle_of: list[tuple[str, Callable[[], Any]]] = []
+        self._last: dict[str, str] = {}  # hook -> the addon that runs last in it (``runs_last``)
         self.attempt_calls: tuple[Call, ...] = ()  # the per-attempt hot path reads it directly
         for addon in addons:
             self.add(addon)
@@ -206,6 +212,7 @@ class AddonManager:
     def add(self, addon: object) -> None:
         self.addons.append(addon)
         name = addon_name(addon)
+        runs_last = frozenset(getattr(addon, "runs_last", ()))
         for spec in SPECS:
             method = getattr(addon, spec.name, None)
             if method is None:
@@ -213,7 +220,16 @@ class AddonManager:
             if not callable(method):
                 raise TypeError(f"{name}.{spec.name} is not callable")
             call: Call = (name, method, inspect.iscoroutinefunction(method))
-            self._all[spec.name] = (*self._all[spec.name], call)
+            calls, last = self._all[spec.name], self._last.get(spec.name)
+            if spec.name in runs_last:
+                if last is not None:
+                    raise TypeError(f"{name} and {last} both ask to run last in {spec.name}")
+                self._last[spec.name] = name
+                self._all[spec.name] = (*calls, call)
+            elif last is not None:  # keep the last one last: this one goes just before it
+                self._all[spec.name] = (*calls[:-1], call, calls[-1])
+            else:
+                self._all[spec.name] = (*calls, call)
         idle = getattr(addon, IdleHooksHook.name, None)
         if callable(idle):
             self._idle_of.append((name, idle))

@@ -92,6 +92,8 @@ def secret_uses(policy: Policy) -> Iterator[tuple[str, SecretRef]]:
             if ref is not None and (who, ref) not in seen:
                 seen.add((who, ref))
                 yield who, ref
+        for ref in p.auth.sigv4.refs() if p.auth.sigv4 is not None else ():
+            yield f"provider {p.name}, aws key", ref
     if policy.redis is not None and isinstance(policy.redis.url, SecretRef):
         yield "redis.url", policy.redis.url
     if policy.alerts is not None and isinstance(policy.alerts.webhook, SecretRef):

@@ -21,10 +21,11 @@ from proxy import attempt_loop, errors, http_session, netguard, responses, routi
 from proxy.balance import Groups, Transition, UpstreamState
 from proxy.ca_watch import CAFiles
 from proxy.capabilities import SECRETS, Capability
-from proxy.certs import CertificateAuthority, LeafContexts
+from proxy.certs import CertificateAuthority
 from proxy.conn import ClientConn
 from proxy.flow import new_request_id
 from proxy.hooks import AddonManager
+from proxy.leaf_contexts import LeafContexts
 from proxy.policy import Policy, Provider, SecretRef
 
 T = TypeVar("T")

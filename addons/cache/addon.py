@@ -19,6 +19,7 @@ with no ``cache:`` anywhere the hooks are idle (not called).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from multidict import CIMultiDict
 
 from addons.cache import rules
 from addons.cache.backends import Backends
+from addons.cache.cluster import WAIT, ClusterLocks
 from addons.cache.flight import Flight, FlightFailed
 from addons.cache.key import cache_key
 from addons.cache.pending import Pending
@@ -37,12 +39,12 @@ from addons.cache.sse import StreamJudge
 from addons.cache.stats import CacheStats
 from addons.cache.stores import Entry
 from proxy import errors
-from proxy.capabilities import CACHE_ADMIN, SECRETS
+from proxy.capabilities import CACHE_ADMIN, CACHED_REQUESTS, CACHED_USAGE, SECRETS
 from proxy.flow import Flow, Response
 from proxy.policy import CachePolicy, Policy, Provider
 
 if TYPE_CHECKING:
-    from proxy.capabilities import Secrets
+    from proxy.capabilities import CachedRequests, CachedUsage, Secrets
     from proxy.runtime import Runtime
 
 log = logging.getLogger("sidekey.cache")
@@ -60,12 +62,16 @@ class Cache:
         self.flights: dict[str, Flight] = {}
         self.stats = CacheStats()
         self._secrets: Secrets | None = None
+        self._usage: CachedUsage | None = None
+        self._limits: CachedRequests | None = None
         self._identity_key = os.urandom(32)  # this process's; the Redis-shared one replaces it
 
     # -- lifecycle ---------------------------------------------------------------------
     def setup(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._secrets = runtime.capability(SECRETS)
+        self._usage = runtime.capability(CACHED_USAGE)
+        self._limits = runtime.capability(CACHED_REQUESTS)
 
     def configure(self, policy: Policy) -> None:
         self.policy = policy
@@ -165,14 +171,19 @@ class Cache:
         result = meta.get("cache")
         if result is not None and flow.provider is not None:
             self.stats.count(flow.provider.name, result)
+            if result == "hit" or result == "coalesced":
+                self._account(flow, flow.provider.name, meta)
         if pending is None:
             return
         recorder = pending.recorder
-        entry = None
+        entry = written = None
         if recorder is not None and recorder.pieces is not None and recorder.clean and meta.get("cache") == "miss":
             entry = self._entry(flow, pending, b"".join(recorder.pieces))
-            self.backends.put(pending.key, entry, pending.policy)
+            written = self.backends.put(pending.key, entry, pending.policy)
+        self._unlock(pending, written)
         if pending.flight is not None:
+            cost = meta.get("cost")
+            pending.flight.saved_usd = float(cost) if isinstance(cost, float | int) else 0.0
             self._end_flight(pending.flight, ok=entry is not None or recorder is not None)
 
     def error(self, flow: Flow) -> None:
@@ -182,8 +193,10 @@ class Cache:
         pending: Pending | None = meta.pop("cache_state", None)
         if flow.provider is not None and "cache" in meta:
             self.stats.count(flow.provider.name, "error")
-        if pending is not None and pending.flight is not None:
-            self._end_flight(pending.flight, ok=False)
+        if pending is not None:
+            self._unlock(pending, None)
+            if pending.flight is not None:
+                self._end_flight(pending.flight, ok=False)
 
     # -- internals -----------------------------------------------------------------------
     def _identity(self, provider: Provider) -> str:
@@ -207,6 +220,45 @@ class Cache:
         waited = self._decide(flow, provider, policy, directives, key, entry)
         if waited is not None:
             await waited
+        elif policy.coalesce_cluster and self.backends.locks is not None:
+            pending: Pending | None = flow.metadata.get("cache_state")
+            if pending is not None and pending.flight is not None:  # leads here: and across sidecars?
+                await self._lead_cluster(flow, policy, pending, self.backends.locks)
+
+    async def _lead_cluster(self, flow: Flow, policy: CachePolicy, pending: Pending, locks: ClusterLocks) -> None:
+        """Take the key's Redis lock and lead, or wait for the sidecar that holds it
+        (``addons.cache.cluster``); its entry answers this flow and the followers here."""
+        provider = flow.provider
+        assert provider is not None and pending.flight is not None
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while True:
+            token = await locks.acquire(provider.name, pending.key)
+            if token is not None:
+                pending.lock = (provider.name, token)
+                return
+            entry = await locks.wait(provider.name, pending.key, deadline)
+            if entry is not None:
+                flight = pending.flight
+                flight.saved_usd = entry.saved_usd
+                flight.head(entry.status, CIMultiDict(entry.headers))
+                flight.publish(entry.body)
+                self._end_flight(flight, ok=True)
+                del flow.metadata["cache_state"]
+                flow.response = self._answer(entry, "coalesced")
+                flow.metadata.update(cache="coalesced", cache_saved=entry.saved_usd)
+                counting = self._count(flow, policy)
+                if counting is not None:
+                    await counting
+                return
+            if asyncio.get_running_loop().time() >= deadline:
+                return  # waited long enough: upstream, without the lock
+
+    def _unlock(self, pending: Pending, written: asyncio.Task[None] | None) -> None:
+        """The flow led across sidecars: free its lock once its entry is written (or now)."""
+        if pending.lock is not None and self.backends.locks is not None:
+            provider, token = pending.lock
+            self.backends.locks.release(provider, pending.key, token, written)
+            pending.lock = None
 
     def _decide(self, flow: Flow, provider: Provider, policy: CachePolicy, directives: rules.Directives, key: str,
                 entry: Entry | None) -> Awaitable[None] | None:  # fmt: skip
@@ -214,8 +266,8 @@ class Cache:
         if entry is not None and directives.lookup and entry.fresh(now):
             flow.response = self._answer(entry, "hit", now)
             flow.metadata["cache"] = "hit"
-            self.stats.saved(provider.name, entry.saved_usd)
-            return None
+            flow.metadata["cache_saved"] = entry.saved_usd
+            return self._count(flow, policy)
         stale = entry if entry is not None and policy.stale_if_error and entry.usable_stale(now) else None
         if stale is not None:
             flow.metadata["error_answer"] = self._answer(stale, "stale", now)
@@ -252,6 +304,10 @@ class Cache:
                 else:
                     flow.response = Response(flight.status, headers, stream=_pieces(flight, provider.name))
                 flow.metadata["cache"] = "coalesced"
+                flow.metadata["cache_flight"] = flight
+                counting = self._count(flow, policy)
+                if counting is not None:
+                    await counting
                 return
             entry = self.backends.local(provider.name, key)
             waited = self._decide(flow, provider, policy, directives, key, entry)
@@ -261,6 +317,27 @@ class Cache:
             if nxt is None:
                 return
             flight = nxt
+
+    def _count(self, flow: Flow, policy: CachePolicy) -> Awaitable[None] | None:
+        """``count_hits: caller``: the answer takes one request from the caller's rules."""
+        if policy.count_hits != "caller" or self._limits is None:
+            return None
+        answer = flow.response
+        waiting = self._limits.count_cached(flow)
+        return None if waiting is None else self._counted(flow, answer, waiting)
+
+    async def _counted(self, flow: Flow, answer: Response | None, waiting: Awaitable[None]) -> None:
+        await waiting
+        if flow.response is not answer:  # refused (429): not answered from the cache after all
+            flow.metadata.pop("cache", None)
+
+    def _account(self, flow: Flow, provider: str, meta: dict[str, Any]) -> None:
+        """A hit or follower answered: what it saved, in the stats and the usage ledger."""
+        flight: Flight | None = meta.get("cache_flight")
+        saved = flight.saved_usd if flight is not None else meta.get("cache_saved", 0.0)
+        self.stats.saved(provider, saved)
+        if self._usage is not None:
+            self._usage.record_cached(flow, saved)
 
     def _answer(self, entry: Entry, result: str, now: float | None = None) -> Response:
         headers: CIMultiDict[str] = CIMultiDict(entry.headers)

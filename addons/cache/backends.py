@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from addons.cache.cluster import ClusterLocks
 from addons.cache.stores import Entry, MemoryStore, RedisStore
 from proxy.policy import CachePolicy, Policy
 
@@ -25,12 +26,13 @@ log = logging.getLogger("sidekey.cache")
 
 
 class Backends:
-    __slots__ = ("memory", "redis", "clock", "_writes")
+    __slots__ = ("memory", "redis", "locks", "clock", "_writes")
 
     def __init__(self, *, clock: Any = time.time) -> None:
         self.clock = clock
         self.memory: dict[str, MemoryStore] = {}  # per provider, each with its own max_bytes
         self.redis: RedisStore | None = None
+        self.locks: ClusterLocks | None = None  # coalesce: cluster
         self._writes: set[asyncio.Task[None]] = set()
 
     def configure(self, policy: Policy, client: Redis | None) -> None:
@@ -47,10 +49,11 @@ class Backends:
         self.memory = kept
         wants_redis = any(p.cache is not None and p.cache.backend == "redis" for p in policy.providers)
         if client is None or not wants_redis:
-            self.redis = None
+            self.redis = self.locks = None
         elif self.redis is None or self.redis.client is not client:
             timeout = policy.redis.timeout if policy.redis is not None else 0.5
             self.redis = RedisStore(client, timeout=timeout, clock=self.clock)
+            self.locks = ClusterLocks(self.redis)
 
     def shared(self, policy: CachePolicy) -> RedisStore | None:
         return self.redis if policy.backend == "redis" else None
@@ -71,16 +74,19 @@ class Backends:
             log.debug("cache: redis read failed (%s)", type(exc).__name__)
             return None
 
-    def put(self, key: str, entry: Entry, policy: CachePolicy) -> None:
+    def put(self, key: str, entry: Entry, policy: CachePolicy) -> asyncio.Task[None] | None:
+        """Store ``entry``; a Redis write goes in the background (the task, to wait on)."""
         if policy.backend == "memory":
             store = self.memory.get(entry.provider)
             if store is not None:
                 store.put(key, entry)
-            return
-        if self.redis is not None:
-            task = asyncio.create_task(self._redis_put(key, entry), name="sidekey-cache-write")
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
+            return None
+        if self.redis is None:
+            return None
+        task = asyncio.create_task(self._redis_put(key, entry), name="sidekey-cache-write")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
 
     async def _redis_put(self, key: str, entry: Entry) -> None:
         assert self.redis is not None
@@ -96,6 +102,8 @@ class Backends:
         for task in list(self._writes):
             with contextlib.suppress(Exception):
                 await task
+        if self.locks is not None:
+            await self.locks.drain()
 
     async def delete(self, provider: str | None, pattern: str, redis_providers: list[str]) -> int:
         removed = 0
@@ -120,7 +128,8 @@ class Backends:
 
     def statistics(self) -> dict[str, Any]:
         return {"stores": {k: v.statistics() for k, v in self.memory.items()}, "writing": len(self._writes),
-                "redis": repr(self.redis) if self.redis is not None else None}  # fmt: skip
+                "redis": repr(self.redis) if self.redis is not None else None,
+                "cluster": self.locks.statistics() if self.locks is not None else None}  # fmt: skip
 
     def __repr__(self) -> str:
         redis = self.redis is not None

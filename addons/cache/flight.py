@@ -28,7 +28,7 @@ class FlightFailed(Exception):
 
 class Flight:
     __slots__ = ("key", "status", "headers", "chunks", "base", "size", "done", "failed", "open", "followers",
-                 "window", "_wake")  # fmt: skip
+                 "window", "saved_usd", "_wake")  # fmt: skip
 
     def __init__(self, key: str, window: int) -> None:
         self.key = key
@@ -42,6 +42,7 @@ class Flight:
         self.failed = False
         self.open = True  # takes new followers
         self.followers = 0
+        self.saved_usd = 0.0  # the leader's measured cost: what each follower saved
         self._wake = asyncio.Event()
 
     # -- the leader --------------------------------------------------------------------

@@ -16,12 +16,13 @@ if TYPE_CHECKING:
 class Pending:
     """What the ``request`` hook decided for a miss, read by the later hooks."""
 
-    __slots__ = ("key", "policy", "directives", "stale", "flight", "recorder")
+    __slots__ = ("key", "policy", "directives", "stale", "flight", "recorder", "lock")
 
     def __init__(self, key: str, policy: CachePolicy, directives: Directives, stale: Entry | None,
                  flight: Flight | None) -> None:  # fmt: skip
         self.key, self.policy, self.directives, self.stale, self.flight = key, policy, directives, stale, flight
         self.recorder: Recorder | None = None
+        self.lock: tuple[str, str] | None = None  # coalesce: cluster: leads across sidecars (provider, token)
 
     def __repr__(self) -> str:
         return f"Pending({self.key[:12]}, flight={self.flight is not None}, stale={self.stale is not None})"

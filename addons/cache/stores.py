@@ -145,6 +145,10 @@ class RedisStore:
     def entry_key(self, provider: str, key: str) -> str:
         return f"{self._tag(provider)}:e:{key}"
 
+    def lock_key(self, provider: str, key: str) -> str:
+        """The leader lock of ``coalesce: cluster`` (``addons.cache.cluster``): the entry's slot."""
+        return f"{self._tag(provider)}:l:{key}"
+
     def index_key(self, provider: str) -> str:
         return f"{self._tag(provider)}:index"
 

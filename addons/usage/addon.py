@@ -19,6 +19,8 @@ reused). Sets ``flow.metadata`` ``usage``, ``cost`` (None: unpriced) and
 ``priced_model`` (the price table's name: a bounded metric label), and
 records under the provider that served. Local answers (budgets, limits) are
 not counted; failures count with zero tokens unless part of an answer came.
+An answer of the response cache is recorded by the cache (``record_cached``)
+as ``cached`` with the cost it saved: never a request, never spend.
 
 A background task flushes to Redis about once a second and reads the fleet's
 totals back every few seconds. Budgets see finished requests only: concurrent
@@ -36,12 +38,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from addons.usage.answers import MODEL_AT, InflatingSSE, JSONBody, json_usage, looks_llm, unreadable, wire_of
-from addons.usage.ledger import COUNTERS, Counts, Ledger, over_budget, parse_since, previous_month_start
+from addons.usage.ledger import COST, COUNTERS, Counts, Ledger, over_budget, parse_since, previous_month_start
 from addons.usage.prices import SHIPPED, PriceTable
 from addons.usage.redis_ledger import RedisLedger
 from addons.usage.stream import SSEUsageMeter
 from addons.usage.tokens import RequestEstimate, Usage, estimate_request, usage_from_json
-from proxy.capabilities import SESSION_USAGE, USAGE_REPORT
+from proxy.capabilities import CACHED_USAGE, SESSION_USAGE, USAGE_REPORT
 from proxy.errors import ProxyError
 from proxy.flow import Flow, ObserverTee, Response
 from proxy.policy import Policy, Provider
@@ -57,7 +59,7 @@ FULL_REFRESH_EVERY = 300.0  # and every day since the start of last month this o
 LABELS_MAX = 1024
 _READABLE = frozenset({"gzip", "x-gzip", "deflate", "identity"})
 _VIEW = ("requests", "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens",
-         "cache_creation_tokens", "estimated", "unpriced", "cost_usd")  # fmt: skip
+         "cache_creation_tokens", "estimated", "unpriced", "cost_usd", "cached", "saved_usd")  # fmt: skip
 
 
 class BudgetExceeded(ProxyError):
@@ -67,7 +69,7 @@ class BudgetExceeded(ProxyError):
 
 class UsageMeter:
     name = "usage"
-    provides = (USAGE_REPORT, SESSION_USAGE)
+    provides = (USAGE_REPORT, SESSION_USAGE, CACHED_USAGE)
 
     def __init__(
         self,
@@ -169,6 +171,14 @@ class UsageMeter:
         self.counters["recorded"] += 1
         self.ledger.record(self.clock(), (served, usage.model or "unknown", upstream, flow.caller), usage, cost)
         return cost
+
+    def record_cached(self, flow: Flow, saved_usd: float) -> None:
+        """A request the response cache answered: a ``cached`` row (upstream ``cache``)."""
+        provider = flow.provider
+        if provider is not None:
+            model = self._model_of(flow) or "unknown"
+            self.ledger.record_cached(self.clock(), (provider.name, model, "cache", flow.caller), saved_usd)
+            self.counters["recorded"] += 1
 
     # -- internals --------------------------------------------------------------------
     def _refuse(self, flow: Flow, provider: Provider) -> bool:
@@ -329,5 +339,6 @@ _ZERO = Usage(0, 0)
 
 def _view(counts: Counts) -> dict[str, int | float]:
     out: dict[str, int | float] = {name: int(n) for name, n in zip(_VIEW, counts, strict=True)}
-    out["cost_usd"] = round(counts[-1], 9)
+    out["cost_usd"] = round(counts[COST], 9)
+    out["saved_usd"] = round(counts[COST + 2], 9)
     return out

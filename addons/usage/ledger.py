@@ -30,9 +30,13 @@ from proxy.policy import Budget
 if TYPE_CHECKING:
     pass
 
+# ``cached``: requests answered by the response cache (addons/cache: a hit or a coalesced follower);
+# they went nowhere, so they are not ``requests`` and cost nothing; ``saved_usd`` is what they would have.
 COUNTERS = ("requests", "input", "output", "cached_input", "reasoning", "cache_creation", "estimated", "unpriced",
-            "cost_usd")  # fmt: skip
+            "cost_usd", "cached", "saved_usd")  # fmt: skip
+FLOATS = frozenset({"cost_usd", "saved_usd"})
 COST = COUNTERS.index("cost_usd")
+CACHED = COUNTERS.index("cached")
 OTHER = "other"
 MAX_KEYS = 10_000  # distinct (provider, model, upstream, caller) a day
 SLACK = 1_000  # keys past MAX_KEYS per fold level (caller, then model)
@@ -114,6 +118,10 @@ def _bump(counts: Counts, usage: Usage, unpriced: object, cost: float | None) ->
     counts[8] += cost or 0.0
 
 
+def _new() -> Counts:
+    return [0.0 if name in FLOATS else 0 for name in COUNTERS]
+
+
 def _name(value: str) -> str:
     return value if len(value) <= MAX_NAME else value[:MAX_NAME]
 
@@ -169,20 +177,35 @@ class Ledger:
             if len(key[1]) > MAX_NAME or len(key[3]) > MAX_NAME:
                 key = (key[0], _name(key[1]), key[2], _name(key[3]))
             key = self._fold(bucket, key)
-            counts = bucket.get(key) or bucket.setdefault(key, [0, 0, 0, 0, 0, 0, 0, 0, 0.0])
+            counts = bucket.get(key) or bucket.setdefault(key, _new())
         unpriced = cost is None and (usage.input or usage.output)
         _bump(counts, usage, unpriced, cost)
         if self.persist:
             pend = self.pending.get(day)
             if pend is None:
                 pend = self.pending[day] = {}
-            _bump(pend.get(key) or pend.setdefault(key, [0, 0, 0, 0, 0, 0, 0, 0, 0.0]), usage, unpriced, cost)
+            _bump(pend.get(key) or pend.setdefault(key, _new()), usage, unpriced, cost)
         if cost:
             spend = self._spend.get(day)
             if spend is None:
                 spend = self._spend[day] = {}
             for who in ((key[0], None), (key[0], key[3])):
                 spend[who] = spend.get(who, 0.0) + cost
+        self.counters["records"] += 1
+
+    def record_cached(self, now: float, key: Key, saved_usd: float) -> None:
+        """One request the response cache answered: counted as ``cached`` with what it saved,
+        never as a request and never as spend (budgets do not see it)."""
+        day = self._day(now)
+        buckets = [self.days.setdefault(day, {})]
+        if self.persist:
+            buckets.append(self.pending.setdefault(day, {}))
+        if len(key[1]) > MAX_NAME or len(key[3]) > MAX_NAME:
+            key = (key[0], _name(key[1]), key[2], _name(key[3]))
+        for bucket in buckets:
+            counts = bucket.get(key) or bucket.setdefault(self._fold(bucket, key), _new())
+            counts[CACHED] += 1
+            counts[CACHED + 1] += saved_usd
         self.counters["records"] += 1
 
     def spend(self, now: float, provider: str, caller: str | None = None) -> tuple[float, float]:

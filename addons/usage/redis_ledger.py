@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from addons.usage.ledger import COUNTERS, DAY, Bucket, Key, Ledger, day_of, previous_month_start
+from addons.usage.ledger import COUNTERS, DAY, FLOATS, Bucket, Key, Ledger, day_of, previous_month_start
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -30,7 +30,7 @@ EXPIRE_DAYS = 400
 BATCH_TTL = 86_400  # a batch id is remembered this long: retries come within seconds
 
 # KEYS[1]: the batch marker; KEYS[2..]: day hashes. ARGV[1]: marker ttl, ARGV[2]: hash ttl, then for
-# each hash the number of field/value pairs and the pairs. "|cost_usd" fields are floats.
+# each hash the number of field/value pairs and the pairs. "|cost_usd" and "|saved_usd" fields are floats.
 _FLUSH = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 local i = 3
@@ -38,7 +38,7 @@ for k = 2, #KEYS do
   local n = tonumber(ARGV[i])
   i = i + 1
   for _ = 1, n do
-    if string.sub(ARGV[i], -9) == '|cost_usd' then
+    if string.sub(ARGV[i], -9) == '|cost_usd' or string.sub(ARGV[i], -10) == '|saved_usd' then
       redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1])
     else
       redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
@@ -72,7 +72,7 @@ def decode_day(raw: Mapping[Any, Any]) -> Bucket:
         if len(parts) != 5 or parts[4] not in COUNTERS:
             continue
         try:
-            value = float(v) if parts[4] == "cost_usd" else int(v)
+            value = float(v) if parts[4] in FLOATS else int(v)
         except ValueError:
             continue
         if not (math.isfinite(value) and value >= 0):
@@ -94,7 +94,7 @@ def flush_args(batch: Mapping[str, Bucket]) -> tuple[list[str], list[str | int |
         for key, counts in bucket.items():
             for name, n in zip(COUNTERS, counts, strict=True):
                 if n:
-                    pairs += (encode_field(key, name), repr(float(n)) if name == "cost_usd" else int(n))
+                    pairs += (encode_field(key, name), repr(float(n)) if name in FLOATS else int(n))
         if pairs:
             keys.append(PREFIX + day)
             argv += (len(pairs) // 2, *pairs)

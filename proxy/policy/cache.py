@@ -12,7 +12,9 @@ the value. Off unless the provider has a ``cache:`` block.
       max_bytes: 64MiB              # the memory backend's bound (LRU by bytes)
       backend: memory               # or redis (the policy's ``redis:``)
       stale_if_error: 1h            # an expired entry still serves when every upstream failed
-      coalesce: true                # identical requests in flight wait for the first
+      coalesce: true                # identical requests in flight wait for the first (cluster: across
+                                    # the sidecars sharing the Redis backend too)
+      count_hits: none              # caller: hits count in the caller's request rules (caller_limits)
       scope: upstream               # or caller: each caller has its own entries
       vary: [anthropic-version]     # replaces the default list of answer-changing headers
       statuses: [200]
@@ -24,15 +26,14 @@ import re
 
 import yaml
 
-from proxy.policy.fields import Reader, join
+from proxy.policy.fields import ABS_PATH, Reader, join
 from proxy.policy.model import CachePolicy
 
 FIELDS = frozenset(
     {"ttl", "methods", "paths", "max_entry_bytes", "max_bytes", "backend", "stale_if_error", "coalesce", "scope",
-     "vary", "statuses"}
+     "vary", "statuses", "count_hits"}
 )  # fmt: skip
-_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
-_METHOD = re.compile(r"[A-Z]{1,16}")
+_METHOD = re.compile(r"GET|HEAD|POST|QUERY")  # the methods whose answers may be cached
 
 
 def read(r: Reader, node: yaml.Node, field: str) -> CachePolicy:
@@ -40,28 +41,14 @@ def read(r: Reader, node: yaml.Node, field: str) -> CachePolicy:
     d = CachePolicy()
     f = r.mapping(node, field, FIELDS)
 
-    def method(n: yaml.Node, where: str) -> str:
-        value = r.scalar(n, where, "an HTTP method")
-        if not _METHOD.fullmatch(value) or value not in ("GET", "HEAD", "POST", "QUERY"):
-            raise r.problem(n, where, "expected GET, HEAD, POST or QUERY")
-        return value
+    method = r.matching(_METHOD, "an HTTP method", "expected GET, HEAD, POST or QUERY")
+    path = r.matching(ABS_PATH, "a path", "expected an absolute path such as /v1/chat/completions")
+    status = r.in_range(200, 499, "expected a status from 200 to 499 (errors of the upstream are never cached)")
 
-    def path(n: yaml.Node, where: str) -> str:
-        value = r.scalar(n, where, "a path")
-        if not _PATH.fullmatch(value):
-            raise r.problem(n, where, "expected an absolute path such as /v1/chat/completions")
-        return value
-
-    def status(n: yaml.Node, where: str) -> int:
-        code = r.integer(n, where, minimum=200)
-        if code > 499:
-            raise r.problem(n, where, "expected a status from 200 to 499 (errors of the upstream are never cached)")
-        return code
-
-    def coalesce(n: yaml.Node, where: str) -> bool:
+    def coalesce(n: yaml.Node, where: str) -> str:
         if isinstance(n, yaml.ScalarNode) and n.tag.endswith(":bool"):
-            return r.flag(n, where)
-        return r.choice(n, where, ("cluster",)) == "cluster"  # cluster: local, and across sidecars when built
+            return "local" if r.flag(n, where) else "off"
+        return r.choice(n, where, ("cluster",))
 
     ttl = r.opt(f, field, "ttl", r.duration, d.ttl)
     max_entry = r.opt(f, field, "max_entry_bytes", r.size, d.max_entry_bytes)
@@ -71,6 +58,10 @@ def read(r: Reader, node: yaml.Node, field: str) -> CachePolicy:
     backend = r.opt(f, field, "backend", lambda n, w: r.choice(n, w, ("memory", "redis")), "memory")
     scope = r.opt(f, field, "scope", lambda n, w: r.choice(n, w, ("upstream", "caller")), "upstream")
     methods = r.each(f.get("methods"), join(field, "methods"), method) if "methods" in f else d.methods
+    coalescing = r.opt(f, field, "coalesce", coalesce, "local")
+    if coalescing == "cluster" and backend != "redis":
+        r.problem(f["coalesce"], join(field, "coalesce"), "cluster needs backend: redis")
+    count_hits = r.opt(f, field, "count_hits", lambda n, w: r.choice(n, w, ("none", "caller")), "none")
     return CachePolicy(
         ttl=ttl,
         methods=methods,
@@ -79,7 +70,9 @@ def read(r: Reader, node: yaml.Node, field: str) -> CachePolicy:
         max_bytes=max_bytes,
         backend="redis" if backend == "redis" else "memory",
         stale_if_error=r.opt(f, field, "stale_if_error", lambda n, w: r.duration(n, w, zero_ok=True), 0.0),
-        coalesce=r.opt(f, field, "coalesce", coalesce, d.coalesce),
+        coalesce=coalescing != "off",
+        coalesce_cluster=coalescing == "cluster",
+        count_hits="caller" if count_hits == "caller" else "none",
         scope="caller" if scope == "caller" else "upstream",
         vary=r.each(f.get("vary"), join(field, "vary"), r.token) if "vary" in f else d.vary,
         statuses=r.each(f.get("statuses"), join(field, "statuses"), status) if "statuses" in f else d.statuses,

@@ -130,3 +130,29 @@ class OAuth2:
     audience: str = ""
     auth_method: Literal["basic", "post"] = "basic"  # client_secret_basic / client_secret_post (RFC 6749 2.3.1)
     ca_bundle: str | None = None  # for the token endpoint; else the provider's tls.ca_bundle
+
+
+@dataclass(frozen=True, slots=True)
+class SigV4:
+    """``auth: {type: aws-sigv4}``: every attempt signed with AWS Signature
+    Version 4 (``proxy.credentials.sigv4``, ``addons.signing``). The key comes
+    from three references of any source, or (all None) from AWS's standard
+    chain: environment, profile, container or instance role."""
+
+    service: str  # the signing name: bedrock, s3, execute-api, ...
+    region: str
+    access_key_id: SecretRef | None = None
+    secret_access_key: SecretRef | None = None
+    session_token: SecretRef | None = None  # temporary credentials only
+    # A body too large to hold (or sent chunked) goes as UNSIGNED-PAYLOAD
+    # instead of being buffered up to retry.replay_max_bytes: only for
+    # services that accept it (S3 and its look-alikes).
+    unsigned_payload: bool = False
+
+    @property
+    def default_chain(self) -> bool:
+        return self.access_key_id is None
+
+    def refs(self) -> tuple[SecretRef, ...]:
+        """The references this key is read from (none: the standard chain)."""
+        return tuple(r for r in (self.access_key_id, self.secret_access_key, self.session_token) if r is not None)

@@ -6,6 +6,7 @@ message ever repeats a value.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import cast
 from urllib.parse import urlsplit
@@ -19,13 +20,14 @@ from proxy.policy.credential_model import (
     SecretKind,
     SecretRef,
     SecretStores,
+    SigV4,
     StaticRef,
     Timing,
     VaultAuth,
     VaultMethod,
     VaultStore,
 )
-from proxy.policy.fields import Reader, check_host
+from proxy.policy.fields import Invalid, Read, Reader, check_host
 
 STORES = frozenset({"vault", "aws_sm", "azure_kv"})
 TIMING = frozenset({"ttl", "stale_for"})
@@ -41,6 +43,8 @@ OAUTH2 = frozenset(
     {"type", "token_url", "client_id", "client_secret", "grant", "refresh_token", "scope", "audience", "auth_method",
      "ca_bundle"}
 )  # fmt: skip
+SIGV4 = frozenset({"type", "service", "region", "credentials", "unsigned_payload"})
+SIGV4_KEY = frozenset({"access_key_id", "secret_access_key", "session_token"})
 K8S_JWT = StaticRef("file", "/var/run/secrets/kubernetes.io/serviceaccount/token")
 FORMS = (("env", "env:NAME"), ("file", "file:PATH"), ("vault", "vault:PATH#FIELD"), ("aws-sm", "aws-sm:NAME[#KEY]"),
          ("azure-kv", "azure-kv:NAME"))  # fmt: skip
@@ -52,6 +56,7 @@ _AWS_ID = re.compile(r"[A-Za-z0-9/_+=.@:\-]{1,2048}")  # a name or an ARN
 _AZURE = re.compile(r"[0-9A-Za-z\-]{1,127}(/[0-9a-f]{32})?")  # name[/version]
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+){1,4}")
 _NAME = re.compile(r"[A-Za-z0-9_.\-@]{1,256}")
+_SERVICE = re.compile(r"[a-z0-9][a-z0-9\-]{0,62}")  # a signing name: bedrock, s3, execute-api
 
 
 def credential(r: Reader, node: yaml.Node, field: str) -> SecretRef:
@@ -142,11 +147,7 @@ def _vault_auth(r: Reader, node: yaml.Node, field: str) -> VaultAuth:
         if key not in f:
             r.problem(node, f"{field}.{key}", f"required for method {method}")
 
-    def name(n: yaml.Node, w: str) -> str:
-        value = r.scalar(n, w, "a name")
-        if not _NAME.fullmatch(value):
-            raise r.problem(n, w, "expected a name of A-Z, a-z, 0-9, '_', '.', '-', '@'")
-        return value
+    name = r.matching(_NAME, "a name", "expected a name of A-Z, a-z, 0-9, '_', '.', '-', '@'")
 
     return VaultAuth(
         method=method,
@@ -162,14 +163,8 @@ def _vault_auth(r: Reader, node: yaml.Node, field: str) -> VaultAuth:
 def _aws_sm(r: Reader, node: yaml.Node, field: str) -> AwsSmStore:
     f = r.mapping(node, field, AWS_SM)
 
-    def region(n: yaml.Node, w: str) -> str:
-        value = r.scalar(n, w, "an AWS region")
-        if not _REGION.fullmatch(value):
-            raise r.problem(n, w, "expected an AWS region such as us-east-1")
-        return value
-
     return AwsSmStore(
-        region=r.opt(f, field, "region", region, None),
+        region=r.opt(f, field, "region", _region(r), None),
         endpoint_url=r.opt(f, field, "endpoint_url", lambda n, w: _https_url(r, n, w, path_ok=False), None),
         ca_bundle=r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
         timing=_timing(r, f, field),
@@ -210,3 +205,50 @@ def oauth2(r: Reader, f: dict[str, yaml.Node], node: yaml.Node, field: str) -> O
         auth_method="post" if method == "post" else "basic",
         ca_bundle=r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
     )
+
+
+def sigv4(r: Reader, f: dict[str, yaml.Node], node: yaml.Node, field: str) -> SigV4:
+    """The aws-sigv4 fields of an ``auth`` mapping (``type`` already read).
+    ``credentials``: ``default`` (AWS's standard chain; also when absent) or
+    ``{access_key_id, secret_access_key, session_token}``, each a reference."""
+    for key in ("service", "region"):
+        if key not in f:
+            r.problem(node, f"{field}.{key}", "required for type aws-sigv4")
+    if importlib.util.find_spec("botocore") is None:  # signs with botocore; not imported here
+        r.problem(f["type"], f"{field}.type", "aws-sigv4 needs the aws extra (pip install 'sidekey[aws]')")
+
+    service = r.matching(_SERVICE, "an AWS signing name", "expected an AWS signing name such as bedrock or s3")
+    keys = _sigv4_keys(r, f.get("credentials"), f"{field}.credentials")
+    return SigV4(
+        service=r.opt(f, field, "service", service, ""),
+        region=r.opt(f, field, "region", _region(r), ""),
+        access_key_id=keys[0],
+        secret_access_key=keys[1],
+        session_token=keys[2],
+        unsigned_payload=r.opt(f, field, "unsigned_payload", r.flag, False),
+    )
+
+
+def _sigv4_keys(r: Reader, cred: yaml.Node | None, where: str) -> tuple[SecretRef | None, ...]:
+    """(access_key_id, secret_access_key, session_token); all None: the AWS chain."""
+    if cred is None:
+        return (None, None, None)
+    if isinstance(cred, yaml.ScalarNode):
+        if r.scalar(cred, where, "default or a mapping") != "default":
+            r.problem(cred, where, "expected default (the AWS chain) or {access_key_id, secret_access_key, "
+                      "session_token}; literal secrets are not allowed")  # fmt: skip
+        return (None, None, None)
+    try:
+        c = r.mapping(cred, where, SIGV4_KEY)
+    except Invalid:
+        return (None, None, None)
+    for key in ("access_key_id", "secret_access_key"):
+        if key not in c:
+            r.problem(cred, f"{where}.{key}", "required unless credentials is default")
+    ref = lambda n, w: credential(r, n, w)  # noqa: E731
+    return tuple(r.opt(c, where, key, ref, None) for key in ("access_key_id", "secret_access_key", "session_token"))
+
+
+def _region(r: Reader) -> Read[str]:
+    """An AWS region (a secret store's, a signer's)."""
+    return r.matching(_REGION, "an AWS region", "expected an AWS region such as us-east-1")

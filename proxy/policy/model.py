@@ -10,12 +10,12 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.policy.credential_model import OAuth2, SecretStores
+from proxy.policy.credential_model import OAuth2, SecretStores, SigV4
 from proxy.policy.credential_model import SecretKind as SecretKind
 from proxy.policy.credential_model import SecretRef as SecretRef
 from proxy.policy.rates import Price, Rule
 
-AuthType = Literal["bearer", "header", "basic", "query", "oauth2", "none"]
+AuthType = Literal["bearer", "header", "basic", "query", "oauth2", "aws-sigv4", "none"]
 # Read by proxy.secrets off the loop and looked up in a dict per request; the
 # other kinds are fetched and cached by proxy.credentials.
 STATIC_KINDS = frozenset({"env", "file"})
@@ -48,6 +48,7 @@ class Auth:
     query:  ``?<param>=<secret>`` (the caller's value for ``param`` is removed)
     oauth2: ``Authorization: Bearer <access token>`` from ``oauth2.token_url``
             (``secret`` is then ``SecretRef("oauth2", <provider>)``)
+    aws-sigv4: each attempt signed with AWS SigV4 (``sigv4``; ``secret`` is None)
     none:   nothing is injected; caller credentials are still stripped
     """
 
@@ -58,6 +59,7 @@ class Auth:
     username: str = ""
     param: str = ""
     oauth2: OAuth2 | None = None
+    sigv4: SigV4 | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +220,8 @@ class CachePolicy:
     backend: CacheBackend = "memory"
     stale_if_error: float = 0.0
     coalesce: bool = True
+    coalesce_cluster: bool = False  # coalesce: cluster (Redis backend): across sidecars too
+    count_hits: Literal["none", "caller"] = "none"  # caller: hits take from the caller's request rules
     scope: CacheScope = "upstream"
     vary: tuple[str, ...] = CACHE_VARY  # lower-case
     statuses: tuple[int, ...] = (200,)
@@ -258,6 +262,9 @@ class Provider:
     caller_budget: Budget | None = None  # each caller
     cache: CachePolicy | None = None  # None: no response cache (addons/cache)
     websocket: WebSocketPolicy = field(default_factory=WebSocketPolicy)
+    # ``placeholders:`` name -> where its value lives (``proxy.placeholders``);
+    # substituted on requests to this provider's hosts only.
+    placeholders: tuple[tuple[str, SecretRef], ...] = ()
     line: int = 0  # where it is defined, for messages
 
     def __post_init__(self) -> None:
@@ -296,9 +303,14 @@ class Policy:
     # (not the schema's ``version:``, which is always SCHEMA_VERSION)
     digest: str = ""
     matcher: HostMatcher = field(init=False, repr=False, compare=False)
+    # Every provider's placeholder name -> that provider's name (the loader
+    # keeps names unique); empty: no request is scanned for placeholders.
+    placeholder_owners: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "matcher", HostMatcher(self.providers))
+        owners = {name: p.name for p in self.providers for name, _ref in p.placeholders}
+        object.__setattr__(self, "placeholder_owners", owners)
 
     def match(self, host: str) -> Provider | None:
         return self.matcher.match(host)

@@ -250,6 +250,40 @@ def test_a_hit_takes_nothing_from_the_limits(start_sidekey: Start, fake: FakePro
     assert int(second["x-ratelimit-remaining-tokens-minute"]) >= 1000000 - 2 * used_by_a
 
 
+def test_usage_counts_answers_from_the_cache_as_cached_with_the_cost_saved(proxy: SidekeyProcess,
+                                                                         fake: FakeProviderThread) -> None:  # fmt: skip
+    chat = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
+    assert [post(proxy, chat)[0]["x-sidekey-cache"] for _ in range(3)] == ["miss", "hit", "hit"]
+    rows = admin(proxy, "GET", "/usage?provider=openai").json()["by"]
+    upstream = next(r for r in rows if r["upstream"] == "default")
+    cached = next(r for r in rows if r["upstream"] == "cache")
+    assert (upstream["requests"], upstream["cached"]) == (1, 0) and upstream["cost_usd"] > 0
+    assert (cached["requests"], cached["cached"], cached["model"]) == (0, 2, "gpt-4o-mini")
+    assert cached["cost_usd"] == 0 and cached["input_tokens"] == 0  # nothing spent: budgets never see it
+    assert cached["saved_usd"] == pytest.approx(2 * upstream["cost_usd"])
+    assert admin_stats(proxy)["providers"]["openai"]["saved_usd"] == pytest.approx(2 * upstream["cost_usd"], abs=1e-6)
+    metrics = admin(proxy, "GET", "/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith('sidekey_cache_saved_usd_total{provider="openai"}'))
+    assert float(line.split()[-1]) == pytest.approx(2 * upstream["cost_usd"])
+
+
+def test_hits_count_in_caller_request_limits_only_when_asked(start_sidekey: Start, fake: FakeProviderThread) -> None:
+    """openai: ``count_hits: caller``, so its caller's 3 requests a minute are 1 miss and 2 hits,
+    and the next hit is refused; 'other' (the default) answers hits past its caller limit."""
+    policy = cached_policy(fake, "{ttl: 5m}").replace("cache: {ttl: 5m}", "cache: {ttl: 5m, count_hits: caller}", 1)
+    policy = policy.replace("  openai:\n", "  openai:\n    caller_limits: {requests_per_minute: 3}\n", 1)
+    policy = policy.replace("  other:\n", "  other:\n    caller_limits: {requests_per_minute: 1}\n", 1)
+    proxy = start_sidekey(policy, env={**SECRET_ENV, "OTHER_KEY": "k"})
+    chat = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
+    heads = [post(proxy, chat)[0] for _ in range(3)]
+    assert [h["x-sidekey-cache"] for h in heads] == ["miss", "hit", "hit"]
+    refused, text = post(proxy, chat)
+    assert json.loads(text)["error"]["code"] == "rate_limited" and "x-sidekey-cache" not in refused
+    other = [post(proxy, chat, host="other.test")[0]["x-sidekey-cache"] for _ in range(4)]
+    assert other == ["miss", "hit", "hit", "hit"]  # its caller limit of 1 is not spent by hits
+    assert upstream_calls(fake) == 2
+
+
 def test_a_failed_leader_does_not_fail_its_followers(proxy: SidekeyProcess, fake: FakeProviderThread) -> None:
     """The first request's answer is a 503 (not stored): one follower leads
     again, the others follow it; every follower gets the 200."""
@@ -316,3 +350,85 @@ async def _redis_keys(url: str) -> list[str]:
         return [k.decode() async for k in client.scan_iter(match="sidekey:cache:*")]
     finally:
         await client.aclose()
+
+
+def _cluster_pair(start_sidekey: Start, fake: FakeProviderThread, redis_server: RedisServer) -> list[SidekeyProcess]:
+    policy = cached_policy(fake, "{ttl: 5m, backend: redis, coalesce: cluster}").replace(
+        "unmatched: tunnel\n", f"unmatched: tunnel\nredis: {{url: '{redis_server.url}'}}\n", 1
+    )
+    env = {**SECRET_ENV, "OTHER_KEY": "sk-other-REALKEY-77"}
+    return [start_sidekey(policy, env=env), start_sidekey(policy, env=env)]
+
+
+async def _get_many(proxy: SidekeyProcess, url: str, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(proxy=proxy.url, verify=ssl.create_default_context(cafile=str(proxy.ca_path)),
+                                 timeout=60, limits=httpx.Limits(max_connections=n)) as client:  # fmt: skip
+        return list(await asyncio.gather(*(client.get(url) for _ in range(n))))
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 60
+    while not check() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another thread or process
+        await asyncio.sleep(0.05)
+    assert check()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cluster_coalescing_reaches_the_upstream_once_across_two_sidecars(
+    start_sidekey: Start, fake: FakeProviderThread, redis_server: RedisServer, stream: bool
+) -> None:
+    """N identical requests to each of two sidecars sharing a Redis while the first is
+    held upstream: one upstream call; the other sidecar's requests wait on the Redis lock
+    (one of them polls, the rest follow it locally) and are answered from the entry."""
+    first, second = _cluster_pair(start_sidekey, fake, redis_server)
+    fake.hold_requests()
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": stream}
+
+    async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        here = asyncio.create_task(_concurrent(first, body, 8))
+        await _until(lambda: upstream_calls(fake) >= 1)
+        there = asyncio.create_task(_concurrent(second, body, 8))
+        await _until(lambda: admin_stats(second)["in_flight"] >= 1)  # waiting on the other sidecar's lock
+        await asyncio.sleep(0.5)  # the others arrive meanwhile; any that do not are hits later
+        fake.release_requests()
+        return await here, await there
+
+    here, there = asyncio.run(run())
+    assert upstream_calls(fake) == 1
+    assert [r.status_code for r in here + there] == [200] * 16
+    assert len({r.text for r in here + there}) == 1
+    results = [r.headers["x-sidekey-cache"] for r in here + there]
+    assert results.count("miss") == 1 and "miss" in results[:8], results  # the first sidecar led
+    assert set(results[8:]) <= {"coalesced", "hit"} and "coalesced" in results[8:], results
+    if stream:
+        assert here[0].text.rstrip().endswith("data: [DONE]")
+    keys = asyncio.run(_redis_keys(redis_server.url))
+    assert not any(":l:" in k for k in keys)  # the lock was released after the entry was written
+    assert all("{sidekey-cache:openai}" in k for k in keys if k != "sidekey:cache:identity-key")
+
+
+def test_cluster_waiters_take_over_when_the_leading_sidecar_fails(
+    start_sidekey: Start, fake: FakeProviderThread, redis_server: RedisServer
+) -> None:
+    """The first sidecar's leader gets a 503 (not stored) and releases the lock: one
+    request of the second sidecar takes it and leads; every one of them gets the 200."""
+    first, second = _cluster_pair(start_sidekey, fake, redis_server)
+    fake.hold_requests()
+    url = "https://api.openai.com/flaky/cluster/1"
+
+    async def run() -> tuple[httpx.Response, list[httpx.Response]]:
+        leader = asyncio.create_task(_get_many(first, url, 1))
+        await _until(lambda: len(fake.received) >= 1)
+        waiters = asyncio.create_task(_get_many(second, url, 6))
+        await _until(lambda: admin_stats(second)["in_flight"] >= 1)
+        await asyncio.sleep(0.5)
+        fake.release_requests()
+        return (await leader)[0], await waiters
+
+    leader, waiters = asyncio.run(run())
+    assert leader.status_code == 503 and leader.headers["x-sidekey-cache"] == "miss"
+    assert [r.status_code for r in waiters] == [200] * 6
+    assert len({r.text for r in waiters}) == 1
+    results = [r.headers["x-sidekey-cache"] for r in waiters]
+    assert results.count("miss") == 1 and set(results) <= {"miss", "coalesced", "hit"}, results
+    assert sum(1 for r in fake.received if r.path == "/flaky/cluster/1") == 2

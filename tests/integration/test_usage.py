@@ -177,6 +177,7 @@ async def test_flush_load_round_trip_and_a_retried_batch_counts_once(client: Red
     led.persist = True
     store = RedisLedger(led, client)
     led.record(NOW, KEY, Usage(10, 5, cached_input=2), 0.25)
+    led.record_cached(NOW, KEY, 0.125)  # a cache hit: saved_usd is a float field like cost_usd
     await store.flush()
     assert store.clean and led.pending == {}
     fields = await client.hgetall(PREFIX + "2026-03-15")
@@ -194,7 +195,7 @@ async def test_flush_load_round_trip_and_a_retried_batch_counts_once(client: Red
 
     other = Ledger()  # another sidecar, and this one after a restart
     await RedisLedger(other, client).load_all(NOW)
-    assert other.query("2026-03-15")[KEY] == [2, 11, 6, 2, 0, 0, 0, 0, 0.75]
+    assert other.query("2026-03-15")[KEY] == [2, 11, 6, 2, 0, 0, 0, 0, 0.75, 1, 0.125]
     assert other.spend(NOW, "open|ai", "a|b") == (0.75, 0.75)
 
 

@@ -301,15 +301,25 @@ def test_cache_block_is_parsed() -> None:
     assert c == CachePolicy(ttl=120, paths=("/v1/chat/completions",), max_entry_bytes=65536, max_bytes=8 * 2**20,
                             stale_if_error=3600, coalesce=False, scope="caller")  # fmt: skip
     assert parse_policy(POLICY % "      ttl: 1m\n").providers[0].cache is not None
+    counted = parse_policy(POLICY % "      count_hits: caller\n").providers[0].cache
+    assert counted is not None and counted.count_hits == "caller" and counted.coalesce_cluster is False
+    clustered = parse_policy(
+        "redis: {url: 'redis://127.0.0.1:1'}\n" + POLICY % "      backend: redis\n      coalesce: cluster\n"
+    )
+    assert clustered.providers[0].cache == CachePolicy(backend="redis", coalesce=True, coalesce_cluster=True)
     assert parse_policy(POLICY.replace("    cache:\n%s", "")).providers[0].cache is None
 
 
 def test_cache_block_errors_name_the_line_and_never_the_value() -> None:
-    block = "      ttl: sk-secret-1\n      backend: redis\n      scope: everyone\n"
+    block = "      ttl: sk-secret-1\n      backend: redis\n      scope: everyone\n      count_hits: sk-2\n"
     with pytest.raises(PolicyError) as info:
         parse_policy(POLICY % block)
     text = str(info.value)
+    assert "<memory>:10: providers.openai.cache.count_hits: expected one of: none, caller" in text
+    with pytest.raises(PolicyError) as local:
+        parse_policy(POLICY % "      coalesce: cluster\n")
+    assert "<memory>:7: providers.openai.cache.coalesce: cluster needs backend: redis" in str(local.value)
     assert "<memory>:7: providers.openai.cache.ttl: expected a duration" in text
     assert "providers.openai.cache.backend: redis needs the policy's redis: section" in text
     assert "<memory>:9: providers.openai.cache.scope" in text
-    assert "sk-secret-1" not in text and "everyone" not in text
+    assert "sk-secret-1" not in text and "everyone" not in text and "sk-2" not in text

@@ -55,6 +55,8 @@ def test_record_and_query_sum_per_key_and_filter() -> None:
         "estimated": 0,
         "unpriced": 0,
         "cost_usd": pytest.approx(0.02),
+        "cached": 0,
+        "saved_usd": 0.0,
     }
     assert got[("anthropic", "claude-sonnet-4", "default", "bob")]["estimated"] == 1
     assert list(counts(led, provider="anthropic")) == [("anthropic", "claude-sonnet-4", "default", "bob")]
@@ -168,7 +170,7 @@ def test_a_day_read_from_redis_replaces_ours_plus_what_is_not_flushed() -> None:
     led.take_pending()  # flushed
     led.record(NOON, KEY, USAGE, 1.0)  # not yet
     other = ("openai", "gpt-4o", "default", "bob")  # another sidecar's caller
-    snapshot = {KEY: [1, 1000, 200, 500, 50, 0, 0, 0, 1.0], other: [3, 0, 0, 0, 0, 0, 0, 0, 6.0]}
+    snapshot = {KEY: [1, 1000, 200, 500, 50, 0, 0, 0, 1.0, 0, 0.0], other: [3, 0, 0, 0, 0, 0, 0, 0, 6.0, 0, 0.0]}
     led.replace_day("2026-03-15", snapshot)
     got = counts(led)
     assert got[KEY]["requests"] == 2 and got[KEY]["cost_usd"] == 2.0
@@ -184,12 +186,13 @@ NAMES = st.text(alphabet=st.sampled_from("ab|%7C25-_/.: é"), min_size=0, max_si
 @settings(max_examples=200)
 def test_redis_fields_round_trip_any_name(key: tuple[str, str, str, str], n: int, cost: float) -> None:
     """A '|' or '%' in a name can never forge another field."""
-    keys, argv = flush_args({"2026-03-15": {key: [n, n, 0, 0, 0, 0, 0, 0, cost]}})
-    assert keys == ["sidekey:usage:2026-03-15"] and argv[0] == 3
+    keys, argv = flush_args({"2026-03-15": {key: [n, n, 0, 0, 0, 0, 0, 0, cost, n, cost]}})
+    assert keys == ["sidekey:usage:2026-03-15"] and argv[0] == 5
     raw = {str(argv[i]).encode(): str(argv[i + 1]).encode() for i in range(1, len(argv), 2)}
     decoded = decode_day(raw)
     assert list(decoded) == [key]
-    assert decoded[key][:3] == [n, n, 0] and decoded[key][-1] == pytest.approx(cost)
+    assert decoded[key][:3] == [n, n, 0] and decoded[key][8] == pytest.approx(cost)
+    assert decoded[key][9] == n and decoded[key][10] == pytest.approx(cost)  # cached, saved_usd
 
 
 def test_decode_skips_foreign_and_bad_fields() -> None:
@@ -201,11 +204,33 @@ def test_decode_skips_foreign_and_bad_fields() -> None:
         b"a|b|c|d|cost_usd": b"nan",
         b"a|b|c|d|output": b"-5",
     }
-    assert decode_day(raw) == {("a", "b", "c", "d"): [2, 0, 0, 0, 0, 0, 0, 0, 0]}
+    assert decode_day(raw) == {("a", "b", "c", "d"): [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}
+
+
+def test_cached_answers_are_counted_apart_and_never_as_spend() -> None:
+    """A cache hit: a ``cached`` count and what it saved, no request, no tokens, no
+    spend (budgets never see it); pending for Redis like any record."""
+    led = Ledger()
+    led.persist = True
+    led.record(NOON, KEY, USAGE, 0.01)
+    cached_key = ("openai", "gpt-4o", "cache", "alice")
+    led.record_cached(NOON, cached_key, 0.01)
+    led.record_cached(NOON + 1, cached_key, 0.01)
+    got = counts(led)[cached_key]
+    assert (got["requests"], got["input"], got["cost_usd"], got["cached"]) == (0, 0, 0, 2)
+    assert got["saved_usd"] == pytest.approx(0.02)
+    assert led.spend(NOON, "openai") == pytest.approx((0.01, 0.01))
+    assert led.spend(NOON, "openai", "alice") == pytest.approx((0.01, 0.01))
+    pending = led.take_pending()["2026-03-15"]
+    assert pending[cached_key][9] == 2 and pending[cached_key][10] == pytest.approx(0.02)
+    keys, argv = flush_args({"2026-03-15": pending})
+    fields = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert fields["openai|gpt-4o|cache|alice|cached"] == 2
+    assert float(fields["openai|gpt-4o|cache|alice|saved_usd"]) == pytest.approx(0.02)
 
 
 def test_flush_args_leave_out_zero_counters_and_empty_days() -> None:
-    keys, argv = flush_args({"2026-03-15": {KEY: [1, 0, 0, 0, 0, 0, 0, 0, 0.0]}, "2026-03-14": {}})
+    keys, argv = flush_args({"2026-03-15": {KEY: [1, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0.0]}, "2026-03-14": {}})
     assert keys == ["sidekey:usage:2026-03-15"]
     assert argv == [1, "openai|gpt-4o|default|alice|requests", 1]
 

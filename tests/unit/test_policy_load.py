@@ -248,7 +248,7 @@ NONE = "auth: {type: none}"
         (provider(A, "auth: {type: bearer, secret: 'file:'}"), 5, "providers.p.auth.secret", "literal secrets"),
         (provider(A, f"auth: {{type: bearer, secret: {{value: {SECRET}}}}}"), 5, "providers.p.auth.secret", "env:NAME or file:PATH"),
         (provider(A, "auth: {type: bearer}"), 5, "providers.p.auth.secret", "required"),
-        (provider(A, f"auth: {{type: magic, secret: {SECRET}}}"), 5, "providers.p.auth.type", "expected one of: bearer, header, basic, query, oauth2, none"),
+        (provider(A, f"auth: {{type: magic, secret: {SECRET}}}"), 5, "providers.p.auth.type", "expected one of: bearer, header, basic, query, oauth2, aws-sigv4, none"),
         (provider(A, f"auth: {{secret: {SECRET}}}"), 5, "providers.p.auth.secret", "literal secrets"),
         (provider(A, "auth: {secret: env:K}"), 5, "providers.p.auth.type", "required"),
         (provider(A, "auth: {type: header, secret: env:K}"), 5, "providers.p.auth.header", "required for type header"),
@@ -319,7 +319,7 @@ NONE = "auth: {type: none}"
         (provider(A, NONE, "queue_wait: -1"), 6, "providers.p.queue_wait", "expected a duration >= 0 in seconds"),
         (provider(A, NONE, f"queue_wait: {SECRET}"), 6, "providers.p.queue_wait", "expected a duration >= 0"),
         # the provider itself
-        (provider(A, NONE, f"colour: {SECRET}"), 6, "providers.p.colour", "unknown field (expected one of: auth, balance, budget, cache, caller_budget, caller_limits, circuit, fallbacks, health_check, hosts, limits, pool, queue_wait, retry, set_headers, sse_error_event, strip_headers, timeouts, tls, upstream, upstreams, websocket, websocket_idle_timeout, websocket_max_duration, websocket_usage)"),
+        (provider(A, NONE, f"colour: {SECRET}"), 6, "providers.p.colour", "unknown field (expected one of: auth, balance, budget, cache, caller_budget, caller_limits, circuit, fallbacks, health_check, hosts, limits, placeholders, pool, queue_wait, retry, set_headers, sse_error_event, strip_headers, timeouts, tls, upstream, upstreams, websocket, websocket_idle_timeout, websocket_max_duration, websocket_usage)"),
         (provider(A, NONE, "hosts: [b.com]"), 6, "providers.p.hosts", "duplicate key (first at line 4)"),
         ("version: 1\nproviders:\n  Upper:\n    hosts: [a.com]\n    auth: {type: none}\n", 3, "providers.Upper", "expected a name of a-z, 0-9"),
         ("version: 1\nproviders:\n  P!:\n    hosts: [a.com]\n    auth: {type: none}\n", 3, "providers[0]", "expected a name of a-z, 0-9"),

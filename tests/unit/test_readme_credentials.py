@@ -24,7 +24,8 @@ def test_each_example_loads_and_every_source_and_auth_type_is_shown() -> None:
     kinds = {p.auth.secret.kind for policy in policies for p in policy.providers if p.auth.secret is not None}
     vault_methods = {policy.secret_stores.vault.auth.method for policy in policies if policy.secret_stores.vault}
     grants = {p.auth.oauth2.grant for policy in policies for p in policy.providers if p.auth.oauth2 is not None}
-    assert auth == {"bearer", "header", "basic", "query", "oauth2", "none"}
+    assert auth == {"bearer", "header", "basic", "query", "oauth2", "aws-sigv4", "none"}
     assert kinds == {"env", "file", "vault", "aws-sm", "azure-kv", "oauth2"}
     assert vault_methods == {"token", "approle", "kubernetes"}
     assert grants == {"client_credentials", "refresh_token"}
+    assert any(p.placeholders for policy in policies for p in policy.providers)
