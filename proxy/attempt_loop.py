@@ -22,10 +22,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import balance, errors, retry, routing, upstream, ws_upstream
-from proxy.attempt import Attempt
+from proxy.attempt import Attempt, Probe
 from proxy.balance import UpstreamState
 from proxy.bodies import BodyReader
-from proxy.flow import Flow
+from proxy.flow import Flow, Request
 from proxy.plan import Answered, Failed, Failover, HeldOff, Outcome, OverLimit, Plan, Route, Send, Sleep
 from proxy.policy import Provider, RetryPolicy, Target
 
@@ -353,15 +353,17 @@ async def _send(engine: Engine, flow: Flow, provider: Provider | None, url: URL,
 
 
 async def probe(engine: Engine, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
-    """A health check: one request to the member as traffic reaches it (its
-    credential, the provider's headers, the same pools and guard); its status."""
-    headers: CIMultiDict[str] = CIMultiDict(provider.set_headers)
-    url = member_url(provider, state, path)
-    if engine.secrets is not None:
-        url = engine.secrets.inject(headers, url, provider, state.target)
-    target = URL(url, encoded=True)
+    """A health check: one request to the member as traffic reaches it. The addons'
+    ``upstream_attempt`` hooks run on it as on every attempt (the member's credential,
+    the provider's headers, a signature), then the same pools and guard; its status."""
+    request = Request(method, path, CIMultiDict(), state.host, state.port)
+    attempt = Probe(state, provider, request.headers, member_url(provider, state, path), 1)
+    pending = engine.addons.upstream_attempt(Flow(request, engine.policy, provider), attempt)
+    if pending is not None:
+        await pending
+    target = URL(attempt.url, encoded=True)
     session = _session(engine, provider, target)
-    async with session.request(method, target, headers=headers, allow_redirects=False,
+    async with session.request(method, target, headers=attempt.headers, allow_redirects=False,
                                server_hostname=provider.tls.server_name) as resp:  # fmt: skip
         await resp.read()
         return resp.status

@@ -25,6 +25,7 @@ from botocore.eventstream import EventStreamBuffer
 from tests.fakes.bedrock import FakeBedrock
 from tests.fakes.stores import MotoTLSServer
 from tests.integration.conftest import curl
+from tests.integration.polling import wait_for
 from tests.integration.sidekey_process import SidekeyProcess
 
 KEY_ID, SECRET, TOKEN = "AKIASIDEKEYREAL0001", "sigv4-REAL-SECRET-ACCESS-KEY-7x7x", "sigv4-REAL-SESSION-TOKEN-9y9y"
@@ -122,6 +123,26 @@ def test_failover_to_another_region_is_signed_for_its_host_and_region(start_side
         assert seen.problem is None, seen.problem
         assert "/us-west-2/bedrock/aws4_request" in seen.headers["authorization"]
         assert seen.headers["host"] == f"localhost:{west.port}"
+
+
+def test_a_health_check_is_signed_like_traffic(start_sidekey: object, east: FakeBedrock, tmp_path: Path) -> None:
+    """The probe runs the per-attempt hooks (#15): a check of a SigV4 provider is signed
+    (an unsigned one gets AWS's 403 and would mark a healthy member unhealthy)."""
+    check = "    health_check: {path: /foundation-models, interval: 200ms, timeout: 10s, unhealthy_after: 1}\n"
+    proxy = start(start_sidekey, tmp_path, provider("bedrock", EAST, east, "us-east-1", extra=check))
+
+    def member() -> dict[str, Any]:
+        providers = httpx.get(proxy.admin_url + "/providers", timeout=60, trust_env=False).json()["providers"]
+        [state] = next(p for p in providers if p["name"] == "bedrock")["upstreams"]
+        return state  # type: ignore[no-any-return]
+
+    assert wait_for(lambda: len([s for s in east.seen if s.path == "/foundation-models"]) >= 2)
+    checks = [s for s in east.seen if s.path == "/foundation-models"]
+    assert [s.problem for s in checks] == [None] * len(checks)
+    assert all(f"Credential={KEY_ID}/" in s.headers["authorization"] for s in checks)
+    assert all(s.headers["x-amz-security-token"] == TOKEN for s in checks)
+    state = member()
+    assert state["last_checked"] is not None and state["healthy"] is True
 
 
 def test_a_body_too_large_to_sign_is_refused_413(start_sidekey: object, east: FakeBedrock, tmp_path: Path) -> None:
