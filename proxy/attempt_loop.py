@@ -66,9 +66,9 @@ async def forward(engine: Engine, flow: Flow, body: BodyReader) -> ClientRespons
         policy = with_overrides(policy, headers.pop("x-sidekey-retries", None), headers.pop("x-sidekey-timeout", None))
     first = URL(flow.upstream_url, encoded=True)
     route = Route(provider, policy, flow.upstream_url, first.raw_host or "", first.port or 443)
-    members = engine.groups.members(provider, route.host, route.port)
-    # The common case, one member that can take it, is sent without a plan.
-    state = members[0] if len(members) == 1 and members[0].available(time.monotonic()) else None
+    # The common case, a first member that can take it, is sent without a plan; a plan is
+    # built only once the first attempt did not serve (or when no member can take it).
+    state = _first_member(engine, provider, engine.groups.members(provider, route.host, route.port))
     if state is not None:
         attempt = Attempt(state, provider, headers, flow.upstream_url, 1, flow.request.body)
         try:
@@ -81,6 +81,18 @@ async def forward(engine: Engine, flow: Flow, body: BodyReader) -> ClientRespons
             return _served(flow, attempt, 1, resp)
         return await _carry_out(engine, flow, body, route, first, attempt, resp, None)
     return await _carry_out(engine, flow, body, route, first, None, None, None)
+
+
+def _first_member(engine: Engine, provider: Provider, members: list[UpstreamState]) -> UpstreamState | None:
+    """The member a plan would choose first on the matched provider (``Plan._choose`` with
+    nothing tried): a pool's pick costs no Plan, no _Run and no Send per request."""
+    now = time.monotonic()
+    if len(members) == 1:  # the request hook checked the secret
+        state = members[0]
+        return state if state.available(now) else None
+    secrets = engine.secrets
+    usable = [s for s in members if secrets.usable(provider, s.target)] if secrets is not None else members
+    return balance.pick(usable, provider.balance, now, engine.random)
 
 
 async def _carry_out(engine: Engine, flow: Flow, body: BodyReader, route: Route, first: URL,
