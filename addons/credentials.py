@@ -220,11 +220,16 @@ class CredentialInjector:
         """HMAC-SHA256 (hex) of the member's credential under ``key`` (the
         response cache names entries by it); the secret stays here."""
         secret = self.value(provider, target) if provider.auth.type != "none" else None
+        sigv4 = provider.auth.sigv4
+        if sigv4 is not None and sigv4.access_key_id is not None:  # whose answer: the AWS key (its id names it)
+            secret = self.reference_value(sigv4.access_key_id)
         return hmac.new(key, secret.encode(), hashlib.sha256).hexdigest() if secret is not None else None
 
     async def reread(self, provider: Provider, target: Target) -> bool:
         """The upstream refused this member's credential (401/403): re-read it
         (a rotated key, a revoked token). True when there is a new value."""
+        if provider.auth.sigv4 is not None:  # an AWS key: any of its parts may have been rotated
+            return any([await self.creds.reread(ref) for ref in provider.auth.sigv4.refs()])
         ref = provider.secret_of(target) if provider.auth.type != "none" else None
         return ref is not None and await self.creds.reread(ref)
 

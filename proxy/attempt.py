@@ -10,7 +10,7 @@ released at the end of the flow.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from multidict import CIMultiDict
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 class Attempt:
     __slots__ = ("member", "provider", "headers", "url", "body", "number", "hold_off", "_held")
+    probe: ClassVar[bool] = False  # a health check's attempt (``Probe``), not a caller's request
 
     def __init__(self, member: UpstreamState, provider: Provider, headers: CIMultiDict[str], url: str,
                  number: int, body: bytes | AsyncIterator[bytes] | None = None) -> None:  # fmt: skip
@@ -53,3 +54,13 @@ class Attempt:
 
     def __repr__(self) -> str:  # never headers or the URL: they carry the credential
         return f"Attempt({self.number} {self.member.provider}/{self.member.name})"
+
+
+class Probe(Attempt):
+    """A health check's one attempt (``runtime.probe``): the same ``upstream_attempt``
+    hooks set its credential, headers and signature, so a check reaches the member as
+    traffic does. Hooks that count callers' traffic (per-key limits) leave it alone:
+    a key at its quota is still a reachable upstream."""
+
+    __slots__ = ()
+    probe = True

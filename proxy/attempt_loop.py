@@ -22,10 +22,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import balance, errors, retry, routing, upstream, ws_upstream
-from proxy.attempt import Attempt
+from proxy.attempt import Attempt, Probe
 from proxy.balance import UpstreamState
 from proxy.bodies import BodyReader
-from proxy.flow import Flow
+from proxy.flow import Flow, Request
 from proxy.plan import Answered, Failed, Failover, HeldOff, Outcome, OverLimit, Plan, Route, Send, Sleep
 from proxy.policy import Provider, RetryPolicy, Target
 
@@ -66,9 +66,9 @@ async def forward(engine: Engine, flow: Flow, body: BodyReader) -> ClientRespons
         policy = with_overrides(policy, headers.pop("x-sidekey-retries", None), headers.pop("x-sidekey-timeout", None))
     first = URL(flow.upstream_url, encoded=True)
     route = Route(provider, policy, flow.upstream_url, first.raw_host or "", first.port or 443)
-    members = engine.groups.members(provider, route.host, route.port)
-    # The common case, one member that can take it, is sent without a plan.
-    state = members[0] if len(members) == 1 and members[0].available(time.monotonic()) else None
+    # The common case, a first member that can take it, is sent without a plan; a plan is
+    # built only once the first attempt did not serve (or when no member can take it).
+    state = _first_member(engine, provider, engine.groups.members(provider, route.host, route.port))
     if state is not None:
         attempt = Attempt(state, provider, headers, flow.upstream_url, 1, flow.request.body)
         try:
@@ -81,6 +81,18 @@ async def forward(engine: Engine, flow: Flow, body: BodyReader) -> ClientRespons
             return _served(flow, attempt, 1, resp)
         return await _carry_out(engine, flow, body, route, first, attempt, resp, None)
     return await _carry_out(engine, flow, body, route, first, None, None, None)
+
+
+def _first_member(engine: Engine, provider: Provider, members: list[UpstreamState]) -> UpstreamState | None:
+    """The member a plan would choose first on the matched provider (``Plan._choose`` with
+    nothing tried): a pool's pick costs no Plan, no _Run and no Send per request."""
+    now = time.monotonic()
+    if len(members) == 1:  # the request hook checked the secret
+        state = members[0]
+        return state if state.available(now) else None
+    secrets = engine.secrets
+    usable = [s for s in members if secrets.usable(provider, s.target)] if secrets is not None else members
+    return balance.pick(usable, provider.balance, now, engine.random)
 
 
 async def _carry_out(engine: Engine, flow: Flow, body: BodyReader, route: Route, first: URL,
@@ -353,15 +365,17 @@ async def _send(engine: Engine, flow: Flow, provider: Provider | None, url: URL,
 
 
 async def probe(engine: Engine, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
-    """A health check: one request to the member as traffic reaches it (its
-    credential, the provider's headers, the same pools and guard); its status."""
-    headers: CIMultiDict[str] = CIMultiDict(provider.set_headers)
-    url = member_url(provider, state, path)
-    if engine.secrets is not None:
-        url = engine.secrets.inject(headers, url, provider, state.target)
-    target = URL(url, encoded=True)
+    """A health check: one request to the member as traffic reaches it. The addons'
+    ``upstream_attempt`` hooks run on it as on every attempt (the member's credential,
+    the provider's headers, a signature), then the same pools and guard; its status."""
+    request = Request(method, path, CIMultiDict(), state.host, state.port)
+    attempt = Probe(state, provider, request.headers, member_url(provider, state, path), 1)
+    pending = engine.addons.upstream_attempt(Flow(request, engine.policy, provider), attempt)
+    if pending is not None:
+        await pending
+    target = URL(attempt.url, encoded=True)
     session = _session(engine, provider, target)
-    async with session.request(method, target, headers=headers, allow_redirects=False,
+    async with session.request(method, target, headers=attempt.headers, allow_redirects=False,
                                server_hostname=provider.tls.server_name) as resp:  # fmt: skip
         await resp.read()
         return resp.status

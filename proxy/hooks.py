@@ -112,7 +112,8 @@ class UpstreamAttemptHook(Hook):
     another member). Runs again on every retry and failover. An addon that
     names this hook in ``runs_last`` (request signing: it must sign the
     request as it is finally sent) runs after every other, whatever the
-    addon order; only one addon may."""
+    addon order; only one addon may. A health check's request runs it too
+    (``attempt.probe``, with a flow of its own that no other hook sees)."""
 
     flow: Flow
     attempt: Attempt

@@ -197,7 +197,7 @@ class Limits:
         return self._idle
 
     def upstream_attempt(self, flow: Flow, attempt: Attempt) -> Awaitable[None] | None:
-        if not attempt.member.target.limits:
+        if not attempt.member.target.limits or attempt.probe:  # a health check takes no quota
             return None
         return self._admit(flow, attempt)
 

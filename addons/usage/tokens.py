@@ -240,12 +240,20 @@ def usage_from_json(body: bytes, wire: Wire) -> Usage | None:
         doc = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(doc, dict) or not isinstance(u := doc.get("usage"), dict):
+    if not isinstance(doc, dict):
+        return None
+    return usage_of(doc.get("usage"), doc.get("model"), wire)
+
+
+def usage_of(u: object, model: object, wire: Wire) -> Usage | None:
+    """Usage from an answer's parsed ``usage`` object and its ``model`` value, as
+    ``usage_from_json`` reads them; None when the object carries no counts."""
+    if not isinstance(u, dict):
         return None
     fields = _openai_fields(u) if wire == "openai" else _anthropic_fields(_anthropic_raw(u))
     if not fields or ("input" not in fields and "output" not in fields):
         return None
-    return _usage(fields, estimated=False, model=_str(doc.get("model")))
+    return _usage(fields, estimated=False, model=_str(model))
 
 
-__all__ = ["RequestEstimate", "Usage", "Wire", "estimate_request", "reservation", "usage_from_json"]
+__all__ = ["RequestEstimate", "Usage", "Wire", "estimate_request", "reservation", "usage_from_json", "usage_of"]

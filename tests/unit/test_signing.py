@@ -14,6 +14,7 @@ import pytest
 from multidict import CIMultiDict
 
 from addons import default_addons, signing
+from addons.credentials import CredentialInjector
 from addons.signing import AwsSigner, strip_caller_signature
 from proxy import responses
 from proxy.attempt import Attempt
@@ -24,6 +25,7 @@ from proxy.hooks import AddonManager
 from proxy.policy import Auth, Policy, RetryPolicy, SecretRef
 from proxy.policy.credential_model import SigV4
 from proxy.policy.load import PolicyError, parse_policy
+from proxy.secrets import SecretStore
 from proxy.testing import make_flow, make_provider
 
 # AWS's Signature Version 4 test suite (aws-sig-v4-test-suite): its example key, time, region and service.
@@ -223,6 +225,21 @@ def test_a_chunked_body_is_held_and_signed_or_refused_over_the_limit() -> None:
     assert signer.request(streamed) is None and streamed.response is None
     signer.upstream_attempt(streamed, _attempt(streamed))
     assert streamed.request.headers["X-Amz-Content-SHA256"] == "UNSIGNED-PAYLOAD"
+
+
+def test_the_cache_names_a_signed_providers_answers_by_its_key_id() -> None:
+    spec = SigV4("bedrock", "us-east-1", SecretRef("env", "AK"), SecretRef("env", "SK"))
+    provider = make_provider("bedrock", ("b.test",), auth=Auth("aws-sigv4", None, sigv4=spec))
+    digests = []
+    for key_id in ("AKIDONE", "AKIDTWO"):
+        store = SecretStore({"AK": key_id, "SK": "secret"})
+        store.watch([SecretRef("env", "AK"), SecretRef("env", "SK")])
+        store.refresh()
+        injector = CredentialInjector(store)
+        assert injector.usable(provider, provider.targets[0]), "signed, not injected: nothing is missing"
+        digests.append(injector.credential_digest(provider, provider.targets[0], b"k"))
+    assert None not in digests and digests[0] != digests[1]
+    assert all("AKID" not in d and "secret" not in d for d in digests if d)
 
 
 def test_the_signed_hash_is_of_the_attempts_body() -> None:
