@@ -21,6 +21,9 @@ class ProxyError(Exception):
     code: str = "proxy_error"
     retryable: bool = False
     template: str = "the proxy could not complete the request"
+    # Mid-stream: what was written (its in-band error event) is flushed to the
+    # client before the abort, which would drop it (a slow coalesced follower).
+    flush_before_abort: bool = False
 
     def __init__(self, provider: str | None = None, **fields: object) -> None:
         self.provider = provider
