@@ -202,10 +202,14 @@ _ANTHROPIC_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "
 
 def _openai_fields(u: dict[str, Any]) -> dict[str, int] | None:
     i, o, i_details, o_details = _OPENAI_KEYS["prompt_tokens" not in u and "completion_tokens" not in u]
-    counts = {"input": _int(u.get(i)), "output": _int(u.get(o))}
-    if counts["input"] is None and counts["output"] is None:
+    inp, out = _int(u.get(i)), _int(u.get(o))
+    if inp is None and out is None:
         return None
-    fields = {k: n for k, n in counts.items() if n is not None}
+    fields: dict[str, int] = {}
+    if inp is not None:
+        fields["input"] = inp
+    if out is not None:
+        fields["output"] = out
     fields["cached_input"] = _int(_get(u, i_details, "cached_tokens")) or 0
     fields["reasoning"] = _int(_get(u, o_details, "reasoning_tokens")) or 0
     return fields
