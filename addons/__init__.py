@@ -18,6 +18,7 @@ from addons.credentials import CredentialInjector
 from addons.health import HealthChecks
 from addons.limits import Limits
 from addons.metrics import Metrics
+from addons.placeholders import Placeholders
 from addons.provider_headers import ProviderHeaders
 from addons.signing import AwsSigner
 from addons.usage import UsageMeter
@@ -25,7 +26,11 @@ from addons.usage import UsageMeter
 
 def default_addons(*, access_log: bool = True) -> list[object]:
     addons: list[object] = [
-        # First: nothing else should ever see (or log) the caller's placeholder
+        # Before credentials: it sees the caller's headers before their
+        # credential headers are stripped (a placeholder there is refused or
+        # put in like any other), and refuses a misdirected one before any work.
+        Placeholders(),
+        # Then: nothing else should ever see (or log) the caller's placeholder
         # key, and a missing secret answers before any other work is done.
         CredentialInjector(),
         # AWS SigV4 (auth type aws-sigv4): its request hook refuses a body too

@@ -84,6 +84,8 @@ class CredentialInjector:
                    if r is not None and r.kind in STATIC_KINDS]  # fmt: skip
         static += [r for p in policy.providers if p.auth.sigv4 is not None for r in p.auth.sigv4.refs()
                    if r.kind in STATIC_KINDS]  # fmt: skip
+        named = [ref for p in policy.providers for _name, ref in p.placeholders]  # addons/placeholders.py
+        static += [r for r in named if r.kind in STATIC_KINDS]
         self.store.watch(list(dict.fromkeys(static)))
         await asyncio.to_thread(self.store.refresh)
         # sidekey's own ports stay refused to credential fetches too (the guard the engine keeps).
@@ -91,7 +93,8 @@ class CredentialInjector:
         fresh = self.creds.configure(policy, Guard(policy.allow_networks, self_ports))
         # Store secrets are read now, so a start or reload reports what is missing;
         # OAuth2 tokens are fetched on first use.
-        await self.creds.ensure(r for r in refs.values() if r.kind not in STATIC_KINDS and r.kind != "oauth2"
+        fetched = (*refs.values(), *named)
+        await self.creds.ensure(r for r in fetched if r.kind not in STATIC_KINDS and r.kind != "oauth2"
                                 and any(e is self.creds.entries.get(r) for e in fresh))  # fmt: skip
         for (p, t), ref in refs.items():
             if p.auth.type not in UNINJECTED and self.creds.value(ref) is None:
@@ -100,6 +103,13 @@ class CredentialInjector:
                 entry = self.creds.entries.get(ref)
                 problem = entry.problem if entry is not None else self.store.problem(ref)
                 log.warning("provider %s: credential source %s %s", name, ref.source, problem)
+        for p in policy.providers:
+            for placeholder, ref in p.placeholders:
+                if self.reference_value(ref) is None:
+                    entry = self.creds.entries.get(ref)
+                    problem = entry.problem if entry is not None else self.store.problem(ref)
+                    log.warning("provider %s: placeholder %s: credential source %s %s", p.name, placeholder,
+                                ref.source, problem)  # fmt: skip
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._refresh_loop(), name="sidekey-secret-refresh")
@@ -148,7 +158,8 @@ class CredentialInjector:
         return secret
 
     def _refs(self, provider: Provider) -> dict[SecretRef, list[str]]:
-        """The references a provider injects, each with the members using it."""
+        """The references a provider injects, each with the members using it
+        (none for a source only its placeholders name)."""
         out: dict[SecretRef, list[str]] = {}
         if provider.auth.type != "none":
             for t in provider.targets:
@@ -157,6 +168,8 @@ class CredentialInjector:
         if provider.auth.sigv4 is not None:  # one AWS key signs for every member
             for ref in provider.auth.sigv4.refs():
                 out[ref] = [t.name for t in provider.targets]
+        for _name, ref in provider.placeholders:
+            out.setdefault(ref, [])
         return out
 
     def reference_value(self, ref: SecretRef) -> str | None:
@@ -175,6 +188,8 @@ class CredentialInjector:
         for ref, members in self._refs(provider).items():
             entry = self.creds.entries.get(ref)
             view: dict[str, Any] = {"source": ref.source, "kind": ref.kind, "members": members}
+            if named := [name for name, r in provider.placeholders if r == ref]:
+                view["placeholders"] = named
             if entry is None:  # static: read from the environment or a file, no expiry
                 view.update(state="fresh" if self.store.get(ref) is not None else "failing", expires_at=None,
                             serve_until=None, last_refresh=None, last_success=None, failures=0,
@@ -205,11 +220,16 @@ class CredentialInjector:
         """HMAC-SHA256 (hex) of the member's credential under ``key`` (the
         response cache names entries by it); the secret stays here."""
         secret = self.value(provider, target) if provider.auth.type != "none" else None
+        sigv4 = provider.auth.sigv4
+        if sigv4 is not None and sigv4.access_key_id is not None:  # whose answer: the AWS key (its id names it)
+            secret = self.reference_value(sigv4.access_key_id)
         return hmac.new(key, secret.encode(), hashlib.sha256).hexdigest() if secret is not None else None
 
     async def reread(self, provider: Provider, target: Target) -> bool:
         """The upstream refused this member's credential (401/403): re-read it
         (a rotated key, a revoked token). True when there is a new value."""
+        if provider.auth.sigv4 is not None:  # an AWS key: any of its parts may have been rotated
+            return any([await self.creds.reread(ref) for ref in provider.auth.sigv4.refs()])
         ref = provider.secret_of(target) if provider.auth.type != "none" else None
         return ref is not None and await self.creds.reread(ref)
 

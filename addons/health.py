@@ -3,8 +3,10 @@ changes to a webhook.
 
 Checks: every provider with ``health_check`` has each member with a fixed
 address checked every ``interval`` (plus up to 10% jitter, so sidecars
-started together do not fire together), with the member's credential
-injected and through the same pools and address guard as traffic. The
+started together do not fire together). A check is sent as an attempt of
+traffic is (``runtime.probe``): the same ``upstream_attempt`` hooks set the
+member's credential, the provider's headers and a signature, then the same
+pools and address guard; per-key limits leave it alone. The
 result feeds ``UpstreamState.record_check``; an unhealthy member is then
 skipped by selection while healthy ones exist.
 

@@ -135,7 +135,7 @@ class AwsSigner:
             return None
         if attempt.provider is not flow.provider:  # a fallback: the request hook ran for another provider
             strip_caller_signature(attempt.headers)
-        body = flow.request.body
+        body = attempt.body  # flow.request.body, or the attempt's own (placeholders put in)
         if body is not None and not isinstance(body, bytes) and not spec.unsigned_payload:
             raise BodyTooLargeToSign(attempt.provider.name, limit=hold_limit(attempt.provider))
         if spec.default_chain:
@@ -179,7 +179,7 @@ class AwsSigner:
 
     @staticmethod
     def _sign(flow: Flow, attempt: Attempt, spec: SigV4, key: sigv4.AwsKey) -> None:
-        body = flow.request.body
+        body = attempt.body  # what is sent: the hash signed must be of these bytes
         held = body if isinstance(body, bytes) else None
         unsigned = body is not None and held is None  # a stream, and the service takes UNSIGNED-PAYLOAD
         headers = attempt.headers

@@ -50,7 +50,7 @@ async def one_request(data: bytes) -> None:
     scheme, host, port, path = routing.split_absolute(head.target)
     for value in head.headers.getall("host", ()):
         routing.authority_matches(value, host, port)
-    http1.end_to_end(head.headers, ("host", "content-length", "expect"))
+    http1.end_to_end(head.headers, http1.HOP_BY_HOP | {"host", "content-length", "expect"})  # as http_session.route
     kind, length = http1.body_framing(head, MAX_BODY)
     if not 0 <= length <= MAX_BODY and kind != "chunked":
         raise AssertionError("body_framing returned a length outside [0, max_body]")

@@ -6,7 +6,7 @@ Theory of operation
    request head on a connection decides its kind:
    - ``CONNECT host:port`` for a host a policy matches: answer 200, terminate
      the client's TLS with a leaf certificate for ``host`` minted from our CA
-     (``certs.LeafContexts``), then serve HTTP/1.1 on the decrypted stream.
+     (``leaf_contexts.LeafContexts``), then serve HTTP/1.1 on the decrypted stream.
      The CONNECT target is the only authority for everything inside.
    - ``CONNECT`` for an unmatched host: a blind byte tunnel, or 403 (policy
      ``unmatched``); metadata addresses and sidekey's own ports refused

@@ -10,24 +10,31 @@ released at the end of the flow.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from multidict import CIMultiDict
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from proxy.balance import UpstreamState
     from proxy.policy import Provider
 
 
 class Attempt:
-    __slots__ = ("member", "provider", "headers", "url", "number", "hold_off", "_held")
+    __slots__ = ("member", "provider", "headers", "url", "body", "number", "hold_off", "_held")
+    probe: ClassVar[bool] = False  # a health check's attempt (``Probe``), not a caller's request
 
     def __init__(self, member: UpstreamState, provider: Provider, headers: CIMultiDict[str], url: str,
-                 number: int) -> None:  # fmt: skip
+                 number: int, body: bytes | AsyncIterator[bytes] | None = None) -> None:  # fmt: skip
         self.member = member
         self.provider = provider  # the matched provider, or the fallback being tried
-        self.headers = headers  # the outgoing request's headers (hooks set the credential here)
+        # The outgoing request's headers (hooks set the credential here). The
+        # flow's own, unless a hook gave this attempt a copy (a placeholder's
+        # value must not stay on flow.request, which audit and dlq read).
+        self.headers = headers
         self.url = url  # where it goes; a query credential is appended by the hook
+        self.body = body  # what is sent: flow.request.body, or this attempt's own (placeholders put in)
         self.number = number  # 1 for the first attempt of the request
         # Set by a hook: this member cannot take the request for this many
         # seconds (its own quota is spent); the forwarder tries another.
@@ -47,3 +54,13 @@ class Attempt:
 
     def __repr__(self) -> str:  # never headers or the URL: they carry the credential
         return f"Attempt({self.number} {self.member.provider}/{self.member.name})"
+
+
+class Probe(Attempt):
+    """A health check's one attempt (``runtime.probe``): the same ``upstream_attempt``
+    hooks set its credential, headers and signature, so a check reaches the member as
+    traffic does. Hooks that count callers' traffic (per-key limits) leave it alone:
+    a key at its quota is still a reachable upstream."""
+
+    __slots__ = ()
+    probe = True

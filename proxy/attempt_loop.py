@@ -22,10 +22,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import balance, errors, retry, routing, upstream, ws_upstream
-from proxy.attempt import Attempt
+from proxy.attempt import Attempt, Probe
 from proxy.balance import UpstreamState
 from proxy.bodies import BodyReader
-from proxy.flow import Flow
+from proxy.flow import Flow, Request
 from proxy.plan import Answered, Failed, Failover, HeldOff, Outcome, OverLimit, Plan, Route, Send, Sleep
 from proxy.policy import Provider, RetryPolicy, Target
 
@@ -66,11 +66,11 @@ async def forward(engine: Engine, flow: Flow, body: BodyReader) -> ClientRespons
         policy = with_overrides(policy, headers.pop("x-sidekey-retries", None), headers.pop("x-sidekey-timeout", None))
     first = URL(flow.upstream_url, encoded=True)
     route = Route(provider, policy, flow.upstream_url, first.raw_host or "", first.port or 443)
-    members = engine.groups.members(provider, route.host, route.port)
-    # The common case, one member that can take it, is sent without a plan.
-    state = members[0] if len(members) == 1 and members[0].available(time.monotonic()) else None
+    # The common case, a first member that can take it, is sent without a plan; a plan is
+    # built only once the first attempt did not serve (or when no member can take it).
+    state = _first_member(engine, provider, engine.groups.members(provider, route.host, route.port))
     if state is not None:
-        attempt = Attempt(state, provider, headers, flow.upstream_url, 1)
+        attempt = Attempt(state, provider, headers, flow.upstream_url, 1, flow.request.body)
         try:
             resp = await _send_attempt(engine, flow, route, first, attempt, body)
         except errors.ProxyError as err:
@@ -81,6 +81,18 @@ async def forward(engine: Engine, flow: Flow, body: BodyReader) -> ClientRespons
             return _served(flow, attempt, 1, resp)
         return await _carry_out(engine, flow, body, route, first, attempt, resp, None)
     return await _carry_out(engine, flow, body, route, first, None, None, None)
+
+
+def _first_member(engine: Engine, provider: Provider, members: list[UpstreamState]) -> UpstreamState | None:
+    """The member a plan would choose first on the matched provider (``Plan._choose`` with
+    nothing tried): a pool's pick costs no Plan, no _Run and no Send per request."""
+    now = time.monotonic()
+    if len(members) == 1:  # the request hook checked the secret
+        state = members[0]
+        return state if state.available(now) else None
+    secrets = engine.secrets
+    usable = [s for s in members if secrets.usable(provider, s.target)] if secrets is not None else members
+    return balance.pick(usable, provider.balance, now, engine.random)
 
 
 async def _carry_out(engine: Engine, flow: Flow, body: BodyReader, route: Route, first: URL,
@@ -139,7 +151,8 @@ class _Run:
 
     async def send(self, verdict: Send) -> Outcome | None:
         route = self.plan.route
-        attempt = Attempt(verdict.member, route.provider, self.flow.request.headers, route.url or "", verdict.number)
+        req = self.flow.request
+        attempt = Attempt(verdict.member, route.provider, req.headers, route.url or "", verdict.number, req.body)
         resp = err = None
         try:
             resp = await _send_attempt(self.engine, self.flow, route, self.first, attempt, self.body)
@@ -299,7 +312,7 @@ async def _send_attempt(engine: Engine, flow: Flow, route: Route, first: URL, at
     flow.timings["request_sent"] = now
     attempt.hold()
     try:
-        resp = await _send(engine, flow, provider, parsed)
+        resp = await _send(engine, flow, provider, parsed, attempt)
     except errors.ProxyError as err:
         attempt.release()
         if body.error is not None:  # the caller's body broke mid-upload: no upstream outcome to count
@@ -339,24 +352,30 @@ def _session(engine: Engine, provider: Provider | None, url: URL) -> ClientSessi
     return engine.pools.session(key)  # raises AddressBlocked for a metadata IP literal
 
 
-async def _send(engine: Engine, flow: Flow, provider: Provider | None, url: URL) -> ClientResponse:
+async def _send(engine: Engine, flow: Flow, provider: Provider | None, url: URL,
+                attempt: Attempt | None = None) -> ClientResponse:  # fmt: skip
+    """``attempt``: its headers and body are what is sent (else the flow's request's)."""
+    req = flow.request
+    headers, body = (attempt.headers, attempt.body) if attempt is not None else (req.headers, req.body)
     if flow.websocket is not None:  # a dedicated connection; the answer reads like a ClientResponse here
-        return cast(ClientResponse, await ws_upstream.connect(engine, flow, provider, url))
+        return cast(ClientResponse, await ws_upstream.connect(engine, flow, provider, url, headers))
     session = _session(engine, provider, url)
     server_name = provider.tls.server_name if provider else None
-    return await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name)
+    return await upstream.send(session, flow, url, engine.pools.timeout(provider), server_name, headers, body)
 
 
 async def probe(engine: Engine, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
-    """A health check: one request to the member as traffic reaches it (its
-    credential, the provider's headers, the same pools and guard); its status."""
-    headers: CIMultiDict[str] = CIMultiDict(provider.set_headers)
-    url = member_url(provider, state, path)
-    if engine.secrets is not None:
-        url = engine.secrets.inject(headers, url, provider, state.target)
-    target = URL(url, encoded=True)
+    """A health check: one request to the member as traffic reaches it. The addons'
+    ``upstream_attempt`` hooks run on it as on every attempt (the member's credential,
+    the provider's headers, a signature), then the same pools and guard; its status."""
+    request = Request(method, path, CIMultiDict(), state.host, state.port)
+    attempt = Probe(state, provider, request.headers, member_url(provider, state, path), 1)
+    pending = engine.addons.upstream_attempt(Flow(request, engine.policy, provider), attempt)
+    if pending is not None:
+        await pending
+    target = URL(attempt.url, encoded=True)
     session = _session(engine, provider, target)
-    async with session.request(method, target, headers=headers, allow_redirects=False,
+    async with session.request(method, target, headers=attempt.headers, allow_redirects=False,
                                server_hostname=provider.tls.server_name) as resp:  # fmt: skip
         await resp.read()
         return resp.status

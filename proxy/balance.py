@@ -34,6 +34,7 @@ UNHEALTHY_AFTER = 3  # consecutive failures from live traffic mark a member unhe
 MAX_REST = 300.0  # a 429's reset hint is believed up to this many seconds
 MIN_SCORE = 0.05  # a failing member still gets a trickle when weighted (it may recover)
 PROBE_EVERY = 10.0  # seconds between live requests to a member unhealthy from live traffic
+FLAP_WINDOW = 60.0  # seconds: a member's health flips get one log line at their level per window
 
 
 class UpstreamState:
@@ -41,7 +42,8 @@ class UpstreamState:
 
     __slots__ = ("provider", "target", "host", "port", "breaker", "in_flight", "latency", "error_rate",
                  "consecutive", "requests", "failures", "last_status", "last_error", "last_seen",
-                 "active_ok", "active_streak", "last_checked", "healthy", "resting_until", "limited_until")  # fmt: skip
+                 "active_ok", "active_streak", "last_checked", "healthy", "resting_until", "limited_until",
+                 "flip_told_at", "flips_untold")  # fmt: skip
 
     def __init__(self, provider: Provider, target: Target, host: str, port: int) -> None:
         self.provider = provider.name
@@ -66,6 +68,8 @@ class UpstreamState:
         # member gets nothing until then: the next request takes another key.
         self.resting_until = 0.0
         self.limited_until = 0.0  # this key's own limits (policy) are spent until then
+        self.flip_told_at = float("-inf")  # monotonic time of the last health flip logged at its level
+        self.flips_untold = 0  # flips since then, logged at DEBUG only
 
     @property
     def name(self) -> str:
@@ -155,6 +159,21 @@ class UpstreamState:
     def __repr__(self) -> str:
         return (f"UpstreamState({self.provider}/{self.name} {self.host}:{self.port} healthy={self.healthy} "
                 f"in_flight={self.in_flight} {self.breaker!r})")  # fmt: skip
+
+
+def flip_line(state: UpstreamState, change: Transition, now: float) -> int | None:
+    """Whether a change is logged at its own level: circuit changes always (0); a member's
+    healthy/unhealthy flip at most once per FLAP_WINDOW, answering how many flips went to
+    DEBUG since its last such line; None: this flip goes to DEBUG. A member failing part of
+    its requests flips on every third failure and first success (the soak's flaky provider:
+    ~19,600 times an hour, each a WARNING); /metrics always has the current state."""
+    if change not in ("healthy", "unhealthy"):
+        return 0
+    if now - state.flip_told_at < FLAP_WINDOW:
+        state.flips_untold += 1
+        return None
+    untold, state.flips_untold, state.flip_told_at = state.flips_untold, 0, now
+    return untold
 
 
 def pick(

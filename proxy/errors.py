@@ -21,6 +21,9 @@ class ProxyError(Exception):
     code: str = "proxy_error"
     retryable: bool = False
     template: str = "the proxy could not complete the request"
+    # Mid-stream: what was written (its in-band error event) is flushed to the
+    # client before the abort, which would drop it (a slow coalesced follower).
+    flush_before_abort: bool = False
 
     def __init__(self, provider: str | None = None, **fields: object) -> None:
         self.provider = provider
@@ -85,6 +88,15 @@ class TLSOnPlainPort(ProxyError):
 
     status, code = 400, "tls_to_plain_port"
     template = "sidekey's proxy port speaks plain HTTP: use http:// in HTTPS_PROXY"
+
+
+class PlaceholderMisdirected(ProxyError):
+    """A request carried a provider's placeholder to a host that provider does
+    not serve (``proxy.placeholders``). Only the name and host are said: names
+    are not secrets, the value was never put in."""
+
+    status, code = 403, "placeholder_misdirected"
+    template = "placeholder {placeholder} does not belong to host {host}"
 
 
 class MethodNotAllowed(ProxyError):

@@ -105,12 +105,15 @@ class RequestHook(Hook):
 class UpstreamAttemptHook(Hook):
     """One attempt is about to go to one member (of the matched provider or a
     fallback): set what belongs to that member and provider on
-    ``attempt.headers`` / ``attempt.url`` (the credential, required headers),
+    ``attempt.headers`` / ``attempt.url`` / ``attempt.body`` (the credential,
+    required headers, placeholder values; replace headers or body with the
+    attempt's own copy rather than change the flow's, which observers record),
     take its own limits (``attempt.hold_off`` to have the forwarder try
     another member). Runs again on every retry and failover. An addon that
     names this hook in ``runs_last`` (request signing: it must sign the
     request as it is finally sent) runs after every other, whatever the
-    addon order; only one addon may."""
+    addon order; only one addon may. A health check's request runs it too
+    (``attempt.probe``, with a flow of its own that no other hook sees)."""
 
     flow: Flow
     attempt: Attempt

@@ -26,6 +26,13 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9112 §3.2: the request-target is URI syntax (RFC 3986), visible ASCII only;
 # a byte >= 0x80 is refused like a control (RFC 9112 §3: invalid request-line, 400).
 _BAD_TARGET = re.compile(rb"[^\x21-\x7e]")
+# The fast reading of a block of field lines (``parse_request_head``): each line a token, a
+# colon, OWS and a value without CR (the block's CR and LF counts and _CONTROLS make sure
+# no CR, LF or other control is inside a value), at the start of a line (re.M), so a line
+# that does not match as a whole is not found and the count of fields falls short.
+_FIELD = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r]*)\r\n", re.M)
+# The controls a value may not hold besides CR and LF (HTAB is allowed): _BAD_VALUE's.
+_CONTROLS = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 # RFC 9110 §8.6: Content-Length = 1*DIGIT, ASCII digits (str.isdigit() also takes "²").
 _DIGITS = re.compile(r"[0-9]{1,18}\Z")
 # RFC 9110 §5.6.3: OWS = *( SP / HTAB ); str.strip() would also take NBSP and NEL.
@@ -87,8 +94,33 @@ def parse_request_head(data: bytes, max_headers: int) -> RequestHead:
         raise BadRequest(reason="only HTTP/1.1 and HTTP/1.0 are supported")
     if len(lines) - 1 > max_headers:
         raise HeadersTooLarge(limit=f"{max_headers} fields")
+    fields = _fast_fields(data[len(lines[0]) + 2 : -2], len(lines) - 1)
+    if fields is None:
+        fields = _checked_fields(lines[1:])  # says what is wrong (or reads what the fast path would not)
+    return RequestHead(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), fields)
+
+
+def _fast_fields(block: bytes, count: int) -> CIMultiDict[str] | None:
+    """``_checked_fields``'s answer for a well-formed block (every field line, each ending in
+    CRLF) from C-level scans and one regex, about half its instructions; None for anything
+    else (a bad line, trailing OWS in a value), which the line-by-line reading then takes."""
+    if (
+        block.count(b"\r") != count
+        or block.count(b"\n") != count
+        or len(block.translate(None, _CONTROLS)) != len(block)
+    ):
+        return None
+    text = block.decode("latin-1")
+    if " \r" in text or "\t\r" in text:
+        return None  # trailing OWS: rare, stripped by the slow path
+    pairs = _FIELD.findall(text)
+    return CIMultiDict(pairs) if len(pairs) == count else None
+
+
+def _checked_fields(lines: list[bytes]) -> CIMultiDict[str]:
+    """The field lines one at a time: says what is wrong with the first bad one."""
     headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
+    for line in lines:
         if line[:1] in (b" ", b"\t"):
             raise BadRequest(reason="obs-fold (line folding) is not allowed")
         name, sep, value = line.partition(b":")
@@ -102,7 +134,7 @@ def parse_request_head(data: bytes, max_headers: int) -> RequestHead:
         if _BAD_VALUE.search(value):
             raise BadRequest(reason="invalid character in a header value")
         headers.add(name.decode("ascii"), value.decode("latin-1"))
-    return RequestHead(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers)
+    return headers
 
 
 def body_framing(head: RequestHead, max_body: int) -> tuple[BodyKind, int]:
@@ -160,12 +192,18 @@ def connection_tokens(headers: Headers) -> set[str]:
     return tokens
 
 
-def end_to_end(headers: Headers, extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    """A copy of ``headers`` without hop-by-hop fields (and ``extra_drop``)."""
-    drop = set(HOP_BY_HOP)
-    drop.update(connection_tokens(headers))
-    drop.update(extra_drop)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+def end_to_end(headers: Headers, drop: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
+    """A copy of ``headers`` without the fields in ``drop`` (lower-case: HOP_BY_HOP, or
+    HOP_BY_HOP and more) and those Connection names. Copied in C, then the few names
+    present deleted: about 3x cheaper than filtering every field in Python, and this
+    runs twice a request."""
+    if "connection" in headers:
+        drop = drop | connection_tokens(headers)
+    out = CIMultiDict(headers)
+    for name in drop:
+        if name in out:
+            del out[name]  # every field of that name
+    return out
 
 
 def response_head(status: int, headers: Iterable[tuple[str, str]], reason: bytes | None = None) -> bytes:

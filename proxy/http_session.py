@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidekey.flow")
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Fields we never forward as-is: Host is rebuilt from the upstream URL (RFC
+# Fields we never forward as-is: the hop-by-hop ones; Host is rebuilt from the upstream URL (RFC
 # 9112 §3.2.2), framing is redone by us or aiohttp, Expect is answered by us.
-REQUEST_DROP = ("host", "content-length", "expect")
+REQUEST_DROP = http1.HOP_BY_HOP | {"host", "content-length", "expect"}
 # RFC 8446 §5.1 (and every TLS/SSLv3 version before it): a ClientHello travels
 # in a record whose first byte is ContentType handshake(22).
 TLS_HANDSHAKE_RECORD = b"\x16"

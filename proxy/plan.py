@@ -14,8 +14,8 @@ request: skipped for this request only).
 The decisions are made by the pure cores it composes: ``retry.decide`` (retry
 or not, how long), ``balance.pick`` (which member), ``failover.rewrite``
 (what a fallback request looks like). The forwarder builds a plan only once a
-request needs one (a first failure, a pool of members): the common request,
-one member answering, never makes one.
+request needs one (a first attempt that did not serve): the common request,
+its first member answering (a pool's pick included), never makes one.
 """
 
 from __future__ import annotations

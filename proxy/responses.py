@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from proxy.conn import ClientConn, Engine
 
 SMALL_BODY = 65536  # bodies up to this are read whole (request) or sent in one write (response)
+FLUSH_WAIT = 10.0  # seconds an error event may take to reach a slow client before the abort
 
 
 def _finish_headers(conn: ClientConn, flow: Flow, headers: CIMultiDict[str], keep: bool) -> None:
@@ -80,7 +81,11 @@ async def stream_response(engine: Engine, conn: ClientConn, flow: Flow, resp: Cl
         _finish_headers(conn, flow, headers, keep)
         writer.write(http1.response_head(out.status, headers.items()) + data)
         flow.bytes_to_client += length
-        await writer.drain()
+        try:
+            await writer.drain()
+        except OSError:
+            flow.metadata["upstream_complete"] = True  # the client left, but the whole answer came
+            raise
         return keep
     chunked = length is None and flow.request.http_version == "HTTP/1.1"
     if length is None:
@@ -91,12 +96,16 @@ async def stream_response(engine: Engine, conn: ClientConn, flow: Flow, resp: Cl
             keep = False  # HTTP/1.0 client: the end of the body is the close
     _finish_headers(conn, flow, headers, keep)
     writer.write(http1.response_head(out.status, headers.items()))
-    sent = await _relay_body(writer, flow, resp, headers, chunked)
-    if length is not None and sent != length:
-        raise errors.UpstreamDisconnected(flow.provider_name)
-    if chunked:
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
+    try:
+        sent = await _relay_body(writer, flow, resp, headers, chunked)
+        if length is not None and sent != length:
+            raise errors.UpstreamDisconnected(flow.provider_name)
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+    except OSError:  # the client left mid-answer
+        await _read_for_others(flow, resp)
+        raise
     flow.bytes_to_client += sent
     return keep
 
@@ -153,6 +162,8 @@ async def stream_local(conn: ClientConn, flow: Flow, pieces: AsyncIterator[bytes
         if chunked and _wants_sse_error(flow, headers):
             event = sse_error_event(err)
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        if err.flush_before_abort:
+            await _flush(writer)
         raise
     finally:
         flow.bytes_to_client += sent
@@ -160,6 +171,31 @@ async def stream_local(conn: ClientConn, flow: Flow, pieces: AsyncIterator[bytes
         writer.write(b"0\r\n\r\n")
     await writer.drain()
     return keep
+
+
+async def _read_for_others(flow: Flow, resp: ClientResponse) -> None:
+    """The client left mid-answer. When others read this answer too (the cache's
+    coalesced followers: ``flow.metadata["read_for_others"]``), the upstream body
+    is still read to its end into the flow's observer for them, and the flow is
+    marked ``upstream_complete``; otherwise the upstream is dropped at once."""
+    others = flow.metadata.get("read_for_others") if flow.metadata else None
+    observer = flow.body_observer
+    if others is None or observer is None or not others():
+        return
+    while piece := await _upstream_read(resp, resp.content.readany(), flow):
+        observer(piece)
+    flow.metadata["upstream_complete"] = True
+
+
+async def _flush(writer: asyncio.StreamWriter) -> None:
+    """Until what was written (an error event) left for the client, or ``FLUSH_WAIT``:
+    the abort that follows would drop a buffered event, and this client reads slowly."""
+    try:
+        writer.transport.set_write_buffer_limits(0)
+        async with asyncio.timeout(FLUSH_WAIT):
+            await writer.drain()
+    except (OSError, TimeoutError, RuntimeError):
+        pass
 
 
 def _wants_sse_error(flow: Flow, headers: CIMultiDict[str]) -> bool:

@@ -49,7 +49,8 @@ class Runtime(Protocol):
         ...
 
     async def probe(self, provider: Provider, state: UpstreamState, method: str, path: str) -> int:
-        """One request to ``state`` as traffic would send it (its credential, the
-        provider's headers, the same pools and address guard); the status.
+        """One request to ``state`` as traffic would send it: the addons' ``upstream_attempt``
+        hooks run on it (its credential, the provider's headers, a signature; an
+        ``attempt.probe``), then the same pools and address guard; the status.
         Raises on any failure (the caller only counts it, and bounds the time)."""
         ...

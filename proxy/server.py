@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 
 from proxy import attempt_loop, errors, http_session, netguard, responses, routing, tunnel, ws_session
-from proxy.balance import Groups, Transition, UpstreamState
+from proxy.balance import Groups, Transition, UpstreamState, flip_line
 from proxy.ca_watch import CAFiles
 from proxy.capabilities import SECRETS, Capability
-from proxy.certs import CertificateAuthority, LeafContexts
+from proxy.certs import CertificateAuthority
 from proxy.conn import ClientConn
 from proxy.flow import new_request_id
 from proxy.hooks import AddonManager
+from proxy.leaf_contexts import LeafContexts
 from proxy.policy import Policy, Provider, SecretRef
 
 T = TypeVar("T")
@@ -178,8 +179,11 @@ class Sidekey:
 
     def notify(self, state: UpstreamState, changes: Sequence[Transition]) -> None:
         for change in changes:
+            untold = flip_line(state, change, self.clock())
             level = logging.WARNING if change in ("unhealthy", "circuit_open") else logging.INFO
-            log.log(level, "upstream %s/%s (%s:%d): %s", state.provider, state.name, state.host, state.port, change)
+            also = f" ({untold} more flips since the last line like this, logged at DEBUG)" if untold else ""
+            log.log(logging.DEBUG if untold is None else level, "upstream %s/%s (%s:%d): %s%s",
+                    state.provider, state.name, state.host, state.port, change, also)  # fmt: skip
             for listener in self.listeners:
                 try:
                     listener(state, change)

@@ -24,12 +24,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import ClientResponse, ClientSession, ClientTimeout, TCPConnector
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import errors
 from proxy.balance import UpstreamState
 from proxy.ca_bundles import CABundle, CABundles
-from proxy.flow import Flow
+from proxy.flow import Body, Flow
 from proxy.netguard import BlockedAddressError, Guard, GuardedResolver, is_ip_literal
 from proxy.policy import Policy, Provider
 
@@ -254,16 +255,22 @@ class UpstreamPools:
 
 
 async def send(
-    session: ClientSession, flow: Flow, url: URL, limits: ClientTimeout, server_name: str | None
+    session: ClientSession,
+    flow: Flow,
+    url: URL,
+    limits: ClientTimeout,
+    server_name: str | None,
+    headers: CIMultiDict[str],
+    body: Body,
 ) -> ClientResponse:
-    """Send flow.request to ``url``; headers are in, body not yet read."""
-    req = flow.request
+    """Send flow.request's method with ``headers`` and ``body`` (the attempt's)
+    to ``url``; headers are in, body not yet read."""
     try:
         return await session.request(
-            req.method,
+            flow.request.method,
             url,
-            headers=req.headers,
-            data=req.body,
+            headers=headers,
+            data=body,
             allow_redirects=False,  # a 3xx goes back to the caller, never followed with our key
             timeout=limits,
             server_hostname=server_name,

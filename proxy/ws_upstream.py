@@ -15,7 +15,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import errors, netguard, routing
@@ -86,19 +86,21 @@ def _context(bundle: CABundle | None) -> ssl.SSLContext:
     return ctx
 
 
-def request_head(flow: Flow, url: URL) -> bytes:
-    """The upgrade request as it goes upstream: the flow's end-to-end headers
-    (credential injected, caller's stripped), Host from the URL (RFC 9112
-    §3.2), and the two hop-by-hop fields the handshake needs (RFC 6455 §4.1)."""
-    req = flow.request
+def request_head(flow: Flow, url: URL, headers: CIMultiDict[str] | None = None) -> bytes:
+    """The upgrade request as it goes upstream: the attempt's end-to-end headers
+    (the flow's unless given; credential injected, caller's stripped), Host from
+    the URL (RFC 9112 §3.2), and the two hop-by-hop fields the handshake needs
+    (RFC 6455 §4.1)."""
+    fields = flow.request.headers if headers is None else headers
     authority = routing.format_authority(url.raw_host or "", url.port or 443)
     lines = [f"GET {url.raw_path_qs} HTTP/1.1", f"host: {authority}"]
-    lines += [f"{k}: {v}" for k, v in req.headers.items() if k.lower() != "content-length"]
+    lines += [f"{k}: {v}" for k, v in fields.items() if k.lower() != "content-length"]
     lines += ["upgrade: websocket", "connection: Upgrade", "", ""]
     return "\r\n".join(lines).encode("latin-1")
 
 
-async def connect(engine: Engine, flow: Flow, provider: Provider | None, url: URL) -> UpgradeResponse:
+async def connect(engine: Engine, flow: Flow, provider: Provider | None, url: URL,
+                  headers: CIMultiDict[str] | None = None) -> UpgradeResponse:  # fmt: skip
     """Open, send the upgrade, read the answer's head. Errors are ours (mapped here)."""
     name = provider.name if provider is not None else None
     if provider is None:  # the session only upgrades flows to matched providers
@@ -118,7 +120,7 @@ async def connect(engine: Engine, flow: Flow, provider: Provider | None, url: UR
     timeouts = provider.timeouts
     reader, writer = await _open(provider, addresses, port, _context(bundle), provider.tls.server_name or host)
     try:
-        writer.write(request_head(flow, url))
+        writer.write(request_head(flow, url, headers))
         async with asyncio.timeout(timeouts.read):
             data = await reader.readuntil(b"\r\n\r\n")
         head = parse_response_head(data)

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
@@ -31,14 +31,14 @@ from multidict import CIMultiDict
 from addons.cache import rules
 from addons.cache.backends import Backends
 from addons.cache.cluster import WAIT, ClusterLocks
-from addons.cache.flight import Flight, FlightFailed
-from addons.cache.key import cache_key
+from addons.cache.flight import Flight
+from addons.cache.following import follower_stream
+from addons.cache.key import cache_key, group_identity
 from addons.cache.pending import Pending
 from addons.cache.recorder import Recorder
 from addons.cache.sse import StreamJudge
 from addons.cache.stats import CacheStats
 from addons.cache.stores import Entry
-from proxy import errors
 from proxy.capabilities import CACHE_ADMIN, CACHED_REQUESTS, CACHED_USAGE, SECRETS
 from proxy.flow import Flow, Response
 from proxy.policy import CachePolicy, Policy, Provider
@@ -107,7 +107,7 @@ class Cache:
             flow.metadata["cache"] = "bypass"
             return None
         key = cache_key(
-            provider=provider.name, identity=self._identity(provider),
+            provider=provider.name, identity=group_identity(self._secrets, provider, self._identity_key),
             caller=flow.caller if policy.scope == "caller" else None, method=req.method, target=req.path,
             headers=req.headers, vary=policy.vary, body=body or b"",
         )  # fmt: skip
@@ -149,6 +149,7 @@ class Cache:
         if flight is not None:
             if shareable:
                 flight.head(resp.status, CIMultiDict(headers))
+                meta["read_for_others"] = flight.has_followers  # the leader's client may leave first
             else:
                 self._end_flight(flight, ok=False)
                 flight = pending.flight = None
@@ -173,8 +174,30 @@ class Cache:
             self.stats.count(flow.provider.name, result)
             if result == "hit" or result == "coalesced":
                 self._account(flow, flow.provider.name, meta)
+        if pending is not None:
+            self._settle(flow, pending)
+
+    def error(self, flow: Flow) -> None:
+        meta = flow.metadata
+        if not meta:
+            return
+        pending: Pending | None = meta.pop("cache_state", None)
+        if flow.provider is not None and "cache" in meta:
+            self.stats.count(flow.provider.name, "error")
         if pending is None:
             return
+        if meta.get("upstream_complete") and pending.recorder is not None:
+            # The leader's client left, but the upstream answer was read to its end
+            # for the followers (proxy.responses): stored and shared as if it had stayed.
+            self._settle(flow, pending)
+            return
+        self._unlock(pending, None)
+        if pending.flight is not None:
+            self._end_flight(pending.flight, ok=False)
+
+    def _settle(self, flow: Flow, pending: Pending) -> None:
+        """A leader's answer ended: store it when it may be, free the cluster lock, end the flight."""
+        meta = flow.metadata
         recorder = pending.recorder
         entry = written = None
         if recorder is not None and recorder.pieces is not None and recorder.clean and meta.get("cache") == "miss":
@@ -186,34 +209,7 @@ class Cache:
             pending.flight.saved_usd = float(cost) if isinstance(cost, float | int) else 0.0
             self._end_flight(pending.flight, ok=entry is not None or recorder is not None)
 
-    def error(self, flow: Flow) -> None:
-        meta = flow.metadata
-        if not meta:
-            return
-        pending: Pending | None = meta.pop("cache_state", None)
-        if flow.provider is not None and "cache" in meta:
-            self.stats.count(flow.provider.name, "error")
-        if pending is not None:
-            self._unlock(pending, None)
-            if pending.flight is not None:
-                self._end_flight(pending.flight, ok=False)
-
     # -- internals -----------------------------------------------------------------------
-    def _identity(self, provider: Provider) -> str:
-        """Whose answer it is: the keyed hashes of the group's credentials.
-
-        Looked up per request, not per attempt, on purpose: a hit must answer
-        before the limits and the forwarder run, and every member of one
-        provider's group may answer any of its requests, so the group is the
-        tenant. Another key (a rotation included), provider or tenant gives
-        another identity; a fallback provider's answer is never stored."""
-        secrets = self._secrets
-        if provider.auth.type == "none" or secrets is None:
-            return "none"
-        key = self._identity_key
-        parts = [secrets.credential_digest(provider, t, key) or "-" for t in provider.targets]
-        return parts[0] if len(parts) == 1 else ",".join(sorted(parts))
-
     async def _lookup_redis(self, flow: Flow, provider: Provider, policy: CachePolicy, directives: rules.Directives,
                             key: str) -> None:  # fmt: skip
         entry = await self.backends.fetch(provider.name, key) if directives.lookup else None
@@ -302,7 +298,8 @@ class Cache:
                 if whole is not None:
                     flow.response = Response(flight.status, headers, whole)
                 else:
-                    flow.response = Response(flight.status, headers, stream=_pieces(flight, provider.name))
+                    sse = headers.get("content-type", "").startswith("text/event-stream")
+                    flow.response = Response(flight.status, headers, stream=follower_stream(flight, provider, sse))
                 flow.metadata["cache"] = "coalesced"
                 flow.metadata["cache_flight"] = flight
                 counting = self._count(flow, policy)
@@ -378,18 +375,11 @@ class Cache:
             if p.cache is not None:
                 providers[p.name] = {**self.stats.view(p.name), **await self.backends.view(p.name),
                                      "backend": p.cache.backend}  # fmt: skip
-        return {"providers": providers, "in_flight": len(self.flights)}
+        following = sum(f.followers for f in self.flights.values())
+        return {"providers": providers, "in_flight": len(self.flights), "following": following}
 
     def statistics(self) -> dict[str, Any]:
         return {"flights": len(self.flights), **self.backends.statistics()}
 
     def __repr__(self) -> str:
         return f"Cache({self.backends!r}, {len(self.flights)} flights)"
-
-
-async def _pieces(flight: Flight, provider: str) -> AsyncIterator[bytes]:
-    try:
-        async for piece in flight.follow():
-            yield piece
-    except FlightFailed:
-        raise errors.UpstreamDisconnected(provider) from None

@@ -23,7 +23,12 @@ from multidict import CIMultiDict
 
 
 class FlightFailed(Exception):
-    """The leader's answer ended badly after this follower got part of it."""
+    """The leader's answer ended badly after this follower got part of it, or
+    (``slow``) this follower fell further behind than the window."""
+
+    def __init__(self, *, slow: bool = False) -> None:
+        super().__init__("too slow" if slow else "failed")
+        self.slow = slow
 
 
 class Flight:
@@ -95,7 +100,7 @@ class Flight:
         while True:
             while index < self.base + len(self.chunks):
                 if index < self.base or self.size - sent > self.window:
-                    raise FlightFailed  # too slow: the pieces it needs are gone (or nearly)
+                    raise FlightFailed(slow=True)  # the pieces it needs are gone (or nearly)
                 piece = self.chunks[index - self.base]
                 index += 1
                 sent += len(piece)
@@ -103,8 +108,12 @@ class Flight:
             if self.done:
                 return
             if self.failed:
-                raise FlightFailed
+                raise FlightFailed()
             await self.changed()
+
+    def has_followers(self) -> bool:
+        """Someone besides the leader reads this answer (the leader's client may leave)."""
+        return self.followers > 0
 
     def body(self) -> bytes | None:
         """The whole answer, when every piece is still here."""

@@ -18,9 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from proxy.capabilities import Secrets
+    from proxy.policy import Provider
 
 _SEP = b"\x00"
 
@@ -92,3 +96,17 @@ def cache_key(
         part(name.encode() + b"#%d" % len(values) + _SEP + joined)
     part(canonical_body(body, headers.get("content-type", "")))
     return h.hexdigest()
+
+
+def group_identity(secrets: Secrets | None, provider: Provider, key: bytes) -> str:
+    """Whose answer it is: the keyed hashes (under ``key``) of the group's credentials.
+
+    Per request, not per attempt, on purpose: a hit must answer before the
+    limits and the forwarder run, and every member of one provider's group
+    may answer any of its requests, so the group is the tenant. Another key
+    (a rotation included), provider or tenant gives another identity; a
+    fallback provider's answer is never stored."""
+    if provider.auth.type == "none" or secrets is None:
+        return "none"
+    parts = [secrets.credential_digest(provider, t, key) or "-" for t in provider.targets]
+    return parts[0] if len(parts) == 1 else ",".join(sorted(parts))

@@ -1,12 +1,14 @@
 """Where entries live: this process's memory (LRU bounded by bytes) or Redis.
 
-Why not aiocache (declared by the design): its memory backend has no bound
-by bytes and no LRU, so it cannot keep the promise of ``max_bytes``; its
-Redis backend opens its own connection pool beside the policy's ``redis:``
-client, cannot put an entry and its index in one transaction, and its
-default serializer for arbitrary objects is pickle, which would run code
-written by anyone who can write to the shared Redis. Entries here are
-framed as a JSON head plus the raw body bytes, never unpickled.
+Why not aiocache (declared by the design; 0.12.3 is locked): its memory
+backend is a dict with a ``call_later`` timer per key and no bound by bytes
+or LRU, so ``max_bytes`` could not be kept; its ``RedisCache`` builds its own
+connection pool from host/port/password instead of taking the policy's
+``redis:`` client, and offers key/value operations only (``multi_set`` is
+MSET), so an entry and its sorted-set index cannot share a MULTI/EXEC; its
+JSON serializer cannot carry raw bytes and its pickle serializer would run code written by anyone who can write to the
+shared Redis. Entries here are framed as a JSON head plus the raw body
+bytes, never unpickled (docs/cache.md, "Why not aiocache").
 """
 
 from __future__ import annotations

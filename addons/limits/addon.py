@@ -35,18 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from addons.limits.arithmetic import Check, LocalLimiter, Verdict
 from addons.limits.checks import Checks, Taken, by_concurrency, over_limit, remaining_of
 from addons.limits.degraded import Degraded
+from addons.limits.queue import PriorityQueues
 from addons.limits.redis_limiter import LimiterUnavailable, RedisLimiter
 from addons.usage.tokens import reservation
 from proxy import errors
@@ -64,17 +62,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidekey.limits")
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
-CONCURRENT_POLL = 0.05  # seconds between tries when waiting for a shared (Redis) concurrency slot
 SETTLE_LINGER = 0.02  # seconds a finished request's release may wait for an acquire to carry it
 LEASE_TTL = 60.0  # seconds a Redis concurrency lease lives unless refreshed
 REFRESH_EVERY = 20.0
-
-
-@dataclass(order=True, slots=True)
-class _Waiter:
-    priority: int
-    seq: int
-    ready: asyncio.Event = field(compare=False)
 
 
 class Limits:
@@ -90,12 +80,11 @@ class Limits:
         self.degraded = Degraded(clock)  # Redis out of reach: why, since when, the shares
         self.counters = {"allowed": 0, "queued": 0, "refused": 0, "redis_fallbacks": 0, "unavailable": 0,
                          "lag_retries": 0}  # fmt: skip
-        self._queues: dict[str, list[_Waiter]] = {}
-        self._seq = itertools.count()
         self._leases: dict[str, Taken] = {}
         self._pending: list[tuple[Sequence[Check], str | None, int]] = []
         self._wake = asyncio.Event()
         self._freed = asyncio.Event()  # a concurrency slot was returned: the queue's head tries again
+        self.queues = PriorityQueues(clock, self._freed)
         # provider, or (provider, caller) when it has caller rules -> its checks
         self._check_cache: dict[str | tuple[str, str], Checks] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -208,7 +197,7 @@ class Limits:
         return self._idle
 
     def upstream_attempt(self, flow: Flow, attempt: Attempt) -> Awaitable[None] | None:
-        if not attempt.member.target.limits:
+        if not attempt.member.target.limits or attempt.probe:  # a health check takes no quota
             return None
         return self._admit(flow, attempt)
 
@@ -276,46 +265,19 @@ class Limits:
     async def _take(self, provider: Provider, checks: Checks, tokens: int, priority: int) -> Taken:
         """Acquire, waiting in the provider's priority queue up to ``queue_wait``."""
         verdict, limiter = await self._acquire(checks, tokens)
+        if not verdict.allowed:
+            if math.isinf(verdict.retry_after):  # more than a whole window: waiting cannot help
+                self.counters["refused"] += 1
+                raise over_limit(provider, verdict, tokens)
+            if provider.queue_wait > 0 and (verdict.retry_after <= provider.queue_wait or by_concurrency(verdict)):
+                self.counters["queued"] += 1
+                log.debug("provider %s: over %s, queued", provider.name, verdict.refused_by)
+                verdict, limiter = await self.queues.wait(
+                    provider, priority, (verdict, limiter), lambda: self._acquire(checks, tokens)
+                )
         if verdict.allowed:
             self.counters["allowed"] += 1
             return self._held(Taken(checks, tokens, limiter, verdict.lease, remaining_of(verdict)))
-        if math.isinf(verdict.retry_after):  # more than a whole window: waiting cannot help
-            self.counters["refused"] += 1
-            raise over_limit(provider, verdict, tokens)
-        deadline = self.clock() + provider.queue_wait
-        if provider.queue_wait > 0 and (verdict.retry_after <= provider.queue_wait or by_concurrency(verdict)):
-            self.counters["queued"] += 1
-            log.debug("provider %s: over %s, queued", provider.name, verdict.refused_by)
-            queue = self._queues.setdefault(provider.name, [])
-            me = _Waiter(priority, next(self._seq), asyncio.Event())
-            heapq.heappush(queue, me)
-            fresh = True  # ``verdict`` is current: the head pauses before asking again
-            try:
-                while True:
-                    if queue[0] is not me:  # someone ahead (higher priority or earlier): wait for them
-                        me.ready.clear()
-                        await _wait(me.ready, deadline - self.clock())
-                        fresh = False
-                    else:
-                        if not fresh:
-                            verdict, limiter = await self._acquire(checks, tokens)
-                            if verdict.allowed:
-                                self.counters["allowed"] += 1
-                                return self._held(Taken(checks, tokens, limiter, verdict.lease, remaining_of(verdict)))
-                        fresh = False
-                        pause = min(verdict.retry_after, deadline - self.clock())
-                        if by_concurrency(verdict):  # a slot frees at no known time: woken, or poll
-                            pause = min(pause, CONCURRENT_POLL)
-                        self._freed.clear()
-                        await _wait(self._freed, pause)
-                    left = deadline - self.clock()
-                    if left <= 0 or (verdict.retry_after > left and not by_concurrency(verdict)):
-                        break
-            finally:
-                queue.remove(me)
-                heapq.heapify(queue)
-                if queue:
-                    queue[0].ready.set()
         self.counters["refused"] += 1
         scope = (verdict.refused_by or "provider").split(":", 1)[0]
         seconds = 1 if math.isinf(verdict.retry_after) else max(1, math.ceil(verdict.retry_after))
@@ -414,14 +376,6 @@ class Limits:
 
     def __repr__(self) -> str:
         return f"Limits(shared={self.shared is not None}, {self.counters})"
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> None:
-    if seconds <= 0:
-        return
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await event.wait()
 
 
 __all__ = ["Limits", "LimitsUnavailable", "RateLimited", "Rule"]

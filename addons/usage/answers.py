@@ -12,7 +12,7 @@ import zlib
 from typing import Any
 
 from addons.usage.stream import SSEUsageMeter
-from addons.usage.tokens import Usage, Wire, usage_from_json
+from addons.usage.tokens import Usage, Wire, usage_from_json, usage_of
 
 MAX_JSON = 4 << 20  # JSON answers up to this are kept to read their usage
 INFLATE_PIECE = 64 << 10
@@ -22,6 +22,7 @@ _USAGE_AT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
 MODEL_AT = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*("[^"\\]{1,256}")')
 MAX_USAGE = 8192  # bytes a usage object may span
 _DECODER = json.JSONDecoder()
+_PLAIN_STRING = re.compile(rb'"[\x20-\x7e]*"\Z')  # printable ASCII, no escapes (MODEL_AT has no backslash)
 
 
 def wire_of(path: str) -> Wire:
@@ -49,11 +50,18 @@ def json_usage(body: bytes, wire: Wire) -> Usage | None:
         return None
     start = found.end()
     try:  # latin-1: one character per byte, so the decoder's end is a byte offset
-        _, length = _DECODER.raw_decode(body[start : start + MAX_USAGE].decode("latin-1"))
+        usage, length = _DECODER.raw_decode(body[start : start + MAX_USAGE].decode("latin-1"))
     except ValueError:
         return None
     model = MODEL_AT.search(body)
-    doc = b'{"usage":' + body[start : start + length] + (b',"model":' + model.group(1) if model else b"") + b"}"
+    quoted = model.group(1) if model else None
+    if body[start : start + length].isascii() and (quoted is None or _PLAIN_STRING.match(quoted)):
+        # The object as parsed is the answer's (ASCII reads the same as latin-1 and UTF-8),
+        # and the model string has nothing to unescape: no second parse.
+        return usage_of(usage, quoted[1:-1].decode("ascii") if quoted else None, wire)
+    # Anything else reads as the full parse would (invalid UTF-8 or a control character
+    # in a string makes it None): the two pieces, parsed as one document.
+    doc = b'{"usage":' + body[start : start + length] + (b',"model":' + quoted if quoted else b"") + b"}"
     return usage_from_json(doc, wire)
 
 

@@ -202,10 +202,14 @@ _ANTHROPIC_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "
 
 def _openai_fields(u: dict[str, Any]) -> dict[str, int] | None:
     i, o, i_details, o_details = _OPENAI_KEYS["prompt_tokens" not in u and "completion_tokens" not in u]
-    counts = {"input": _int(u.get(i)), "output": _int(u.get(o))}
-    if counts["input"] is None and counts["output"] is None:
+    inp, out = _int(u.get(i)), _int(u.get(o))
+    if inp is None and out is None:
         return None
-    fields = {k: n for k, n in counts.items() if n is not None}
+    fields: dict[str, int] = {}
+    if inp is not None:
+        fields["input"] = inp
+    if out is not None:
+        fields["output"] = out
     fields["cached_input"] = _int(_get(u, i_details, "cached_tokens")) or 0
     fields["reasoning"] = _int(_get(u, o_details, "reasoning_tokens")) or 0
     return fields
@@ -240,12 +244,20 @@ def usage_from_json(body: bytes, wire: Wire) -> Usage | None:
         doc = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(doc, dict) or not isinstance(u := doc.get("usage"), dict):
+    if not isinstance(doc, dict):
+        return None
+    return usage_of(doc.get("usage"), doc.get("model"), wire)
+
+
+def usage_of(u: object, model: object, wire: Wire) -> Usage | None:
+    """Usage from an answer's parsed ``usage`` object and its ``model`` value, as
+    ``usage_from_json`` reads them; None when the object carries no counts."""
+    if not isinstance(u, dict):
         return None
     fields = _openai_fields(u) if wire == "openai" else _anthropic_fields(_anthropic_raw(u))
     if not fields or ("input" not in fields and "output" not in fields):
         return None
-    return _usage(fields, estimated=False, model=_str(doc.get("model")))
+    return _usage(fields, estimated=False, model=_str(model))
 
 
-__all__ = ["RequestEstimate", "Usage", "Wire", "estimate_request", "reservation", "usage_from_json"]
+__all__ = ["RequestEstimate", "Usage", "Wire", "estimate_request", "reservation", "usage_from_json", "usage_of"]

@@ -51,7 +51,7 @@ MAX_NAP = 5.0  # the refresher looks again at least this often (a new entry, a c
 
 def _dynamic_refs(policy: Policy) -> dict[SecretRef, Provider]:
     """Every dynamic reference with the first provider that uses it (an
-    OAuth2 client_secret or refresh_token too)."""
+    OAuth2 client_secret or refresh_token, a placeholder's source too)."""
     out: dict[SecretRef, Provider] = {}
     for p in policy.providers:
         refs: list[SecretRef | None] = [p.secret_of(t) for t in p.targets] if p.auth.type != "none" else []
@@ -59,6 +59,7 @@ def _dynamic_refs(policy: Policy) -> dict[SecretRef, Provider]:
             refs += [p.auth.oauth2.client_secret, p.auth.oauth2.refresh_token]
         if p.auth.sigv4 is not None:
             refs += p.auth.sigv4.refs()
+        refs += [ref for _name, ref in p.placeholders]
         for ref in refs:
             if ref is not None and ref.kind not in STATIC_KINDS:
                 out.setdefault(ref, p)

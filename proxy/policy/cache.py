@@ -26,15 +26,14 @@ import re
 
 import yaml
 
-from proxy.policy.fields import Reader, join
+from proxy.policy.fields import ABS_PATH, Reader, join
 from proxy.policy.model import CachePolicy
 
 FIELDS = frozenset(
     {"ttl", "methods", "paths", "max_entry_bytes", "max_bytes", "backend", "stale_if_error", "coalesce", "scope",
      "vary", "statuses", "count_hits"}
 )  # fmt: skip
-_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
-_METHOD = re.compile(r"[A-Z]{1,16}")
+_METHOD = re.compile(r"GET|HEAD|POST|QUERY")  # the methods whose answers may be cached
 
 
 def read(r: Reader, node: yaml.Node, field: str) -> CachePolicy:
@@ -42,23 +41,9 @@ def read(r: Reader, node: yaml.Node, field: str) -> CachePolicy:
     d = CachePolicy()
     f = r.mapping(node, field, FIELDS)
 
-    def method(n: yaml.Node, where: str) -> str:
-        value = r.scalar(n, where, "an HTTP method")
-        if not _METHOD.fullmatch(value) or value not in ("GET", "HEAD", "POST", "QUERY"):
-            raise r.problem(n, where, "expected GET, HEAD, POST or QUERY")
-        return value
-
-    def path(n: yaml.Node, where: str) -> str:
-        value = r.scalar(n, where, "a path")
-        if not _PATH.fullmatch(value):
-            raise r.problem(n, where, "expected an absolute path such as /v1/chat/completions")
-        return value
-
-    def status(n: yaml.Node, where: str) -> int:
-        code = r.integer(n, where, minimum=200)
-        if code > 499:
-            raise r.problem(n, where, "expected a status from 200 to 499 (errors of the upstream are never cached)")
-        return code
+    method = r.matching(_METHOD, "an HTTP method", "expected GET, HEAD, POST or QUERY")
+    path = r.matching(ABS_PATH, "a path", "expected an absolute path such as /v1/chat/completions")
+    status = r.in_range(200, 499, "expected a status from 200 to 499 (errors of the upstream are never cached)")
 
     def coalesce(n: yaml.Node, where: str) -> str:
         if isinstance(n, yaml.ScalarNode) and n.tag.endswith(":bool"):

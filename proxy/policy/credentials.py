@@ -27,7 +27,7 @@ from proxy.policy.credential_model import (
     VaultMethod,
     VaultStore,
 )
-from proxy.policy.fields import Invalid, Reader, check_host
+from proxy.policy.fields import Invalid, Read, Reader, check_host
 
 STORES = frozenset({"vault", "aws_sm", "azure_kv"})
 TIMING = frozenset({"ttl", "stale_for"})
@@ -147,11 +147,7 @@ def _vault_auth(r: Reader, node: yaml.Node, field: str) -> VaultAuth:
         if key not in f:
             r.problem(node, f"{field}.{key}", f"required for method {method}")
 
-    def name(n: yaml.Node, w: str) -> str:
-        value = r.scalar(n, w, "a name")
-        if not _NAME.fullmatch(value):
-            raise r.problem(n, w, "expected a name of A-Z, a-z, 0-9, '_', '.', '-', '@'")
-        return value
+    name = r.matching(_NAME, "a name", "expected a name of A-Z, a-z, 0-9, '_', '.', '-', '@'")
 
     return VaultAuth(
         method=method,
@@ -167,14 +163,8 @@ def _vault_auth(r: Reader, node: yaml.Node, field: str) -> VaultAuth:
 def _aws_sm(r: Reader, node: yaml.Node, field: str) -> AwsSmStore:
     f = r.mapping(node, field, AWS_SM)
 
-    def region(n: yaml.Node, w: str) -> str:
-        value = r.scalar(n, w, "an AWS region")
-        if not _REGION.fullmatch(value):
-            raise r.problem(n, w, "expected an AWS region such as us-east-1")
-        return value
-
     return AwsSmStore(
-        region=r.opt(f, field, "region", region, None),
+        region=r.opt(f, field, "region", _region(r), None),
         endpoint_url=r.opt(f, field, "endpoint_url", lambda n, w: _https_url(r, n, w, path_ok=False), None),
         ca_bundle=r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
         timing=_timing(r, f, field),
@@ -227,22 +217,11 @@ def sigv4(r: Reader, f: dict[str, yaml.Node], node: yaml.Node, field: str) -> Si
     if importlib.util.find_spec("botocore") is None:  # signs with botocore; not imported here
         r.problem(f["type"], f"{field}.type", "aws-sigv4 needs the aws extra (pip install 'sidekey[aws]')")
 
-    def service(n: yaml.Node, w: str) -> str:
-        value = r.scalar(n, w, "an AWS signing name")
-        if not _SERVICE.fullmatch(value):
-            raise r.problem(n, w, "expected an AWS signing name such as bedrock or s3")
-        return value
-
-    def region(n: yaml.Node, w: str) -> str:
-        value = r.scalar(n, w, "an AWS region")
-        if not _REGION.fullmatch(value):
-            raise r.problem(n, w, "expected an AWS region such as us-east-1")
-        return value
-
+    service = r.matching(_SERVICE, "an AWS signing name", "expected an AWS signing name such as bedrock or s3")
     keys = _sigv4_keys(r, f.get("credentials"), f"{field}.credentials")
     return SigV4(
         service=r.opt(f, field, "service", service, ""),
-        region=r.opt(f, field, "region", region, ""),
+        region=r.opt(f, field, "region", _region(r), ""),
         access_key_id=keys[0],
         secret_access_key=keys[1],
         session_token=keys[2],
@@ -268,3 +247,8 @@ def _sigv4_keys(r: Reader, cred: yaml.Node | None, where: str) -> tuple[SecretRe
             r.problem(cred, f"{where}.{key}", "required unless credentials is default")
     ref = lambda n, w: credential(r, n, w)  # noqa: E731
     return tuple(r.opt(c, where, key, ref, None) for key in ("access_key_id", "secret_access_key", "session_token"))
+
+
+def _region(r: Reader) -> Read[str]:
+    """An AWS region (a secret store's, a signer's)."""
+    return r.matching(_REGION, "an AWS region", "expected an AWS region such as us-east-1")

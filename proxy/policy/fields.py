@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -48,6 +48,8 @@ _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PARAM = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986 unreserved: never needs escaping
 _ADDON = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?::[A-Za-z_]\w*)?")
 _URL_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")  # RFC 3986 3.3 path characters
+ABS_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")  # an absolute path of those characters
+METHOD = re.compile(r"[A-Z]{1,16}")  # an HTTP method as sent: a token, in capitals
 
 
 T = TypeVar("T")
@@ -248,6 +250,42 @@ class Reader:
             raise self.problem(node, field, f"expected {expected}")
         return str(node.value)
 
+    def parsed(self, node: yaml.Node, field: str, what: str, parse: Callable[[str], T | None], expected: str) -> T:
+        """The scalar ``what`` as ``parse`` reads it; ``expected`` (the form, never the
+        value) is the problem when ``parse`` gives None."""
+        value = parse(self.scalar(node, field, what))
+        if value is None:
+            raise self.problem(node, field, expected)
+        return value
+
+    def matching(self, pattern: re.Pattern[str], what: str, expected: str) -> Read[str]:
+        """A reader of a scalar that ``pattern`` matches in full."""
+
+        def match(value: str) -> str | None:
+            return value if pattern.fullmatch(value) else None
+
+        return lambda node, field: self.parsed(node, field, what, match, expected)
+
+    def in_range(self, lowest: int, highest: int, expected: str) -> Read[int]:
+        """A reader of a whole number from ``lowest`` to ``highest``; ``expected`` when above."""
+
+        def read(node: yaml.Node, field: str) -> int:
+            value = self.integer(node, field, minimum=lowest)
+            if value > highest:
+                raise self.problem(node, field, expected)
+            return value
+
+        return read
+
+    def record(self, node: yaml.Node, field: str, make: Callable[..., T], readers: dict[str, Read[Any]],
+               *, null_ok: bool = False) -> T:  # fmt: skip
+        """A mapping of the fields ``readers`` read, made into ``make`` (a dataclass whose
+        every field has a default): a field left out keeps its default."""
+        default = make()
+        f = self.mapping(node, field, frozenset(readers))
+        opt = self.opt
+        return make(**{k: opt(f, field, k, read, getattr(default, k), null_ok=null_ok) for k, read in readers.items()})
+
     def integer(self, node: yaml.Node, field: str, minimum: int = 0) -> int:
         expected = f"a whole number >= {minimum}"
         value = self.scalar(node, field, expected).replace("_", "")
@@ -259,24 +297,18 @@ class Reader:
         return self.integer(node, field, minimum=1)
 
     def size(self, node: yaml.Node, field: str) -> int:
-        value = parse_size(self.scalar(node, field, "a size"))
-        if value is None:
-            raise self.problem(node, field, "expected a size >= 1 byte, e.g. 65536, 64KiB, 500KB, 2GiB")
-        return value
+        expected = "expected a size >= 1 byte, e.g. 65536, 64KiB, 500KB, 2GiB"
+        return self.parsed(node, field, "a size", parse_size, expected)
 
     def duration(self, node: yaml.Node, field: str, *, zero_ok: bool = False) -> float:
-        value = parse_duration(self.scalar(node, field, "a duration"), zero_ok=zero_ok)
-        if value is None:
-            bound = ">= 0" if zero_ok else "> 0"
-            raise self.problem(node, field, f"expected a duration {bound} in seconds, e.g. 10, 2.5, 500ms, 10s, 2m")
-        return value
+        bound = ">= 0" if zero_ok else "> 0"
+        expected = f"expected a duration {bound} in seconds, e.g. 10, 2.5, 500ms, 10s, 2m"
+        return self.parsed(node, field, "a duration", lambda v: parse_duration(v, zero_ok=zero_ok), expected)
 
     def host(self, node: yaml.Node, field: str, *, wildcard: bool = False) -> str:
-        value = check_host(self.scalar(node, field, "a host name"), wildcard=wildcard)
-        if value is None:
-            what = "a host name, an IP address or *.suffix" if wildcard else "a host name or IP address"
-            raise self.problem(node, field, f"expected {what} (no scheme, port or path)")
-        return value
+        what = "a host name, an IP address or *.suffix" if wildcard else "a host name or IP address"
+        expected = f"expected {what} (no scheme, port or path)"
+        return self.parsed(node, field, "a host name", lambda v: check_host(v, wildcard=wildcard), expected)
 
     def path(self, value: str) -> str:
         # normpath, not resolve(): a Kubernetes Secret/ConfigMap mount is a

@@ -13,7 +13,7 @@ import yaml
 
 from proxy.policy import credentials as creds
 from proxy.policy import quotas
-from proxy.policy.fields import Reader, join, line_of
+from proxy.policy.fields import ABS_PATH, METHOD, Reader, join, line_of
 from proxy.policy.model import (
     Alerts,
     Balance,
@@ -36,8 +36,6 @@ RETRY = frozenset(
 )
 BALANCES: tuple[Balance, ...] = ("weighted", "least_in_flight", "latency")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
-_METHOD = re.compile(r"[A-Z]{1,16}")
 _MODEL = re.compile(r"[A-Za-z0-9*][A-Za-z0-9_.:/@+-]{0,127}")
 
 
@@ -95,10 +93,7 @@ def _fallback(r: Reader, node: yaml.Node, field: str) -> Fallback:
 
 
 def _path(r: Reader, node: yaml.Node, field: str) -> str:
-    value = r.scalar(node, field, "a path starting with /")
-    if not _PATH.fullmatch(value):
-        raise r.problem(node, field, "expected a path starting with /")
-    return value
+    return r.matching(ABS_PATH, "a path starting with /", "expected a path starting with /")(node, field)
 
 
 def _rewrite(r: Reader, node: yaml.Node, field: str) -> tuple[str, str]:
@@ -126,17 +121,8 @@ def health_check(r: Reader, node: yaml.Node, field: str) -> HealthCheck:
     if "path" not in f:
         raise r.problem(node, f"{field}.path", "required: the path to request, e.g. /v1/models")
 
-    def method(n: yaml.Node, where: str) -> str:
-        value = r.scalar(n, where, "an HTTP method")
-        if not _METHOD.fullmatch(value):
-            raise r.problem(n, where, "expected an HTTP method in capitals, e.g. GET")
-        return value
-
-    def status(n: yaml.Node, where: str) -> int:
-        code = r.integer(n, where, minimum=100)
-        if code > 599:
-            raise r.problem(n, where, "expected an HTTP status, 100 to 599")
-        return code
+    method = r.matching(METHOD, "an HTTP method", "expected an HTTP method in capitals, e.g. GET")
+    status = r.in_range(100, 599, "expected an HTTP status, 100 to 599")
 
     expect = d.expect
     if isinstance(f.get("expect"), yaml.ScalarNode):  # expect: 200

@@ -13,7 +13,7 @@ provider borrowing another's ``auth`` hides what it sends.
 
 This module reads the structure; ``proxy.policy.yaml_nodes`` turns the text into nodes,
 ``proxy.policy.fields`` reads single values and the fields of a mapping (``Reader.opt``, ``each``),
-and ``groups``, ``quotas``, ``websocket`` and ``proxy.policy.credentials`` read their sections.
+and ``groups``, ``quotas``, ``websocket``, ``connection`` and ``credentials`` read their sections.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import re
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import yaml
 
 from proxy.policy import cache as cache_config
+from proxy.policy import connection, groups, placeholders, quotas, websocket
 from proxy.policy import credentials as creds
-from proxy.policy import groups, quotas, websocket
 from proxy.policy.credential_model import SecretStores
 from proxy.policy.fields import FRAMING, HOP_BY_HOP, Invalid, PolicyProblem, Read, Reader, join, line_of
 from proxy.policy.model import (
@@ -76,7 +76,6 @@ TOP = frozenset(
         "providers",
     }
 )
-LIMITS = frozenset(ListenerLimits.__dataclass_fields__)
 PROVIDER = frozenset(
     {
         "hosts",
@@ -100,6 +99,7 @@ PROVIDER = frozenset(
         "budget",
         "caller_budget",
         "cache",
+        "placeholders",
         *websocket.FIELDS,
     }
 )
@@ -164,6 +164,7 @@ class _Builder:
         self.source = source
         self.digest = digest
         self.hosts_seen: dict[str, tuple[str, int]] = {}  # pattern -> (provider, line)
+        self.placeholders_seen: placeholders.Seen = {}
 
     def policy(self, root: yaml.Node) -> Policy | None:
         r = self.r
@@ -201,16 +202,11 @@ class _Builder:
         return policy
 
     def limits(self, node: yaml.Node, field: str) -> ListenerLimits:
-        r, d = self.r, ListenerLimits()
-        f = r.mapping(node, field, LIMITS)
-        return ListenerLimits(
-            max_header_bytes=r.opt(f, field, "max_header_bytes", r.size, d.max_header_bytes),
-            max_headers=r.opt(f, field, "max_headers", r.count, d.max_headers),
-            max_body_bytes=r.opt(f, field, "max_body_bytes", r.size, d.max_body_bytes),
-            header_timeout=r.opt(f, field, "header_timeout", r.duration, d.header_timeout),
-            idle_timeout=r.opt(f, field, "idle_timeout", r.duration, d.idle_timeout),
-            body_timeout=r.opt(f, field, "body_timeout", r.duration, d.body_timeout),
-        )
+        r = self.r
+        readers: dict[str, Read[Any]] = {"max_header_bytes": r.size, "max_headers": r.count, "max_body_bytes": r.size,
+                                         "header_timeout": r.duration, "idle_timeout": r.duration,
+                                         "body_timeout": r.duration}  # fmt: skip
+        return r.record(node, field, ListenerLimits, readers)
 
     def network(self, node: yaml.Node, field: str) -> tuple[IPNetwork, ...]:
         allow = self.r.mapping(node, field, frozenset({"allow"})).get("allow")
@@ -246,9 +242,9 @@ class _Builder:
         auth_header = (auth.header,) if auth is not None and auth.type == "header" else ()
         set_headers = r.opt(f, field, "set_headers", partial(self.set_headers, auth=auth), _NO_PAIRS, null_ok=True)
         upstream = r.opt(f, field, "upstream", r.upstream, None, null_ok=True)
-        timeouts = r.opt(f, field, "timeouts", self.timeouts, Timeouts(), null_ok=True)
-        tls = r.opt(f, field, "tls", self.tls, UpstreamTLS(), null_ok=True)
-        pool = r.opt(f, field, "pool", self.pool, PoolLimits(), null_ok=True)
+        timeouts = r.opt(f, field, "timeouts", partial(connection.timeouts, r), Timeouts(), null_ok=True)
+        tls = r.opt(f, field, "tls", partial(connection.tls, r), UpstreamTLS(), null_ok=True)
+        pool = r.opt(f, field, "pool", partial(connection.pool, r), PoolLimits(), null_ok=True)
         retry = r.opt(f, field, "retry", partial(groups.retry, r), RetryPolicy(), null_ok=True)
         circuit = r.opt(f, field, "circuit", partial(groups.circuit, r), CircuitPolicy(), null_ok=True)
         sse_error = r.opt(f, field, "sse_error_event", r.flag, False)
@@ -273,6 +269,8 @@ class _Builder:
         caller_budget = r.opt(f, field, "caller_budget", partial(quotas.budget, r), None, null_ok=True)
         cache = r.opt(f, field, "cache", partial(cache_config.read, r), None, null_ok=True)
         ws = websocket.read(r, f, field, hosts)
+        read_placeholders = partial(placeholders.read, r, provider=name, seen=self.placeholders_seen)
+        named = r.opt(f, field, "placeholders", read_placeholders, placeholders.NONE, null_ok=True)
         if auth is None:
             return None
         return Provider(
@@ -299,6 +297,7 @@ class _Builder:
             caller_budget=caller_budget,
             cache=cache,
             websocket=ws,
+            placeholders=named,
             line=line_of(key_node),
         )
 
@@ -388,27 +387,3 @@ class _Builder:
                 out[name] = value
                 first_line[name] = line_of(key_node)
         return tuple(out.items())
-
-    def timeouts(self, node: yaml.Node, field: str) -> Timeouts:
-        r, d = self.r, Timeouts()
-        f = r.mapping(node, field, frozenset({"connect", "read"}))
-        return Timeouts(
-            connect=r.opt(f, field, "connect", r.duration, d.connect),
-            read=r.opt(f, field, "read", r.duration, d.read),
-        )
-
-    def tls(self, node: yaml.Node, field: str) -> UpstreamTLS:
-        r = self.r
-        f = r.mapping(node, field, frozenset({"ca_bundle", "server_name"}))
-        return UpstreamTLS(
-            ca_bundle=r.opt(f, field, "ca_bundle", r.ca_bundle, None, null_ok=True),
-            server_name=r.opt(f, field, "server_name", r.host, None, null_ok=True),
-        )
-
-    def pool(self, node: yaml.Node, field: str) -> PoolLimits:
-        r, d = self.r, PoolLimits()
-        f = r.mapping(node, field, frozenset({"max_connections", "keepalive_timeout"}))
-        return PoolLimits(
-            max_connections=r.opt(f, field, "max_connections", r.count, d.max_connections),
-            keepalive_timeout=r.opt(f, field, "keepalive_timeout", r.duration, d.keepalive_timeout),
-        )

@@ -262,6 +262,9 @@ class Provider:
     caller_budget: Budget | None = None  # each caller
     cache: CachePolicy | None = None  # None: no response cache (addons/cache)
     websocket: WebSocketPolicy = field(default_factory=WebSocketPolicy)
+    # ``placeholders:`` name -> where its value lives (``proxy.placeholders``);
+    # substituted on requests to this provider's hosts only.
+    placeholders: tuple[tuple[str, SecretRef], ...] = ()
     line: int = 0  # where it is defined, for messages
 
     def __post_init__(self) -> None:
@@ -300,9 +303,14 @@ class Policy:
     # (not the schema's ``version:``, which is always SCHEMA_VERSION)
     digest: str = ""
     matcher: HostMatcher = field(init=False, repr=False, compare=False)
+    # Every provider's placeholder name -> that provider's name (the loader
+    # keeps names unique); empty: no request is scanned for placeholders.
+    placeholder_owners: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "matcher", HostMatcher(self.providers))
+        owners = {name: p.name for p in self.providers for name, _ref in p.placeholders}
+        object.__setattr__(self, "placeholder_owners", owners)
 
     def match(self, host: str) -> Provider | None:
         return self.matcher.match(host)

@@ -100,8 +100,9 @@ class Usage:
     model: str | None = None
 
     def __post_init__(self) -> None:
-        counts = (self.input, self.output, self.cached_input, self.reasoning, self.cache_creation)
-        if any(type(n) is not int or n < 0 for n in counts):
+        # One chained test and one min(), no generator: a Usage is made for every metered answer.
+        i, o, c, r, w = self.input, self.output, self.cached_input, self.reasoning, self.cache_creation
+        if not (type(i) is type(o) is type(c) is type(r) is type(w) is int) or min(i, o, c, r, w) < 0:
             raise ValueError("token counts must be non-negative integers")
 
     @property

@@ -68,6 +68,7 @@ class ReceivedRequest:
     body_complete: bool = False  # the whole body arrived (False: still reading / cut)
     client_gone: bool = False  # writing the response failed: peer disconnected
     aborted: bool = False  # the fake deliberately cut the connection (/cut, cut-after)
+    body: bytes | None = None  # the body as received when <= 1 MiB (a form body, say)
 
     def header(self, name: str) -> str | None:
         """First value of header ``name`` (case-insensitive), or None."""
@@ -273,6 +274,7 @@ class FakeProvider:
         rec.body_sha256 = h.hexdigest()
         rec.body_complete = True
         if kept:
+            rec.body = bytes(kept)
             try:
                 rec.body_json = json.loads(kept)
             except ValueError:

@@ -23,7 +23,7 @@ from tests.faults.fault_upstream import FaultUpstream
 from tests.faults.leaks import assert_back_to, holdings
 from tests.integration.sidekey_process import SidekeyProcess
 
-CACHE = 2048  # proxy/certs.py LeafContexts max_entries
+CACHE = 2048  # proxy/leaf_contexts.py LeafContexts max_entries
 FILL = 2_100  # distinct hosts: more than the cache holds
 MORE = 500  # further new hosts once it is full: each a mint and an eviction
 FOLLOW = 500  # hosts of the provider that follows the CONNECT target

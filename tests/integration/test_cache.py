@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -432,3 +433,112 @@ def test_cluster_waiters_take_over_when_the_leading_sidecar_fails(
     results = [r.headers["x-sidekey-cache"] for r in waiters]
     assert results.count("miss") == 1 and set(results) <= {"miss", "coalesced", "hit"}, results
     assert sum(1 for r in fake.received if r.path == "/flaky/cluster/1") == 2
+
+
+def _slow_client(proxy: SidekeyProcess, body: bytes) -> ssl.SSLSocket:
+    """A client through the proxy that sends its request and then reads nothing:
+    a tiny receive buffer, so the proxy's writes to it soon stop."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(60)
+    raw.connect(("127.0.0.1", proxy.port))
+    raw.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += raw.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    tls = ssl.create_default_context(cafile=str(proxy.ca_path)).wrap_socket(raw, server_hostname="api.openai.com")
+    tls.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\ncontent-type: application/json\r\n"
+                b"accept: */*\r\naccept-encoding: identity\r\n"  # as the httpx clients here: one key
+                b"content-length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    return tls
+
+
+def _read_all(sock: ssl.SSLSocket) -> bytes:
+    got = b""
+    try:
+        while piece := sock.recv(65536):
+            got += piece
+    except (ConnectionError, ssl.SSLError):
+        pass  # the cut: aborted, no close_notify
+    sock.close()
+    return got
+
+
+async def _stream_text(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
+    async with client.stream("POST", "https://api.openai.com/v1/chat/completions", json=body) as resp:
+        assert resp.headers["x-sidekey-cache"] in ("miss", "coalesced")
+        return "".join([part async for part in resp.aiter_text()])
+
+
+def test_a_slow_stream_follower_is_cut_with_an_error_event_while_the_others_finish(
+    start_sidekey: Start, fake: FakeProviderThread
+) -> None:
+    """An 8 MB stream (2,000 events, 2 ms apart) shared by a leader, two followers
+    that read as it comes and one that reads nothing: the two get all of it, complete,
+    while the slow one has not read a byte; the slow one then finds an `event: error`
+    (cache_follower_too_slow) after what was still buffered for it, and a cut, never a
+    clean end. The window (max_entry_bytes) is 1 MiB: half a second of the stream."""
+    proxy = start_sidekey(cached_policy(fake, "{ttl: 5m, max_entry_bytes: 1MiB}"),
+                          env={**SECRET_ENV, "OTHER_KEY": "k"})  # fmt: skip
+    fake.call(lambda p: setattr(p, "openai_reply", " ".join(["x" * 4096] * 2000)))
+    fake.stream_delay = 0.002
+    fake.hold_requests()
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+
+    async def run() -> tuple[list[str], ssl.SSLSocket]:
+        async with httpx.AsyncClient(proxy=proxy.url, timeout=120, headers={"accept-encoding": "identity"},
+                                     verify=ssl.create_default_context(cafile=str(proxy.ca_path))) as client:  # fmt: skip
+            leader = asyncio.create_task(_stream_text(client, body))
+            await _until(lambda: upstream_calls(fake) >= 1)
+            fast = [asyncio.create_task(_stream_text(client, body)) for _ in range(2)]
+            slow = await asyncio.to_thread(_slow_client, proxy, json.dumps(body).encode())
+            await _until(lambda: admin_stats(proxy)["following"] >= 3)
+            fake.release_requests()
+            return await asyncio.gather(leader, *fast), slow
+
+    texts, slow = asyncio.run(run())
+    assert len(set(texts)) == 1 and texts[0].rstrip().endswith("data: [DONE]") and len(texts[0]) > 8_000_000
+    got = _read_all(slow)
+    assert got.startswith(b"HTTP/1.1 200") and b"x-sidekey-cache: coalesced" in got
+    assert b"event: error" in got and b"cache_follower_too_slow" in got
+    assert not got.endswith(b"0\r\n\r\n") and b"[DONE]" not in got  # cut: no clean end
+    assert len(got) < len(texts[0])
+    assert upstream_calls(fake) == 1
+
+
+def test_the_leaders_client_leaving_does_not_cut_its_followers(proxy: SidekeyProcess, fake: FakeProviderThread) -> None:
+    """The leader's client reads the first event and hangs up; the upstream answer is
+    still read to its end for the followers, who get all of it, and it is stored."""
+    fake.call(lambda p: setattr(p, "openai_reply", " ".join(f"w{i}" for i in range(40))))
+    fake.stream_delay = 0.05  # the stream outlasts the leader's client by many writes
+    fake.hold_requests()
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+
+    async def leave_early(client: httpx.AsyncClient) -> str:
+        async with client.stream("POST", "https://api.openai.com/v1/chat/completions", json=body) as resp:
+            assert resp.headers["x-sidekey-cache"] == "miss"
+            async for part in resp.aiter_text():
+                return part  # and hang up (the context closes the connection mid-body)
+        return ""
+
+    async def run() -> list[str]:
+        verify = ssl.create_default_context(cafile=str(proxy.ca_path))
+        async with httpx.AsyncClient(proxy=proxy.url, timeout=60, verify=verify) as first, \
+                httpx.AsyncClient(proxy=proxy.url, timeout=60, verify=verify) as others:  # fmt: skip
+            leader = asyncio.create_task(leave_early(first))
+            await _until(lambda: upstream_calls(fake) >= 1)
+            followers = [asyncio.create_task(_stream_text(others, body)) for _ in range(3)]
+            await _until(lambda: admin_stats(proxy)["following"] >= 3)
+            fake.release_requests()
+            assert (await leader).startswith("data: ")
+            texts = list(await asyncio.gather(*followers))
+            again = await others.post("https://api.openai.com/v1/chat/completions", json=body)
+            assert (
+                again.headers["x-sidekey-cache"] == "hit" and again.text == texts[0]
+            )  # stored, though its client left
+            return texts
+
+    texts = asyncio.run(run())
+    assert len(set(texts)) == 1 and texts[0].rstrip().endswith("data: [DONE]") and "w39" in texts[0]
+    assert upstream_calls(fake) == 1

@@ -25,6 +25,9 @@ VAULT_KEY, VAULT_ROTATED, SECRET_ID = "sk-vault-SWEEP-11aa", "sk-vault-SWEEP-ROT
 AWS_KEY, AZURE_KEY = "sk-aws-SWEEP-44dd", "sk-azure-SWEEP-55ee"
 CLIENT_SECRET = "oauth-SWEEP-CLIENT-66ff"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIASWEEPFAKE", "AWS_SECRET_ACCESS_KEY": "aws-SWEEP-SECRET-ACCESS-77gg"}
+SIGV4_ID, SIGV4_SECRET, SIGV4_TOKEN = "AKIASWEEPSIGV4", "sigv4-SWEEP-SECRET-88hh", "sigv4-SWEEP-TOKEN-99ii"
+SIGNED = ('{type: aws-sigv4, service: bedrock, region: us-east-1, credentials: {access_key_id: env:SIGV4_KEY_ID, '
+          'secret_access_key: "vault:secret/data/sigv4#secret", session_token: env:SIGV4_TOKEN}}')  # fmt: skip
 
 
 def admin(proxy: SidekeyProcess, method: str, path: str) -> httpx.Response:
@@ -48,6 +51,7 @@ def test_every_source_admin_view_metrics_refresh_and_sweep(start_sidekey: object
             FakeTokenEndpoint("sidekey-app", CLIENT_SECRET) as oauth:  # fmt: skip
         vault.put("secret", "sweep", {"api_key": VAULT_KEY})
         vault.approles["sidekey"] = SECRET_ID
+        vault.put("secret", "sigv4", {"secret": SIGV4_SECRET})
         sm = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto.url, verify=str(moto.ca_pem_path),
                           aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
         sm.create_secret(Name="sweep", SecretString=json.dumps({"key": AWS_KEY}))
@@ -68,6 +72,7 @@ providers:
 {provider(fake, "vaulted", '{type: bearer, secret: "vault:secret/data/sweep#api_key"}')}\
 {provider(fake, "aws", '{type: header, header: x-api-key, secret: "aws-sm:sweep#key"}')}\
 {provider(fake, "azure", "{type: query, param: key, secret: azure-kv:sweep}")}\
+{provider(fake, "signed", SIGNED)}\
 {provider(fake, "oauth", f'{{type: oauth2, token_url: "{oauth.token_url}", client_id: sidekey-app, client_secret: env:CLIENT_SECRET, ca_bundle: {oauth.ca_pem_path}}}')}"""
         env = {
             **SECRET_ENV,
@@ -75,11 +80,13 @@ providers:
             **kv.identity_env(),
             "VAULT_SECRET_ID": SECRET_ID,
             "CLIENT_SECRET": CLIENT_SECRET,
+            "SIGV4_KEY_ID": SIGV4_ID,
+            "SIGV4_TOKEN": SIGV4_TOKEN,
         }
         proxy: SidekeyProcess = start_sidekey(policy, env=env, args=("--audit", str(audit), "--audit-bodies",
                                                                       "--dlq", str(dlq)))  # type: ignore[operator]  # fmt: skip
         expected = {"static": f"Bearer {OPENAI_KEY}", "vaulted": f"Bearer {VAULT_KEY}", "aws": AWS_KEY}
-        for name in ("static", "vaulted", "aws", "azure", "oauth"):
+        for name in ("static", "vaulted", "aws", "azure", "signed", "oauth"):
             answer = fetch(proxy, f"https://api.{name}.test/echo?q=1")
             assert answer.status == 200, (name, answer)
             seen = fake.last()
@@ -87,6 +94,9 @@ providers:
                 assert expected[name] in (seen.header("Authorization"), seen.header("x-api-key"))
             elif name == "azure":
                 assert seen.query == f"q=1&key={AZURE_KEY}"
+            elif name == "signed":
+                assert (seen.header("Authorization") or "").startswith(f"AWS4-HMAC-SHA256 Credential={SIGV4_ID}/")
+                assert seen.header("X-Amz-Security-Token") == SIGV4_TOKEN
             else:
                 assert seen.header("Authorization") == f"Bearer {oauth.issued[0]}"
             # a failed request is dead-lettered (its entry must hold no credential either)
@@ -98,6 +108,12 @@ providers:
         assert cred["vaulted"]["source"] == "vault:secret/data/sweep#api_key"
         assert cred["aws"]["source"] == "aws-sm:sweep#key" and cred["azure"]["source"] == "azure-kv:sweep"
         assert cred["oauth"]["source"] == "oauth2:oauth"
+        signed = {c["source"]: c["state"] for c in views["signed"]["credentials"]}  # the AWS key's three parts
+        assert signed == {
+            "env:SIGV4_KEY_ID": "fresh",
+            "vault:secret/data/sigv4#secret": "fresh",
+            "env:SIGV4_TOKEN": "fresh",
+        }
         for name in ("vaulted", "aws", "azure", "oauth"):
             c = cred[name]
             assert c["state"] == "fresh" and c["failures"] == 0 and c["refreshes"]["ok"] >= 1, (name, c)
@@ -127,7 +143,7 @@ providers:
         assert ("sidekey_credential_expiry_seconds", (("provider", "static"),)) not in metrics
 
         deadline = time.monotonic() + DEADLINE
-        while not (dlq.exists() and len(dlq.read_text().splitlines()) >= 5):
+        while not (dlq.exists() and len(dlq.read_text().splitlines()) >= 6):
             assert time.monotonic() < deadline, "dead letters not written"
             time.sleep(0.1)
         surfaces = {
@@ -139,7 +155,7 @@ providers:
         surfaces["log"] = proxy.log()
         secrets = (OPENAI_KEY, VAULT_KEY, VAULT_ROTATED, SECRET_ID, *vault.tokens, AWS_KEY,
                    AWS_ENV["AWS_SECRET_ACCESS_KEY"], AZURE_KEY, kv.identity_header, *kv.tokens, CLIENT_SECRET,
-                   *oauth.issued)  # fmt: skip
+                   *oauth.issued, SIGV4_SECRET, SIGV4_TOKEN)  # fmt: skip
         for where, text in surfaces.items():
             for secret in secrets:
                 assert secret not in text, f"a secret reached the {where}"

@@ -23,7 +23,9 @@ from botocore.config import Config
 from botocore.eventstream import EventStreamBuffer
 
 from tests.fakes.bedrock import FakeBedrock
+from tests.fakes.stores import MotoTLSServer
 from tests.integration.conftest import curl
+from tests.integration.polling import wait_for
 from tests.integration.sidekey_process import SidekeyProcess
 
 KEY_ID, SECRET, TOKEN = "AKIASIDEKEYREAL0001", "sigv4-REAL-SECRET-ACCESS-KEY-7x7x", "sigv4-REAL-SESSION-TOKEN-9y9y"
@@ -121,6 +123,26 @@ def test_failover_to_another_region_is_signed_for_its_host_and_region(start_side
         assert seen.problem is None, seen.problem
         assert "/us-west-2/bedrock/aws4_request" in seen.headers["authorization"]
         assert seen.headers["host"] == f"localhost:{west.port}"
+
+
+def test_a_health_check_is_signed_like_traffic(start_sidekey: object, east: FakeBedrock, tmp_path: Path) -> None:
+    """The probe runs the per-attempt hooks (#15): a check of a SigV4 provider is signed
+    (an unsigned one gets AWS's 403 and would mark a healthy member unhealthy)."""
+    check = "    health_check: {path: /foundation-models, interval: 200ms, timeout: 10s, unhealthy_after: 1}\n"
+    proxy = start(start_sidekey, tmp_path, provider("bedrock", EAST, east, "us-east-1", extra=check))
+
+    def member() -> dict[str, Any]:
+        providers = httpx.get(proxy.admin_url + "/providers", timeout=60, trust_env=False).json()["providers"]
+        [state] = next(p for p in providers if p["name"] == "bedrock")["upstreams"]
+        return state  # type: ignore[no-any-return]
+
+    assert wait_for(lambda: len([s for s in east.seen if s.path == "/foundation-models"]) >= 2)
+    checks = [s for s in east.seen if s.path == "/foundation-models"]
+    assert [s.problem for s in checks] == [None] * len(checks)
+    assert all(f"Credential={KEY_ID}/" in s.headers["authorization"] for s in checks)
+    assert all(s.headers["x-amz-security-token"] == TOKEN for s in checks)
+    state = member()
+    assert state["last_checked"] is not None and state["healthy"] is True
 
 
 def test_a_body_too_large_to_sign_is_refused_413(start_sidekey: object, east: FakeBedrock, tmp_path: Path) -> None:
@@ -221,3 +243,29 @@ def test_source_keys_are_kept_out_of_logs_audit_and_admin(start_sidekey: object,
     for where, text in swept.items():
         for secret in (SECRET, TOKEN, CALLER_SECRET, CALLER_TOKEN):
             assert secret not in text, f"a secret reached the {where}"
+
+
+def test_a_key_from_secrets_manager_is_reread_once_after_a_403(start_sidekey: object, tmp_path: Path) -> None:
+    """The key rotated in the store (read every hour): AWS refuses the old
+    signature, sidekey re-reads the key once and signs again; the caller sees 200."""
+    rotated = "sigv4-ROTATED-SECRET-ACCESS-KEY-5v5v"
+    with MotoTLSServer() as moto, FakeBedrock({KEY_ID: SECRET}) as fake:
+        sm = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto.url,
+                          verify=str(moto.ca_pem_path), aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
+        try:
+            sm.create_secret(Name="bedrock/key", SecretString=json.dumps({"id": KEY_ID, "secret": SECRET}))
+            creds = '{access_key_id: "aws-sm:bedrock/key#id", secret_access_key: "aws-sm:bedrock/key#secret"}'
+            stores = f'secret_stores:\n  aws_sm: {{region: us-east-1, endpoint_url: "{moto.url}", ' \
+                     f"ca_bundle: {moto.ca_pem_path}, ttl: 1h}}\n"  # fmt: skip
+            policy = provider("bedrock", EAST, fake, "us-east-1", credentials=creds)
+            proxy = start_sidekey(f"version: 1\n{stores}providers:\n{policy}",  # type: ignore[operator]
+                                  env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"})  # fmt: skip
+            assert invoke(proxy)["content"][0]["text"] == "Hello"
+            sm.put_secret_value(SecretId="bedrock/key", SecretString=json.dumps({"id": KEY_ID, "secret": rotated}))
+            fake.keys[KEY_ID] = rotated
+            assert invoke(proxy)["content"][0]["text"] == "Hello"
+            assert [s.problem for s in fake.seen] == [None, "signature mismatch", None]
+            proxy.stop()
+            assert SECRET not in proxy.log() and rotated not in proxy.log()
+        finally:
+            sm.close()

@@ -18,6 +18,7 @@ from addons.credentials import CredentialInjector, strip_query_param
 from addons.health import HealthChecks
 from addons.limits import Limits
 from addons.metrics import Metrics
+from addons.placeholders import Placeholders
 from addons.provider_headers import ProviderHeaders
 from addons.signing import AwsSigner
 from addons.usage import UsageMeter
@@ -253,7 +254,8 @@ async def test_observer_failure_is_logged_and_the_next_addon_runs(caplog: pytest
 
 def test_default_addons_order() -> None:
     assert [type(a) for a in default_addons()] == [
-        CredentialInjector, AwsSigner, ProviderHeaders, UsageMeter, Cache, Limits, Metrics, HealthChecks, AccessLog
+        Placeholders, CredentialInjector, AwsSigner, ProviderHeaders, UsageMeter, Cache, Limits, Metrics, HealthChecks,
+        AccessLog,
     ]  # fmt: skip
     assert AccessLog not in [type(a) for a in default_addons(access_log=False)]
 

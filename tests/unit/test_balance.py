@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from proxy.balance import Groups, UpstreamState, pick
+from proxy.balance import FLAP_WINDOW, Groups, Transition, UpstreamState, flip_line, pick
 from proxy.policy import Balance, CircuitPolicy, Target
 from proxy.testing import make_provider
 
@@ -128,3 +128,32 @@ def test_groups_keep_state_across_reloads_and_follow_new_thresholds() -> None:
     assert again[0].breaker.policy.failures == 9  # new threshold
     assert again[1].name == "c" and again[1].requests == 0
     assert [s["name"] for s in groups.statistics()] == ["a", "b", "c"]
+
+
+# (seconds since the first flip, change) -> what flip_line answers: 0 or N = log at the change's
+# level (N flips went to DEBUG since the last such line), None = DEBUG only.
+FLAPPING: list[tuple[float, Transition, int | None]] = [
+    (0.0, "unhealthy", 0),
+    (0.5, "healthy", None),
+    (1.0, "unhealthy", None),
+    (2.0, "circuit_open", 0),  # circuit changes are always told, and do not count as flips
+    (3.0, "circuit_closed", 0),
+    (59.9, "healthy", None),
+    (FLAP_WINDOW, "unhealthy", 3),  # a window on: told, with the three held back
+    (FLAP_WINDOW + 1, "healthy", None),
+    (3 * FLAP_WINDOW, "unhealthy", 1),
+    (4 * FLAP_WINDOW + 1, "healthy", 0),  # a quiet member: every flip told
+]
+
+
+def test_a_flapping_member_logs_one_flip_per_window_and_counts_the_rest() -> None:
+    (a,) = members(Target("a"))
+    start = 1000.0
+    assert [flip_line(a, change, start + t) for t, change, _ in FLAPPING] == [want for *_, want in FLAPPING]
+
+
+def test_members_flap_independently_and_the_first_flip_is_always_told() -> None:
+    a, b = members(Target("a"), Target("b"))
+    assert flip_line(a, "unhealthy", 0.0) == 0  # even at a monotonic clock's zero
+    assert flip_line(a, "healthy", 1.0) is None
+    assert flip_line(b, "unhealthy", 1.0) == 0

@@ -23,7 +23,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from proxy import trust
-from proxy.certs import CertificateAuthority, LeafContexts, normalize_host
+from proxy.certs import CertificateAuthority, normalize_host
+from proxy.leaf_contexts import LeafContexts
 
 HOST = "api.example.test"
 

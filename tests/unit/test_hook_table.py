@@ -92,7 +92,7 @@ def test_capabilities_are_typed_and_found() -> None:
     assert isinstance(metrics, Metrics)
     assert isinstance(usage, UsageMeter)
     secrets = manager.capability(SECRETS)
-    assert secrets is addons[0]
+    assert secrets is addons[1]  # the credentials addon, after placeholders
     assert AddonManager([Metrics()]).capability(SECRETS) is None
 
 
@@ -165,7 +165,7 @@ def test_attempt_lease_is_released_once() -> None:
 async def test_builtin_addons_idle_where_the_policy_gives_them_nothing() -> None:
     import dataclasses
 
-    from proxy.policy import Rule, Target
+    from proxy.policy import Rule, SecretRef, Target
 
     manager = AddonManager(default_addons())
     plain = make_provider()
@@ -179,3 +179,8 @@ async def test_builtin_addons_idle_where_the_policy_gives_them_nothing() -> None
     await manager.configure(Policy(providers=(keyed,)))
     assert manager.called("upstream_attempt") == ["credentials", "provider_headers", "limits"]
     assert "limits" in manager.called("request") and "limits" in manager.called("responseheaders")
+    assert "placeholders" not in manager.called("request") and "placeholders" not in manager.called("response")
+    named = dataclasses.replace(plain, placeholders=(("SIDEKEY_WEBHOOK_TOKEN", SecretRef("env", "HOOK")),))
+    await manager.configure(Policy(providers=(named,)))
+    assert manager.called("upstream_attempt") == ["placeholders", "credentials"]
+    assert manager.called("request")[0] == "placeholders" and "placeholders" in manager.called("error")

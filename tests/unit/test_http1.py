@@ -167,3 +167,73 @@ def test_error_answers_name_their_code_in_the_status_line_and_a_header() -> None
     resp = Response.from_error(err)
     assert (resp.status, resp.reason, resp.headers["x-sidekey-error"]) == (403, b"host_not_allowed", "host_not_allowed")
     assert Response(200).reason is None  # anything else keeps the standard phrase
+
+
+def _line_by_line(raw: bytes) -> object:
+    """What the line-by-line reading makes of a head's fields: the fields, or the refusal."""
+    try:
+        return list(http1._checked_fields(raw[:-4].split(b"\r\n")[1:]).items())
+    except errors.BadRequest as err:
+        return ("refused", err.fields["reason"])
+
+
+def _parsed(raw: bytes) -> object:
+    try:
+        return list(http1.parse_request_head(raw, 1000).headers.items())
+    except errors.BadRequest as err:
+        return ("refused", err.fields["reason"])
+
+
+# Field lines built from the pieces that matter to the two readings: token and non-token
+# name bytes, the colon, OWS, obs-text, controls, bare CR and LF, line folding.
+_FIELD_PIECES = st.lists(
+    st.sampled_from(
+        [
+            b"a",
+            b"X-K",
+            b"-",
+            b"~",
+            b" ",
+            b"\t",
+            b":",
+            b"v",
+            b"\xe9",
+            b"\x00",
+            b"\x7f",
+            b"\x1f",
+            b"\r",
+            b"\n",
+            b'"',
+            b"(",
+            b"/",
+        ]
+    ),
+    max_size=12,
+).map(b"".join)
+
+
+@given(st.lists(_FIELD_PIECES, max_size=6))
+def test_the_fast_field_reading_answers_as_the_line_by_line_one(lines: list[bytes]) -> None:
+    raw = b"GET / HTTP/1.1\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+    if b"\r\n\r\n" in raw[:-4]:
+        return  # a head ends at its first empty line: read_head never passes one inside
+    assert _parsed(raw) == _line_by_line(raw)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Host: a\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: 199\r\n",  # the fast path
+        b"A:\t  x \t y \t\r\nB:\r\nC:   \r\nD: \xe9\xff\r\na: 2\r\n",  # OWS around values, obs-text
+        b"a b: c\r\n",  # a line whose tail alone would be a field
+        b"A: b\rc\r\n",  # bare CR
+        b"A: b\nc\r\n",  # bare LF
+        b"A: b\r\n c\r\n",  # obs-fold
+        b"A: x\x7f\r\n",
+        b":x\r\n",
+        b"",
+    ],
+)
+def test_field_readings_agree_on_edge_cases(fields: bytes) -> None:
+    raw = b"GET / HTTP/1.1\r\n" + fields + b"\r\n"
+    assert _parsed(raw) == _line_by_line(raw)

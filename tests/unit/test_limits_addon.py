@@ -174,6 +174,33 @@ async def test_member_limits_admit_then_report_the_wait() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_health_probe_takes_no_member_quota() -> None:
+    """A probe runs the per-attempt hooks like traffic, but a key's own limits count callers'
+    requests: a key at its quota is still a reachable upstream, and nothing is held to release."""
+    from proxy.attempt import Attempt, Probe
+    from proxy.balance import UpstreamState
+    from proxy.policy import Target
+
+    key = Target("key-a", limits=(Rule("requests", 1, 10.0, name="requests-ten"),))
+    provider = dataclasses.replace(make_provider(), targets=(key,))
+    addon = addon_for(provider)
+    state = UpstreamState(provider, key, "h", 443)
+    probe_flow = make_flow(provider)
+    for _ in range(3):
+        assert (
+            addon.upstream_attempt(probe_flow, Probe(state, provider, probe_flow.request.headers, "https://h/", 1))
+            is None
+        )
+    assert not probe_flow.metadata
+    flow = make_flow(provider)  # the key's one request of the window is still there for a caller
+    attempt = Attempt(state, provider, flow.request.headers, "https://h/", 1)
+    pending = addon.upstream_attempt(flow, attempt)
+    assert pending is not None
+    await pending
+    assert attempt.hold_off == 0.0 and len(flow.metadata["member_limits"]) == 1
+
+
+@pytest.mark.asyncio
 async def test_no_limits_no_work() -> None:
     provider = make_provider()
     addon = addon_for(provider)

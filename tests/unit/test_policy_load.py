@@ -319,7 +319,7 @@ NONE = "auth: {type: none}"
         (provider(A, NONE, "queue_wait: -1"), 6, "providers.p.queue_wait", "expected a duration >= 0 in seconds"),
         (provider(A, NONE, f"queue_wait: {SECRET}"), 6, "providers.p.queue_wait", "expected a duration >= 0"),
         # the provider itself
-        (provider(A, NONE, f"colour: {SECRET}"), 6, "providers.p.colour", "unknown field (expected one of: auth, balance, budget, cache, caller_budget, caller_limits, circuit, fallbacks, health_check, hosts, limits, pool, queue_wait, retry, set_headers, sse_error_event, strip_headers, timeouts, tls, upstream, upstreams, websocket, websocket_idle_timeout, websocket_max_duration, websocket_usage)"),
+        (provider(A, NONE, f"colour: {SECRET}"), 6, "providers.p.colour", "unknown field (expected one of: auth, balance, budget, cache, caller_budget, caller_limits, circuit, fallbacks, health_check, hosts, limits, placeholders, pool, queue_wait, retry, set_headers, sse_error_event, strip_headers, timeouts, tls, upstream, upstreams, websocket, websocket_idle_timeout, websocket_max_duration, websocket_usage)"),
         (provider(A, NONE, "hosts: [b.com]"), 6, "providers.p.hosts", "duplicate key (first at line 4)"),
         ("version: 1\nproviders:\n  Upper:\n    hosts: [a.com]\n    auth: {type: none}\n", 3, "providers.Upper", "expected a name of a-z, 0-9"),
         ("version: 1\nproviders:\n  P!:\n    hosts: [a.com]\n    auth: {type: none}\n", 3, "providers[0]", "expected a name of a-z, 0-9"),

@@ -28,3 +28,4 @@ def test_each_example_loads_and_every_source_and_auth_type_is_shown() -> None:
     assert kinds == {"env", "file", "vault", "aws-sm", "azure-kv", "oauth2"}
     assert vault_methods == {"token", "approle", "kubernetes"}
     assert grants == {"client_credentials", "refresh_token"}
+    assert any(p.placeholders for policy in policies for p in policy.providers)

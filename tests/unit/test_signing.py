@@ -6,6 +6,7 @@ order, and the request hook's handling of caller headers and bodies."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -13,6 +14,7 @@ import pytest
 from multidict import CIMultiDict
 
 from addons import default_addons, signing
+from addons.credentials import CredentialInjector
 from addons.signing import AwsSigner, strip_caller_signature
 from proxy import responses
 from proxy.attempt import Attempt
@@ -23,6 +25,7 @@ from proxy.hooks import AddonManager
 from proxy.policy import Auth, Policy, RetryPolicy, SecretRef
 from proxy.policy.credential_model import SigV4
 from proxy.policy.load import PolicyError, parse_policy
+from proxy.secrets import SecretStore
 from proxy.testing import make_flow, make_provider
 
 # AWS's Signature Version 4 test suite (aws-sig-v4-test-suite): its example key, time, region and service.
@@ -194,7 +197,7 @@ def _sigv4_flow(limit: int, *, unsigned: bool = False) -> tuple[Flow, AwsSigner]
 def _attempt(flow: Flow) -> Attempt:
     assert flow.provider is not None
     member = UpstreamState(flow.provider, flow.provider.targets[0], "b.test", 443)
-    return Attempt(member, flow.provider, flow.request.headers, "https://b.test/model/m/invoke", 1)
+    return Attempt(member, flow.provider, flow.request.headers, "https://b.test/model/m/invoke", 1, flow.request.body)
 
 
 def test_a_chunked_body_is_held_and_signed_or_refused_over_the_limit() -> None:
@@ -222,3 +225,34 @@ def test_a_chunked_body_is_held_and_signed_or_refused_over_the_limit() -> None:
     assert signer.request(streamed) is None and streamed.response is None
     signer.upstream_attempt(streamed, _attempt(streamed))
     assert streamed.request.headers["X-Amz-Content-SHA256"] == "UNSIGNED-PAYLOAD"
+
+
+def test_the_cache_names_a_signed_providers_answers_by_its_key_id() -> None:
+    spec = SigV4("bedrock", "us-east-1", SecretRef("env", "AK"), SecretRef("env", "SK"))
+    provider = make_provider("bedrock", ("b.test",), auth=Auth("aws-sigv4", None, sigv4=spec))
+    digests = []
+    for key_id in ("AKIDONE", "AKIDTWO"):
+        store = SecretStore({"AK": key_id, "SK": "secret"})
+        store.watch([SecretRef("env", "AK"), SecretRef("env", "SK")])
+        store.refresh()
+        injector = CredentialInjector(store)
+        assert injector.usable(provider, provider.targets[0]), "signed, not injected: nothing is missing"
+        digests.append(injector.credential_digest(provider, provider.targets[0], b"k"))
+    assert None not in digests and digests[0] != digests[1]
+    assert all("AKID" not in d and "secret" not in d for d in digests if d)
+
+
+def test_the_signed_hash_is_of_the_attempts_body() -> None:
+    """An earlier hook may give the attempt its own body (placeholder values put
+    in, addons/placeholders.py): the hash signed is of the bytes sent."""
+    from dataclasses import replace
+
+    flow, signer = _sigv4_flow(70_000)
+    assert flow.provider is not None and flow.provider.auth.sigv4 is not None
+    s3 = replace(flow.provider.auth, sigv4=replace(flow.provider.auth.sigv4, service="s3"))  # s3 sends the hash
+    flow.provider = replace(flow.provider, auth=s3)
+    flow.request.body = b'{"k":"SIDEKEY_BEDROCK_NAME_1"}'
+    attempt = _attempt(flow)
+    attempt.body = b'{"k":"the-value"}'
+    assert signer.upstream_attempt(flow, attempt) is None
+    assert attempt.headers["X-Amz-Content-SHA256"] == hashlib.sha256(b'{"k":"the-value"}').hexdigest()
