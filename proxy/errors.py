@@ -235,3 +235,11 @@ def render_error(err: ProxyError) -> bytes:
         }
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def sse_error_event(err: ProxyError) -> bytes:
+    """``event: error`` with our JSON error body: the openai SDK raises on a
+    data object carrying ``error``, the anthropic SDK on ``event: error``.
+    Written by the session's writer (``proxy.responses``) and by a coalesced
+    follower cut off mid-answer (``addons.cache.following``)."""
+    return b"event: error\ndata: %s\n\n" % render_error(err)

@@ -122,7 +122,7 @@ async def _relay_body(writer: asyncio.StreamWriter, flow: Flow, resp: ClientResp
             if chunked and _wants_sse_error(flow, headers):
                 # The stream died mid-answer: say so in-band for SSE clients,
                 # then the caller aborts without the terminating chunk.
-                event = sse_error_event(err)
+                event = errors.sse_error_event(err)
                 writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             raise
         if not piece:
@@ -160,7 +160,7 @@ async def stream_local(conn: ClientConn, flow: Flow, pieces: AsyncIterator[bytes
                 await writer.drain()
     except errors.ProxyError as err:
         if chunked and _wants_sse_error(flow, headers):
-            event = sse_error_event(err)
+            event = errors.sse_error_event(err)
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
         if err.flush_before_abort:
             await _flush(writer)
@@ -205,12 +205,6 @@ def _wants_sse_error(flow: Flow, headers: CIMultiDict[str]) -> bool:
         and provider.sse_error_event
         and headers.get("content-type", "").startswith("text/event-stream")
     )
-
-
-def sse_error_event(err: errors.ProxyError) -> bytes:
-    """``event: error`` with our JSON error body: the openai SDK raises on a
-    data object carrying ``error``, the anthropic SDK on ``event: error``."""
-    return b"event: error\ndata: %s\n\n" % errors.render_error(err)
 
 
 async def _upstream_read(resp: ClientResponse, aw: object, flow: Flow) -> bytes:

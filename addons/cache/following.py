@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from addons.cache.flight import Flight, FlightFailed
-from proxy.errors import ProxyError, UpstreamDisconnected
+from proxy.errors import ProxyError, UpstreamDisconnected, sse_error_event
 from proxy.policy import Provider
-from proxy.responses import sse_error_event
 
 
 class FollowerTooSlow(ProxyError):
