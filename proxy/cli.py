@@ -89,6 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         malloc_options = memtrim.malloc_options(os.environ)
     except ValueError as exc:
         raise startup.BadChoice(name=f"${exc}", choices="0 (glibc's default) or a whole number") from None
+    try:
+        memtrim.trim_interval(os.environ)  # read again where the trimmer starts; checked here, before the listener
+    except ValueError as exc:
+        raise startup.BadChoice(name=f"${exc}", choices="0 (off) or a number of seconds") from None
     memtrim.set_malloc_options(malloc_options)  # before any thread starts (uvloop's resolver, to_thread workers)
     if args.worker_index is not None:
         log.info("worker %d, pid %d", args.worker_index, os.getpid())
@@ -230,8 +234,7 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     watcher = PolicyWatcher(policy.source, engine.reload_from_file, interval=args.watch_interval)
     if args.watch_interval > 0:
         await watcher.start()
-    interval = float(os.environ.get("SIDEKEY_MALLOC_TRIM_INTERVAL", memtrim.DEFAULT_INTERVAL))
-    trimmer = asyncio.create_task(memtrim.trim_forever(interval), name="sidekey-malloc-trim")
+    trimmer = asyncio.create_task(memtrim.trim_forever(memtrim.trim_interval(os.environ)), name="sidekey-malloc-trim")
     await stop.wait()
     log.info("draining (grace %.0fs, %d in flight)", args.grace, engine.in_flight)
     trimmer.cancel()

@@ -68,6 +68,21 @@ def malloc_options(env: Mapping[str, str]) -> list[tuple[int, int]]:
     return options
 
 
+def trim_interval(env: Mapping[str, str]) -> float:
+    """``SIDEKEY_MALLOC_TRIM_INTERVAL`` in seconds (0: off). Raises ValueError naming the
+    variable (never quoting its value) when it is not a non-negative number."""
+    raw = env.get("SIDEKEY_MALLOC_TRIM_INTERVAL", "").strip()
+    if not raw:
+        return DEFAULT_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("SIDEKEY_MALLOC_TRIM_INTERVAL") from None
+    if not value >= 0 or value == float("inf"):  # NaN fails the first test
+        raise ValueError("SIDEKEY_MALLOC_TRIM_INTERVAL")
+    return value
+
+
 def libc_mallopt() -> Callable[[int, int], int] | None:
     """glibc's ``mallopt`` as a callable, or None where the C library has none."""
     try:

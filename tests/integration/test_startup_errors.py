@@ -214,3 +214,17 @@ def test_a_bad_log_setting_from_the_environment_is_one_line(tmp_path: Path, vari
     result = run_sidekey(tmp_path, env={variable: "loud"})
     assert one_line(result) == expected
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "choices"),
+    [
+        ("SIDEKEY_MALLOC_TRIM_INTERVAL", "soon", "0 (off) or a number of seconds"),
+        ("SIDEKEY_MALLOC_ARENA_MAX", "two", "0 (glibc's default) or a whole number"),
+    ],
+)
+def test_bad_allocator_setting_is_named_not_quoted(tmp_path: Path, name: str, raw: str, choices: str) -> None:
+    result = run_sidekey(tmp_path, env={name: raw})
+    assert one_line(result) == f"${name}: expected one of {choices}"
+    assert raw not in result.stderr
+    assert result.returncode == 2

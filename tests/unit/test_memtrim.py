@@ -85,6 +85,19 @@ def test_a_malloc_option_that_is_not_a_whole_number_is_refused_by_name(name: str
     assert str(caught.value) == name  # the variable, never its value
 
 
+@pytest.mark.parametrize(("raw", "seconds"), [(None, 60.0), ("", 60.0), ("0", 0.0), (" 2.5 ", 2.5), ("300", 300.0)])
+def test_trim_interval_from_the_environment(raw: str | None, seconds: float) -> None:
+    env = {} if raw is None else {"SIDEKEY_MALLOC_TRIM_INTERVAL": raw}
+    assert memtrim.trim_interval(env) == seconds
+
+
+@pytest.mark.parametrize("raw", ["soon", "-1", "nan", "inf", "1e999"])
+def test_a_trim_interval_that_is_not_a_non_negative_number_is_refused_by_name(raw: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        memtrim.trim_interval({"SIDEKEY_MALLOC_TRIM_INTERVAL": raw})
+    assert str(caught.value) == "SIDEKEY_MALLOC_TRIM_INTERVAL"  # the variable, never its value
+
+
 def test_set_malloc_options_calls_mallopt_and_counts_what_it_took() -> None:
     calls: list[tuple[int, int]] = []
 
