@@ -200,6 +200,12 @@ class FakeVault(StoreThread):
             "wrap_info": None, "warnings": None, "auth": None,
         })  # fmt: skip
 
+    def store_yaml(self, auth: str, *extra: str) -> str:
+        """The policy's ``vault:`` entry under ``secret_stores:`` for this fake (2-space
+        indented, one line per setting); ``extra`` lines (``ttl: 1s``) go under it."""
+        lines = [f"address: {self.url}", f"ca_bundle: {self.ca_pem_path}", f"auth: {auth}", *extra]
+        return "  vault:\n" + "".join(f"    {line}\n" for line in lines)
+
 
 class FakeAzureKeyVault(StoreThread):
     """Key Vault's ``GET /secrets/{name}[/{version}]`` (API 7.x) behind its

@@ -61,11 +61,7 @@ def test_every_source_admin_view_metrics_refresh_and_sweep(start_sidekey: object
         policy = f"""\
 version: 1
 secret_stores:
-  vault:
-    address: {vault.url}
-    ca_bundle: {vault.ca_pem_path}
-    auth: {{method: approle, role_id: sidekey, secret_id: env:VAULT_SECRET_ID}}
-  aws_sm: {{region: us-east-1, endpoint_url: "{moto.url}", ca_bundle: {moto.ca_pem_path}}}
+{vault.store_yaml("{method: approle, role_id: sidekey, secret_id: env:VAULT_SECRET_ID}")}  aws_sm: {{region: us-east-1, endpoint_url: "{moto.url}", ca_bundle: {moto.ca_pem_path}}}
   azure_kv: {{vault_url: "{kv.vault_url}", ca_bundle: {kv.ca_pem_path}}}
 providers:
 {provider(fake, "static", "{type: bearer, secret: env:OPENAI_API_KEY}")}\

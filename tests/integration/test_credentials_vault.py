@@ -42,13 +42,7 @@ def vault_policy(
     return f"""\
 version: 1
 secret_stores:
-  vault:
-    address: {vault.url}
-    ca_bundle: {vault.ca_pem_path}
-    auth: {auth}
-    ttl: {ttl}
-    stale_for: {stale_for}
-providers:
+{vault.store_yaml(auth, f"ttl: {ttl}", f"stale_for: {stale_for}")}providers:
   vaulted:
     hosts: [api.vaulted.test]
     upstream: https://localhost:{fake.port}

@@ -38,6 +38,8 @@ GH_VALUE = "ghp_SWEEPgithubtoken9012"
 FILE_V1, FILE_V2 = "file-SWEEP-v1-aaaa", "file-SWEEP-v2-bbbb"
 SECRET_ID = "approle-PH-SWEEP-3456"
 
+APPROLE = "{method: approle, role_id: sidekey, secret_id: env:VAULT_SECRET_ID}"
+
 
 def policy(fake: FakeProviderThread, vault: FakeVault, rotating: Path) -> str:
     tls = f"tls: {{ca_bundle: {fake.ca_pem_path}}}"
@@ -45,11 +47,7 @@ def policy(fake: FakeProviderThread, vault: FakeVault, rotating: Path) -> str:
     return f"""\
 version: 1
 secret_stores:
-  vault:
-    address: {vault.url}
-    ca_bundle: {vault.ca_pem_path}
-    auth: {{method: approle, role_id: sidekey, secret_id: env:VAULT_SECRET_ID}}
-providers:
+{vault.store_yaml(APPROLE)}providers:
   slack:
     hosts: [hooks.slack.test]
     upstream: https://localhost:{fake.port}
