@@ -29,7 +29,16 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from addons.record_sink import SECRET_QUERY_PARAMS, FileSink, Losses, StdoutSink, WriteFailed, normalize_name, reason_of
+from addons.record_sink import (
+    SECRET_QUERY_PARAMS,
+    FileSink,
+    Losses,
+    StdoutSink,
+    WriteFailed,
+    check_sizes,
+    normalize_name,
+    reason_of,
+)
 from proxy.flow import Flow
 from proxy.logs import UtcTime
 
@@ -109,11 +118,7 @@ class AuditLog:
         clock: Callable[[], float] = time.time,
         flush_interval: float = 0.25,
     ) -> None:
-        if max_bytes < 0 or backups < 0 or max_body_log < 0:
-            raise ValueError("audit: max_bytes, backups and max_body_log must not be negative")
-        if max_bytes > 0 and backups == 0:
-            # Rotation would reopen the same file and never shrink it.
-            raise ValueError("audit: rotation by size needs at least one backup")
+        check_sizes("audit", {"max_bytes": max_bytes, "backups": backups, "max_body_log": max_body_log})
         self.sink = sink
         self.log_bodies = log_bodies
         self.max_body_log = max_body_log

@@ -46,7 +46,15 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from addons.record_sink import SECRET_QUERY_PARAMS, FileSink, Losses, WriteFailed, normalize_name, reason_of
+from addons.record_sink import (
+    SECRET_QUERY_PARAMS,
+    FileSink,
+    Losses,
+    WriteFailed,
+    check_sizes,
+    normalize_name,
+    reason_of,
+)
 from proxy.flow import Body, Flow
 from proxy.policy import CALLER_CREDENTIAL_HEADERS
 from proxy.routing import format_authority
@@ -150,10 +158,7 @@ class DeadLetters:
         flush_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_body_bytes < 0 or max_bytes < 0 or backups < 0:
-            raise ValueError("dlq: max_body_bytes, max_bytes and backups must not be negative")
-        if max_bytes > 0 and backups == 0:
-            raise ValueError("dlq: rotation by size needs at least one backup")
+        check_sizes("dlq", {"max_body_bytes": max_body_bytes, "max_bytes": max_bytes, "backups": backups})
         self.path = path
         self.max_body_bytes = max_body_bytes
         self.flush_interval = flush_interval

@@ -80,6 +80,17 @@ class Losses:
             self._lost_now = None
 
 
+def check_sizes(owner: str, sizes: dict[str, int]) -> None:
+    """The audit log's and the DLQ's size settings, checked once where they are built:
+    none negative, and rotation by size (``max_bytes`` > 0) only with a backup to rotate
+    to, since rotating with none would reopen the same file and never shrink it."""
+    if any(value < 0 for value in sizes.values()):
+        *first, last = sizes
+        raise ValueError(f"{owner}: {', '.join(first)} and {last} must not be negative")
+    if sizes.get("max_bytes", 0) > 0 and sizes.get("backups") == 0:
+        raise ValueError(f"{owner}: rotation by size needs at least one backup")
+
+
 class FileSink:
     """Appends batches of lines to a file (0600), rotating by size like
     RotatingFileHandler: ``path`` -> ``path.1`` -> ... -> ``path.N``.

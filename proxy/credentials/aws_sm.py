@@ -17,34 +17,28 @@ import json
 from typing import Any
 
 from proxy.credentials.model import Credential, SourceError, error_word
+from proxy.credentials.sdk_client import SdkClient
 from proxy.policy import SecretRef
 from proxy.policy.credential_model import AwsSmStore
 
 
-class AwsSmClient:
-    def __init__(self, store: AwsSmStore) -> None:
-        self.store = store
-        self._stack = contextlib.AsyncExitStack()
-        self._client: Any = None
+class AwsSmClient(SdkClient[AwsSmStore]):
+    async def _open(self, stack: contextlib.AsyncExitStack) -> Any:
+        try:
+            from aiobotocore.session import get_session
+        except ImportError:
+            raise SourceError("aws-sm: needs the aws extra (pip install 'sidekey[aws]')") from None
+        from botocore.config import Config
 
-    async def _get(self) -> Any:
-        if self._client is None:
-            try:
-                from aiobotocore.session import get_session
-            except ImportError:
-                raise SourceError("aws-sm: needs the aws extra (pip install 'sidekey[aws]')") from None
-            from botocore.config import Config
-
-            config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=10)
-            creator = get_session().create_client(
-                "secretsmanager",
-                region_name=self.store.region,
-                endpoint_url=self.store.endpoint_url,
-                verify=self.store.ca_bundle if self.store.ca_bundle is not None else True,
-                config=config,
-            )
-            self._client = await self._stack.enter_async_context(creator)
-        return self._client
+        config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=10)
+        creator = get_session().create_client(
+            "secretsmanager",
+            region_name=self.store.region,
+            endpoint_url=self.store.endpoint_url,
+            verify=self.store.ca_bundle if self.store.ca_bundle is not None else True,
+            config=config,
+        )
+        return await stack.enter_async_context(creator)
 
     async def read(self, secret_id: str, key: str) -> Credential:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -68,10 +62,6 @@ class AwsSmClient:
             if not isinstance(value, str):
                 raise SourceError("aws-sm secret has no such JSON key, or it is not a string")
         return Credential(value)
-
-    async def close(self) -> None:
-        await self._stack.aclose()
-        self._client = None
 
 
 class AwsSmSource:

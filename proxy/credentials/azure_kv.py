@@ -13,28 +13,21 @@ import contextlib
 from typing import Any
 
 from proxy.credentials.model import Credential, SourceError
+from proxy.credentials.sdk_client import SdkClient
 from proxy.policy import SecretRef
 from proxy.policy.credential_model import AzureKvStore
 
 
-class AzureKvClient:
-    def __init__(self, store: AzureKvStore) -> None:
-        self.store = store
-        self._stack = contextlib.AsyncExitStack()
-        self._client: Any = None
-
-    async def _get(self) -> Any:
-        if self._client is None:
-            try:
-                from azure.identity.aio import DefaultAzureCredential
-                from azure.keyvault.secrets.aio import SecretClient
-            except ImportError:
-                raise SourceError("azure-kv: needs the azure extra (pip install 'sidekey[azure]')") from None
-            verify: Any = self.store.ca_bundle if self.store.ca_bundle is not None else True
-            credential = await self._stack.enter_async_context(DefaultAzureCredential(connection_verify=verify))
-            client = SecretClient(self.store.vault_url, credential, connection_verify=verify)
-            self._client = await self._stack.enter_async_context(client)
-        return self._client
+class AzureKvClient(SdkClient[AzureKvStore]):
+    async def _open(self, stack: contextlib.AsyncExitStack) -> Any:
+        try:
+            from azure.identity.aio import DefaultAzureCredential
+            from azure.keyvault.secrets.aio import SecretClient
+        except ImportError:
+            raise SourceError("azure-kv: needs the azure extra (pip install 'sidekey[azure]')") from None
+        verify: Any = self.store.ca_bundle if self.store.ca_bundle is not None else True
+        credential = await stack.enter_async_context(DefaultAzureCredential(connection_verify=verify))
+        return await stack.enter_async_context(SecretClient(self.store.vault_url, credential, connection_verify=verify))
 
     async def read(self, ref: str) -> Credential:
         from azure.core.exceptions import AzureError, HttpResponseError
@@ -52,10 +45,6 @@ class AzureKvClient:
             raise SourceError("azure-kv secret has no value")
         expires = secret.properties.expires_on
         return Credential(value, expires.timestamp() if expires is not None else None)
-
-    async def close(self) -> None:
-        await self._stack.aclose()
-        self._client = None
 
 
 class AzureKvSource:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from addons.record_sink import FileSink, Losses, WriteFailed
+from addons.record_sink import FileSink, Losses, WriteFailed, check_sizes
 
 
 def test_a_write_cut_short_by_a_full_disk_is_cut_back_and_counted(
@@ -61,3 +61,25 @@ def test_losses_are_said_once_per_outage_and_at_most_once_a_minute(caplog: pytes
         "audit lines write failed (ENOSPC: No space left on device): audit lines are lost until writes work "
         "again, counted in sidekey_audit_lines_lost_total",
     ]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"max_bytes": 10, "backups": 1, "max_body_log": 0}, None),
+        ({"max_bytes": 0, "backups": 0, "max_body_log": 0}, None),  # no rotation: no backup needed
+        (
+            {"max_bytes": -1, "backups": 1, "max_body_log": 0},
+            "audit: max_bytes, backups and max_body_log must not be negative",
+        ),
+        ({"max_bytes": 10, "backups": -1}, "audit: max_bytes and backups must not be negative"),
+        ({"max_bytes": 10, "backups": 0}, "audit: rotation by size needs at least one backup"),
+    ],
+)
+def test_check_sizes_names_the_settings_it_refuses(sizes: dict[str, int], message: str | None) -> None:
+    if message is None:
+        check_sizes("audit", sizes)
+        return
+    with pytest.raises(ValueError) as caught:
+        check_sizes("audit", sizes)
+    assert str(caught.value) == message
