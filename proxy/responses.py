@@ -97,10 +97,10 @@ async def stream_response(engine: Engine, conn: ClientConn, flow: Flow, resp: Cl
     _finish_headers(conn, flow, headers, keep)
     writer.write(http1.response_head(out.status, headers.items()))
     try:
-        sent = await _relay_body(writer, flow, resp, headers, chunked)
+        sent, ended = await _relay_body(writer, flow, resp, headers, chunked)
         if length is not None and sent != length:
             raise errors.UpstreamDisconnected(flow.provider_name)
-        if chunked:
+        if chunked and not ended:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
     except OSError:  # the client left mid-answer
@@ -111,8 +111,15 @@ async def stream_response(engine: Engine, conn: ClientConn, flow: Flow, resp: Cl
 
 
 async def _relay_body(writer: asyncio.StreamWriter, flow: Flow, resp: ClientResponse, headers: CIMultiDict[str],
-                      chunked: bool) -> int:  # fmt: skip
-    """A large or streamed body, piece by piece as it arrives; the bytes sent."""
+                      chunked: bool) -> tuple[int, bool]:  # fmt: skip
+    """A large or streamed body, piece by piece as it arrives; the bytes sent, and
+    whether the chunked terminator went out with the last piece.
+
+    When the upstream's end came with its last piece (the parser saw both in one read,
+    as nginx and aiohttp's ``write_eof(data)`` send them), the terminator goes in the
+    same write: one TLS record, so a client that stops reading at the last SSE event
+    (``[DONE]``, ``message_stop``) has already seen the end and keeps its connection
+    (Go's client closes one whose body it closes before EOF)."""
     content = resp.content
     sent = 0
     while True:
@@ -126,13 +133,20 @@ async def _relay_body(writer: asyncio.StreamWriter, flow: Flow, resp: ClientResp
                 writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             raise
         if not piece:
-            return sent
+            return sent, False
         if not sent:
             flow.timings["first_body_byte"] = time.monotonic()
         if flow.body_observer is not None:
             flow.body_observer(piece)
         sent += len(piece)
-        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if not chunked:
+            writer.write(piece)
+        elif content.at_eof():
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(piece), piece))
+            await writer.drain()
+            return sent, True
+        else:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
         await writer.drain()
 
 

@@ -346,8 +346,14 @@ class FakeProvider:
         return web.json_response(openai_wire.models_list(), headers=_openai_headers())
 
     async def _sse(self, request: web.Request, events: list[bytes], headers: dict[str, str]) -> web.StreamResponse:
-        """Write SSE events one by one (each flushed), honouring the knobs."""
+        """Write SSE events one by one (each flushed), honouring the knobs;
+        ``x-fake-end-with-last: 1`` sends the last event and the chunked terminator
+        in one write (as nginx does), else the terminator goes on its own;
+        ``x-fake-gate-at-end: 1`` moves the stream gate's wait from after the first
+        event to between the last event and the terminator."""
         rec = request[_REC]
+        end_with_last = request.headers.get("x-fake-end-with-last") == "1"
+        gate_at = len(events) if request.headers.get("x-fake-gate-at-end") == "1" else 1
         cut = request.headers.get("x-fake-cut-after")
         cut_after = int(cut) if cut is not None else None
         resp = web.StreamResponse(headers=headers)
@@ -359,15 +365,20 @@ class FakeProvider:
         for i, event in enumerate(events):
             if cut_after is not None and i >= cut_after:
                 break
-            if i == 1 and self.stream_gate is not None:
+            if i == gate_at and self.stream_gate is not None:
                 await self.stream_gate.wait()
             if i > 0 and self.stream_delay > 0:
                 await asyncio.sleep(self.stream_delay)
+            if end_with_last and i == len(events) - 1:
+                await resp.write_eof(event)
+                return resp
             await resp.write(event)
         if cut_after is not None and cut_after < len(events):
             rec.aborted = True
             await _abort(request)
             return resp
+        if gate_at == len(events) and self.stream_gate is not None:
+            await self.stream_gate.wait()
         await resp.write_eof()
         return resp
 

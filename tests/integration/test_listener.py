@@ -168,3 +168,45 @@ def test_keep_alive_serves_many_requests_on_one_connection(sidekey: SidekeyProce
         assert b"x-sidekey-request-id" in reply.lower()
     tls.close()
     assert fake.headers_seen("authorization") == [f"Bearer {OPENAI_KEY}"] * 3
+
+
+def read_stream_records(tls: ssl.SSLSocket, until: bytes) -> list[bytes]:
+    """What each ``recv`` returned (one TLS record's data at most) until ``until`` was seen."""
+    records: list[bytes] = []
+    while until not in b"".join(records):
+        piece = tls.recv(65536)
+        assert piece, b"".join(records)[-300:]
+        records.append(piece)
+    return records
+
+
+@pytest.mark.parametrize("end_with_last", [True, False])
+def test_a_stream_whose_upstream_ends_with_its_last_event_ends_in_the_same_record(
+    sidekey: SidekeyProcess, fake: FakeProviderThread, end_with_last: bool
+) -> None:
+    """A client that stops reading at ``[DONE]`` has then seen the end of the body too, and
+    may keep its connection. When the upstream sends its terminator later (held by the fake's
+    gate until the client has read ``[DONE]``), it goes on its own, and the connection still
+    serves the next request."""
+    tls = connect_tls(sidekey, "api.openai.com")
+    body = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    knob = b"x-fake-end-with-last: 1\r\n" if end_with_last else b"x-fake-gate-at-end: 1\r\n"
+    if not end_with_last:
+        fake.arm_gate()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer placeholder\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), knob, body)
+    )
+    tls.sendall(request)
+    records = read_stream_records(tls, b"data: [DONE]")
+    assert b"transfer-encoding: chunked" in records[0].lower()
+    if end_with_last:
+        assert records[-1].endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    else:
+        assert records[-1].endswith(b"data: [DONE]\n\n\r\n")
+        fake.release_gate()
+        fake.disarm_gate()
+        assert read_stream_records(tls, b"0\r\n\r\n") == [b"0\r\n\r\n"]
+    tls.sendall(b"GET /echo HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer placeholder\r\n\r\n")
+    assert read_response(tls).startswith(b"HTTP/1.1 200")  # the same connection, after the stream
+    tls.close()
