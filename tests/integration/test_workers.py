@@ -8,6 +8,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.fakes.provider import FakeProviderThread
 from tests.integration.conftest import SECRET_ENV, policy_for
 from tests.integration.polling import wait_for
 from tests.integration.sidekey_process import REPO, SidekeyProcess
+from tests.redis_server import RedisServer
 
 StartSidekey = Callable[..., SidekeyProcess]
 _ADMIN = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
@@ -97,3 +99,34 @@ def test_local_only_limits_refuse_more_than_one_worker(tmp_path: Path, fake: Fak
     assert "--workers 2: providers.openai: limits would be counted once per worker" in out.stderr
     assert "redis:" in out.stderr and "--workers 1" in out.stderr
     assert not (tmp_path / "certs").exists() or "listening" not in out.stderr
+
+
+def test_two_workers_share_one_limit_through_redis(
+    start_sidekey: StartSidekey, fake: FakeProviderThread, tmp_path: Path
+) -> None:
+    """With ``redis:``, a limit is one quota for every worker, as for every sidecar: 3x the
+    limit over new connections (spread over both workers by the kernel) admits exactly the
+    limit. A minute's window at 10 a minute refills one request per 6 s, so the count holds
+    unless the 30 requests take longer than that (the bound names the run's duration)."""
+    limit = 10
+    with RedisServer(tmp_path) as redis:
+        policy = policy_for(fake, limits=f"redis: {{url: '{redis.url}', on_failure: closed, timeout: 5s}}").replace(
+            "    retry: {attempts: 1}  # failure tests",
+            f"    limits: {{requests_per_minute: {limit}}}\n    queue_wait: 0\n    retry: {{attempts: 1}}  #",
+            1,
+        )
+        proc = start_sidekey(policy, args=("--workers", "2"))
+        admin_ports, _pids = _workers_up(proc, 2)
+        ctx = ssl.create_default_context(cafile=str(proc.ca_path))
+        statuses = []
+        started = time.monotonic()
+        for _ in range(3 * limit):
+            with httpx.Client(proxy=proc.url, verify=ctx, timeout=60) as client:
+                r = client.get("https://api.openai.com/v1/models", headers={"Authorization": "Bearer placeholder"})
+                statuses.append(r.status_code)
+        took = time.monotonic() - started
+        refilled = int(took // (60 / limit))  # requests the window gave back while the test ran
+        assert statuses.count(429) + statuses.count(200) == 3 * limit, statuses
+        assert limit <= statuses.count(200) <= limit + refilled, (statuses, took)
+        served = [_requests_served(port) for port in admin_ports]
+        assert all(n > 0 for n in served), served  # both workers answered: the quota was shared
