@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise startup.BadChoice(name=f"${exc}", choices="0 (glibc's default) or a whole number") from None
     try:
-        memtrim.trim_interval(os.environ)  # read again where the trimmer starts; checked here, before the listener
+        args.malloc_trim_interval = memtrim.trim_interval(os.environ)  # the trimmer starts with serve()
     except ValueError as exc:
         raise startup.BadChoice(name=f"${exc}", choices="0 (off) or a number of seconds") from None
     memtrim.set_malloc_options(malloc_options)  # before any thread starts (uvloop's resolver, to_thread workers)
@@ -234,7 +234,7 @@ async def serve(policy: Policy, args: argparse.Namespace, location: locate.Polic
     watcher = PolicyWatcher(policy.source, engine.reload_from_file, interval=args.watch_interval)
     if args.watch_interval > 0:
         await watcher.start()
-    trimmer = asyncio.create_task(memtrim.trim_forever(memtrim.trim_interval(os.environ)), name="sidekey-malloc-trim")
+    trimmer = asyncio.create_task(memtrim.trim_forever(args.malloc_trim_interval), name="sidekey-malloc-trim")
     await stop.wait()
     log.info("draining (grace %.0fs, %d in flight)", args.grace, engine.in_flight)
     trimmer.cancel()
