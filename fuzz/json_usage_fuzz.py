@@ -13,10 +13,7 @@ import sys
 
 import atheris
 
-# Coverage from sidekey's own modules only: importing addons.usage runs addons/__init__, which
-# imports every addon and with them aiohttp, redis, prometheus_client and much of the stdlib;
-# instrumenting those 338 modules took ~57 s of CPU at each start (the 3,000 inputs ~10 s), so
-# a loaded machine timed the smoke test out before the first input. Now ~60 modules.
+# Coverage from sidekey's own modules only (why: fuzz/sse_usage_fuzz.py, the same import).
 with atheris.instrument_imports(include=["addons", "proxy"]):
     from addons.usage.tokens import Usage, Wire, estimate_request, reservation, usage_from_json
 

@@ -38,6 +38,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
@@ -78,7 +79,7 @@ def trim_interval(env: Mapping[str, str]) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError("SIDEKEY_MALLOC_TRIM_INTERVAL") from None
-    if not value >= 0 or value == float("inf"):  # NaN fails the first test
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError("SIDEKEY_MALLOC_TRIM_INTERVAL")
     return value
 
